@@ -1,0 +1,78 @@
+// Argument validation shared by every device's kernels: errors name the op, the argument, what
+// was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+namespace goft {
+
+inline std::string shape_string(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << sizes[i] << (sizes.size() == 1 ? "," : (i + 1 < sizes.size() ? ", " : ""));
+  out << ")";
+  return out.str();
+}
+
+inline bool is_supported_x_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// What the checks learnt about the call.
+struct RotateShape {
+  int64_t dim;              // d, the last dimension of x
+  int64_t rows;             // product of the leading dimensions
+  bool params_are_blocks;   // (d-1, 2, 2) quasi blocks rather than (d-1,) angles
+};
+
+inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const at::Tensor& params,
+                                     const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.dim() >= 1, op, ": expected x of shape (..., d) with at least one dimension, got a 0-d tensor");
+  TORCH_CHECK(is_supported_x_dtype(x.scalar_type()), op,
+              ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(d >= 1, op, ": expected x with a last dimension d >= 1, got shape ", shape_string(x.sizes()));
+  const int64_t pairs = d - 1;
+  TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble, op,
+              ": expected params of dtype float32 or float64, got ", params.scalar_type());
+  const bool is_angles = params.dim() == 1 && params.size(0) == pairs;
+  const bool is_blocks = params.dim() == 3 && params.size(0) == pairs && params.size(1) == 2 &&
+                         params.size(2) == 2;
+  TORCH_CHECK(is_angles || is_blocks, op, ": expected params of shape (", pairs, ",) or (", pairs,
+              ", 2, 2) for d=", d, ", got ", shape_string(params.sizes()));
+  TORCH_CHECK(params.device() == x.device(), op, ": expected params on x's device ", x.device(),
+              ", got ", params.device());
+  if (scale.has_value()) {
+    const at::Tensor& s = *scale;
+    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+                ": expected scale of dtype float32 or float64, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == d, op, ": expected scale of shape (", d, ",) for d=", d,
+                ", got ", shape_string(s.sizes()));
+    TORCH_CHECK(s.device() == x.device(), op, ": expected scale on x's device ", x.device(), ", got ",
+                s.device());
+  }
+  return RotateShape{d, d == 0 ? 0 : x.numel() / d, is_blocks};
+}
+
+inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": expected grad_out of x's shape ",
+              shape_string(x.sizes()), ", got ", shape_string(grad_out.sizes()));
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": expected grad_out of x's dtype ",
+              x.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device(), op, ": expected grad_out on x's device ", x.device(),
+              ", got ", grad_out.device());
+}
+
+// A (rows, d) view of t with contiguous features, copying only when no such view exists.
+inline at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t d) {
+  if (t.stride(-1) == 1 || d == 1) {
+    return t.reshape({rows, d});
+  }
+  return t.contiguous().view({rows, d});
+}
+
+}  // namespace goft

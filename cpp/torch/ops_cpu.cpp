@@ -1,0 +1,192 @@
+// CPU kernels of goft::rotate and goft::rotate_backward: validate, fill the core's args, run the
+// core's row kernels under at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "goft/blocks.h"
+#include "goft/cpu/rotate.h"
+
+namespace goft {
+namespace {
+
+// Calls fn with a value of the C++ type of a float32/float64 tensor (params and scale).
+template <typename Fn>
+void dispatch_param_type(at::ScalarType type, Fn&& fn) {
+  if (type == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
+// The d-1 blocks as the kernels apply them, in the accumulation type.
+template <typename Acc>
+at::Tensor make_blocks(const at::Tensor& params, bool params_are_blocks, int64_t pairs) {
+  at::Tensor blocks = at::empty({pairs, kBlockSize}, params.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const at::Tensor p = params.contiguous();
+  dispatch_param_type(p.scalar_type(), [&](auto tag) {
+    using Param = decltype(tag);
+    params_to_blocks(p.data_ptr<Param>(), params_are_blocks, pairs, blocks.data_ptr<Acc>());
+  });
+  return blocks;
+}
+
+template <typename Acc>
+std::optional<at::Tensor> scale_in(const std::optional<at::Tensor>& scale) {
+  if (!scale.has_value()) return std::nullopt;
+  return scale->to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+}
+
+// Rows per parallel task: enough features per task that scheduling costs nothing.
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)); }
+
+template <typename T>
+void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
+                 const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
+  using Acc = at::opmath_type<T>;
+  const int64_t rows = x2.size(0), d = x2.size(1);
+  const at::Tensor blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
+  const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+  RotateArgs<T, Acc> args;
+  args.rows = rows;
+  args.dim = d;
+  args.x = x2.const_data_ptr<T>();
+  args.x_row_stride = x2.stride(0);
+  args.out = out2.mutable_data_ptr<T>();
+  args.out_row_stride = out2.stride(0);
+  args.blocks = blocks.const_data_ptr<Acc>();
+  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.transpose = transpose;
+  const PairSchedule schedule = make_schedule(d);
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scratch(cpu::rotate_scratch_size(d));
+    cpu::rotate_rows(args, schedule, begin, end, scratch.data());
+  });
+}
+
+at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
+                      const std::optional<at::Tensor>& scale, bool transpose) {
+  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (shape.rows == 0) return out;
+  const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
+  at::Tensor out2 = out.view({shape.rows, shape.dim});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
+    rotate_into<scalar_t>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+  });
+  return out;
+}
+
+template <typename T>
+void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const at::Tensor& params,
+                          bool params_are_blocks, const std::optional<at::Tensor>& scale,
+                          bool transpose, at::Tensor* grad_x2, at::Tensor& grad_params,
+                          at::Tensor* grad_scale) {
+  using Acc = at::opmath_type<T>;
+  const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
+  const at::Tensor blocks = make_blocks<Acc>(params, params_are_blocks, pairs);
+  const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+  const int64_t chunks = grad_chunk_count(rows, d);
+  const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+  at::Tensor block_partials = at::empty({chunks, pairs, kBlockSize}, acc_options);
+  at::Tensor scale_partials;
+  if (grad_scale != nullptr) scale_partials = at::empty({chunks, d}, acc_options);
+
+  RotateBackwardArgs<T, Acc> args;
+  args.rows = rows;
+  args.dim = d;
+  args.grad_out = grad2.const_data_ptr<T>();
+  args.grad_out_row_stride = grad2.stride(0);
+  args.x = x2.const_data_ptr<T>();
+  args.x_row_stride = x2.stride(0);
+  if (grad_x2 != nullptr) {
+    args.grad_x = grad_x2->mutable_data_ptr<T>();
+    args.grad_x_row_stride = grad_x2->stride(0);
+  }
+  args.blocks = blocks.const_data_ptr<Acc>();
+  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.transpose = transpose;
+  args.num_chunks = chunks;
+  args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
+  args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
+  const PairSchedule schedule = make_schedule(d);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scratch(cpu::rotate_backward_scratch_size(d));
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      cpu::rotate_backward_chunk(args, schedule, chunk, scratch.data());
+    }
+  });
+
+  // Fixed-order sums over chunks, then the chain rule into the params' own form.
+  at::Tensor block_total = at::empty({pairs, kBlockSize}, acc_options);
+  const int64_t block_len = pairs * kBlockSize;
+  at::parallel_for(0, block_len, 4096, [&](int64_t begin, int64_t end) {
+    reduce_partials(block_partials.const_data_ptr<Acc>(), chunks, block_len, begin, end,
+                    block_total.mutable_data_ptr<Acc>());
+  });
+  const at::Tensor p = params.contiguous();
+  dispatch_param_type(p.scalar_type(), [&](auto tag) {
+    using Param = decltype(tag);
+    block_grads_to_param_grads(block_total.const_data_ptr<Acc>(), transpose, p.const_data_ptr<Param>(),
+                               params_are_blocks, 0, pairs, grad_params.mutable_data_ptr<Param>());
+  });
+  if (grad_scale != nullptr) {
+    at::Tensor scale_total = at::empty({d}, acc_options);
+    reduce_partials(scale_partials.const_data_ptr<Acc>(), chunks, d, 0, d,
+                    scale_total.mutable_data_ptr<Acc>());
+    grad_scale->copy_(scale_total);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
+    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
+  const char* op = "goft.rotate_backward";
+  const RotateShape shape = check_rotate_args(op, x, params, scale);
+  check_grad_out(op, grad_out, x);
+  const bool want_x = output_mask[0], want_params = output_mask[1];
+  const bool want_scale = output_mask[2] && scale.has_value();
+  at::Tensor grad_x = want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor grad_params = want_params ? at::zeros(params.sizes(), params.options())
+                                       : at::empty({0}, params.options());
+  at::Tensor grad_scale = want_scale ? at::zeros(scale->sizes(), scale->options())
+                                     : at::empty({0}, x.options().dtype(params.scalar_type()));
+  if (shape.rows == 0 || (!want_x && !want_params && !want_scale)) {
+    if (want_x) grad_x.zero_();
+    return {grad_x, grad_params, grad_scale};
+  }
+  const at::Tensor grad2 = as_rows(grad_out, shape.rows, shape.dim);
+  if (!want_params && !want_scale) {
+    // grad_x = grad_out @ T^T is the forward with the other transpose.
+    at::Tensor grad_x2 = grad_x.view({shape.rows, shape.dim});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
+      rotate_into<scalar_t>(grad2, params, shape.params_are_blocks, scale, !transpose, grad_x2);
+    });
+    return {grad_x, grad_params, grad_scale};
+  }
+  const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
+  at::Tensor grad_x2 = want_x ? grad_x.view({shape.rows, shape.dim}) : at::Tensor();
+  at::Tensor params_grad_full = want_params ? grad_params : at::zeros(params.sizes(), params.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
+    rotate_backward_into<scalar_t>(grad2, x2, params, shape.params_are_blocks, scale, transpose,
+                                   want_x ? &grad_x2 : nullptr, params_grad_full,
+                                   want_scale ? &grad_scale : nullptr);
+  });
+  return {grad_x, grad_params, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(goft, CPU, m) {
+  m.impl("rotate", &rotate_cpu);
+  m.impl("rotate_backward", &rotate_backward_cpu);
+}
+
+}  // namespace goft

@@ -1,0 +1,11 @@
+// The schemas of goft's ATen ops, defined once; each device file registers its kernels for them.
+#include <torch/library.h>
+
+TORCH_LIBRARY(goft, m) {
+  // y = x @ T (transpose: x @ T^T), T = R_L ... R_1 diag(scale); see python/goft/ops.py.
+  m.def("rotate(Tensor x, Tensor params, Tensor? scale=None, bool transpose=False) -> Tensor");
+  // Gradients of rotate for upstream grad_out; an output not asked for in output_mask is empty.
+  m.def(
+      "rotate_backward(Tensor grad_out, Tensor x, Tensor params, Tensor? scale, bool transpose, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_params, Tensor grad_scale)");
+}
