@@ -1,0 +1,380 @@
+"""Model-level operations: inject adapters, switch/delete them, merge/unmerge/unload, penalty, counts."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from goft.config import GOFTConfig
+from goft.layers import GivensLinear, is_adaptable, is_conv1d
+from goft.presets import default_target_modules
+
+__all__ = [
+    "inject",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "active_adapter",
+    "adapter_configs",
+    "merge",
+    "unmerge",
+    "unload",
+    "merge_and_unload",
+    "disable_adapters",
+    "orthogonality_penalty",
+    "count_parameters",
+    "print_trainable_parameters",
+    "goft_layers",
+]
+
+# The model attribute holding {adapter name: GOFTConfig}; its presence marks an injected model.
+CONFIGS_ATTR = "goft_configs"
+# The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def inject(
+    model: nn.Module, config: Optional[GOFTConfig] = None, adapter_name: str = "default", **overrides
+) -> nn.Module:
+    """Adapts ``model`` in place with a GOFT/qGOFT adapter and makes it the active, trainable one.
+
+    Target layers are replaced by GivensLinear wrappers (identity at initialisation); every other
+    parameter is frozen except those of ``config.modules_to_save``. Calling it again with a new
+    ``adapter_name`` adds that adapter to the layers it targets and activates it.
+
+    Args:
+        model: any nn.Module; with ``target_modules=None`` a Hugging Face model whose
+            ``config.model_type`` has a preset (goft.presets).
+        config: a GOFTConfig; None means GOFTConfig().
+        adapter_name: key of this adapter (no ".").
+        **overrides: GOFTConfig fields replacing those of ``config``, e.g. ``variant="qgoft"``.
+
+    Returns:
+        ``model`` itself.
+    """
+    add_adapter(model, adapter_name, config, **overrides)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def add_adapter(
+    model: nn.Module, adapter_name: str, config: Optional[GOFTConfig] = None, **overrides
+) -> nn.Module:
+    """Like inject, but leaves the currently active adapter (if any) active and this one frozen."""
+    config = (config or GOFTConfig()).replace(**overrides) if overrides else (config or GOFTConfig())
+    targets = find_target_modules(model, config, adapter_name)
+    _attach(model, targets, adapter_name, config)
+    return model
+
+
+def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default") -> List[str]:
+    """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the reason."""
+    _check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(
+            f"goft.inject: adapter {adapter_name!r} is already injected into this model "
+            f"(adapters: {list(configs)}); pick another adapter_name or goft.delete_adapter it first"
+        )
+    modules = dict(_candidate_modules(model))
+    linear_names = [n for n, m in modules.items() if _is_linear(m)]
+    target_modules = config.target_modules
+    if target_modules is None:
+        model_type = _model_type(model)
+        target_modules = default_target_modules(model_type)
+        if target_modules is None:
+            raise ValueError(
+                f"goft.inject: no default target_modules for model_type={model_type!r}; pass target_modules "
+                f"(names, a regex or 'all-linear'). Linear layers found: {_preview(linear_names)}"
+            )
+    save_names = set(_match_all(modules, config.modules_to_save)) if config.modules_to_save else set()
+    if target_modules == "all-linear":
+        head = _output_head(model)
+        names = [n for n in linear_names if modules[n] is not head and n not in save_names]
+    else:
+        names = _match_all(modules, target_modules)
+    if config.exclude_modules is not None:
+        excluded = set(_match_all(modules, config.exclude_modules))
+        names = [n for n in names if n not in excluded]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        names = [n for n in names if _layer_index(n) in wanted]
+    if not names:
+        raise ValueError(
+            f"goft.inject: target_modules={target_modules!r} matched no layer of {type(model).__name__} "
+            f"(after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}). "
+            f"Linear layers found: {_preview(linear_names)}"
+        )
+    not_adaptable = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
+    if not_adaptable:
+        raise ValueError(
+            f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
+            f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
+        )
+    overlap = sorted(set(names) & save_names)
+    if overlap:
+        raise ValueError(f"goft.inject: modules {overlap} are both targeted and in modules_to_save")
+    if config.modules_to_save and not save_names:
+        raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} matched no module")
+    return names
+
+
+def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTConfig) -> None:
+    """Wraps (or reuses the wrapper of) each named layer and adds the adapter; names are pre-validated."""
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, GivensLinear):
+            module = GivensLinear(module)
+            _set_submodule(model, name, module)
+        module.add_adapter(adapter_name, config)
+    configs = adapter_configs(model)
+    configs[adapter_name] = config
+    setattr(model, CONFIGS_ATTR, configs)
+    _set_trainable(model)
+
+
+def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
+    """Applies only ``adapter_name`` (None: no adapter) from now on; only its parameters train."""
+    configs = _require_injected(model, "goft.set_adapter")
+    if adapter_name is not None and adapter_name not in configs:
+        raise ValueError(f"goft.set_adapter: no adapter {adapter_name!r}; adapters are {list(configs)}")
+    for layer in goft_layers(model):
+        if layer.merged_adapters and adapter_name not in layer.merged_adapters:
+            warnings.warn(
+                f"goft.set_adapter: adapters {layer.merged_adapters} stay merged into the base weights while "
+                f"{adapter_name!r} is applied on top; goft.unmerge first for {adapter_name!r} alone"
+            )
+            break
+    for layer in goft_layers(model):
+        layer.set_adapter(adapter_name if adapter_name in layer.adapter_configs else None)
+    setattr(model, "goft_active_adapter", adapter_name)
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """Name of the adapter applied by ``model`` (None when none is)."""
+    return getattr(model, "goft_active_adapter", None)
+
+
+def adapter_configs(model: nn.Module) -> Dict[str, GOFTConfig]:
+    """{adapter name: GOFTConfig} of an injected model ({} for a plain one)."""
+    return dict(getattr(model, CONFIGS_ATTR, {}))
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Removes an adapter's parameters from every layer; deleting the active one leaves none active."""
+    configs = _require_injected(model, "goft.delete_adapter")
+    if adapter_name not in configs:
+        raise ValueError(f"goft.delete_adapter: no adapter {adapter_name!r}; adapters are {list(configs)}")
+    layers = goft_layers(model)
+    if any(adapter_name in layer.merged_adapters for layer in layers):
+        raise ValueError(f"goft.delete_adapter: adapter {adapter_name!r} is merged; goft.unmerge(model) first")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    del configs[adapter_name]
+    setattr(model, CONFIGS_ATTR, configs)
+    if active_adapter(model) == adapter_name:
+        setattr(model, "goft_active_adapter", None)
+    _set_trainable(model)
+
+
+def goft_layers(model: nn.Module) -> List[GivensLinear]:
+    return [m for m in model.modules() if isinstance(m, GivensLinear)]
+
+
+def named_goft_layers(model: nn.Module) -> Iterator[Tuple[str, GivensLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, GivensLinear):
+            yield name, module
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Within the block the model computes as its base model (adapters skipped, not removed)."""
+    layers = goft_layers(model)
+    if any(layer.merged_adapters for layer in layers):
+        raise RuntimeError("goft.disable_adapters: adapters are merged into the base weights; goft.unmerge(model) first")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in zip(layers, previous):
+            layer.disabled = was_disabled
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds the active adapter into the base weights (GOFT_SPEC.md section 5); forward then skips it.
+
+    Merging an adapter that is already merged warns and changes nothing.
+    """
+    _require_injected(model, "goft.merge")
+    name = active_adapter(model)
+    if name is None:
+        raise ValueError("goft.merge: no active adapter to merge; goft.set_adapter(model, name) first")
+    layers = [layer for layer in goft_layers(model) if layer.active_adapter == name]
+    if any(name in layer.merged_adapters for layer in layers):
+        warnings.warn(f"goft.merge: adapter {name!r} is already merged; merging it again would apply it twice, skipped")
+        return model
+    for layer in layers:
+        layer.merge(name)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restores the base weights exactly (up to rounding) by inverting every merged adapter.
+
+    Unmerging a model with nothing merged warns and changes nothing.
+    """
+    _require_injected(model, "goft.unmerge")
+    layers = [layer for layer in goft_layers(model) if layer.merged_adapters]
+    if not layers:
+        warnings.warn("goft.unmerge: no adapter is merged; nothing to unmerge")
+        return model
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Removes every goft module (unmerging first), giving back the base model; adapters are discarded."""
+    _require_injected(model, "goft.unload")
+    for layer in goft_layers(model):
+        layer.unmerge()
+    return _strip(model)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges the active adapter and returns the plain model with no goft modules (zero inference cost)."""
+    _require_injected(model, "goft.merge_and_unload")
+    name = active_adapter(model)
+    if name is None:
+        raise ValueError("goft.merge_and_unload: no active adapter to merge; goft.set_adapter(model, name) first")
+    for layer in goft_layers(model):
+        if layer.active_adapter == name and name not in layer.merged_adapters:
+            layer.merge(name)
+    return _strip(model)
+
+
+def _strip(model: nn.Module) -> nn.Module:
+    for name, layer in list(named_goft_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    for attr in (CONFIGS_ATTR, "goft_active_adapter"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return model
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """The qGOFT penalty lambda * sum <A[:,0], A[:,1]>^2 over the active quasi layers (differentiable).
+
+    A 0-d float32 tensor, zero when no active adapter is qGOFT. Add it to the training loss.
+    """
+    terms = [t for t in (layer.orthogonality_penalty() for layer in goft_layers(model)) if t is not None]
+    if terms:
+        return torch.stack(terms).sum()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.zeros((), device=device)
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = count_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+
+# ---- helpers ----
+
+
+def _set_trainable(model: nn.Module) -> None:
+    """Freezes all but the active adapter and the union of every adapter's modules_to_save."""
+    saved = set()
+    candidates = dict(_candidate_modules(model))
+    for config in adapter_configs(model).values():
+        if config.modules_to_save:
+            saved.update(_match_all(candidates, config.modules_to_save))
+    # Adapter parameters are frozen here too; set_adapter below re-enables the active ones.
+    model.requires_grad_(False)
+    for name in saved:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    for layer in goft_layers(model):
+        layer.set_adapter(layer.active_adapter)
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Named modules a config may select: not the root, and nothing inside a GivensLinear."""
+    inside = None
+    for name, module in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = None
+        if isinstance(module, GivensLinear):
+            inside = name + "."
+        yield name, module
+
+
+def _match_all(modules: Dict[str, nn.Module], selector) -> List[str]:
+    if isinstance(selector, str):
+        pattern = re.compile(selector)
+        return [n for n in modules if pattern.fullmatch(n)]
+    return [n for n in modules if any(n == key or n.endswith("." + key) for key in selector)]
+
+
+def _layer_index(name: str) -> Optional[int]:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, GivensLinear)) or is_conv1d(module)
+
+
+def _output_head(model: nn.Module) -> Optional[nn.Module]:
+    # "all-linear" leaves the vocabulary projection alone: it is often tied to the input
+    # embedding, and the paper adapts the transformer blocks only.
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _check_adapter_name(adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"goft.inject: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+
+
+def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:
+    configs = getattr(model, CONFIGS_ATTR, None)
+    if not configs:
+        raise ValueError(f"{where}: the model has no goft adapter; goft.inject(model, ...) first")
+    return configs
+
+
+def _preview(names: List[str], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)" if names else "none"

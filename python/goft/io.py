@@ -1,0 +1,262 @@
+"""Saving and loading adapters: safetensors tensors + a JSON description, validated before use.
+
+A saved adapter is a directory with
+    adapter_model.safetensors  the adapter tensors (and modules_to_save), nothing of the base model
+    adapter_config.json        GOFTConfig, goft version, model_type, per-layer widths, per-tensor
+                               shapes and dtypes, and the SHA-256 of the tensors file
+Both are written to a temporary file in the same directory and moved into place with os.replace,
+so an interrupted save leaves either the previous files or the new ones, never a truncated file;
+the checksum catches a tensors file that does not belong to its JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from goft.config import GOFTConfig
+from goft.inject import (
+    _attach,
+    _candidate_modules,
+    _match_all,
+    _model_type,
+    _require_injected,
+    active_adapter,
+    adapter_configs,
+    named_goft_layers,
+    set_adapter,
+)
+from goft.layers import input_width, is_adaptable
+
+__all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "goft-adapter"
+FORMAT_VERSION = 1
+
+
+def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> None:
+    """Writes one adapter (default: the active one) and its modules_to_save into directory ``path``.
+
+    Tensor keys are module names plus the store name, e.g.
+    ``model.layers.0.self_attn.q_proj.goft_angles``, independent of the adapter's name, so it can
+    be loaded under any name.
+    """
+    import safetensors.torch
+    import goft
+
+    configs = _require_injected(model, "goft.save_adapter")
+    name = active_adapter(model) if adapter_name is None else adapter_name
+    if name not in configs:
+        raise ValueError(f"goft.save_adapter: no adapter {name!r} to save; adapters are {list(configs)}")
+    config = configs[name]
+
+    tensors: Dict[str, torch.Tensor] = {}
+    layers: Dict[str, Dict[str, Any]] = {}
+    for module_name, layer in named_goft_layers(model):
+        if name not in layer.adapter_configs:
+            continue
+        layers[module_name] = {"in_features": layer.in_features}
+        for store_name, param in layer.adapter_parameters(name).items():
+            tensors[f"{module_name}.{store_name}"] = param.detach().to("cpu").contiguous()
+    saved_modules = _modules_to_save(model, config)
+    for module_name in saved_modules:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{module_name}.{key}"] = value.detach().to("cpu").contiguous()
+
+    weights = safetensors.torch.save(tensors, metadata={"format": FORMAT})
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "goft_version": goft.__version__,
+        "model_type": _model_type(model),
+        "model_class": type(model).__name__,
+        "adapter_name": name,
+        "config": config.to_dict(),
+        "layers": layers,
+        "modules_to_save": saved_modules,
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    os.makedirs(path, exist_ok=True)
+    # Tensors first: a save interrupted between the two files leaves a JSON whose checksum no
+    # longer matches, which load_adapter reports instead of loading a mix.
+    _write_atomically(os.path.join(path, WEIGHTS_NAME), weights)
+    _write_atomically(os.path.join(path, CONFIG_NAME), (json.dumps(description, indent=2) + "\n").encode())
+
+
+def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
+    """Adds the adapter saved in ``path`` to ``model`` as ``adapter_name`` and makes it active.
+
+    Everything (JSON, checksum, tensor names/shapes/dtypes, model_type, every target layer and
+    its width, modules_to_save entries) is checked before the model is touched; any mismatch
+    raises ValueError (FileNotFoundError for a missing file) and leaves the model unchanged.
+    """
+    description, tensors = _read(path)
+    config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
+    _attach(model, names, adapter_name, config)
+    with torch.no_grad():
+        for module_name in names:
+            layer = model.get_submodule(module_name)
+            for store_name, param in layer.adapter_parameters(adapter_name).items():
+                param.copy_(tensors[f"{module_name}.{store_name}"])
+        for key, target in saved_entries:
+            target.copy_(tensors[key])
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    import safetensors.torch
+
+    where = f"goft.load_adapter({path!r})"
+    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for file in (config_path, weights_path):
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{where}: missing {file}")
+    try:
+        with open(config_path, "rb") as f:
+            description = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: {CONFIG_NAME} is not valid JSON (corrupt or truncated): {e}") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise ValueError(f"{where}: {CONFIG_NAME} is not a goft adapter description")
+    if description.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: unsupported format_version {description.get('format_version')!r} (this goft reads {FORMAT_VERSION})"
+        )
+    with open(weights_path, "rb") as f:
+        weights = f.read()
+    if hashlib.sha256(weights).hexdigest() != description.get("weights_sha256"):
+        raise ValueError(
+            f"{where}: {WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt, truncated, or from another save)"
+        )
+    try:
+        tensors = safetensors.torch.load(weights)
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {e}") from None
+    return description, tensors
+
+
+def _validate(
+    model: nn.Module, description: Dict[str, Any], tensors: Dict[str, torch.Tensor], adapter_name: str, path: str
+) -> Tuple[GOFTConfig, List[str], List[Tuple[str, torch.Tensor]]]:
+    where = f"goft.load_adapter({path!r})"
+    try:
+        config = GOFTConfig.from_dict(description.get("config"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: invalid config in {CONFIG_NAME}: {e}") from None
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"{where}: the model already has an adapter {adapter_name!r}; pass another adapter_name")
+    saved_type, model_type = description.get("model_type"), _model_type(model)
+    if saved_type != model_type:
+        raise ValueError(f"{where}: adapter saved for model_type={saved_type!r}, model is model_type={model_type!r}")
+
+    described = description.get("tensors", {})
+    if set(described) != set(tensors):
+        missing, extra = sorted(set(described) - set(tensors)), sorted(set(tensors) - set(described))
+        raise ValueError(f"{where}: tensors differ from {CONFIG_NAME}: missing {missing}, unexpected {extra}")
+    for key, tensor in tensors.items():
+        spec = described[key]
+        if list(tensor.shape) != spec.get("shape") or _dtype_name(tensor.dtype) != spec.get("dtype"):
+            raise ValueError(
+                f"{where}: tensor {key} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, "
+                f"{CONFIG_NAME} says {spec.get('dtype')} {spec.get('shape')}"
+            )
+
+    modules = dict(_candidate_modules(model))
+    layers = description.get("layers", {})
+    if not layers:
+        raise ValueError(f"{where}: the adapter has no layers")
+    adapter_keys = set()
+    for module_name, info in layers.items():
+        module = modules.get(module_name)
+        if module is None or not is_adaptable(module):
+            found = "missing" if module is None else f"a {type(module).__name__}, not a linear layer"
+            raise ValueError(f"{where}: target layer {module_name} is {found} in {type(model).__name__}")
+        d = input_width(module)
+        if d != info.get("in_features"):
+            raise ValueError(f"{where}: layer {module_name} has input width {d}, the adapter expects {info.get('in_features')}")
+        if adapter_name in getattr(module, "adapter_configs", {}):
+            raise ValueError(f"{where}: layer {module_name} already has an adapter {adapter_name!r}")
+        for key, shape in _expected_shapes(config, d).items():
+            full = f"{module_name}.{key}"
+            if full not in tensors:
+                raise ValueError(f"{where}: tensor {full} is missing")
+            if tuple(tensors[full].shape) != shape or tensors[full].dtype != torch.float32:
+                raise ValueError(
+                    f"{where}: tensor {full} is {tensors[full].dtype} {tuple(tensors[full].shape)}, "
+                    f"expected torch.float32 {shape} for d={d}"
+                )
+            adapter_keys.add(full)
+
+    saved_entries = []
+    for key in sorted(set(tensors) - adapter_keys):
+        owner = next((m for m in description.get("modules_to_save", []) if key.startswith(m + ".")), None)
+        if owner is None:
+            raise ValueError(f"{where}: tensor {key} belongs to no adapter layer and no modules_to_save")
+        target = _state_entry(model, key)
+        if target is None:
+            raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
+        if target.shape != tensors[key].shape or target.dtype != tensors[key].dtype:
+            raise ValueError(
+                f"{where}: modules_to_save entry {key} is {target.dtype} {tuple(target.shape)} in the model, "
+                f"{tensors[key].dtype} {tuple(tensors[key].shape)} in the adapter"
+            )
+        saved_entries.append((key, target))
+    return config, list(layers), saved_entries
+
+
+def _expected_shapes(config: GOFTConfig, d: int) -> Dict[str, Tuple[int, ...]]:
+    if config.is_quasi:
+        return {"goft_blocks": (d - 1, 2, 2)}
+    shapes = {"goft_angles": (d - 1,)}
+    if config.scale:
+        shapes["goft_scale"] = (d,)
+    return shapes
+
+
+def _modules_to_save(model: nn.Module, config: GOFTConfig) -> List[str]:
+    if not config.modules_to_save:
+        return []
+    return _match_all(dict(_candidate_modules(model)), config.modules_to_save)
+
+
+def _state_entry(model: nn.Module, key: str) -> Optional[torch.Tensor]:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return None
+    value = getattr(module, attr, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        # mkstemp creates the file private (0600); an adapter is meant to be shared like any checkpoint.
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

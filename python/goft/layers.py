@@ -1,0 +1,268 @@
+"""GivensLinear: the adapter layer that rotates a frozen layer's input, plus its merge/unmerge."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from goft.config import GOFTConfig
+from goft.ops import rotate
+
+__all__ = ["GivensLinear", "ADAPTER_PREFIX", "input_width", "is_adaptable", "is_conv1d"]
+
+# Every adapter parameter's name starts with this, so freezing and saving select them by name.
+ADAPTER_PREFIX = "goft_"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for Hugging Face's Conv1D (GPT-2 style), whose weight is stored (in, out)."""
+    # Looked up rather than imported: a Conv1D instance implies transformers is already loaded,
+    # and goft must not pay transformers' import time (or need it installed) for anything else.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether GivensLinear can wrap ``module``: nn.Linear, Conv1D, or anything with in_features and weight."""
+    if isinstance(module, GivensLinear):
+        return True
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return True
+    return isinstance(getattr(module, "in_features", None), int) and getattr(module, "weight", None) is not None
+
+
+def input_width(module: nn.Module) -> int:
+    """The width d of the input that the rotation acts on."""
+    if is_conv1d(module):
+        return module.weight.shape[0]
+    if isinstance(getattr(module, "in_features", None), int):
+        return module.in_features
+    raise TypeError(
+        f"goft: cannot adapt {type(module).__name__}: expected nn.Linear, transformers' Conv1D or a module "
+        "with an integer in_features and a weight"
+    )
+
+
+class GivensLinear(nn.Module):
+    """Wraps a frozen layer as ``y = base_layer(rotate(x, params, scale))`` (GOFT_SPEC.md section 3).
+
+    Holds any number of named adapters; one (``active_adapter``) is applied, or none while
+    ``disabled``. Per adapter ``name`` the parameters, always float32 whatever the base dtype
+    (the op's params are float32, and bf16 angles would lose the small updates of training), are:
+        goft_angles[name]: (d-1,) strict GOFT; the angle is pi * tanh(p) or p
+                           (config.angle_parameterisation); init 0 (identity).
+        goft_blocks[name]: (d-1, 2, 2) qGOFT free blocks; init identity.
+        goft_scale[name]:  (d,) GOFT* per-feature scale; init ones.
+
+    Args:
+        base_layer: nn.Linear (weight (out, in)), transformers' Conv1D (weight (in, out)), or any
+            module with ``in_features`` and ``weight`` (e.g. quantized linears; no merging then).
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = input_width(base_layer)
+        self.goft_angles = nn.ParameterDict()
+        self.goft_blocks = nn.ParameterDict()
+        self.goft_scale = nn.ParameterDict()
+        self.adapter_configs: Dict[str, GOFTConfig] = {}
+        self.active_adapter: Optional[str] = None
+        self.disabled = False
+        # Adapters merged into base_layer.weight, oldest first, with the exact (params, scale)
+        # used, so unmerge inverts what was applied even if the parameters changed since.
+        self.merged_adapters: List[str] = []
+        self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+
+    # Attribute pass-through, so code that reads e.g. ``q_proj.weight.dtype`` keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def out_features(self) -> Optional[int]:
+        if is_conv1d(self.base_layer):
+            return self.base_layer.weight.shape[1]
+        return getattr(self.base_layer, "out_features", None)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.adapter_configs)
+
+    def add_adapter(self, adapter_name: str, config: GOFTConfig) -> None:
+        """Adds an identity-initialised adapter; it is not made active."""
+        if adapter_name in self.adapter_configs:
+            raise ValueError(f"GivensLinear.add_adapter: adapter {adapter_name!r} already exists in this layer")
+        d = self.in_features
+        device = self.base_layer.weight.device
+        f32 = dict(device=device, dtype=torch.float32)
+        if config.is_quasi:
+            blocks = torch.eye(2, **f32).expand(max(d - 1, 0), 2, 2).clone()
+            self.goft_blocks[adapter_name] = nn.Parameter(blocks)
+        else:
+            self.goft_angles[adapter_name] = nn.Parameter(torch.zeros(max(d - 1, 0), **f32))
+            if config.scale:
+                self.goft_scale[adapter_name] = nn.Parameter(torch.ones(d, **f32))
+        self.adapter_configs[adapter_name] = config
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"GivensLinear.delete_adapter: adapter {adapter_name!r} is merged; unmerge it first")
+        for store in (self.goft_angles, self.goft_blocks, self.goft_scale):
+            if adapter_name in store:
+                del store[adapter_name]
+        self.adapter_configs.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Makes ``adapter_name`` the applied adapter (None: none) and the only trainable one."""
+        if adapter_name is not None and adapter_name not in self.adapter_configs:
+            raise ValueError(
+                f"GivensLinear.set_adapter: no adapter {adapter_name!r} in this layer (has {self.adapter_names})"
+            )
+        self.active_adapter = adapter_name
+        for store in (self.goft_angles, self.goft_blocks, self.goft_scale):
+            for name, param in store.items():
+                param.requires_grad_(name == adapter_name)
+
+    def adapter_parameters(self, adapter_name: str) -> Dict[str, nn.Parameter]:
+        """The adapter's parameters keyed by store name ("goft_angles", ...)."""
+        found = {}
+        for store_name in ("goft_angles", "goft_blocks", "goft_scale"):
+            store = getattr(self, store_name)
+            if adapter_name in store:
+                found[store_name] = store[adapter_name]
+        return found
+
+    def transform(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The op's (params, scale) for an adapter: (d-1,) angles or (d-1, 2, 2) blocks, float32."""
+        config = self.adapter_configs[adapter_name]
+        if config.is_quasi:
+            return self.goft_blocks[adapter_name].float(), None
+        p = self.goft_angles[adapter_name].float()
+        angles = math.pi * torch.tanh(p) if config.angle_parameterisation == "tanh" else p
+        scale = self.goft_scale[adapter_name].float() if adapter_name in self.goft_scale else None
+        return angles, scale
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if self.disabled or name is None or name in self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        params, scale = self.transform(name)
+        # rotate keeps x's dtype (bf16/fp16/fp32, float32 accumulation), so the base layer sees
+        # the dtype it would have seen without goft, under autocast or with bf16 weights alike.
+        return self.base_layer(rotate(x, params, scale), *args, **kwargs)
+
+    def orthogonality_penalty(self) -> Optional[torch.Tensor]:
+        """lambda * sum_i <A_i[:,0], A_i[:,1]>^2 for an active qGOFT adapter; None otherwise."""
+        name = self.active_adapter
+        if name is None or not self.adapter_configs[name].is_quasi:
+            return None
+        A = self.goft_blocks[name].float()
+        column_dots = A[:, 0, 0] * A[:, 0, 1] + A[:, 1, 0] * A[:, 1, 1]
+        return self.adapter_configs[name].orth_lambda * column_dots.square().sum()
+
+    # ---- merging (GOFT_SPEC.md section 5) ----
+
+    @torch.no_grad()
+    def merge(self, adapter_name: Optional[str] = None) -> bool:
+        """Folds the adapter into the base weight: W <- W @ T.T (nn.Linear), W <- T @ W (Conv1D).
+
+        Computed in float32 (float64 for float64 weights) and cast once into the weight's dtype.
+        Returns False, with a warning, when that adapter is already merged.
+        """
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name is None:
+            return False
+        if name not in self.adapter_configs:
+            raise ValueError(f"GivensLinear.merge: no adapter {name!r} in this layer (has {self.adapter_names})")
+        if name in self.merged_adapters:
+            warnings.warn(f"goft.merge: adapter {name!r} is already merged into this layer; not merging it again")
+            return False
+        params, scale = self.transform(name)
+        params, scale = params.detach().clone(), None if scale is None else scale.detach().clone()
+        self._apply_to_weight(lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), transpose=True))
+        self.merged_adapters.append(name)
+        self._merged_transforms.append((params, scale))
+        return True
+
+    @torch.no_grad()
+    def unmerge(self) -> List[str]:
+        """Removes every merged adapter, newest first, by the exact inverse transform; returns their names.
+
+        With W' = W @ T.T, W = W' @ T^{-T}; T^{-T} = R_L^{-T} ... R_1^{-T} diag(1/scale) has the
+        op's own structure, so it is one rotate() call with per-block inverse-transposes: the
+        same angles for strict rotations (R^{-T} = R), adj(A)^T / det(A) for qGOFT blocks, and
+        1/scale. No dense d x d inverse is ever formed.
+        """
+        undone = []
+        while self.merged_adapters:
+            params, scale = self._merged_transforms[-1]
+            inverse_params, inverse_scale = _inverse_transposed(params, scale, self.merged_adapters[-1])
+            self._apply_to_weight(
+                lambda rows: rotate(rows, _like(inverse_params, rows), _like(inverse_scale, rows), transpose=False)
+            )
+            self._merged_transforms.pop()
+            undone.append(self.merged_adapters.pop())
+        return undone
+
+    def _apply_to_weight(self, rows_map) -> None:
+        """Replaces the weight by rows_map applied to its rows over the input dimension."""
+        weight = self.base_layer.weight
+        stored_in_out = is_conv1d(self.base_layer)
+        if (
+            not isinstance(weight, torch.Tensor)
+            or not weight.is_floating_point()
+            or weight.dim() != 2
+            or weight.shape[0 if stored_in_out else 1] != self.in_features
+        ):
+            raise NotImplementedError(
+                f"goft.merge: cannot merge into {type(self.base_layer).__name__}: expected a floating (out, in) "
+                f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
+                f"{tuple(getattr(weight, 'shape', ()))}"
+            )
+        compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+        rows = weight.detach().to(compute_dtype)
+        rows = rows.T if stored_in_out else rows
+        new_rows = rows_map(rows)
+        weight.data.copy_(new_rows.T if stored_in_out else new_rows)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, adapters={self.adapter_names}, active={self.active_adapter!r}, "
+            f"merged={self.merged_adapters}, disabled={self.disabled}"
+        )
+
+
+def _like(t: Optional[torch.Tensor], rows: torch.Tensor) -> Optional[torch.Tensor]:
+    # float64 weights merge in float64 and the op wants params of a float type on the weight's device.
+    if t is None:
+        return None
+    return t.to(device=rows.device, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+
+
+def _inverse_transposed(
+    params: torch.Tensor, scale: Optional[torch.Tensor], adapter_name: str
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if scale is not None and bool((scale == 0).any()):
+        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a zero scale entry; its merge is not invertible")
+    inverse_scale = None if scale is None else 1.0 / scale
+    if params.dim() == 1:
+        return params, inverse_scale
+    a, b, c, d = params[:, 0, 0], params[:, 0, 1], params[:, 1, 0], params[:, 1, 1]
+    det = a * d - b * c
+    if bool((det == 0).any()):
+        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a singular 2x2 block; its merge is not invertible")
+    # A^{-T} = [[d, -c], [-b, a]] / det for A = [[a, b], [c, d]].
+    inverse_t = torch.stack([torch.stack([d, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
+    return inverse_t, inverse_scale

@@ -1,0 +1,41 @@
+"""Default target layers per Hugging Face model_type, used when GOFTConfig.target_modules is None.
+
+Names are matched on the module-name suffix. Each entry is checked against the installed
+transformers by tests/test_presets.py (tiny models built from configs).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+__all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules"]
+
+# Attention q/k/v/o and the gated MLP's three projections: the paper adapts every linear layer
+# of each block.
+_DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# BERT-style encoders. "output.dense" alone would also match "attention.output.dense"; both are
+# listed so the table reads as the six linears of a block.
+_BERT = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "gemma": _DECODER,
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    # transformers >= 5 names ViT's layers like a decoder (attention.{q,k,v,o}_proj, mlp.fc1/fc2);
+    # the 4.x names (attention.attention.query, ..., intermediate.dense, output.dense) follow so
+    # the preset works with either.
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"] + _BERT,
+    "bert": _BERT,
+    "roberta": _BERT,
+}
+
+
+def default_target_modules(model_type: Optional[str]) -> Optional[List[str]]:
+    """The preset target names for a model_type, or None when goft has no preset for it."""
+    if model_type is None:
+        return None
+    names = DEFAULT_TARGET_MODULES.get(model_type)
+    return list(names) if names is not None else None
