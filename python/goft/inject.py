@@ -95,7 +95,7 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
     save_names = set(_match_all(modules, config.modules_to_save)) if config.modules_to_save else set()
     if target_modules == "all-linear":
         head = _output_head(model)
-        names = [n for n in linear_names if modules[n] is not head and n not in save_names]
+        names = [n for n in linear_names if modules[n] is not head and not _inside(n, save_names)]
     else:
         names = _match_all(modules, target_modules)
     if config.exclude_modules is not None:
@@ -116,9 +116,9 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
             f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
             f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
         )
-    overlap = sorted(set(names) & save_names)
+    overlap = [n for n in names if _inside(n, save_names)]
     if overlap:
-        raise ValueError(f"goft.inject: modules {overlap} are both targeted and in modules_to_save")
+        raise ValueError(f"goft.inject: modules {overlap} are both targeted and in (or inside) modules_to_save")
     if config.modules_to_save and not save_names:
         raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} matched no module")
     return names
@@ -334,6 +334,11 @@ def _match_all(modules: Dict[str, nn.Module], selector) -> List[str]:
         pattern = re.compile(selector)
         return [n for n in modules if pattern.fullmatch(n)]
     return [n for n in modules if any(n == key or n.endswith("." + key) for key in selector)]
+
+
+def _inside(name: str, module_names) -> bool:
+    """Whether module ``name`` is one of ``module_names`` or a submodule of one."""
+    return any(name == m or name.startswith(m + ".") for m in module_names)
 
 
 def _layer_index(name: str) -> Optional[int]:

@@ -62,11 +62,12 @@ class GivensLinear(nn.Module):
     Args:
         base_layer: nn.Linear (weight (out, in)), transformers' Conv1D (weight (in, out)), or any
             module with ``in_features`` and ``weight`` (e.g. quantized linears; no merging then).
+            It is frozen: only adapter parameters train.
     """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)
         self.in_features = input_width(base_layer)
         self.goft_angles = nn.ParameterDict()
         self.goft_blocks = nn.ParameterDict()

@@ -1,0 +1,339 @@
+"""goft.inject on tiny Hugging Face models: targets, freezing, identity, training, adapters, errors, integrations."""
+
+import re
+import tempfile
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import goft
+from goft import GivensLinear, GOFTConfig
+
+from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, transformers
+
+VARIANTS = {"goft": {}, "goft*": {"scale": True}, "qgoft": {"variant": "qgoft"}}
+
+
+def _output(model, inputs):
+    out = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    return out.logits
+
+
+def _adapted(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, GivensLinear))
+
+
+def _train(model, inputs, steps=5, lr=1e-2, penalty=False):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        losses.append(loss.item())
+        if penalty:
+            loss = loss + goft.orthogonality_penalty(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_identity_at_init_then_training_lowers_loss(model_name, variant):
+    model = build(model_name)
+    inputs = batch(model_name)
+    before = _output(model, inputs)
+    goft.inject(model, modules_to_save=HEADS_TO_SAVE[model_name], **VARIANTS[variant])
+    torch.testing.assert_close(_output(model, inputs), before, rtol=1e-6, atol=1e-6)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = _train(model, inputs, penalty=variant == "qgoft")
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen), "frozen weights moved"
+
+
+def test_only_the_adapter_and_modules_to_save_train():
+    model = build("deberta-v2")
+    goft.inject(model, modules_to_save=["pooler", "classifier"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".goft_angles.default" in n or n.split(".")[0] in ("pooler", "classifier") for n in trainable)
+    assert {"classifier.weight", "classifier.bias", "pooler.dense.weight"} <= set(trainable)
+    n_adapter = sum(m.in_features - 1 for m in model.modules() if isinstance(m, GivensLinear))
+    n_head = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("pooler", "classifier"))
+    assert goft.count_parameters(model) == (n_adapter + n_head, sum(p.numel() for p in model.parameters()))
+
+
+def test_print_trainable_parameters(capsys):
+    model = build("llama")
+    goft.inject(model, target_modules=["q_proj"])
+    goft.print_trainable_parameters(model)
+    trainable, total = goft.count_parameters(model)
+    assert trainable == 2 * 31
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def test_target_forms_exclude_and_layers_to_transform():
+    model = build("llama")
+    goft.inject(model, target_modules="all-linear")
+    assert len(_adapted(model)) == 14 and "lm_head" not in _adapted(model)
+
+    model = build("llama")
+    goft.inject(model, target_modules=r".*\.(q|v)_proj")
+    assert [n.rsplit(".", 1)[1] for n in _adapted(model)] == ["q_proj", "v_proj"] * 2
+
+    model = build("llama")
+    goft.inject(model, target_modules="all-linear", exclude_modules=["mlp.down_proj", "o_proj"], layers_to_transform=1)
+    assert _adapted(model) == [
+        f"model.layers.1.{s}" for s in ["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    ]
+
+    model = build("deberta-v2")
+    goft.inject(model, target_modules="all-linear", modules_to_save=["pooler", "classifier"])
+    assert len(_adapted(model)) == 12, "all-linear leaves modules_to_save alone"
+
+
+def test_conv1d_model():
+    torch.manual_seed(0)
+    model = tiny_gpt2().eval()
+    inputs = batch("llama")
+    before = _output(model, inputs)
+    goft.inject(model, target_modules=["c_attn", "c_proj", "c_fc"], variant="qgoft")
+    assert len(_adapted(model)) == 8
+    torch.testing.assert_close(_output(model, inputs), before, rtol=1e-6, atol=1e-6)
+    losses = _train(model, inputs)
+    assert losses[-1] < losses[0]
+
+
+def test_unknown_architecture_lists_linear_layers():
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*transformer\.h\.0\.attn\.c_attn"):
+        goft.inject(model)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"model_type=None.*Linear layers found: \[0, 2\]"):
+        goft.inject(plain)
+    assert not any(isinstance(m, GivensLinear) for m in plain.modules())
+    goft.inject(plain, target_modules=["0"])
+    assert isinstance(plain[0], GivensLinear)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_modules": ["nothing_like_this"]}, "matched no layer"),
+        ({"target_modules": ["embed_tokens"]}, r"not linear layers: \[model\.embed_tokens \(Embedding\)\]"),
+        ({"target_modules": ["mlp"]}, "not linear layers"),
+        ({"target_modules": ["q_proj"], "layers_to_transform": [7]}, "matched no layer"),
+        ({"target_modules": ["q_proj"], "modules_to_save": ["nope"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]}, r"both targeted and in \(or inside\) modules_to_save"),
+        ({"adapter_name": "a.b"}, "adapter_name"),
+        ({"varient": "qgoft"}, "unknown field"),
+    ],
+)
+def test_bad_requests_are_clear_errors_and_change_nothing(kwargs, message):
+    model = build("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        goft.inject(model, **kwargs)
+    assert not _adapted(model) and not goft.adapter_configs(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_injecting_the_same_adapter_twice_is_an_error():
+    model = build("llama")
+    goft.inject(model)
+    with pytest.raises(ValueError, match="adapter 'default' is already injected"):
+        goft.inject(model)
+    with pytest.raises(ValueError, match="already injected"):
+        goft.inject(model, target_modules=["lm_head"])
+
+
+def test_multiple_adapters():
+    model = build("llama")
+    inputs = batch("llama")
+    base = _output(model, inputs)
+    goft.inject(model)
+    perturb_adapters(model, 0.3, seed=1)
+    out_default = _output(model, inputs)
+    goft.inject(model, adapter_name="second", variant="qgoft", target_modules=["q_proj", "lm_head"])
+    assert goft.active_adapter(model) == "second"
+    perturb_adapters(model, 0.3, seed=2)  # moves "default" too: it is frozen, not read-only
+    out_second = _output(model, inputs)
+    second_only = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert second_only and all(n.endswith(".goft_blocks.second") for n in second_only)
+
+    goft.set_adapter(model, "default")
+    out_default = _output(model, inputs)
+    assert not torch.allclose(out_default, out_second)
+    assert all(n.endswith(".goft_angles.default") for n, p in model.named_parameters() if p.requires_grad)
+    # lm_head carries only "second": with "default" active it is the plain layer.
+    assert model.lm_head.active_adapter is None
+    with goft.disable_adapters(model):
+        torch.testing.assert_close(_output(model, inputs), base, rtol=0, atol=0)
+    torch.testing.assert_close(_output(model, inputs), out_default, rtol=0, atol=0)
+
+    goft.add_adapter(model, "third", target_modules=["v_proj"])
+    assert goft.active_adapter(model) == "default"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".third"))
+
+    goft.set_adapter(model, "second")
+    torch.testing.assert_close(_output(model, inputs), out_second, rtol=0, atol=0)
+    goft.delete_adapter(model, "second")
+    assert goft.active_adapter(model) is None and "second" not in goft.adapter_configs(model)
+    assert not any(".second" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(_output(model, inputs), base, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no adapter 'second'"):
+        goft.set_adapter(model, "second")
+    with pytest.raises(ValueError, match="no adapter 'second'"):
+        goft.delete_adapter(model, "second")
+
+
+def test_orthogonality_penalty_over_the_model():
+    model = build("llama")
+    assert goft.orthogonality_penalty(model).item() == 0.0
+    goft.inject(model, target_modules=["q_proj"])
+    goft.inject(model, adapter_name="quasi", variant="qgoft", orth_lambda=0.1, target_modules=["q_proj", "o_proj"])
+    assert goft.orthogonality_penalty(model).item() == 0.0, "identity blocks"
+    perturb_adapters(model, 0.2)
+    penalty = goft.orthogonality_penalty(model)
+    manual = sum(m.orthogonality_penalty() for m in model.modules() if isinstance(m, GivensLinear))
+    assert penalty.item() > 0 and penalty.item() == pytest.approx(manual.item(), rel=1e-6)
+    penalty.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("goft_blocks.quasi"))
+    goft.set_adapter(model, "default")
+    assert goft.orthogonality_penalty(model).item() == 0.0, "strict adapters have no penalty"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = build("llama")
+    goft.inject(model, variant="qgoft")
+    perturb_adapters(model, 0.2)
+    inputs = batch("llama")
+    model.train()
+    model(**inputs).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    model(**inputs).loss.backward()
+    for n, g in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_and_bf16_base_weights():
+    inputs = batch("llama")
+    model = build("llama")
+    goft.inject(model, scale=True)
+    reference = _output(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs)
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), reference, rtol=0.05, atol=0.05)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+    model = build("llama").to(torch.bfloat16)
+    goft.inject(model, variant="qgoft")
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".goft_" in n)
+    losses = _train(model, inputs, lr=3e-2)
+    assert losses[-1] < losses[0]
+
+
+def test_hf_trainer_run():
+    model = build("llama")
+    goft.inject(model, variant="qgoft")
+    inputs = batch("llama")
+    rows = [{"input_ids": ids, "labels": ids.clone()} for ids in inputs["input_ids"]] * 2
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = transformers.TrainingArguments(
+            output_dir=out,
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        result = transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    assert result.global_step == 3
+    for n, p in model.named_parameters():
+        assert torch.equal(p, start[n]) != (".goft_blocks." in n), n
+
+
+def test_torch_compile_whole_model_fullgraph():
+    model = build("llama")
+    goft.inject(model, scale=True)
+    perturb_adapters(model, 0.2)
+    inputs = batch("llama")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(**inputs).loss
+    loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    eager = model(**inputs).loss
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+# Spec section 6: the paper's trainable counts, from full-size configs on the meta device.
+def _deberta_v3_base():
+    return transformers.DebertaV2Model(
+        transformers.DebertaV2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    )
+
+
+def _vit_b16():
+    config = transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16, image_size=224)
+    return transformers.ViTModel(config)
+
+
+def _llama2_7b():
+    config = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "builder, targets, goft_count, qgoft_count",
+    [
+        (_deberta_v3_base, None, 82_872, 331_488),
+        (_vit_b16, ["q_proj", "v_proj"], 18_408, 73_632),
+        (_llama2_7b, ["q_proj", "k_proj", "v_proj", "o_proj"], 524_160, 2_096_640),
+    ],
+    ids=["deberta-v3-base", "vit-b16", "llama-2-7b"],
+)
+def test_paper_parameter_counts_on_meta_models(builder, targets, goft_count, qgoft_count):
+    for variant, expected in (("goft", goft_count), ("qgoft", qgoft_count)):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder()
+        goft.inject(model, target_modules=targets, variant=variant)
+        trainable, total = goft.count_parameters(model)
+        assert trainable == expected, variant
+        assert all(p.is_meta for p in model.parameters())

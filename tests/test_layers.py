@@ -1,0 +1,256 @@
+"""GivensLinear against the float64 dense reference: forward, dtypes, merge/unmerge, penalty."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import goft
+from goft import GivensLinear, GOFTConfig
+from goft.reference import dense_transform
+
+from tiny_models import max_rel, transformers
+
+CONFIGS = {
+    "strict": GOFTConfig(),
+    "strict_raw": GOFTConfig(angle_parameterisation="raw"),
+    "scale": GOFTConfig(scale=True),
+    "quasi": GOFTConfig(variant="qgoft"),
+}
+
+
+def _randomise(layer: GivensLinear, name: str = "default", std: float = 0.5) -> None:
+    with torch.no_grad():
+        for param in layer.adapter_parameters(name).values():
+            param.add_(torch.randn_like(param) * std)
+
+
+def _dense_T(layer: GivensLinear, name: str = "default") -> torch.Tensor:
+    """T from the layer's raw parameters, written independently of GivensLinear.transform."""
+    config = layer.adapter_configs[name]
+    p = layer.adapter_parameters(name)
+    if config.is_quasi:
+        return dense_transform(p["goft_blocks"].detach(), layer.in_features)
+    angles = p["goft_angles"].detach().double()
+    if config.angle_parameterisation == "tanh":
+        angles = math.pi * torch.tanh(angles)
+    scale = p["goft_scale"].detach() if "goft_scale" in p else None
+    return dense_transform(angles, layer.in_features, scale)
+
+
+class Int8Linear(nn.Module):
+    """Stand-in for a quantized linear: in_features and an integer weight, no float weight to merge into."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.full((out_features, 1), 0.01))
+
+    def forward(self, x):
+        return x @ (self.weight.float() * self.weight_scale).T
+
+
+def _base(kind: str, d: int, out: int = 5) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(d, out)
+    if kind == "conv1d":
+        return transformers.pytorch_utils.Conv1D(out, d)
+    return Int8Linear(d, out)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "int8"])
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("d", [1, 7, 16])
+def test_forward_matches_dense_reference(kind, variant, d):
+    base = _base(kind, d)
+    if kind == "conv1d":
+        nn.init.normal_(base.weight)
+    layer = GivensLinear(base)
+    layer.add_adapter("default", CONFIGS[variant])
+    layer.set_adapter("default")
+    x = torch.randn(3, 4, d)
+    assert torch.equal(layer(x), base(x)), "identity at initialisation"
+    _randomise(layer)
+    expected = base((x.double() @ _dense_T(layer)).float())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_are_float32_and_prefixed_even_for_bf16_base():
+    layer = GivensLinear(nn.Linear(8, 3).to(torch.bfloat16))
+    for config in CONFIGS.values():
+        layer.add_adapter(f"a{len(layer.adapter_names)}", config)
+    names = [n for n, _ in layer.named_parameters() if not n.startswith("base_layer.")]
+    assert names and all(n.startswith("goft_") for n in names)
+    assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if n in names)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters() if n in names}
+    assert shapes["goft_angles.a0"] == (7,) and shapes["goft_blocks.a3"] == (7, 2, 2) and shapes["goft_scale.a2"] == (8,)
+
+
+def test_bf16_base_weights_and_autocast():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 4)
+    layer = GivensLinear(base)
+    layer.add_adapter("default", GOFTConfig(scale=True))
+    layer.set_adapter("default")
+    _randomise(layer, std=0.2)
+    x = torch.randn(8, 16)
+    expected = base((x.double() @ _dense_T(layer)).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.adapter_parameters("default").values())
+
+    layer.to(torch.bfloat16)  # a model cast after injection: the adapter is cast back to float32 in forward
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_merge_matches_spec_and_unmerge_restores(kind, variant):
+    d = 24
+    base = _base(kind, d, out=10)
+    nn.init.normal_(base.weight)
+    layer = GivensLinear(base)
+    layer.add_adapter("default", CONFIGS[variant])
+    layer.set_adapter("default")
+    _randomise(layer, std=0.3)
+    x = torch.randn(6, d)
+    y = layer(x)
+    W0 = base.weight.detach().clone()
+    T = _dense_T(layer)
+    assert layer.merge()
+    # Spec section 5: W <- W @ T.T for (out, in) weights, W <- T @ W for Conv1D's (in, out).
+    expected = T @ W0.double() if kind == "conv1d" else W0.double() @ T.T
+    assert max_rel(base.weight, expected) < 1e-6
+    assert max_rel(layer(x), y) < 1e-5
+    assert layer.unmerge() == ["default"]
+    assert max_rel(base.weight, W0) < 1e-6
+    assert torch.equal(layer(x), y) or max_rel(layer(x), y) < 1e-6
+
+
+def test_merge_twice_warns_and_applies_once():
+    layer = GivensLinear(nn.Linear(8, 8))
+    layer.add_adapter("default", GOFTConfig())
+    layer.set_adapter("default")
+    _randomise(layer)
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="already merged"):
+        assert not layer.merge()
+    assert torch.equal(layer.weight, merged)
+    assert layer.unmerge() == ["default"] and layer.unmerge() == []
+
+
+def test_unmerge_uses_the_transform_that_was_merged():
+    # Training after a merge changes the parameters; unmerge must still undo what was applied.
+    layer = GivensLinear(nn.Linear(8, 4))
+    layer.add_adapter("default", GOFTConfig(variant="qgoft"))
+    layer.set_adapter("default")
+    _randomise(layer, std=0.2)
+    W0 = layer.weight.detach().clone()
+    layer.merge()
+    _randomise(layer, std=0.2)
+    layer.unmerge()
+    assert max_rel(layer.weight, W0) < 1e-6
+
+
+def test_merge_bf16_weight_casts_once_from_float32():
+    base = nn.Linear(32, 8)
+    nn.init.normal_(base.weight)
+    base.to(torch.bfloat16)
+    layer = GivensLinear(base)
+    layer.add_adapter("default", GOFTConfig(scale=True))
+    layer.set_adapter("default")
+    _randomise(layer, std=0.3)
+    W0 = base.weight.detach().clone()
+    params, scale = layer.transform("default")
+    expected = goft.rotate(W0.float(), params.detach(), scale.detach(), transpose=True).to(torch.bfloat16)
+    layer.merge()
+    assert base.weight.dtype == torch.bfloat16
+    assert torch.equal(base.weight, expected)
+    layer.unmerge()
+    assert max_rel(base.weight, W0) < 2e-2  # two bf16 roundings
+
+
+def test_merge_into_quantized_layer_is_a_clear_error():
+    layer = GivensLinear(Int8Linear(8, 4))
+    layer.add_adapter("default", GOFTConfig())
+    layer.set_adapter("default")
+    with pytest.raises(NotImplementedError, match="cannot merge into Int8Linear"):
+        layer.merge()
+    assert layer.merged_adapters == []
+
+
+def test_unmerge_refuses_a_non_invertible_transform():
+    layer = GivensLinear(nn.Linear(4, 4))
+    layer.add_adapter("default", GOFTConfig(variant="qgoft"))
+    layer.set_adapter("default")
+    with torch.no_grad():
+        layer.goft_blocks["default"][1] = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    layer.merge()
+    with pytest.raises(ValueError, match="singular"):
+        layer.unmerge()
+
+
+def test_only_the_active_adapter_is_applied_and_trainable():
+    base = nn.Linear(8, 3)
+    layer = GivensLinear(base)
+    layer.add_adapter("a", GOFTConfig())
+    layer.add_adapter("b", GOFTConfig(variant="qgoft"))
+    _randomise(layer, "a")
+    _randomise(layer, "b")
+    x = torch.randn(2, 8)
+    assert torch.equal(layer(x), base(x)), "no active adapter: the base layer"
+    for name in ("a", "b"):
+        layer.set_adapter(name)
+        torch.testing.assert_close(layer(x), base((x.double() @ _dense_T(layer, name)).float()), rtol=1e-5, atol=1e-5)
+        trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+        assert trainable == {n for n, _ in layer.named_parameters() if n.endswith("." + name)}
+    layer.disabled = True
+    assert torch.equal(layer(x), base(x))
+    layer.disabled = False
+    layer.delete_adapter("b")
+    assert layer.adapter_names == ["a"] and layer.active_adapter is None and "b" not in layer.goft_blocks
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("a", GOFTConfig())
+
+
+def test_orthogonality_penalty_value_and_gradient():
+    layer = GivensLinear(nn.Linear(6, 2))
+    layer.add_adapter("q", GOFTConfig(variant="qgoft", orth_lambda=0.5))
+    layer.add_adapter("s", GOFTConfig())
+    layer.set_adapter("q")
+    assert layer.orthogonality_penalty().item() == 0.0, "identity blocks are orthogonal"
+    _randomise(layer, "q")
+    A = layer.goft_blocks["q"].detach().double()
+    expected = 0.5 * sum(float(A[i, :, 0] @ A[i, :, 1]) ** 2 for i in range(A.shape[0]))
+    penalty = layer.orthogonality_penalty()
+    assert penalty.item() == pytest.approx(expected, rel=1e-5)
+    penalty.backward()
+    assert layer.goft_blocks["q"].grad.abs().sum() > 0
+    layer.set_adapter("s")
+    assert layer.orthogonality_penalty() is None
+
+
+def test_unadaptable_module_is_a_type_error():
+    with pytest.raises(TypeError, match="cannot adapt Embedding"):
+        GivensLinear(nn.Embedding(4, 4))
+
+
+def test_pass_through_attributes():
+    base = nn.Linear(8, 3)
+    layer = GivensLinear(base)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (8, 3)
+    conv = GivensLinear(transformers.pytorch_utils.Conv1D(5, 8))
+    assert (conv.in_features, conv.out_features) == (8, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        repr(layer)
