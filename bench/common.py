@@ -1,0 +1,241 @@
+"""Shared helpers of the Python benchmarks: interleaved timing, memory probes, machine facts, results files.
+
+Each benchmark script writes its own section, bench/results/<NN>-<name>.md (plus a .json of the raw
+numbers), and ``assemble_results`` rebuilds bench/RESULTS.md from every section file present, in
+file-name order. A section written by another tool (the C++ bench binary, op targets) only has to
+drop its own NN-name.md there; no script rewrites a section it does not own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+GB = 1e9
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_info() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": loadavg(),
+    }
+
+
+def run_header(info: Dict[str, str], load_after: str, wall_s: float, command: str) -> str:
+    """The lines each section starts with: how, where and when its numbers were taken."""
+    return (
+        f"`{command}` on {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
+        f"torch {info['torch']}, {info['date']}; load average (1/5/15 min) {info['load']} before, "
+        f"{load_after} after; {wall_s:.0f} s.\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    repeats: int,
+    budget_s: float = 4.0,
+    slow_s: float = 3.0,
+) -> Dict[str, List[float]]:
+    """Wall times (s) of each callable, run in interleaved rounds so drifts in machine load hit all alike.
+
+    Every callable first runs once untimed (warm-up: allocator, caches, lazy init). A callable whose
+    warm-up took more than ``slow_s`` keeps that one run as its only sample (repeating it would not
+    fit the time budget and changes nothing at that scale). The others get
+    ``min(repeats, budget_s / warm-up time)`` samples, at least 3, one per round; each round
+    starts at a different callable.
+    """
+    names = list(fns)
+    wanted: Dict[str, int] = {}
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for n in names:
+        gc.collect()
+        t0 = time.perf_counter()
+        fns[n]()
+        t = time.perf_counter() - t0
+        if t > slow_s:
+            samples[n].append(t)
+            wanted[n] = 1
+        else:
+            wanted[n] = max(3, min(repeats, int(budget_s / max(t, 1e-6))))
+    rounds = max(wanted.values()) if wanted else 0
+    for r in range(rounds):
+        gc.collect()
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            if len(samples[n]) >= wanted[n]:
+                continue
+            t0 = time.perf_counter()
+            fns[n]()
+            samples[n].append(time.perf_counter() - t0)
+    return samples
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def saved_for_backward(fn: Callable[[], object], exclude: Optional[List[torch.Tensor]] = None) -> Dict[str, int]:
+    """Bytes that autograd saves for backward while ``fn`` runs its forward: unique storages.
+
+    Returns {"total": all unique storages, "activations": those not shared with ``exclude``
+    (the module's parameters and buffers), "count": number of unique storages}. ``fn`` must
+    return the graph's output (kept alive until the probe is done, then dropped).
+    """
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    excluded = {p.untyped_storage().data_ptr() for p in (exclude or [])}
+    total = sum(seen.values())
+    activations = sum(b for ptr, b in seen.items() if ptr not in excluded)
+    return {"total": total, "activations": activations, "count": len(seen)}
+
+
+def _status_kib(key: str) -> Optional[int]:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
+    """Bytes by which the process's peak RSS rises above its RSS at the start while ``fn`` runs.
+
+    None where the peak cannot be reset (not Linux). Memory that the allocator keeps from earlier
+    work can make this an underestimate; large tensors are mmap-ed and returned on free, so for the
+    sizes here it tracks the transient footprint.
+    """
+    gc.collect()
+    if not _reset_peak_rss():
+        return None
+    rss0 = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    if rss0 is None or peak is None:
+        return None
+    return (peak - rss0) * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# results files
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / MiB:.1f} MiB"
+
+
+def md_table(header: List[str], rows: List[List[str]], align: Optional[str] = None) -> str:
+    """A Markdown table; align is one char per column ('l' or 'r'), right-aligned by default."""
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(stem: str, title: str, body: str, data: dict) -> pathlib.Path:
+    """Writes bench/results/<stem>.md (## title + body) and <stem>.json, then rebuilds RESULTS.md."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    md = RESULTS_DIR / f"{stem}.md"
+    md.write_text(f"## {title}\n\n{body.rstrip()}\n")
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    assemble_results()
+    return md
+
+
+def assemble_results() -> pathlib.Path:
+    """bench/RESULTS.md = a short preface + every bench/results/*.md, in file-name order."""
+    sections = sorted(RESULTS_DIR.glob("*.md")) if RESULTS_DIR.is_dir() else []
+    parts = [
+        "# goft benchmark results\n",
+        "Generated by `python bench/run_all.py` from the section files in `bench/results/` "
+        "(each benchmark writes its own `NN-name.md`; this page is their concatenation in file-name "
+        "order). Do not edit by hand: rerun the benchmark that owns a section. Each section names "
+        "the machine, date, torch version, thread count and machine load of its own run.\n",
+    ]
+    for path in sections:
+        parts.append(path.read_text().rstrip() + "\n")
+    RESULTS_MD.write_text("\n".join(parts))
+    return RESULTS_MD
