@@ -19,15 +19,15 @@ HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 64, 2, 4, 100
 
 
 def tiny_llama(cls_name: str = "LlamaForCausalLM", config_name: str = "LlamaConfig", **overrides) -> nn.Module:
-    config = getattr(transformers, config_name)(
+    settings = dict(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=2,
         vocab_size=VOCAB,
-        **overrides,
     )
+    config = getattr(transformers, config_name)(**{**settings, **overrides})
     return getattr(transformers, cls_name)(config)
 
 

@@ -375,7 +375,7 @@ def _check_adapter_name(adapter_name: str) -> None:
 
 def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:
     configs = getattr(model, CONFIGS_ATTR, None)
-    if not configs:
+    if configs is None:  # {} is still injected: its last adapter was deleted, the wrappers remain
         raise ValueError(f"{where}: the model has no goft adapter; goft.inject(model, ...) first")
     return configs
 

@@ -1,0 +1,272 @@
+"""goft.save_adapter / load_adapter: exact round trips, and every bad file or model refused before any change."""
+
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+import goft
+from goft import GivensLinear
+from goft.io import CONFIG_NAME, WEIGHTS_NAME
+
+from tiny_models import batch, build, perturb_adapters, tiny_llama, transformers
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+def _snapshot(model):
+    """Everything load_adapter could change: parameters, module types, adapter registry, grad flags."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [type(m).__name__ for m in model.modules()],
+        goft.adapter_configs(model),
+        goft.active_adapter(model),
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    state, types, configs, active, grads = snapshot
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    assert [type(m).__name__ for m in model.modules()] == types
+    assert goft.adapter_configs(model) == configs and goft.active_adapter(model) == active
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A trained-looking qGOFT adapter with a classification head, saved from a tiny DeBERTa-v2."""
+    model = build("deberta-v2")
+    goft.inject(model, variant="qgoft", modules_to_save=["pooler", "classifier"])
+    perturb_adapters(model, 0.1)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    goft.save_adapter(model, str(tmp_path))
+    return tmp_path, _logits(model, batch("deberta-v2"))
+
+
+def test_round_trip_is_bitwise(saved):
+    path, expected = saved
+    assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME], "no temporary files left behind"
+    model = build("deberta-v2")  # same seed: same frozen base
+    model.classifier.reset_parameters()
+    goft.load_adapter(model, str(path))
+    assert goft.active_adapter(model) == "default"
+    assert torch.equal(_logits(model, batch("deberta-v2")), expected)
+
+
+@pytest.mark.parametrize("variant", [{}, {"scale": True, "angle_parameterisation": "raw"}])
+def test_round_trip_strict_under_another_name_next_to_an_existing_adapter(tmp_path, variant):
+    model = build("llama")
+    goft.inject(model, **variant)
+    perturb_adapters(model, 0.3)
+    expected = _logits(model, batch("llama"))
+    goft.save_adapter(model, str(tmp_path))
+
+    other = build("llama")
+    goft.inject(other, target_modules=["q_proj"])
+    goft.load_adapter(other, str(tmp_path), adapter_name="loaded")
+    assert goft.active_adapter(other) == "loaded"
+    assert goft.adapter_configs(other)["loaded"] == goft.adapter_configs(model)["default"]
+    assert torch.equal(_logits(other, batch("llama")), expected)
+
+
+def test_saved_files_hold_only_the_adapter(saved):
+    path, _ = saved
+    tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    assert all(".goft_blocks" in k or k.split(".")[0] in ("pooler", "classifier") for k in tensors)
+    assert not any("base_layer" in k or "embeddings" in k for k in tensors)
+    description = json.loads((path / CONFIG_NAME).read_text())
+    assert description["model_type"] == "deberta-v2" and description["goft_version"] == goft.__version__
+    assert description["config"]["variant"] == "qgoft"
+    assert len(description["layers"]) == 12
+    layer = "deberta.encoder.layer.0.intermediate.dense"
+    assert description["layers"][layer] == {"in_features": 32}
+    assert description["tensors"][f"{layer}.goft_blocks"] == {"shape": [31, 2, 2], "dtype": "float32"}
+
+
+def test_deberta_v3_base_adapter_is_a_few_hundred_kb(tmp_path):
+    # Full-size model on the meta device; only the adapter parameters are materialised.
+    with torch.device("meta"):
+        model = transformers.DebertaV2Model(
+            transformers.DebertaV2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+        )
+    goft.inject(model)
+    for layer in model.modules():
+        if isinstance(layer, GivensLinear):
+            layer.goft_angles.to_empty(device="cpu")
+    goft.save_adapter(model, str(tmp_path))
+    size = os.path.getsize(tmp_path / WEIGHTS_NAME)
+    assert 82_872 * 4 < size < 82_872 * 4 + 20_000
+
+
+def _rewrite(path, mutate_tensors=None, mutate_description=None, fix_checksum=True):
+    """Tampers with a saved adapter, re-signing it so that only the intended defect remains."""
+    tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    description = json.loads((path / CONFIG_NAME).read_text())
+    if mutate_tensors:
+        mutate_tensors(tensors, description)
+    if mutate_description:
+        mutate_description(description)
+    data = safetensors.torch.save(tensors)
+    (path / WEIGHTS_NAME).write_bytes(data)
+    if fix_checksum:
+        import hashlib
+
+        description["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    (path / CONFIG_NAME).write_text(json.dumps(description))
+
+
+def _first_key(tensors):
+    return next(k for k in sorted(tensors) if ".goft_" in k)
+
+
+def _as_float64(tensors, description):
+    key = _first_key(tensors)
+    tensors[key] = tensors[key].double()
+    description["tensors"][key]["dtype"] = "float64"
+
+
+def _wrong_shape(tensors, description):
+    key = _first_key(tensors)
+    tensors[key] = tensors[key][:-1]
+    description["tensors"][key]["shape"][0] -= 1
+
+
+def _extra_tensor(tensors, description):
+    tensors["deberta.embeddings.word_embeddings.weight"] = torch.zeros(100, 32)
+    description["tensors"]["deberta.embeddings.word_embeddings.weight"] = {"shape": [100, 32], "dtype": "float32"}
+
+
+def _missing_tensor(tensors, description):
+    key = _first_key(tensors)
+    del tensors[key]
+    del description["tensors"][key]
+
+
+def _unknown_layer(description):
+    description["layers"]["deberta.encoder.layer.5.output.dense"] = {"in_features": 64}
+
+
+def _bad_config(description):
+    description["config"]["variant"] = "lora"
+
+
+def _newer_format(description):
+    description["format_version"] = 99
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        ({"mutate_tensors": _as_float64}, "expected torch.float32"),
+        ({"mutate_tensors": _wrong_shape}, r"expected torch.float32 \(31, 2, 2\)"),
+        ({"mutate_tensors": _extra_tensor}, "belongs to no adapter layer"),
+        ({"mutate_tensors": _missing_tensor}, "is missing"),
+        ({"mutate_description": _unknown_layer}, "layer 5.output.dense is missing|deberta.encoder.layer.5.output.dense is missing"),
+        ({"mutate_description": _bad_config}, "invalid config.*GOFTConfig.variant"),
+        ({"mutate_description": _newer_format}, "unsupported format_version"),
+        ({"mutate_tensors": lambda t, d: t.update({_first_key(t): t[_first_key(t)] + 1}), "fix_checksum": False}, "checksum"),
+    ],
+)
+def test_tampered_files_are_refused_and_the_model_is_unchanged(saved, tamper, message):
+    path, _ = saved
+    _rewrite(path, **tamper)
+    model = build("deberta-v2")
+    goft.inject(model, adapter_name="existing", target_modules=["query_proj"])
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        goft.load_adapter(model, str(path))
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_tensors_file_is_refused(saved, keep):
+    path, _ = saved
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: int(len(data) * keep)])
+    model = build("deberta-v2")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="corrupt, truncated"):
+        goft.load_adapter(model, str(path))
+    _assert_unchanged(model, before)
+
+
+def test_corrupt_or_missing_json_is_refused(saved):
+    path, _ = saved
+    text = (path / CONFIG_NAME).read_text()
+    (path / CONFIG_NAME).write_text(text[: len(text) // 2])
+    model = build("deberta-v2")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        goft.load_adapter(model, str(path))
+    (path / CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        goft.load_adapter(model, str(path))
+    _assert_unchanged(model, before)
+
+
+def test_wrong_models_are_refused_and_unchanged(saved):
+    path, _ = saved
+    for model, message in [
+        (build("bert"), "saved for model_type='deberta-v2', model is model_type='bert'"),
+        (build("deberta-v2").deberta, "target layer deberta.encoder.layer.0"),  # the body, not the classifier
+    ]:
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            goft.load_adapter(model, str(path))
+        _assert_unchanged(model, before)
+
+    tmp = path.parent / "llama"
+    small = build("llama")
+    goft.inject(small)
+    goft.save_adapter(small, str(tmp))
+    torch.manual_seed(0)
+    wider = tiny_llama(hidden_size=48, head_dim=12).eval()
+    before = _snapshot(wider)
+    with pytest.raises(ValueError, match="has input width 48, the adapter expects 32"):
+        goft.load_adapter(wider, str(tmp))
+    _assert_unchanged(wider, before)
+
+
+def test_loading_over_an_existing_adapter_name_is_refused(saved):
+    path, _ = saved
+    model = build("deberta-v2")
+    goft.inject(model, target_modules=["query_proj"])
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
+        goft.load_adapter(model, str(path))
+    _assert_unchanged(model, before)
+
+
+def test_interrupted_save_keeps_the_previous_files(saved, monkeypatch):
+    path, _ = saved
+    previous = {name: (path / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    model = build("llama")
+    goft.inject(model)
+
+    def crash(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        goft.save_adapter(model, str(path))
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert all((path / name).read_bytes() == data for name, data in previous.items())
+    goft.load_adapter(build("deberta-v2"), str(path))
+
+
+def test_save_errors():
+    with pytest.raises(ValueError, match="no goft adapter"):
+        goft.save_adapter(build("llama"), "unused")
+    model = build("llama")
+    goft.inject(model)
+    with pytest.raises(ValueError, match="no adapter 'other'"):
+        goft.save_adapter(model, "unused", adapter_name="other")
