@@ -36,7 +36,8 @@ class GOFTConfig:
         layers_to_transform: only adapt layers inside these transformer-block indices (the
             number after ".layers.", ".layer.", ".h.", ".blocks." in the module name).
         modules_to_save: modules (same suffix matching) left trainable next to the adapter and
-            saved with it, such as a freshly initialised classification head.
+            saved with it, such as a freshly initialised classification head. One copy is shared
+            by all adapters of a model (not one per adapter), and loading an adapter overwrites it.
     """
 
     variant: str = "goft"

@@ -32,8 +32,10 @@ __all__ = [
     "goft_layers",
 ]
 
-# The model attribute holding {adapter name: GOFTConfig}; its presence marks an injected model.
+# Model attributes: {adapter name: GOFTConfig}, whose presence marks an injected model, and the
+# active adapter's name. Plain attributes, not buffers: they must not enter the state dict.
 CONFIGS_ATTR = "goft_configs"
+ACTIVE_ATTR = "goft_active_adapter"
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -66,7 +68,7 @@ def add_adapter(
     model: nn.Module, adapter_name: str, config: Optional[GOFTConfig] = None, **overrides
 ) -> nn.Module:
     """Like inject, but leaves the currently active adapter (if any) active and this one frozen."""
-    config = (config or GOFTConfig()).replace(**overrides) if overrides else (config or GOFTConfig())
+    config = (config or GOFTConfig()).replace(**overrides)
     targets = find_target_modules(model, config, adapter_name)
     _attach(model, targets, adapter_name, config)
     return model
@@ -152,12 +154,12 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
             break
     for layer in goft_layers(model):
         layer.set_adapter(adapter_name if adapter_name in layer.adapter_configs else None)
-    setattr(model, "goft_active_adapter", adapter_name)
+    setattr(model, ACTIVE_ATTR, adapter_name)
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
     """Name of the adapter applied by ``model`` (None when none is)."""
-    return getattr(model, "goft_active_adapter", None)
+    return getattr(model, ACTIVE_ATTR, None)
 
 
 def adapter_configs(model: nn.Module) -> Dict[str, GOFTConfig]:
@@ -178,7 +180,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     del configs[adapter_name]
     setattr(model, CONFIGS_ATTR, configs)
     if active_adapter(model) == adapter_name:
-        setattr(model, "goft_active_adapter", None)
+        setattr(model, ACTIVE_ATTR, None)
     _set_trainable(model)
 
 
@@ -264,7 +266,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def _strip(model: nn.Module) -> nn.Module:
     for name, layer in list(named_goft_layers(model)):
         _set_submodule(model, name, layer.base_layer)
-    for attr in (CONFIGS_ATTR, "goft_active_adapter"):
+    for attr in (CONFIGS_ATTR, ACTIVE_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
     return model
@@ -293,6 +295,7 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints "trainable params: ... || all params: ... || trainable%: ..." (count_parameters)."""
     trainable, total = count_parameters(model)
     percent = 100.0 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
@@ -354,8 +357,7 @@ def _output_head(model: nn.Module) -> Optional[nn.Module]:
     # "all-linear" leaves the vocabulary projection alone: it is often tied to the input
     # embedding, and the paper adapts the transformer blocks only.
     get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head
+    return get() if callable(get) else None
 
 
 def _model_type(model: nn.Module) -> Optional[str]:
