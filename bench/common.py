@@ -8,6 +8,7 @@ drop its own NN-name.md there; no script rewrites a section it does not own.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import gc
 import json
@@ -110,7 +111,8 @@ def time_interleaved(
             samples[n].append(t)
             wanted[n] = 1
         else:
-            wanted[n] = max(3, min(repeats, int(budget_s / max(t, 1e-6))))
+            fit = budget_s / max(t, 1e-6)
+            wanted[n] = max(min(3, repeats), repeats if fit >= repeats else int(fit))
     rounds = max(wanted.values()) if wanted else 0
     for r in range(rounds):
         gc.collect()
@@ -175,20 +177,43 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _libc():
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt  # noqa: B018  (glibc only)
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+# glibc's mallopt parameter number and the ceiling its dynamic mmap threshold grows to (64-bit).
+M_MMAP_THRESHOLD = -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
+
+
 def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
     """Bytes by which the process's peak RSS rises above its RSS at the start while ``fn`` runs.
 
-    None where the peak cannot be reset (not Linux). Memory that the allocator keeps from earlier
-    work can make this an underestimate; large tensors are mmap-ed and returned on free, so for the
-    sizes here it tracks the transient footprint.
+    None where the peak cannot be reset (not Linux). glibc serves allocations below its mmap
+    threshold (up to 32 MiB) from heap memory that stays resident after free, which hides a
+    repeated step's footprint; so during the probe every allocation of 64 KiB or more is mmap-ed
+    (mallopt), free heap memory is trimmed first, and the threshold is set back to 32 MiB after.
     """
+    libc = _libc()
     gc.collect()
-    if not _reset_peak_rss():
-        return None
-    rss0 = _status_kib("VmRSS")
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.malloc_trim(0)
+    try:
+        if not _reset_peak_rss():
+            return None
+        rss0 = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
     if rss0 is None or peak is None:
         return None
     return (peak - rss0) * 1024
@@ -201,8 +226,10 @@ def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
 def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
         return "n/a"
-    if n >= 2**30:
+    if abs(n) >= 2**30:
         return f"{n / 2**30:.2f} GiB"
+    if abs(n) < 2**20:
+        return f"{n / 1024:.1f} KiB"
     return f"{n / MiB:.1f} MiB"
 
 
