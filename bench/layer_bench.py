@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     body = render(records, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "layer_bench.png")
     common.write_section(STEM, "Layer level: one adapted nn.Linear, forward + backward", body,
-                         {"machine": info, "records": records, "wall_s": wall})
+                         {"machine": info, "command": command, "records": records, "wall_s": wall})
     print(body)
     return 0
 

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     body = render(records, compile_times, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "op_bench.png")
     common.write_section(STEM, "Op level: goft.rotate vs plain PyTorch", body,
-                         {"machine": info, "records": records, "compile_s": compile_times, "wall_s": wall})
+                         {"machine": info, "command": command, "records": records, "compile_s": compile_times, "wall_s": wall})
     print(body)
     return 0
 

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     command = "python bench/profile_op.py" + (" --quick" if args.quick else "")
     body = render(results, info, common.loadavg(), wall, command)
     common.write_section(STEM, "Profile: where goft's time goes on this CPU", body,
-                         {"machine": info, "results": results, "wall_s": wall})
+                         {"machine": info, "command": command, "results": results, "wall_s": wall})
     print(body)
     return 0
 

@@ -27,6 +27,29 @@ BENCHES = {
 }
 
 
+def write_targets_summary() -> None:
+    """bench/results/20-targets.md: the issue-5 targets of every section present, in one table."""
+    import json
+
+    import layer_bench
+    import train_bench
+
+    rows, sources = [], []
+    for stem, module in (("40-layer", layer_bench), ("50-train", train_bench)):
+        path = common.RESULTS_DIR / f"{stem}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            rows += module.targets(data["records"])
+            sources.append(f"`{stem}.md` (`{data.get('command', '?')}`, {data['machine']['date']}, "
+                           f"load {data['machine']['load']})")
+    if not rows:
+        return
+    body = ("Collected from " + ", ".join(sources) + "; the sections below give the measurements, "
+            "and the profile section what bounds them.\n\n")
+    body += common.md_table(["target", "measured", "limit", "status"], rows, align="lrrl")
+    common.write_section("20-targets", "Issue 5 targets on this CPU", body, {"rows": rows})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, to check that everything runs")
@@ -47,6 +70,7 @@ def main(argv=None) -> int:
         print(f"=== {name}: exit {rc}, {time.perf_counter() - t:.0f} s", flush=True)
         if rc != 0:
             failed.append(name)
+    write_targets_summary()
     common.assemble_results()
     print(f"\nwrote {common.RESULTS_MD.relative_to(common.BENCH_DIR.parent)} in {time.perf_counter() - t0:.0f} s "
           f"total; load average after: {common.loadavg()}", flush=True)
