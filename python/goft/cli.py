@@ -1,0 +1,205 @@
+"""The `goft` command line: `goft demo` and `goft finetune`, thin wrappers over goft.demo and goft.finetune."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+COMPARE_CHOICES = ("lora", "oft", "goft", "qgoft", "head")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _method_list(text: str) -> List[str]:
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in COMPARE_CHOICES]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(COMPARE_CHOICES)}, got {text!r}")
+    return methods
+
+
+def _name_list(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
+                          max_length: int, seed: int, threads: Optional[int], orth_lambda: float) -> None:
+    g = p.add_argument_group("method and training")
+    g.add_argument("--variant", choices=("goft", "qgoft"), default="goft",
+                   help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
+    g.add_argument("--scale", action="store_true", help="GOFT*: also learn a per-feature scale (goft variant only)")
+    g.add_argument("--orth-lambda", type=float, default=orth_lambda,
+                   help=f"qGOFT orthogonality penalty strength (default {orth_lambda:g})")
+    g.add_argument("--lr", type=_positive_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
+    g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"default {batch_size}")
+    g.add_argument("--max-length", type=_positive_int, default=max_length,
+                   help=f"truncate texts to this many tokens (default {max_length})")
+    g.add_argument("--seed", type=int, default=seed, help=f"seed of the head's init, shuffling and dropout (default {seed})")
+    g.add_argument("--threads", type=_positive_int, default=threads,
+                   help="torch intra-op threads" + (f" (default {threads}, measured fastest)" if threads else
+                                                    " (default: torch's choice)"))
+    g.add_argument("--compare", type=_method_list, action="extend", default=[], metavar="METHODS",
+                   help="also train these on the same split, each in a fresh process, and print a table: "
+                        "comma-separated lora (PEFT LoRA r=8), oft (PEFT OFT), goft, qgoft, head (head only)")
+    g.add_argument("--compare-lr", type=_positive_float, default=None,
+                   help="learning rate of the compared methods (default: --lr)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from goft.demo import DEFAULTS, INSTALL_COMMAND
+
+    parser = argparse.ArgumentParser(prog="goft", description="Givens orthogonal fine-tuning (GOFT, qGOFT).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,finetune}")
+
+    demo = sub.add_parser(
+        "demo", help="fine-tune pretrained all-MiniLM-L6-v2 on Rotten Tomatoes sentiment, offline, in minutes",
+        description="Fine-tunes the pretrained all-MiniLM-L6-v2 encoder with GOFT on a balanced split of "
+                    "Rotten Tomatoes snippets, reports accuracy before and after, merges the adapter and "
+                    f"checks the merged predictions, and saves the adapter. Needs: {INSTALL_COMMAND}",
+    )
+    _add_training_options(demo, lr=DEFAULTS.lr, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size,
+                          max_length=DEFAULTS.max_length, seed=DEFAULTS.seed, threads=DEFAULTS.threads,
+                          orth_lambda=DEFAULTS.orth_lambda)
+    d = demo.add_argument_group("data and output")
+    d.add_argument("--max-train", type=_positive_int, default=DEFAULTS.n_train,
+                   help=f"training examples, balanced (default {DEFAULTS.n_train})")
+    d.add_argument("--max-test", type=_positive_int, default=DEFAULTS.n_test,
+                   help=f"test examples, balanced (default {DEFAULTS.n_test})")
+    d.add_argument("--output-dir", default="runs/demo", help="adapter and metrics.json (default runs/demo)")
+
+    ft = sub.add_parser(
+        "finetune", help="sequence classification with a local transformers model and a CSV/TSV file",
+        description="Fine-tunes a local transformers model directory for sequence classification on a CSV or "
+                    "TSV file (header row required) with GOFT or qGOFT, optionally next to PEFT baselines.",
+    )
+    io = ft.add_argument_group("model and data")
+    io.add_argument("--model", required=True, help="local transformers model directory (config.json, weights, tokenizer)")
+    io.add_argument("--data", required=True, help="CSV/TSV file (.csv, .tsv, also .gz/.bz2/.xz) with a header row")
+    io.add_argument("--test-data", default=None, help="a separate test file with the same columns "
+                                                     "(default: a seeded stratified split of --data)")
+    io.add_argument("--text-column", default="text", help="default 'text'")
+    io.add_argument("--label-column", default="label", help="default 'label'")
+    io.add_argument("--keep-labels", type=_name_list, default=None, metavar="A,B,...",
+                    help="only keep rows with these labels")
+    io.add_argument("--test-fraction", type=float, default=0.2, help="test share when splitting --data (default 0.2)")
+    io.add_argument("--max-train", type=_positive_int, default=None, help="cap on training examples (stratified)")
+    io.add_argument("--max-test", type=_positive_int, default=None, help="cap on test examples (stratified)")
+    io.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    io.add_argument("--target-modules", type=_name_list, default=None, metavar="NAMES",
+                    help="comma-separated layer names or suffixes to adapt, for every method "
+                         "(default: every linear layer outside the classifier head)")
+    io.add_argument("--lora-rank", type=_positive_int, default=8, help="rank of --compare lora (default 8)")
+    io.add_argument("--oft-block-size", type=_positive_int, default=32, help="block size of --compare oft (default 32)")
+    io.add_argument("--output-dir", default=None, help="where to write the adapter and metrics.json")
+    _add_training_options(ft, lr=1e-3, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
+                          orth_lambda=0.01)
+    return parser
+
+
+def _check_common(parser: argparse.ArgumentParser, args) -> None:
+    if args.scale and args.variant == "qgoft":
+        parser.error("--scale (GOFT*) applies to --variant goft only: qGOFT blocks already learn a norm")
+    if args.orth_lambda < 0:
+        parser.error(f"--orth-lambda must be >= 0, got {args.orth_lambda}")
+
+
+def _demo(parser, args) -> int:
+    from goft import demo
+
+    _check_common(parser, args)
+    try:
+        demo.run_demo(
+            variant=args.variant, scale=args.scale, lr=args.lr, orth_lambda=args.orth_lambda, epochs=args.epochs,
+            batch_size=args.batch_size, max_length=args.max_length, threads=args.threads, seed=args.seed,
+            n_train=args.max_train, n_test=args.max_test, output_dir=args.output_dir,
+            compare=args.compare, compare_lr=args.compare_lr, progress=not args.no_progress,
+        )
+    except demo.MissingDemoPackage as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finetune(parser, args) -> int:
+    from goft import finetune
+
+    _check_common(parser, args)
+    # Everything that can be wrong with the inputs fails here, before a model is loaded.
+    try:
+        finetune.check_model_dir(args.model)
+        texts, labels = finetune.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
+        texts, labels, dropped = finetune.deduplicate(texts, labels)
+        test_texts = test_labels = None
+        if args.test_data:
+            test_texts, test_labels = finetune.read_table(args.test_data, args.text_column, args.label_column,
+                                                          args.keep_labels)
+            test_texts, test_labels, _ = finetune.deduplicate(test_texts, test_labels)
+        split = finetune.make_split(
+            texts, labels, test_texts=test_texts, test_labels=test_labels, test_fraction=args.test_fraction,
+            n_train=args.max_train, n_test=args.max_test, seed=args.split_seed,
+        )
+        config = finetune.RunConfig(
+            model_dir=args.model, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
+            epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+            threads=args.threads, target_modules=args.target_modules, lora_rank=args.lora_rank,
+            oft_block_size=args.oft_block_size, output_dir=args.output_dir, progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if dropped:
+        print(f"dropped {dropped} repeated or contradictory texts")
+    print(f"data: {split.describe()}; labels {', '.join(split.label_names)}")
+
+    if not args.compare:
+        finetune.run(config, split)
+        if args.output_dir:
+            print(f"metrics written to {Path(args.output_dir) / 'metrics.json'}")
+        return 0
+
+    others = [m for m in dict.fromkeys(args.compare) if m != args.variant]
+    configs = [config] + [
+        dataclasses.replace(config, method=m, scale=False, lr=args.compare_lr or args.lr, output_dir=None)
+        for m in others
+    ]
+    results = finetune.compare(configs, split)
+    table = finetune.format_table(results)
+    print()
+    print(table)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(table + "\n")
+        (out / "comparison.json").write_text(json.dumps(
+            {"split": split.describe(), "results": [r.to_json() for r in results]}, indent=2) + "\n")
+        print(f"adapter, metrics.json and comparison.{{md,json}} written to {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(parser, args)
+    return _finetune(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
