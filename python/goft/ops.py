@@ -50,7 +50,11 @@ def _check_args(op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[
         or (params.dim() == 3 and params.shape[0] == d - 1 and params.shape[1] == 2 and params.shape[2] == 2),
         lambda: f"{op}: expected params of shape ({d - 1},) or ({d - 1}, 2, 2) for d={d}, got {tuple(params.shape)}",
     )
+    if params.device != x.device:
+        raise RuntimeError(f"{op}: expected params on x's device {x.device}, got {params.device}")
     if scale is not None:
+        if scale.device != x.device:
+            raise RuntimeError(f"{op}: expected scale on x's device {x.device}, got {scale.device}")
         if scale.dtype not in (torch.float32, torch.float64):
             raise RuntimeError(f"{op}: expected scale of dtype float32 or float64, got {scale.dtype}")
         torch._check(

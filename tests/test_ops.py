@@ -1,0 +1,259 @@
+"""The fused op goft.rotate against the float64 dense reference, gradcheck, opcheck and compile."""
+
+import math
+
+import pytest
+import torch
+
+import goft
+from goft import _C
+from goft.reference import dense_transform, num_layers, pair_schedule, rotate_dense_ref, rotate_layers_ref, rotate_ref
+
+DIMS = [1, 2, 3, 5, 8, 12, 17, 33, 768, 1000, 3072, 4096, 11008]
+# Tolerance on the relative error (Frobenius) per dtype: float32 accumulation over ~log2(d) steps
+# keeps float32 near 1e-6; half types are bounded by their own rounding of input and output.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    denom = expected.norm().item()
+    return (actual - expected).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def make_params(d: int, quasi: bool, dtype=torch.float32) -> torch.Tensor:
+    if quasi:
+        return torch.eye(2, dtype=dtype).expand(d - 1, 2, 2) + 0.3 * torch.randn(d - 1, 2, 2, dtype=dtype)
+    return torch.randn(d - 1, dtype=dtype)
+
+
+def rows_for(d: int) -> int:
+    # Enough rows to span several tiles and gradient chunks, few enough for a dense d x d check.
+    return 37 if d <= 1000 else 5
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 7, 8, 12, 768, 1000, 3072, 11008])
+def test_schedule_matches_spec(d):
+    layers = pair_schedule(d)
+    assert [[tuple(p) for p in layer] for layer in _C.pair_schedule(d)] == layers
+    assert sum(len(layer) for layer in layers) == d - 1
+    assert len(layers) == num_layers(d)
+    for layer in layers:  # pairs of a layer are disjoint
+        flat = [i for pair in layer for i in pair]
+        assert len(flat) == len(set(flat)) and max(flat, default=0) < d
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 12, 17, 33, 300, 768])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_layer_reference_matches_dense_reference(d, transpose):
+    # rotate_ref uses the layer-by-layer reference for wide d; it must equal the dense T.
+    x = torch.randn(4, d, dtype=torch.float64)
+    for params in (torch.randn(d - 1, dtype=torch.float64), torch.randn(d - 1, 2, 2, dtype=torch.float64)):
+        scale = torch.rand(d, dtype=torch.float64)
+        torch.testing.assert_close(rotate_layers_ref(x, params, scale, transpose), rotate_dense_ref(x, params, scale, transpose))
+
+
+def test_layer_counts_of_spec():
+    assert num_layers(3072) == 12 and len(pair_schedule(3072)) == 12
+    assert len(pair_schedule(11008)) == 14
+    assert pair_schedule(1) == []
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_forward_matches_dense_reference(d, quasi, with_scale, transpose):
+    x = torch.randn(rows_for(d), d, dtype=torch.float64)
+    params = make_params(d, quasi, torch.float64)
+    scale = 1 + 0.2 * torch.randn(d, dtype=torch.float64) if with_scale else None
+    expected = rotate_ref(x, params, scale, transpose)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        xin = x.to(dtype)
+        # Compare with the reference applied to the rounded input, so only the op's error counts.
+        exp = rotate_ref(xin, params, scale, transpose) if dtype != torch.float64 else expected
+        p = params.float() if dtype != torch.float64 else params
+        s = scale.float() if (scale is not None and dtype != torch.float64) else scale
+        if dtype != torch.float64:
+            exp = rotate_ref(xin, p, s, transpose)
+        y = goft.rotate(xin, p, s, transpose)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert rel_err(y, exp) < RTOL[dtype], (dtype, rel_err(y, exp))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 12, 17, 33, 768, 1000])
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradients_match_dense_reference(d, quasi, with_scale, transpose):
+    x = torch.randn(rows_for(d), d, dtype=torch.float64, requires_grad=True)
+    params = make_params(d, quasi, torch.float64).requires_grad_()
+    scale = (1 + 0.2 * torch.randn(d, dtype=torch.float64)).requires_grad_() if with_scale else None
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    inputs = [x, params] + ([scale] if with_scale else [])
+    got = torch.autograd.grad(goft.rotate(x, params, scale, transpose), inputs, grad_out)
+    want = torch.autograd.grad(rotate_ref(x, params, scale, transpose), inputs, grad_out, allow_unused=True, materialize_grads=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-11
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [3, 33, 768, 4096])
+def test_low_precision_gradients(dtype, d):
+    x = torch.randn(rows_for(d), d).to(dtype).requires_grad_()
+    params = make_params(d, False).requires_grad_()
+    scale = (1 + 0.2 * torch.randn(d)).requires_grad_()
+    grad_out = torch.randn(x.shape).to(dtype)
+    got = torch.autograd.grad(goft.rotate(x, params, scale), [x, params, scale], grad_out)
+    x64 = x.detach().double().requires_grad_()
+    p64 = params.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    want = torch.autograd.grad(rotate_ref(x64, p64, s64), [x64, p64, s64], grad_out.double())
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < tol
+
+
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d", [1, 2, 5, 13, 20])
+def test_gradcheck(quasi, with_scale, transpose, d):
+    x = torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True)
+    params = make_params(d, quasi, torch.float64).requires_grad_()
+    scale = torch.rand(d, dtype=torch.float64).add(0.5).requires_grad_() if with_scale else None
+    assert torch.autograd.gradcheck(lambda *a: goft.rotate(*a, transpose=transpose), (x, params, scale))
+
+
+def test_golden_vectors(golden_path):
+    np = pytest.importorskip("numpy")
+    golden = np.load(golden_path)
+    cases = sorted({tuple(key.split("/")[:2]) for key in golden.files})
+    assert len(cases) == 12
+    for case, dim in cases:
+        g = {key.split("/")[2]: torch.from_numpy(golden[key]) for key in golden.files if key.startswith(f"{case}/{dim}/")}
+        x = g["x"].clone().requires_grad_()
+        scale = g["scale"].clone().requires_grad_() if "scale" in g else None
+        raw = (g["blocks"] if case == "qgoft" else g["p"]).clone().requires_grad_()
+        params = raw if case == "qgoft" else math.pi * torch.tanh(raw)
+        y = torch.nn.functional.linear(goft.rotate(x, params, scale), g["weight"], g["bias"])
+        (y * g["grad_y"]).sum().backward()
+        checks = {"y": (y, g["y"]), "grad_x": (x.grad, g["grad_x"])}
+        checks["grad_blocks" if case == "qgoft" else "grad_p"] = (raw.grad, g["grad_blocks" if case == "qgoft" else "grad_p"])
+        if scale is not None:
+            checks["grad_scale"] = (scale.grad, g["grad_scale"])
+        merged = goft.rotate(g["weight"], params.detach(), None if scale is None else scale.detach(), transpose=True)
+        checks["merged_weight"] = (merged, g["merged_weight"])
+        for name, (got, want) in checks.items():
+            assert rel_err(got, want) < 1e-5, (case, dim, name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("d", [2, 7, 64])
+def test_strict_transform_is_orthogonal_and_transpose_inverts(d):
+    x = torch.randn(9, d, dtype=torch.float64)
+    angles = torch.randn(d - 1, dtype=torch.float64)
+    y = goft.rotate(x, angles)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(goft.rotate(y, angles, transpose=True), x)
+    T = dense_transform(angles, d)
+    torch.testing.assert_close(T @ T.T, torch.eye(d, dtype=torch.float64))
+
+
+def test_non_contiguous_and_batched_inputs():
+    d = 40
+    base = torch.randn(6, 2 * d, 5)
+    x = base.transpose(1, 2)[..., ::2]  # (6, 5, 40), features strided by 2
+    assert not x.is_contiguous()
+    params = torch.randn(d - 1)
+    torch.testing.assert_close(goft.rotate(x, params), goft.rotate(x.contiguous(), params))
+    rows = torch.randn(10, 3 * d)[:, :d]  # row stride 3d, contiguous features
+    torch.testing.assert_close(goft.rotate(rows, params), goft.rotate(rows.contiguous(), params))
+    expanded = torch.randn(1, d).expand(4, d)
+    torch.testing.assert_close(goft.rotate(expanded, params), goft.rotate(expanded.contiguous(), params))
+
+
+def test_zero_rows_and_d_equal_one():
+    params = torch.randn(6)
+    assert goft.rotate(torch.randn(0, 7), params).shape == (0, 7)
+    x = torch.randn(0, 7, requires_grad=True)
+    goft.rotate(x, params.requires_grad_()).sum().backward()
+    assert x.grad.shape == (0, 7)
+    one = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    y = goft.rotate(one, torch.zeros(0, dtype=torch.float64), scale)
+    torch.testing.assert_close(y, one * 2)
+    y.sum().backward()
+    torch.testing.assert_close(scale.grad, one.detach().sum(0))
+
+
+def test_backward_is_bitwise_deterministic():
+    x = torch.randn(300, 768, requires_grad=True)
+    params = make_params(768, True).requires_grad_()
+    scale = torch.ones(768, requires_grad=True)
+    grad_out = torch.randn(300, 768)
+    runs = [torch.autograd.grad(goft.rotate(x, params, scale), [x, params, scale], grad_out) for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def test_backward_saves_only_inputs():
+    x = torch.randn(64, 256, requires_grad=True)
+    params = torch.zeros(255, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        goft.rotate(x, params)
+    assert sum(t.numel() for t in saved) <= x.numel() + params.numel()
+
+
+ERRORS = [
+    ("float32 x, int params", lambda: goft.rotate(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64)), "params of dtype float32 or float64"),
+    ("integer x", lambda: goft.rotate(torch.ones(3, 4, dtype=torch.int32), torch.zeros(3)), "x of dtype"),
+    ("complex x", lambda: goft.rotate(torch.ones(3, 4, dtype=torch.complex64), torch.zeros(3)), "x of dtype"),
+    ("params length", lambda: goft.rotate(torch.randn(2, 768), torch.zeros(768)), r"expected params of shape \(767,\) or \(767, 2, 2\) for d=768, got \(768,\)"),
+    ("blocks shape", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4, 2, 3)), r"params of shape \(4,\) or \(4, 2, 2\)"),
+    ("scale length", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4), torch.ones(4)), r"expected scale of shape \(5,\)"),
+    ("scale dtype", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4), torch.ones(5, dtype=torch.int64)), "scale of dtype"),
+    ("0-d x", lambda: goft.rotate(torch.tensor(1.0), torch.zeros(0)), "at least one dimension"),
+    ("d = 0", lambda: goft.rotate(torch.randn(3, 0), torch.zeros(0)), "d >= 1"),
+    ("meta params", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4, device="meta")), "params on x's device"),
+]
+
+
+@pytest.mark.parametrize("name,call,message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_name_the_argument(name, call, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        call()
+    assert "goft.rotate" in str(info.value)
+
+
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_opcheck(quasi, with_scale):
+    d = 11
+    x = torch.randn(3, 4, d, requires_grad=True)
+    params = make_params(d, quasi).requires_grad_()
+    scale = torch.rand(d).add(0.5).requires_grad_() if with_scale else None
+    for transpose in (False, True):
+        torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose))
+    grad_out = torch.randn(3, 4, d)
+    torch.library.opcheck(torch.ops.goft.rotate_backward.default, (grad_out, x.detach(), params.detach(), scale, False, [True, True, with_scale]))
+
+
+def test_torch_compile_fullgraph_dynamic_with_backward():
+    torch._dynamo.reset()
+
+    def f(x, params, scale, weight):
+        return torch.nn.functional.linear(goft.rotate(x, params, scale), weight).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for rows, d in [(8, 16), (5, 16), (7, 24)]:
+        x = torch.randn(rows, d, requires_grad=True)
+        params = torch.randn(d - 1, requires_grad=True)
+        scale = torch.rand(d).add(0.5).requires_grad_()
+        weight = torch.randn(3, d)
+        got = torch.autograd.grad(compiled(x, params, scale, weight), [x, params, scale])
+        want = torch.autograd.grad(f(x, params, scale, weight), [x, params, scale])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
