@@ -11,7 +11,7 @@
 
 #include "checks.h"
 #include "goft/blocks.h"
-#include "goft/cpu/rotate.h"
+#include "goft/cpu/lanes.h"
 
 namespace goft {
 namespace {
@@ -47,13 +47,39 @@ std::optional<at::Tensor> scale_in(const std::optional<at::Tensor>& scale) {
 // Rows per parallel task: enough features per task that scheduling costs nothing.
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)); }
 
+// Per-call state of the fast path: the blocks, their expansion for the fine layers and the
+// padded scale, all in the accumulation type.
+template <typename Acc>
+struct PreparedCall {
+  PairSchedule schedule;
+  at::Tensor blocks, coefficients, scale_padded;
+  cpu::LaneCall<Acc> lanes;
+
+  PreparedCall(const at::Tensor& params, bool params_are_blocks,
+               const std::optional<at::Tensor>& scale, int64_t d, const at::TensorOptions& options)
+      : schedule(make_schedule(d)) {
+    constexpr int W = cpu::LaneTraits<Acc>::kLanes;
+    blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
+    coefficients = at::empty({cpu::fine_coefficients_size<Acc>(d)}, options);
+    const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+    scale_padded = at::empty({scale_acc.has_value() ? (d + W - 1) / W * W : 0}, options);
+    lanes = cpu::prepare_lane_call(schedule, blocks.const_data_ptr<Acc>(),
+                                   scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr,
+                                   coefficients.mutable_data_ptr<Acc>(),
+                                   scale_padded.mutable_data_ptr<Acc>());
+    lanes.schedule = &schedule;
+  }
+  PreparedCall(const PreparedCall&) = delete;
+  PreparedCall& operator=(const PreparedCall&) = delete;
+};
+
 template <typename T>
 void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
                  const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1);
-  const at::Tensor blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
-  const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+  const PreparedCall<Acc> prepared(params, params_are_blocks, scale, d,
+                                   x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   RotateArgs<T, Acc> args;
   args.rows = rows;
   args.dim = d;
@@ -61,13 +87,13 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   args.x_row_stride = x2.stride(0);
   args.out = out2.mutable_data_ptr<T>();
   args.out_row_stride = out2.stride(0);
-  args.blocks = blocks.const_data_ptr<Acc>();
-  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.blocks = prepared.blocks.template const_data_ptr<Acc>();
+  args.scale = prepared.lanes.scale_padded;
   args.transpose = transpose;
-  const PairSchedule schedule = make_schedule(d);
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch(cpu::rotate_scratch_size(d));
-    cpu::rotate_rows(args, schedule, begin, end, scratch.data());
+  const int64_t grain = std::max<int64_t>(cpu::kTileRows, row_grain(d));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scratch(cpu::rotate_tile_scratch_size<Acc>(d));
+    cpu::rotate_rows_fast(args, prepared.lanes, begin, end, scratch.data());
   });
 }
 
@@ -91,8 +117,8 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
                           at::Tensor* grad_scale) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
-  const at::Tensor blocks = make_blocks<Acc>(params, params_are_blocks, pairs);
-  const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+  const PreparedCall<Acc> prepared(params, params_are_blocks, scale, d,
+                                   x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   const int64_t chunks = grad_chunk_count(rows, d);
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   at::Tensor block_partials = at::empty({chunks, pairs, kBlockSize}, acc_options);
@@ -110,18 +136,15 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
     args.grad_x = grad_x2->mutable_data_ptr<T>();
     args.grad_x_row_stride = grad_x2->stride(0);
   }
-  args.blocks = blocks.const_data_ptr<Acc>();
-  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.blocks = prepared.blocks.template const_data_ptr<Acc>();
+  args.scale = prepared.lanes.scale_padded;
   args.transpose = transpose;
   args.num_chunks = chunks;
   args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
   args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
-  const PairSchedule schedule = make_schedule(d);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch(cpu::rotate_backward_scratch_size(d));
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      cpu::rotate_backward_chunk(args, schedule, chunk, scratch.data());
-    }
+    std::vector<Acc> scratch(cpu::backward_chunk_scratch_size<Acc>(d));
+    cpu::rotate_backward_chunks_fast(args, prepared.lanes, begin, end, scratch.data());
   });
 
   // Fixed-order sums over chunks, then the chain rule into the params' own form.
