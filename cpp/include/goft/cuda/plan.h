@@ -1,0 +1,186 @@
+// Launch layouts of the CUDA kernels, chosen on the host from the shape and the device's limits.
+// Pure C++ (no CUDA calls), shared by the launchers (rotate.cuh) and the host emulator test.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "goft/cuda/row_kernels.h"
+#include "goft/schedule.h"
+
+namespace goft {
+namespace cuda {
+
+// Narrow rows share a thread block between several row groups: blocks of fewer threads leave
+// the SM's block slots, not its threads, as the limit on occupancy.
+constexpr int kMinCtaThreads = 128;
+constexpr int kWarpThreads = 32;
+
+// Partial gradients are summed in segments of this many partials, then the segment sums in
+// order: a fixed two-level tree, so the sums are bitwise reproducible and the reduction still
+// has enough threads to stream the partials at memory speed.
+constexpr int64_t kReduceSegment = 16;
+
+// Bound on the memory for per-chunk partial gradients, in elements (as on the CPU path).
+constexpr int64_t kMaxPartialEntries = int64_t{1} << 24;
+
+inline int pow2_floor(int64_t n) {
+  int p = 1;
+  while (2 * static_cast<int64_t>(p) <= n) p *= 2;
+  return p;
+}
+
+inline int pow2_ceil(int64_t n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// A compiled fused kernel: its chunk count and how many threads per block its register count
+// allows (cudaFuncAttributes::maxThreadsPerBlock).
+struct FusedVariant {
+  int chunks = 1;
+  int max_threads = 0;
+};
+
+struct FusedLayout {
+  int variant = -1;  // index into the variants given to choose_fused_layout
+  int chunks = 1;
+  int group_threads = 1;
+  int log_group_threads = 0;
+  int cta_threads = 1;
+  int rows_per_cta = 1;
+  int64_t vcap = 0;
+  int64_t num_slots = 0;
+  bool store_in_smem = true;
+  bool grads_in_smem = true;
+  int64_t smem_bytes = 0;
+  // Per-block global workspace for gradient accumulators when they are not in shared memory.
+  int64_t grad_workspace_per_cta = 0;  // elements
+};
+
+// Picks the fused kernel whose row capacity (G * chunks * elts) wastes the fewest threads for
+// width d, then the largest shared-memory placement that fits: blocks and gradients in shared
+// memory, else gradients only (read-only blocks still hit L1), else neither. Returns false when
+// no variant can hold the row on chip (the fallback kernel then runs).
+inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backward,
+                                bool scale_grad, const FusedVariant* variants, int num_variants,
+                                int64_t smem_limit_bytes, FusedLayout* out) {
+  const int64_t vectors = (dim + elts - 1) / elts;
+  int best = -1;
+  int64_t best_cap = 0;
+  int best_group = 0;
+  for (int v = 0; v < num_variants; ++v) {
+    if (variants[v].max_threads < kWarpThreads) continue;
+    const int max_group = pow2_floor(std::min(1024, variants[v].max_threads));
+    const int64_t per_chunk = (vectors + variants[v].chunks - 1) / variants[v].chunks;
+    if (per_chunk > max_group) continue;
+    const int group = pow2_ceil(per_chunk);
+    const int64_t cap = static_cast<int64_t>(group) * variants[v].chunks;
+    if (best < 0 || cap < best_cap || (cap == best_cap && variants[v].chunks < variants[best].chunks)) {
+      best = v;
+      best_cap = cap;
+      best_group = group;
+    }
+  }
+  if (best < 0) return false;
+  const FusedVariant& fv = variants[best];
+  FusedLayout l;
+  l.variant = best;
+  l.chunks = fv.chunks;
+  l.group_threads = best_group;
+  l.log_group_threads = ilog2(best_group);
+  const int max_cta = pow2_floor(std::min(1024, fv.max_threads));
+  l.cta_threads = std::max(best_group, std::min(kMinCtaThreads, max_cta));
+  l.rows_per_cta = l.cta_threads / best_group;
+  l.vcap = best_cap;
+  const PairSchedule s = make_schedule(dim);
+  l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
+
+  auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
+    return acc_bytes * fused_smem_layout(l.chunks, l.group_threads, rows_per_cta, l.num_slots,
+                                         dim, backward, scale_grad, store_smem, grads_smem)
+                           .total;
+  };
+  // Fewer row groups per block before giving up shared-memory placement, down to one warp: the
+  // lane layers shuffle with a full mask, which needs every lane of the warp present.
+  const int min_rows = std::max(1, kWarpThreads / best_group);
+  if (l.rows_per_cta < min_rows) return false;
+  while (l.rows_per_cta > min_rows && bytes(l.rows_per_cta, true, true) > smem_limit_bytes) {
+    l.rows_per_cta /= 2;
+  }
+  l.cta_threads = l.rows_per_cta * l.group_threads;
+  const bool options[4][2] = {{true, true}, {false, true}, {true, false}, {false, false}};
+  bool placed = false;
+  for (const auto& o : options) {
+    if (!backward && !o[1]) continue;  // forward: the gradient placement is moot
+    if (bytes(l.rows_per_cta, o[0], o[1]) <= smem_limit_bytes) {
+      l.store_in_smem = o[0];
+      l.grads_in_smem = o[1];
+      placed = true;
+      break;
+    }
+  }
+  if (!placed) return false;
+  l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem);
+  if (backward && !l.grads_in_smem) {
+    const FusedSmemLayout sl = fused_smem_layout(l.chunks, l.group_threads, l.rows_per_cta,
+                                                 l.num_slots, dim, true, scale_grad, false, false);
+    l.grad_workspace_per_cta = (sl.grads_per_group + sl.scale_grads_per_group) * l.rows_per_cta;
+  }
+  *out = l;
+  return true;
+}
+
+// Number of row chunks (each yields rows_per_cta partials) for the backward: enough to give every
+// resident block work, bounded by the rows and by the memory of the partials. It depends on the
+// shape and the device, never on timing, so gradients are bitwise reproducible run to run.
+inline int64_t backward_chunk_count(int64_t rows, int64_t dim, int rows_per_cta,
+                                    int64_t resident_ctas) {
+  const int64_t tiles = (rows + rows_per_cta - 1) / rows_per_cta;
+  const int64_t by_memory = kMaxPartialEntries / (5 * std::max<int64_t>(dim, 1) * rows_per_cta);
+  int64_t chunks = std::min<int64_t>(tiles, std::max<int64_t>(resident_ctas, 1));
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(by_memory, 1));
+  return std::max<int64_t>(chunks, 1);
+}
+
+// Whether rows at `base` with row stride `stride` can move as 16-byte vectors.
+template <typename T>
+bool rows_vectorizable(const T* base, int64_t stride, int64_t rows, int64_t dim) {
+  constexpr int kElts = FusedTraits<T, 1, false>::kElts;
+  return dim % kElts == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
+         (rows <= 1 || (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+}
+
+// The layout part of a fused kernel's arguments; the caller adds the pointers.
+template <typename T, typename Acc>
+FusedParams<T, Acc> make_fused_params(int64_t rows, int64_t dim, bool transpose,
+                                      const FusedLayout& l) {
+  constexpr int kLogElts = FusedTraits<T, 1, false>::kLogElts;
+  FusedParams<T, Acc> p;
+  p.rows = rows;
+  p.dim = static_cast<int>(dim);
+  p.schedule = make_schedule(dim);
+  p.transpose = transpose;
+  p.group_threads = l.group_threads;
+  p.log_group_threads = l.log_group_threads;
+  p.cta_threads = l.cta_threads;
+  p.rows_per_cta = l.rows_per_cta;
+  p.vcap = static_cast<int>(l.vcap);
+  p.num_slots = static_cast<int>(l.num_slots);
+  for (int r = kLogElts; r < p.schedule.num_layers && r < 32; ++r) {
+    p.layer_base[r] = static_cast<int>(coarse_layer_base(p.schedule, kLogElts, l.vcap, r));
+  }
+  p.store_in_smem = l.store_in_smem;
+  p.grads_in_smem = l.grads_in_smem;
+  return p;
+}
+
+// Threads of a fallback block: enough for layer 0's d/2 pairs, at most what the kernel allows.
+inline int fallback_cta_threads(int64_t dim, int max_threads) {
+  const int want = pow2_ceil(std::max<int64_t>((dim + 1) / 2, 32));
+  return std::max(32, std::min(want, pow2_floor(std::min(1024, max_threads))));
+}
+
+}  // namespace cuda
+}  // namespace goft

@@ -1,0 +1,548 @@
+// goft's CUDA kernels: the __global__ entry points over the bodies of row_kernels.h, and the
+// host launchers declared in rotate_api.h. Torch-free (raw pointers, the structs of params.h).
+// Include from exactly the translation units that instantiate the launchers
+// (GOFT_CUDA_INSTANTIATE_ROTATE below; see cpp/cuda/rotate_<type>.cu).
+//
+// Forward: fused_rotate_kernel, one pass per row with the row in registers (row_kernels.h). The
+// applied blocks are first staged into a slot-ordered buffer (stage_store_kernel) that each
+// thread block copies to shared memory once and reuses for all the rows it processes.
+// Backward: fused_rotate_backward_kernel writes per-chunk partial gradients without atomics; two
+// fixed-order reductions (reduce_segments_kernel, finish_*_kernel) sum them, so gradients are
+// bitwise identical run to run. Rows too wide for registers take fallback_*_kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "goft/blocks.h"
+#include "goft/cuda/plan.h"
+#include "goft/cuda/rotate_api.h"
+#include "goft/cuda/row_kernels.h"
+#include "goft/params.h"
+#include "goft/schedule.h"
+
+namespace goft {
+namespace cuda {
+
+// The thread interface of row_kernels.h on the GPU.
+struct CudaThreads {
+  __device__ __forceinline__ int thread() const { return static_cast<int>(threadIdx.x); }
+  __device__ __forceinline__ int num_threads() const { return static_cast<int>(blockDim.x); }
+  __device__ __forceinline__ int64_t cta() const { return blockIdx.x; }
+  __device__ __forceinline__ int64_t num_ctas() const { return gridDim.x; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  // Every lane of the warp calls it (full mask): block sizes are multiples of 32 (plan.h).
+  template <typename V>
+  __device__ __forceinline__ V shfl_xor(V v, int mask) const {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+  }
+};
+
+template <typename Acc>
+__device__ __forceinline__ Acc* dynamic_smem() {
+  extern __shared__ __align__(32) unsigned char goft_dynamic_smem[];
+  return reinterpret_cast<Acc*>(goft_dynamic_smem);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+template <class K, bool kTransposed>
+__global__ void fused_rotate_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
+  fused_rotate<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+}
+
+template <class K, bool kTransposed>
+__global__ void fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
+  fused_rotate_backward<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+}
+
+template <typename T, typename Acc, bool kTransposed>
+__global__ void fallback_rotate_kernel(const FallbackParams<T, Acc> p) {
+  fallback_rotate<T, Acc, kTransposed>(p, CudaThreads{}, dynamic_smem<Acc>());
+}
+
+template <typename T, typename Acc, bool kTransposed>
+__global__ void fallback_rotate_backward_kernel(const FallbackParams<T, Acc> p) {
+  fallback_rotate_backward<T, Acc, kTransposed>(p, CudaThreads{}, dynamic_smem<Acc>());
+}
+
+__device__ __forceinline__ int64_t global_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+template <typename Param, typename Acc>
+__global__ void params_to_blocks_kernel(const Param* params, bool params_are_blocks, int64_t pairs,
+                                        Acc* blocks) {
+  const int64_t p = global_index();
+  if (p >= pairs) return;
+  if (params_are_blocks) {
+    for (int i = 0; i < kBlockSize; ++i) blocks[kBlockSize * p + i] = static_cast<Acc>(params[kBlockSize * p + i]);
+  } else {
+    angle_to_block(params[p], blocks + kBlockSize * p);
+  }
+}
+
+template <typename Acc>
+__global__ void stage_store_kernel(const Acc* blocks, bool transpose, const PairSchedule schedule,
+                                   int log_elts, int64_t vcap, Acc* store) {
+  const int64_t p = global_index();
+  if (p >= schedule.num_pairs()) return;
+  stage_block(blocks, transpose, schedule, log_elts, vcap, p, store);
+}
+
+// First level of the partial sums: segment blockIdx.y of kReduceSegment partials.
+template <typename Acc>
+__global__ void reduce_segments_kernel(const Acc* partials, int64_t num_partials, int64_t length,
+                                       Acc* sums) {
+  const int64_t i = global_index();
+  if (i >= length) return;
+  const int64_t segment = kReduceSegment;  // a value: std::min would take the constant's address
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * segment;
+  const int64_t count = num_partials - first < segment ? num_partials - first : segment;
+  sums[blockIdx.y * length + i] = sum_partials(partials, length, first, count, i);
+}
+
+template <typename Acc, typename Param>
+__global__ void finish_block_grads_kernel(const Acc* sums, int64_t count, int64_t pairs,
+                                          bool transpose, const Param* params,
+                                          bool params_are_blocks, Param* grad_params) {
+  const int64_t p = global_index();
+  if (p >= pairs) return;
+  Acc applied[kBlockSize], grad[kBlockSize];
+  for (int i = 0; i < kBlockSize; ++i) applied[i] = sum_partials(sums, 4 * pairs, 0, count, 4 * p + i);
+  // The gradient of A from that of the block as applied (A^T when transposed).
+  applied_block(applied, transpose, grad);
+  if (params_are_blocks) {
+    for (int i = 0; i < kBlockSize; ++i) grad_params[kBlockSize * p + i] = static_cast<Param>(grad[i]);
+  } else {
+    grad_params[p] = block_grad_to_angle_grad<Acc>(params[p], grad);
+  }
+}
+
+template <typename Acc, typename Scale>
+__global__ void finish_scale_grads_kernel(const Acc* sums, int64_t count, int64_t dim,
+                                          Scale* grad_scale) {
+  const int64_t f = global_index();
+  if (f >= dim) return;
+  grad_scale[f] = static_cast<Scale>(sum_partials(sums, dim, 0, count, f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+constexpr int kElementwiseThreads = 256;
+
+inline unsigned elementwise_blocks(int64_t n) {
+  return static_cast<unsigned>((n + kElementwiseThreads - 1) / kElementwiseThreads);
+}
+
+inline int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+struct DeviceInfo {
+  int sms = 1;
+  int64_t smem_optin = 48 * 1024;  // largest dynamic shared memory a block may opt in to
+};
+
+inline cudaError_t device_info(int device, DeviceInfo* info) {
+  int sms = 0, smem = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  info->sms = std::max(sms, 1);
+  info->smem_optin = smem;
+  return cudaSuccess;
+}
+
+// Threads per block a kernel's register count allows, cached per kernel and device.
+inline cudaError_t max_threads_per_block(const void* kernel, int device, int* out) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    *out = it->second;
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  cache[key] = attr.maxThreadsPerBlock;
+  *out = attr.maxThreadsPerBlock;
+  return cudaSuccess;
+}
+
+// Opts the kernel in to `smem` bytes of dynamic shared memory and returns how many of its blocks
+// fit on one SM.
+inline cudaError_t prepare_kernel(const void* kernel, int threads, int64_t smem, int* blocks_per_sm) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, threads,
+                                                      static_cast<size_t>(smem));
+  if (err != cudaSuccess) return err;
+  *blocks_per_sm = std::max(*blocks_per_sm, 1);
+  return cudaSuccess;
+}
+
+template <typename T>
+using FusedKernel = void (*)(FusedParams<T, typename AccOf<T>::type>);
+template <typename T>
+using FallbackKernel = void (*)(FallbackParams<T, typename AccOf<T>::type>);
+
+constexpr int kNumFusedVariants = 4;  // kChunks = 1, 2, 3, 4
+
+template <typename T, bool kBackward, int kChunks>
+FusedKernel<T> fused_kernel_for(bool transpose) {
+  using K = FusedTraits<T, kChunks, kBackward>;
+  if (kBackward) {
+    return transpose ? &fused_rotate_backward_kernel<K, true> : &fused_rotate_backward_kernel<K, false>;
+  }
+  return transpose ? &fused_rotate_kernel<K, true> : &fused_rotate_kernel<K, false>;
+}
+
+template <typename T, bool kBackward>
+FusedKernel<T> fused_kernel(int chunks, bool transpose) {
+  switch (chunks) {
+    case 1: return fused_kernel_for<T, kBackward, 1>(transpose);
+    case 2: return fused_kernel_for<T, kBackward, 2>(transpose);
+    case 3: return fused_kernel_for<T, kBackward, 3>(transpose);
+    default: return fused_kernel_for<T, kBackward, 4>(transpose);
+  }
+}
+
+template <typename T, bool kBackward>
+cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[kNumFusedVariants]) {
+  for (int i = 0; i < kNumFusedVariants; ++i) {
+    FusedVariant& v = variants[i];
+    v.chunks = i + 1;
+    const cudaError_t err = max_threads_per_block(
+        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v.chunks, transpose)), device,
+        &v.max_threads);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+FallbackKernel<T> fallback_kernel(bool backward, bool transpose) {
+  using Acc = typename AccOf<T>::type;
+  if (backward) {
+    return transpose ? &fallback_rotate_backward_kernel<T, Acc, true>
+                     : &fallback_rotate_backward_kernel<T, Acc, false>;
+  }
+  return transpose ? &fallback_rotate_kernel<T, Acc, true> : &fallback_rotate_kernel<T, Acc, false>;
+}
+
+// Shared parts of both plans: the fused layout or the fallback's threads and scratch placement.
+template <typename T, typename Plan>
+cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_grad, int device,
+                        const DeviceInfo& info, Plan* plan, const void** kernel) {
+  using Acc = typename AccOf<T>::type;
+  constexpr int kElts = FusedTraits<T, 1, false>::kElts;
+  plan->fused = false;
+  if (!fallback_forced()) {
+    FusedVariant variants[kNumFusedVariants];
+    const cudaError_t err = backward ? fused_variants<T, true>(transpose, device, variants)
+                                     : fused_variants<T, false>(transpose, device, variants);
+    if (err != cudaSuccess) return err;
+    FusedLayout layout;
+    if (choose_fused_layout(dim, kElts, sizeof(Acc), backward, scale_grad, variants,
+                            kNumFusedVariants, info.smem_optin, &layout)) {
+      plan->fused = true;
+      plan->layout = layout;
+      plan->cta_threads = layout.cta_threads;
+      plan->smem_bytes = layout.smem_bytes;
+      *kernel = reinterpret_cast<const void*>(
+          backward ? fused_kernel<T, true>(layout.chunks, transpose)
+                   : fused_kernel<T, false>(layout.chunks, transpose));
+      return cudaSuccess;
+    }
+  }
+  *kernel = reinterpret_cast<const void*>(fallback_kernel<T>(backward, transpose));
+  int max_threads = 0;
+  const cudaError_t err = max_threads_per_block(*kernel, device, &max_threads);
+  if (err != cudaSuccess) return err;
+  plan->cta_threads = fallback_cta_threads(dim, max_threads);
+  const int64_t scratch = fallback_scratch_size(dim, backward) * static_cast<int64_t>(sizeof(Acc));
+  plan->scratch_in_smem = scratch <= info.smem_optin;
+  plan->smem_bytes = plan->scratch_in_smem ? scratch : 0;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, RotatePlan* plan) {
+  using Acc = typename AccOf<T>::type;
+  DeviceInfo info;
+  cudaError_t err = device_info(device, &info);
+  if (err != cudaSuccess) return err;
+  RotatePlan pl;
+  const void* kernel = nullptr;
+  err = plan_common<T>(dim, false, transpose, false, device, info, &pl, &kernel);
+  if (err != cudaSuccess) return err;
+  int per_sm = 1;
+  err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
+  if (pl.fused) {
+    const int64_t tiles = (rows + pl.layout.rows_per_cta - 1) / pl.layout.rows_per_cta;
+    pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(tiles, resident)));
+    pl.workspace.store_offset = 0;
+    pl.workspace.bytes = align256(4 * pl.layout.num_slots * static_cast<int64_t>(sizeof(Acc)));
+  } else {
+    pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
+    pl.workspace.scratch_offset = 0;
+    pl.workspace.bytes =
+        pl.scratch_in_smem ? 0 : align256(pl.grid * dim * static_cast<int64_t>(sizeof(Acc)));
+  }
+  *plan = pl;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
+                                 int device, RotateBackwardPlan* plan) {
+  using Acc = typename AccOf<T>::type;
+  DeviceInfo info;
+  cudaError_t err = device_info(device, &info);
+  if (err != cudaSuccess) return err;
+  RotateBackwardPlan pl;
+  const void* kernel = nullptr;
+  err = plan_common<T>(dim, true, transpose, scale_grad, device, info, &pl, &kernel);
+  if (err != cudaSuccess) return err;
+  int per_sm = 1;
+  err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
+  const int rows_per_cta = pl.fused ? pl.layout.rows_per_cta : 1;
+  pl.num_chunks = backward_chunk_count(rows, dim, rows_per_cta, resident);
+  pl.num_partials = pl.num_chunks * rows_per_cta;
+  pl.grid = static_cast<int>(std::min(pl.num_chunks, resident));
+  if (pl.fused) {
+    pl.workspace.store_offset = 0;
+    pl.workspace.scratch_offset = align256(4 * pl.layout.num_slots * static_cast<int64_t>(sizeof(Acc)));
+    const int64_t grads = pl.layout.grads_in_smem
+                              ? 0
+                              : pl.grid * pl.layout.grad_workspace_per_cta * static_cast<int64_t>(sizeof(Acc));
+    pl.workspace.bytes = pl.workspace.scratch_offset + align256(grads);
+  } else {
+    pl.workspace.scratch_offset = 0;
+    pl.workspace.bytes =
+        pl.scratch_in_smem
+            ? 0
+            : align256(pl.grid * fallback_scratch_size(dim, true) * static_cast<int64_t>(sizeof(Acc)));
+  }
+  *plan = pl;
+  return cudaSuccess;
+}
+
+// Clears the block store and fills it with the applied blocks in slot order.
+template <typename Acc>
+cudaError_t stage_store(const Acc* blocks, bool transpose, const PairSchedule& schedule,
+                        int log_elts, const FusedLayout& layout, Acc* store, cudaStream_t stream) {
+  // Slots of pairs past d are never read; clearing them keeps the shared-memory copy defined.
+  cudaError_t err = cudaMemsetAsync(store, 0, 4 * layout.num_slots * sizeof(Acc), stream);
+  if (err != cudaSuccess) return err;
+  const int64_t pairs = schedule.num_pairs();
+  if (pairs > 0) {
+    stage_store_kernel<Acc><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
+        blocks, transpose, schedule, log_elts, layout.vcap, store);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
+                          const RotatePlan& plan, void* workspace, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  if (args.rows == 0) return cudaSuccess;
+  char* ws = static_cast<char*>(workspace);
+  if (plan.fused) {
+    const FusedLayout& l = plan.layout;
+    FusedParams<T, Acc> p = make_fused_params<T, Acc>(args.rows, args.dim, args.transpose, l);
+    Acc* store = reinterpret_cast<Acc*>(ws + plan.workspace.store_offset);
+    cudaError_t err = stage_store(args.blocks, args.transpose, p.schedule,
+                                  FusedTraits<T, 1, false>::kLogElts, l, store, stream);
+    if (err != cudaSuccess) return err;
+    p.x = args.x;
+    p.x_stride = args.x_row_stride;
+    p.x_vec = rows_vectorizable(args.x, args.x_row_stride, args.rows, args.dim);
+    p.out = args.out;
+    p.out_stride = args.out_row_stride;
+    p.out_vec = rows_vectorizable<T>(args.out, args.out_row_stride, args.rows, args.dim);
+    p.store = store;
+    p.scale = args.scale;
+    const FusedKernel<T> kernel = fused_kernel<T, false>(l.chunks, args.transpose);
+    kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+  FallbackParams<T, Acc> p;
+  p.rows = args.rows;
+  p.dim = args.dim;
+  p.schedule = make_schedule(args.dim);
+  p.transpose = args.transpose;
+  p.x = args.x;
+  p.x_stride = args.x_row_stride;
+  p.out = args.out;
+  p.out_stride = args.out_row_stride;
+  p.blocks = args.blocks;
+  p.scale = args.scale;
+  p.scratch_in_smem = plan.scratch_in_smem;
+  p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
+  const FallbackKernel<T> kernel = fallback_kernel<T>(false, args.transpose);
+  kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
+                                   const RotateBackwardPlan& plan, void* workspace,
+                                   cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  if (args.rows == 0) return cudaSuccess;
+  if (args.num_chunks != plan.num_partials) return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(workspace);
+  if (plan.fused) {
+    const FusedLayout& l = plan.layout;
+    FusedParams<T, Acc> p = make_fused_params<T, Acc>(args.rows, args.dim, args.transpose, l);
+    Acc* store = reinterpret_cast<Acc*>(ws + plan.workspace.store_offset);
+    cudaError_t err = stage_store(args.blocks, args.transpose, p.schedule,
+                                  FusedTraits<T, 1, true>::kLogElts, l, store, stream);
+    if (err != cudaSuccess) return err;
+    p.x = args.x;
+    p.x_stride = args.x_row_stride;
+    p.x_vec = rows_vectorizable(args.x, args.x_row_stride, args.rows, args.dim);
+    p.grad_out = args.grad_out;
+    p.grad_out_stride = args.grad_out_row_stride;
+    p.grad_out_vec = rows_vectorizable(args.grad_out, args.grad_out_row_stride, args.rows, args.dim);
+    p.out = args.grad_x;
+    p.out_stride = args.grad_x_row_stride;
+    p.out_vec = args.grad_x != nullptr &&
+                rows_vectorizable<T>(args.grad_x, args.grad_x_row_stride, args.rows, args.dim);
+    p.store = store;
+    p.scale = args.scale;
+    p.num_chunks = plan.num_chunks;
+    p.block_partials = args.block_grad_partials;
+    p.scale_partials = args.scale_grad_partials;
+    p.grad_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
+    const FusedKernel<T> kernel = fused_kernel<T, true>(l.chunks, args.transpose);
+    kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+  FallbackParams<T, Acc> p;
+  p.rows = args.rows;
+  p.dim = args.dim;
+  p.schedule = make_schedule(args.dim);
+  p.transpose = args.transpose;
+  p.x = args.x;
+  p.x_stride = args.x_row_stride;
+  p.grad_out = args.grad_out;
+  p.grad_out_stride = args.grad_out_row_stride;
+  p.out = args.grad_x;
+  p.out_stride = args.grad_x_row_stride;
+  p.blocks = args.blocks;
+  p.scale = args.scale;
+  p.scratch_in_smem = plan.scratch_in_smem;
+  p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
+  p.num_chunks = plan.num_chunks;
+  p.block_partials = args.block_grad_partials;
+  p.scale_partials = args.scale_grad_partials;
+  const FallbackKernel<T> kernel = fallback_kernel<T>(true, args.transpose);
+  kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Param, typename Acc>
+cudaError_t launch_params_to_blocks(const Param* params, bool params_are_blocks, int64_t pairs,
+                                    Acc* blocks, cudaStream_t stream) {
+  if (pairs == 0) return cudaSuccess;
+  params_to_blocks_kernel<Param, Acc><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
+      params, params_are_blocks, pairs, blocks);
+  return cudaGetLastError();
+}
+
+// First level of the fixed-order sum when there are more partials than one segment; returns the
+// array and count the second level sums.
+template <typename Acc>
+cudaError_t reduce_first_level(const Acc* partials, int64_t num_partials, int64_t length,
+                               Acc* workspace, cudaStream_t stream, const Acc** sums,
+                               int64_t* count) {
+  *sums = partials;
+  *count = num_partials;
+  if (num_partials <= kReduceSegment) return cudaSuccess;
+  const int64_t segments = (num_partials + kReduceSegment - 1) / kReduceSegment;
+  const dim3 grid(elementwise_blocks(length), static_cast<unsigned>(segments));
+  reduce_segments_kernel<Acc><<<grid, kElementwiseThreads, 0, stream>>>(partials, num_partials,
+                                                                        length, workspace);
+  *sums = workspace;
+  *count = segments;
+  return cudaGetLastError();
+}
+
+template <typename Acc, typename Param>
+cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_partials,
+                                              int64_t pairs, bool transpose, const Param* params,
+                                              bool params_are_blocks, Param* grad_params,
+                                              Acc* workspace, cudaStream_t stream) {
+  if (pairs == 0) return cudaSuccess;
+  const Acc* sums = nullptr;
+  int64_t count = 0;
+  const cudaError_t err =
+      reduce_first_level(partials, num_partials, 4 * pairs, workspace, stream, &sums, &count);
+  if (err != cudaSuccess) return err;
+  finish_block_grads_kernel<Acc, Param><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
+      sums, count, pairs, transpose, params, params_are_blocks, grad_params);
+  return cudaGetLastError();
+}
+
+template <typename Acc, typename Scale>
+cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_t dim,
+                               Scale* grad_scale, Acc* workspace, cudaStream_t stream) {
+  const Acc* sums = nullptr;
+  int64_t count = 0;
+  const cudaError_t err = reduce_first_level(partials, num_partials, dim, workspace, stream, &sums, &count);
+  if (err != cudaSuccess) return err;
+  finish_scale_grads_kernel<Acc, Scale><<<elementwise_blocks(dim), kElementwiseThreads, 0, stream>>>(
+      sums, count, dim, grad_scale);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace goft
+
+// Explicit instantiations of the launchers for one element type T of x.
+#define GOFT_CUDA_INSTANTIATE_ROTATE(T)                                                          \
+  template cudaError_t goft::cuda::plan_rotate<T>(int64_t, int64_t, bool, int,                   \
+                                                  goft::cuda::RotatePlan*);                      \
+  template cudaError_t goft::cuda::launch_rotate<T>(                                             \
+      const goft::RotateArgs<T, goft::cuda::AccOf<T>::type>&, const goft::cuda::RotatePlan&,     \
+      void*, cudaStream_t);                                                                      \
+  template cudaError_t goft::cuda::plan_rotate_backward<T>(int64_t, int64_t, bool, bool, int,    \
+                                                           goft::cuda::RotateBackwardPlan*);     \
+  template cudaError_t goft::cuda::launch_rotate_backward<T>(                                    \
+      const goft::RotateBackwardArgs<T, goft::cuda::AccOf<T>::type>&,                            \
+      const goft::cuda::RotateBackwardPlan&, void*, cudaStream_t);
+
+// The element-type-independent launchers, for one accumulation type Acc (float or double).
+#define GOFT_CUDA_INSTANTIATE_PARAMS(Acc)                                                         \
+  template cudaError_t goft::cuda::launch_params_to_blocks<float, Acc>(const float*, bool,       \
+                                                                       int64_t, Acc*,            \
+                                                                       cudaStream_t);            \
+  template cudaError_t goft::cuda::launch_params_to_blocks<double, Acc>(const double*, bool,     \
+                                                                        int64_t, Acc*,           \
+                                                                        cudaStream_t);           \
+  template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, float>(                \
+      const Acc*, int64_t, int64_t, bool, const float*, bool, float*, Acc*, cudaStream_t);       \
+  template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, double>(               \
+      const Acc*, int64_t, int64_t, bool, const double*, bool, double*, Acc*, cudaStream_t);     \
+  template cudaError_t goft::cuda::launch_scale_grads<Acc, float>(const Acc*, int64_t, int64_t,  \
+                                                                  float*, Acc*, cudaStream_t);   \
+  template cudaError_t goft::cuda::launch_scale_grads<Acc, double>(const Acc*, int64_t, int64_t, \
+                                                                   double*, Acc*, cudaStream_t);

@@ -1,0 +1,101 @@
+// Host interface of goft's CUDA kernels: plan a call (layout, workspace, partial count), then
+// launch it on a stream. Declarations only, so that callers (the ATen bindings) compile none of
+// the kernels; rotate.cuh defines them and cpp/cuda/rotate_<type>.cu instantiates them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "goft/cuda/plan.h"
+#include "goft/params.h"
+
+namespace goft {
+namespace cuda {
+
+// Bytes of workspace a call needs, with the offsets of its parts (each 256-byte aligned).
+struct Workspace {
+  int64_t store_offset = 0;    // fused: (num_slots, 4) staged blocks
+  int64_t scratch_offset = 0;  // fused backward: gradient accumulators; fallback: row scratch
+  int64_t bytes = 0;
+};
+
+struct RotatePlan {
+  bool fused = false;
+  FusedLayout layout;      // fused only
+  int cta_threads = 0;
+  int grid = 0;
+  int64_t smem_bytes = 0;
+  bool scratch_in_smem = true;  // fallback only
+  Workspace workspace;
+};
+
+struct RotateBackwardPlan {
+  bool fused = false;
+  FusedLayout layout;
+  int cta_threads = 0;
+  int grid = 0;
+  int64_t smem_bytes = 0;
+  bool scratch_in_smem = true;
+  int64_t num_chunks = 0;    // row chunks
+  int64_t num_partials = 0;  // partial gradients written: RotateBackwardArgs::num_chunks
+  Workspace workspace;
+};
+
+// Plans query the current device (kernel register counts, shared memory, SM count); a call plans
+// and launches on the same device. Errors are CUDA's, e.g. cudaErrorNoKernelImageForDevice on a
+// GPU the build has no code for.
+//
+// y = x @ T (x @ T^T) on `stream`. args.blocks: (d-1, 4) blocks in the op's natural form (not
+// transposed), as on the CPU path; `workspace` holds plan.workspace.bytes bytes of device memory.
+template <typename T>
+cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, RotatePlan* plan);
+template <typename T>
+cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
+                          const RotatePlan& plan, void* workspace, cudaStream_t stream);
+
+// Gradients of rotate: grad_x (if args.grad_x) and per-partial block and scale gradients
+// (args.num_chunks must be plan.num_partials).
+template <typename T>
+cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
+                                 int device, RotateBackwardPlan* plan);
+template <typename T>
+cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
+                                   const RotateBackwardPlan& plan, void* workspace,
+                                   cudaStream_t stream);
+
+// (d-1,) angles or (d-1, 2, 2) blocks -> (d-1, 4) blocks in Acc (blocks.h angle_to_block).
+template <typename Param, typename Acc>
+cudaError_t launch_params_to_blocks(const Param* params, bool params_are_blocks, int64_t pairs,
+                                    Acc* blocks, cudaStream_t stream);
+
+// Elements of Acc workspace the two reductions below need for `num_partials` partials of
+// `length` entries: the segment sums of the first level (none when one segment suffices).
+inline int64_t reduce_workspace_elements(int64_t num_partials, int64_t length) {
+  return num_partials > kReduceSegment
+             ? (num_partials + kReduceSegment - 1) / kReduceSegment * length
+             : 0;
+}
+
+// Sums the block-gradient partials (num_partials, pairs, 4) in a fixed order and maps the sum
+// through the chain rule into grad_params (angles or blocks, blocks.h).
+template <typename Acc, typename Param>
+cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_partials,
+                                              int64_t pairs, bool transpose, const Param* params,
+                                              bool params_are_blocks, Param* grad_params,
+                                              Acc* workspace, cudaStream_t stream);
+
+// Sums the scale-gradient partials (num_partials, d) in a fixed order into grad_scale.
+template <typename Acc, typename Scale>
+cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_t dim,
+                               Scale* grad_scale, Acc* workspace, cudaStream_t stream);
+
+// GOFT_CUDA_FALLBACK=1 forces the fallback kernels, so that tests can compare the two paths.
+inline bool fallback_forced() {
+  const char* v = std::getenv("GOFT_CUDA_FALLBACK");
+  return v != nullptr && v[0] == '1';
+}
+
+}  // namespace cuda
+}  // namespace goft

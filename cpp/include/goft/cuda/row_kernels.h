@@ -1,0 +1,1127 @@
+// Bodies of goft's CUDA kernels, written against a small thread interface (index, barrier, warp
+// shuffle) so that the same code runs on the GPU (rotate.cuh) and in the host emulator that tests
+// it without a GPU (tests/cpp/test_cuda_emulated.cpp). No CUDA runtime calls, no torch.
+//
+// The fused kernels keep each row on chip for all ceil(log2 d) layers. The layout of a row:
+//   a group of G threads (G a power of two, 1..1024) owns one row; thread t of the group holds
+//   kChunks vectors of kElts contiguous features (one 16-byte load each): vector position
+//   j = c * G + t covers features [j * kElts, (j + 1) * kElts).
+// Layer r (stride s = 2^r) pairs features (a, a + s), a a multiple of 2s, and exists iff a + s < d
+// (GOFT_SPEC.md section 2 restated: layer r's c_r active features are the multiples of s below d).
+// Only features at multiples of s take part in layer r, which splits the layers by where both
+// features of a pair live:
+//   thread layers  s < kElts                 inside one vector, registers;
+//   lane layers    kElts <= s < W * kElts     element 0 of vectors in lanes t, t ^ (s / kElts),
+//                                              warp shuffles (W = min(G, 32));
+//   warp layers    W * kElts <= s < G * kElts  element 0 of lane 0 of two warps, via shared
+//                                              memory and one warp's shuffles (G > 32 only);
+//   chunk layers   s >= G * kElts             element 0 of two chunks of thread t = 0, registers.
+// The forward applies the coarsest layer first (x @ R_L ... R_1, then the scale); the transposed
+// op runs the same stages in the opposite order with each block transposed. The kernels read the
+// blocks "as applied" (transposed on staging when transpose is set): x'_a = C00 x_a + C10 x_b,
+// x'_b = C01 x_a + C11 x_b, and accumulate the gradient of C, as the CPU kernels do.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "goft/params.h"
+#include "goft/schedule.h"
+
+#if defined(__CUDACC__)
+#define GOFT_DEVICE_FN __device__ __forceinline__
+#define GOFT_UNROLL _Pragma("unroll")
+#else
+#define GOFT_DEVICE_FN inline
+#define GOFT_UNROLL
+#endif
+
+namespace goft {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Element types.
+
+template <typename T>
+struct AccOf {
+  using type = float;  // bfloat16, float16 and float accumulate in float
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+GOFT_HOST_DEVICE float to_acc(float v) { return v; }
+GOFT_HOST_DEVICE double to_acc(double v) { return v; }
+GOFT_HOST_DEVICE float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+GOFT_HOST_DEVICE float to_acc(__half v) { return __half2float(v); }
+
+// Round-to-nearest-even, as the CPU path's static_cast to c10::BFloat16 / c10::Half.
+template <typename T>
+struct FromAcc;
+template <>
+struct FromAcc<float> {
+  static GOFT_HOST_DEVICE float convert(float v) { return v; }
+};
+template <>
+struct FromAcc<double> {
+  static GOFT_HOST_DEVICE double convert(double v) { return v; }
+};
+template <>
+struct FromAcc<__nv_bfloat16> {
+  static GOFT_HOST_DEVICE __nv_bfloat16 convert(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct FromAcc<__half> {
+  static GOFT_HOST_DEVICE __half convert(float v) { return __float2half_rn(v); }
+};
+
+// N elements moved as one aligned access: 16 bytes is the widest load a thread can issue.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+constexpr int ilog2(int n) { return n <= 1 ? 0 : 1 + ilog2(n / 2); }
+constexpr int ceil_log2(int n) { return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2); }
+
+// ---------------------------------------------------------------------------------------------
+// Kernel traits of the fused kernels.
+
+template <typename T_, int kChunks_, bool kBackward_>
+struct FusedTraits {
+  using T = T_;
+  using Acc = typename AccOf<T>::type;
+  static constexpr bool kBackward = kBackward_;
+
+  // One 16-byte vector per chunk: the widest global access, and what keeps loads coalesced.
+  static constexpr int kVecBytes = 16;
+  static constexpr int kElts = kVecBytes / static_cast<int>(sizeof(T));
+  static constexpr int kLogElts = ilog2(kElts);
+  static_assert(kElts * sizeof(T) == kVecBytes, "a vector must be exactly 16 bytes of T");
+  // Layer 0 must pair features inside one vector, and a vector's features must be a power of
+  // two so that layer boundaries fall on vector boundaries.
+  static_assert(kElts >= 2 && (1 << kLogElts) == kElts, "kElts must be a power of two >= 2");
+
+  // Vectors per thread. The row is held in registers: more chunks means more registers per
+  // thread and fewer threads per block before the register file is full. Four chunks of 16
+  // bytes with 1024 threads hold d = 16384 in float; rows or register counts beyond what a
+  // block can hold take the fallback kernel (plan.h decides at run time).
+  static constexpr int kChunks = kChunks_;
+  static_assert(kChunks >= 1 && kChunks <= 4, "kChunks must be 1..4 (register budget)");
+  static constexpr int kChunkLayers = ceil_log2(kChunks);
+
+  static constexpr int kWarpSize = 32;
+  // A row group is at most one thread block, and a block has at most 1024 threads.
+  static constexpr int kMaxGroupThreads = 1024;
+  // Warp layers gather one value per warp of a group into one warp: at most 32 warps per group.
+  static_assert(kMaxGroupThreads / kWarpSize <= kWarpSize, "one warp must hold a value per warp");
+  // In-row indices (features, block slots) are 32-bit: the widest row a group holds must leave
+  // room for (kElts - 1) slots per vector plus the coarse layers' pairs.
+  static constexpr int kMaxDim = kMaxGroupThreads * kChunks * kElts;
+  static_assert(static_cast<int64_t>(kMaxDim) * kElts < (int64_t{1} << 30), "slots must fit in int");
+  // Layers a row of kMaxDim features has, bounded by FusedParams::layer_base.
+  static constexpr int kMaxLayers = ilog2(kMaxDim);
+  static_assert(kMaxLayers < 32, "FusedParams::layer_base has 32 entries");
+
+  // Layer 0 is half of all pairs and each of its pairs belongs to exactly one thread, so in
+  // backward its gradient accumulators can stay in that thread's registers for the whole
+  // kernel, which removes half of the shared-memory read-modify-writes per row. They cost
+  // 4 * kElts / 2 registers per chunk: only one or two chunks can afford them.
+  static constexpr bool kLayer0GradsInRegisters =
+      kBackward && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32;
+  // The next row is loaded while the current one is transformed (forward only: the backward
+  // already holds about four values per feature, and a second row would cost occupancy).
+  static constexpr bool kPrefetch = !kBackward && kChunks <= 2;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Arguments of the fused kernels, filled by the launcher from RotateArgs / RotateBackwardArgs and
+// the launch plan.
+
+template <typename T, typename Acc>
+struct FusedParams {
+  int64_t rows = 0;
+  int dim = 0;                // fits in int: FusedTraits::kMaxDim
+  PairSchedule schedule;
+  bool transpose = false;
+
+  // Launch layout (plan.h).
+  int group_threads = 1;      // G: threads per row, a power of two
+  int log_group_threads = 0;
+  int cta_threads = 1;        // rows_per_cta * G
+  int rows_per_cta = 1;       // row groups per thread block
+  int vcap = 0;               // G * kChunks vector positions per row
+  int num_slots = 0;          // block slots (block_slot)
+  int layer_base[32] = {};    // slot of pair 0 of each coarse layer (r >= log2 kElts)
+
+  // Rows: x (forward input and backward recompute input), out (forward output or grad_x).
+  const T* x = nullptr;
+  int64_t x_stride = 0;
+  bool x_vec = false;         // 16-byte aligned rows and d % kElts == 0: vector accesses
+  T* out = nullptr;
+  int64_t out_stride = 0;
+  bool out_vec = false;
+  const T* grad_out = nullptr;  // backward only
+  int64_t grad_out_stride = 0;
+  bool grad_out_vec = false;
+
+  const Acc* store = nullptr;   // (num_slots, 4) applied blocks in slot order
+  bool store_in_smem = false;   // copy the store to shared memory once per block
+  const Acc* scale = nullptr;   // (d,) or nullptr
+
+  // Backward: rows are split into num_chunks contiguous chunks; group g of the block that owns
+  // chunk c takes rows begin + g, begin + g + rows_per_cta, ... and writes partial
+  // c * rows_per_cta + g. Which block owns a chunk changes no result.
+  int64_t num_chunks = 0;
+  Acc* block_partials = nullptr;  // (num_chunks * rows_per_cta, d - 1, 4)
+  Acc* scale_partials = nullptr;  // (num_chunks * rows_per_cta, d) or nullptr
+  bool grads_in_smem = true;      // accumulators in shared memory, else in grad_workspace
+  Acc* grad_workspace = nullptr;  // per block: rows_per_cta * (4 * num_slots + padded d)
+};
+
+GOFT_HOST_DEVICE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Where each array of a fused kernel lives in dynamic shared memory, in Acc elements. Every
+// region starts at a multiple of 4 elements so that block loads stay 16-byte aligned.
+struct FusedSmemLayout {
+  int64_t exchange = 0, exchange_per_group = 0;
+  int64_t blocks = 0;
+  int64_t grads = 0, grads_per_group = 0;
+  int64_t scale_grads = 0, scale_grads_per_group = 0;
+  int64_t total = 0;
+};
+
+GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int group_threads, int rows_per_cta,
+                                                   int64_t num_slots, int64_t dim, bool backward,
+                                                   bool scale_grad, bool store_in_smem,
+                                                   bool grads_in_smem) {
+  FusedSmemLayout l;
+  // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers).
+  const int64_t warps = group_threads > 32 ? group_threads / 32 : 0;
+  l.exchange_per_group = round_up(2 * chunks * warps, 4);
+  l.exchange = 0;
+  int64_t at = l.exchange_per_group * rows_per_cta;
+  l.blocks = at;
+  if (store_in_smem) at += 4 * num_slots;
+  l.grads_per_group = 4 * num_slots;
+  l.scale_grads_per_group = scale_grad ? round_up(dim, 4) : 0;
+  l.grads = at;
+  if (backward && grads_in_smem) at += l.grads_per_group * rows_per_cta;
+  l.scale_grads = at;
+  if (backward && grads_in_smem) at += l.scale_grads_per_group * rows_per_cta;
+  l.total = at;
+  return l;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block slots: the order in which the fused kernels read (and accumulate) blocks.
+//   thread layer r < e = log2(kElts), pair kk of vector j:
+//       j * (kElts - 1) + (kElts - (kElts >> r)) + kk
+//     a vector's kElts - 1 in-vector pairs are contiguous (one base address per vector, constant
+//     offsets); the stride between threads, kElts - 1 blocks, is odd, so the 16-byte loads of
+//     consecutive threads hit distinct shared-memory banks;
+//   coarser layer r, pair k: vcap * (kElts - 1) + offset[r] - offset[e] + k.
+
+GOFT_HOST_DEVICE int64_t thread_layer_slot(int elts, int r, int kk, int64_t j) {
+  return j * (elts - 1) + (elts - (elts >> r)) + kk;
+}
+
+GOFT_HOST_DEVICE int64_t coarse_layer_base(const PairSchedule& s, int log_elts, int64_t vcap, int r) {
+  return ((int64_t{1} << log_elts) - 1) * vcap + s.offset[r] - s.offset[log_elts];
+}
+
+GOFT_HOST_DEVICE int64_t fused_num_slots(const PairSchedule& s, int log_elts, int64_t vcap) {
+  const int64_t coarse = s.num_layers > log_elts ? s.num_pairs() - s.offset[log_elts] : 0;
+  return ((int64_t{1} << log_elts) - 1) * vcap + coarse;
+}
+
+// Slot of the pair stored at flat index p (schedule order).
+GOFT_HOST_DEVICE int64_t block_slot(const PairSchedule& s, int log_elts, int64_t vcap, int64_t p) {
+  int r = 0;
+  while (r + 1 < s.num_layers && s.offset[r + 1] <= p) ++r;
+  const int elts = 1 << log_elts;
+  if (r < log_elts) {
+    const int64_t a = (p - s.offset[r]) << (r + 1);  // first feature of the pair
+    return thread_layer_slot(elts, r, static_cast<int>((a & (elts - 1)) >> (r + 1)), a >> log_elts);
+  }
+  return coarse_layer_base(s, log_elts, vcap, r) + (p - s.offset[r]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2x2 steps shared by all kernels. c = (C00, C01, C10, C11), the block as applied.
+
+template <typename Acc>
+GOFT_HOST_DEVICE void apply_pair(const Acc* c, Acc& a, Acc& b) {
+  const Acc ua = a, ub = b;
+  a = c[0] * ua + c[2] * ub;
+  b = c[1] * ua + c[3] * ub;
+}
+
+// Gradient at the pair's input from the gradient (ga, gb) at its output: g = C g'.
+template <typename Acc>
+GOFT_HOST_DEVICE void pair_input_grad(const Acc* c, Acc& ga, Acc& gb) {
+  const Acc a = ga, b = gb;
+  ga = c[0] * a + c[1] * b;
+  gb = c[2] * a + c[3] * b;
+}
+
+// dC += outer([ua, ub], [ga, gb]).
+template <typename Acc>
+GOFT_HOST_DEVICE void add_block_grad(Acc* d, Acc ua, Acc ub, Acc ga, Acc gb) {
+  d[0] += ua * ga;
+  d[1] += ua * gb;
+  d[2] += ub * ga;
+  d[3] += ub * gb;
+}
+
+template <typename Acc>
+GOFT_HOST_DEVICE void load_block(const Acc* p, Acc* c) {
+  const Vec<Acc, 4> v = *reinterpret_cast<const Vec<Acc, 4>*>(p);
+  c[0] = v.v[0];
+  c[1] = v.v[1];
+  c[2] = v.v[2];
+  c[3] = v.v[3];
+}
+
+template <typename Acc>
+GOFT_HOST_DEVICE void accumulate_block(Acc* p, Acc ua, Acc ub, Acc ga, Acc gb) {
+  Vec<Acc, 4> v = *reinterpret_cast<Vec<Acc, 4>*>(p);
+  add_block_grad(v.v, ua, ub, ga, gb);
+  *reinterpret_cast<Vec<Acc, 4>*>(p) = v;
+}
+
+// The block of pair (A00, A01, A10, A11) as the op applies it: A, or A^T when transposed.
+template <typename Acc>
+GOFT_HOST_DEVICE void applied_block(const Acc* a, bool transpose, Acc* c) {
+  c[0] = a[0];
+  c[1] = transpose ? a[2] : a[1];
+  c[2] = transpose ? a[1] : a[2];
+  c[3] = a[3];
+}
+
+// An integer the compiler cannot see through. The fused kernels pass the thread index through
+// it once per row, so per-layer addresses and predicates are recomputed from it (a few integer
+// instructions) instead of being hoisted out of the row loop, where dozens of them would each
+// hold a register for the whole kernel and cut occupancy.
+GOFT_DEVICE_FN int opaque(int v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused kernels.
+
+// What one thread knows about its row group.
+template <class K, class Threads>
+struct RowCtx {
+  using T = typename K::T;
+  using Acc = typename K::Acc;
+  const FusedParams<T, Acc>& p;
+  const Threads& th;
+  int d = 0;
+  int G = 1, LG = 0;            // group threads and log2
+  int LW = 0;                   // log2 of lanes per group inside a warp, min(LG, 5)
+  int t = 0;                    // thread within the group
+  int group = 0;                // group within the block
+  int num_layers = 0;
+  const Acc* blocks = nullptr;  // block store, slot order (shared or global memory)
+  Acc* grads = nullptr;         // this group's gradient accumulators, slot order (backward)
+  Acc* scale_grads = nullptr;   // this group's (d,) scale gradient, or nullptr
+  Acc* exchange = nullptr;      // this group's two exchange buffers (G > 32)
+
+  GOFT_DEVICE_FN int vpos(int c) const { return c * G + t; }
+  // The same context with the thread index hidden from the optimiser (see opaque).
+  GOFT_DEVICE_FN RowCtx refreshed() const {
+    RowCtx r = *this;
+    r.t = opaque(t);
+    return r;
+  }
+};
+
+// Inputs of every layer a thread takes part in, recorded by the recomputed forward of the
+// backward pass. Fully unrolled code indexes them with constants, so they stay in registers.
+template <class K>
+struct SavedInputs {
+  using Acc = typename K::Acc;
+  Acc thread[K::kChunks][K::kLogElts][K::kElts];
+  Acc lane[K::kChunks][5];
+  Acc warp[K::kChunks][5];
+  Acc chunk[K::kChunkLayers > 0 ? K::kChunkLayers : 1][K::kChunks];
+};
+
+// Layer-0 gradient accumulators of a thread (backward, kLayer0GradsInRegisters).
+template <class K>
+struct Layer0Grads {
+  using Acc = typename K::Acc;
+  static constexpr bool kUsed = K::kLayer0GradsInRegisters;
+  static constexpr int kChunks = kUsed ? K::kChunks : 1;
+  static constexpr int kPairs = kUsed ? K::kElts / 2 : 1;
+  Acc g[kChunks][kPairs][4];
+};
+
+template <class K, class Threads>
+GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
+                             bool valid, Vec<typename K::T, K::kElts> (&raw)[K::kChunks]) {
+  using T = typename K::T;
+  constexpr int E = K::kElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    if (valid && vec && f0 < x.d) {
+      raw[c] = *reinterpret_cast<const Vec<T, E>*>(row + f0);
+    } else {
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) {
+        raw[c].v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
+      }
+    }
+  }
+}
+
+template <class K>
+GOFT_DEVICE_FN void raw_to_acc(const Vec<typename K::T, K::kElts> (&raw)[K::kChunks],
+                               typename K::Acc (&w)[K::kChunks][K::kElts]) {
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    GOFT_UNROLL
+    for (int i = 0; i < K::kElts; ++i) w[c][i] = to_acc(raw[c].v[i]);
+  }
+}
+
+template <class K, class Threads>
+GOFT_DEVICE_FN void store_row(const RowCtx<K, Threads>& x, typename K::T* row, bool vec,
+                              const typename K::Acc (&w)[K::kChunks][K::kElts]) {
+  using T = typename K::T;
+  constexpr int E = K::kElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    if (f0 >= x.d) continue;
+    if (vec) {
+      Vec<T, E> v;
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) v.v[i] = FromAcc<T>::convert(w[c][i]);
+      *reinterpret_cast<Vec<T, E>*>(row + f0) = v;
+    } else {
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) {
+        if (f0 + i < x.d) row[f0 + i] = FromAcc<T>::convert(w[c][i]);
+      }
+    }
+  }
+}
+
+template <class K, class Threads>
+GOFT_DEVICE_FN void apply_scale(const RowCtx<K, Threads>& x,
+                                typename K::Acc (&w)[K::kChunks][K::kElts]) {
+  constexpr int E = K::kElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    GOFT_UNROLL
+    for (int i = 0; i < E; ++i) {
+      if (f0 + i < x.d) w[c][i] *= x.p.scale[f0 + i];
+    }
+  }
+}
+
+// Thread layers. Loops run over constant bounds with guards so that every register index is a
+// constant after unrolling; a vector's blocks sit at constant offsets from one address.
+template <class K, bool kCoarseFirst, bool kSave, class Threads>
+GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x,
+                                          typename K::Acc (&w)[K::kChunks][K::kElts],
+                                          SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int j = x.vpos(c), f0 = j * E;
+    const Acc* vb = x.blocks + 4 * (E - 1) * j;
+    GOFT_UNROLL
+    for (int i = 0; i < LE; ++i) {
+      const int r = kCoarseFirst ? LE - 1 - i : i;
+      GOFT_UNROLL
+      for (int kk = 0; kk < E / 2; ++kk) {
+        if (kk >= (E >> (r + 1))) continue;
+        const int a = kk << (r + 1), b = a + (1 << r);
+        if (f0 + b >= x.d) continue;
+        Acc blk[4];
+        load_block(vb + 4 * (E - (E >> r) + kk), blk);
+        if (kSave) {
+          sv.thread[c][r][a] = w[c][a];
+          sv.thread[c][r][b] = w[c][b];
+        }
+        apply_pair(blk, w[c][a], w[c][b]);
+      }
+    }
+  }
+}
+
+template <class K, bool kCoarseFirst, class Threads>
+GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                           typename K::Acc (&g)[K::kChunks][K::kElts],
+                                           const SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int j = x.vpos(c), f0 = j * E;
+    const Acc* vb = x.blocks + 4 * (E - 1) * j;
+    Acc* vg = x.grads + 4 * (E - 1) * j;
+    GOFT_UNROLL
+    for (int i = 0; i < LE; ++i) {
+      const int r = kCoarseFirst ? LE - 1 - i : i;
+      GOFT_UNROLL
+      for (int kk = 0; kk < E / 2; ++kk) {
+        if (kk >= (E >> (r + 1))) continue;
+        const int a = kk << (r + 1), b = a + (1 << r);
+        if (f0 + b >= x.d) continue;
+        Acc blk[4];
+        const int off = 4 * (E - (E >> r) + kk);
+        load_block(vb + off, blk);
+        const Acc ua = sv.thread[c][r][a], ub = sv.thread[c][r][b];
+        if (Layer0Grads<K>::kUsed && r == 0) {
+          add_block_grad(l0.g[Layer0Grads<K>::kUsed ? c : 0][Layer0Grads<K>::kUsed ? kk : 0],
+                         ua, ub, g[c][a], g[c][b]);
+        } else {
+          accumulate_block(vg + off, ua, ub, g[c][a], g[c][b]);
+        }
+        pair_input_grad(blk, g[c][a], g[c][b]);
+      }
+    }
+  }
+}
+
+// Lane layers: element 0 of the vectors of lanes t and t ^ 2^q (q = r - log2 kElts). Every lane
+// of the warp shuffles (full mask); only lanes at multiples of 2^q use the result.
+template <class K, bool kCoarseFirst, bool kSave, class Threads>
+GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x,
+                                        typename K::Acc (&w)[K::kChunks][K::kElts],
+                                        SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  GOFT_UNROLL
+  for (int i = 0; i < 5; ++i) {
+    const int q = kCoarseFirst ? 4 - i : i;
+    const int r = LE + q;
+    if (q >= x.LW || r >= x.num_layers) continue;  // the same for the whole block
+    const int bit = 1 << q;
+    const bool active = (x.t & (bit - 1)) == 0;
+    const bool a_side = (x.t & bit) == 0;
+    const int base = x.p.layer_base[r];
+    GOFT_UNROLL
+    for (int c = 0; c < K::kChunks; ++c) {
+      const Acc v = w[c][0];
+      const Acc o = x.th.shfl_xor(v, bit);
+      const int fa = (c * x.G + (x.t & ~bit)) * E;
+      if (active && fa + (E << q) < x.d) {
+        Acc blk[4];
+        load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
+        if (kSave) sv.lane[c][q] = v;
+        w[c][0] = a_side ? blk[0] * v + blk[2] * o : blk[1] * o + blk[3] * v;
+      }
+    }
+  }
+}
+
+template <class K, bool kCoarseFirst, class Threads>
+GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
+                                         typename K::Acc (&g)[K::kChunks][K::kElts],
+                                         const SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  GOFT_UNROLL
+  for (int i = 0; i < 5; ++i) {
+    const int q = kCoarseFirst ? 4 - i : i;
+    const int r = LE + q;
+    if (q >= x.LW || r >= x.num_layers) continue;
+    const int bit = 1 << q;
+    const bool active = (x.t & (bit - 1)) == 0;
+    const bool a_side = (x.t & bit) == 0;
+    const int base = x.p.layer_base[r];
+    GOFT_UNROLL
+    for (int c = 0; c < K::kChunks; ++c) {
+      const Acc gv = g[c][0], uv = sv.lane[c][q];
+      const Acc og = x.th.shfl_xor(gv, bit);
+      const Acc ou = x.th.shfl_xor(uv, bit);
+      const int fa = (c * x.G + (x.t & ~bit)) * E;
+      if (active && fa + (E << q) < x.d) {
+        Acc blk[4];
+        const int slot = base + (fa >> (r + 1));
+        load_block(x.blocks + 4 * slot, blk);
+        if (a_side) {
+          accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);  // the a lane owns the pair
+          g[c][0] = blk[0] * gv + blk[1] * og;
+        } else {
+          g[c][0] = blk[2] * og + blk[3] * gv;
+        }
+      }
+    }
+  }
+}
+
+// Warp layers (G > 32): lane 0 of each warp of the group puts element 0 of its vectors in shared
+// memory, the group's first warp applies the layers with lane w standing for warp w, and the
+// results go back. The exchange buffer alternates between two halves, so a buffer is written
+// again only after the next exchange's barriers, which every reader of it has passed.
+template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
+GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x,
+                                typename K::Acc (&w)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+                                int& parity) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
+  if (x.LG <= 5) return;  // the same for the whole block
+  const int warps = x.G >> 5, wg = x.t >> 5, lane = x.t & 31;
+  Acc* buf = x.exchange + parity * C * warps;
+  parity ^= 1;
+  if (lane == 0) {
+    GOFT_UNROLL
+    for (int c = 0; c < C; ++c) buf[c * warps + wg] = w[c][0];
+  }
+  x.th.sync();
+  if (wg == 0) {
+    Acc v[C];
+    GOFT_UNROLL
+    for (int c = 0; c < C; ++c) v[c] = lane < warps ? buf[c * warps + lane] : Acc(0);
+    GOFT_UNROLL
+    for (int i = 0; i < 5; ++i) {
+      const int q = kCoarseFirst ? 4 - i : i;
+      const int r = LE + 5 + q;
+      if (q >= x.LG - 5 || r >= x.num_layers) continue;
+      const int bit = 1 << q;
+      const bool active = lane < warps && (lane & (bit - 1)) == 0;
+      const bool a_side = (lane & bit) == 0;
+      const int base = x.p.layer_base[r];
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) {
+        const Acc o = x.th.shfl_xor(v[c], bit);
+        Acc ou = 0;
+        if (kBackwardPass) ou = x.th.shfl_xor(sv.warp[c][q], bit);
+        const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
+        if (active && fa + ((32 * E) << q) < x.d) {
+          Acc blk[4];
+          const int slot = base + (fa >> (r + 1));
+          load_block(x.blocks + 4 * slot, blk);
+          if (kBackwardPass) {
+            const Acc gv = v[c], uv = sv.warp[c][q];
+            if (a_side) {
+              accumulate_block(x.grads + 4 * slot, uv, ou, gv, o);
+              v[c] = blk[0] * gv + blk[1] * o;
+            } else {
+              v[c] = blk[2] * o + blk[3] * gv;
+            }
+          } else {
+            if (kSave) sv.warp[c][q] = v[c];
+            v[c] = a_side ? blk[0] * v[c] + blk[2] * o : blk[1] * o + blk[3] * v[c];
+          }
+        }
+      }
+    }
+    if (lane < warps) {
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) buf[c * warps + lane] = v[c];
+    }
+  }
+  x.th.sync();
+  if (lane == 0) {
+    GOFT_UNROLL
+    for (int c = 0; c < C; ++c) w[c][0] = buf[c * warps + wg];
+  }
+}
+
+// Chunk layers: element 0 of chunks c and c + 2^m of thread 0, m = r - log2(G * kElts).
+template <class K, bool kCoarseFirst, bool kSave, class Threads>
+GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x,
+                                         typename K::Acc (&w)[K::kChunks][K::kElts],
+                                         SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
+  if (x.t != 0) return;
+  GOFT_UNROLL
+  for (int i = 0; i < K::kChunkLayers; ++i) {
+    const int m = kCoarseFirst ? K::kChunkLayers - 1 - i : i;
+    const int mu = 1 << m;
+    const int r = LE + x.LG + m;
+    if (r >= x.num_layers) continue;
+    const int base = x.p.layer_base[r];
+    GOFT_UNROLL
+    for (int c = 0; c < C; c += 2 * mu) {
+      if (c + mu >= C) continue;
+      const int fa = c * x.G * E, fb = (c + mu) * x.G * E;
+      if (fb >= x.d) continue;
+      Acc blk[4];
+      load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
+      if (kSave) {
+        sv.chunk[m][c] = w[c][0];
+        sv.chunk[m][c + mu] = w[c + mu][0];
+      }
+      apply_pair(blk, w[c][0], w[c + mu][0]);
+    }
+  }
+}
+
+template <class K, bool kCoarseFirst, class Threads>
+GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
+                                          typename K::Acc (&g)[K::kChunks][K::kElts],
+                                          const SavedInputs<K>& sv) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
+  if (x.t != 0) return;
+  GOFT_UNROLL
+  for (int i = 0; i < K::kChunkLayers; ++i) {
+    const int m = kCoarseFirst ? K::kChunkLayers - 1 - i : i;
+    const int mu = 1 << m;
+    const int r = LE + x.LG + m;
+    if (r >= x.num_layers) continue;
+    const int base = x.p.layer_base[r];
+    GOFT_UNROLL
+    for (int c = 0; c < C; c += 2 * mu) {
+      if (c + mu >= C) continue;
+      const int fa = c * x.G * E, fb = (c + mu) * x.G * E;
+      if (fb >= x.d) continue;
+      Acc blk[4];
+      const int slot = base + (fa >> (r + 1));
+      load_block(x.blocks + 4 * slot, blk);
+      accumulate_block(x.grads + 4 * slot, sv.chunk[m][c], sv.chunk[m][c + mu], g[c][0],
+                       g[c + mu][0]);
+      pair_input_grad(blk, g[c][0], g[c + mu][0]);
+    }
+  }
+}
+
+// All layers of the forward (the scale excluded), coarsest first unless transposed.
+template <class K, bool kTransposed, bool kSave, class Threads>
+GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x,
+                                   typename K::Acc (&w)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+                                   int& parity) {
+  if (kTransposed) {
+    thread_layers_forward<K, false, kSave>(x, w, sv);
+    lane_layers_forward<K, false, kSave>(x, w, sv);
+    warp_layers<K, false, kSave, false>(x, w, sv, parity);
+    chunk_layers_forward<K, false, kSave>(x, w, sv);
+  } else {
+    chunk_layers_forward<K, true, kSave>(x, w, sv);
+    warp_layers<K, true, kSave, false>(x, w, sv, parity);
+    lane_layers_forward<K, true, kSave>(x, w, sv);
+    thread_layers_forward<K, true, kSave>(x, w, sv);
+  }
+}
+
+// Gradient through all layers, in the reverse order of layers_forward.
+template <class K, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                    typename K::Acc (&g)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+                                    int& parity) {
+  if (kTransposed) {
+    chunk_layers_backward<K, true>(x, g, sv);
+    warp_layers<K, true, false, true>(x, g, sv, parity);
+    lane_layers_backward<K, true>(x, g, sv);
+    thread_layers_backward<K, true>(x, l0, g, sv);
+  } else {
+    thread_layers_backward<K, false>(x, l0, g, sv);
+    lane_layers_backward<K, false>(x, g, sv);
+    warp_layers<K, false, false, true>(x, g, sv, parity);
+    chunk_layers_backward<K, false>(x, g, sv);
+  }
+}
+
+// Sets up a thread's view of its group, copies the block store to shared memory (once per thread
+// block, reused for every row it processes) and clears the gradient accumulators.
+template <class K, class Threads>
+GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, typename K::Acc>& p,
+                                               const Threads& th, typename K::Acc* smem) {
+  using Acc = typename K::Acc;
+  const FusedSmemLayout l = fused_smem_layout(
+      K::kChunks, p.group_threads, p.rows_per_cta, p.num_slots, p.dim, K::kBackward,
+      p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
+  const int tid = th.thread();
+  RowCtx<K, Threads> x{p, th};
+  x.d = p.dim;
+  x.G = p.group_threads;
+  x.LG = p.log_group_threads;
+  x.LW = x.LG < 5 ? x.LG : 5;
+  x.t = tid & (x.G - 1);
+  x.group = tid >> x.LG;
+  x.num_layers = p.schedule.num_layers;
+  x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
+  if (p.store_in_smem) {
+    Acc* dst = smem + l.blocks;
+    for (int s = tid; s < p.num_slots; s += p.cta_threads) {
+      *reinterpret_cast<Vec<Acc, 4>*>(dst + 4 * s) =
+          *reinterpret_cast<const Vec<Acc, 4>*>(p.store + 4 * s);
+    }
+    x.blocks = dst;
+  } else {
+    x.blocks = p.store;
+  }
+  if (K::kBackward) {
+    Acc* base;
+    int64_t zero_count;
+    if (p.grads_in_smem) {
+      base = smem + l.grads;
+      zero_count = l.total - l.grads;
+      x.grads = base + x.group * l.grads_per_group;
+      x.scale_grads = p.scale_partials != nullptr
+                          ? smem + l.scale_grads + x.group * l.scale_grads_per_group
+                          : nullptr;
+    } else {
+      const int64_t per_group = l.grads_per_group + l.scale_grads_per_group;
+      base = p.grad_workspace + th.cta() * p.rows_per_cta * per_group;
+      zero_count = per_group * p.rows_per_cta;
+      x.grads = base + x.group * per_group;
+      x.scale_grads = p.scale_partials != nullptr ? x.grads + l.grads_per_group : nullptr;
+    }
+    for (int64_t i = tid; i < zero_count; i += p.cta_threads) base[i] = Acc(0);
+  }
+  th.sync();
+  return x;
+}
+
+// y = x @ T (or x @ T^T) for all rows; thread blocks stride over tiles of rows_per_cta rows.
+template <class K, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Acc>& p,
+                                 const Threads& th, typename K::Acc* smem) {
+  using T = typename K::T;
+  using Acc = typename K::Acc;
+  constexpr int C = K::kChunks, E = K::kElts;
+  const RowCtx<K, Threads> ctx = make_row_ctx<K>(p, th, smem);
+  SavedInputs<K> unused;
+  int parity = 0;
+  const int64_t rp = p.rows_per_cta;
+  const int64_t num_tiles = (p.rows + rp - 1) / rp;
+  Vec<T, E> raw[C];
+  int64_t tile = th.cta();
+  if (K::kPrefetch) {
+    const int64_t row = tile * rp + ctx.group;
+    load_raw(ctx, p.x + row * p.x_stride, p.x_vec, tile < num_tiles && row < p.rows, raw);
+  }
+  for (; tile < num_tiles; tile += th.num_ctas()) {
+    const RowCtx<K, Threads> x = ctx.refreshed();
+    const int64_t row = tile * rp + x.group;
+    const bool valid = row < p.rows;
+    if (!K::kPrefetch) load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
+    Acc w[C][E];
+    raw_to_acc<K>(raw, w);
+    if (K::kPrefetch) {
+      const int64_t next = (tile + th.num_ctas()) * rp + x.group;
+      const bool next_valid = tile + th.num_ctas() < num_tiles && next < p.rows;
+      load_raw(x, p.x + next * p.x_stride, p.x_vec, next_valid, raw);
+    }
+    if (kTransposed && p.scale != nullptr) apply_scale(x, w);
+    layers_forward<K, kTransposed, false>(x, w, unused, parity);
+    if (!kTransposed && p.scale != nullptr) apply_scale(x, w);
+    if (valid) store_row(x, p.out + row * p.out_stride, p.out_vec, w);
+  }
+}
+
+// Writes a group's accumulated gradients to its partial and clears the accumulators.
+template <class K, class Threads>
+GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                   int64_t partial) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts;
+  const auto& p = x.p;
+  const int64_t pairs = x.d - 1;
+  Acc* bp = p.block_partials + partial * pairs * 4;
+  x.th.sync();
+  // Layer 0's pairs are the first ones; in registers, their owners write them below.
+  const int64_t first = Layer0Grads<K>::kUsed ? p.schedule.pairs[0] : 0;
+  for (int64_t k = first + x.t; k < pairs; k += x.G) {
+    Acc* src = x.grads + 4 * block_slot(p.schedule, K::kLogElts, p.vcap, k);
+    *reinterpret_cast<Vec<Acc, 4>*>(bp + 4 * k) = *reinterpret_cast<const Vec<Acc, 4>*>(src);
+    *reinterpret_cast<Vec<Acc, 4>*>(src) = Vec<Acc, 4>{{Acc(0), Acc(0), Acc(0), Acc(0)}};
+  }
+  if (Layer0Grads<K>::kUsed) {
+    GOFT_UNROLL
+    for (int c = 0; c < Layer0Grads<K>::kChunks; ++c) {
+      GOFT_UNROLL
+      for (int kk = 0; kk < Layer0Grads<K>::kPairs; ++kk) {
+        const int a = x.vpos(c) * E + 2 * kk;
+        Acc* gr = l0.g[c][kk];
+        if (a + 1 < x.d) {
+          *reinterpret_cast<Vec<Acc, 4>*>(bp + 4 * (a / 2)) = Vec<Acc, 4>{{gr[0], gr[1], gr[2], gr[3]}};
+        }
+        GOFT_UNROLL
+        for (int i = 0; i < 4; ++i) gr[i] = Acc(0);
+      }
+    }
+  }
+  if (x.scale_grads != nullptr) {
+    Acc* sp = p.scale_partials + partial * x.d;
+    for (int f = x.t; f < x.d; f += x.G) {
+      sp[f] = x.scale_grads[f];
+      x.scale_grads[f] = Acc(0);
+    }
+  }
+  x.th.sync();
+}
+
+template <class K, class Threads>
+GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
+                                    const typename K::Acc (&g)[K::kChunks][K::kElts],
+                                    const typename K::Acc (&v)[K::kChunks][K::kElts]) {
+  constexpr int E = K::kElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    GOFT_UNROLL
+    for (int i = 0; i < E; ++i) {
+      if (f0 + i < x.d) x.scale_grads[f0 + i] += g[c][i] * v[c][i];
+    }
+  }
+}
+
+// Backward with parameter gradients: per row, recompute the forward keeping each layer's inputs
+// on chip, then run the gradient back through the layers (GOFT_SPEC.md section 4).
+template <class K, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typename K::Acc>& p,
+                                          const Threads& th, typename K::Acc* smem) {
+  using T = typename K::T;
+  using Acc = typename K::Acc;
+  constexpr int C = K::kChunks, E = K::kElts;
+  const RowCtx<K, Threads> ctx = make_row_ctx<K>(p, th, smem);
+  Layer0Grads<K> l0;
+  GOFT_UNROLL
+  for (int c = 0; c < Layer0Grads<K>::kChunks; ++c) {
+    GOFT_UNROLL
+    for (int kk = 0; kk < Layer0Grads<K>::kPairs; ++kk) {
+      GOFT_UNROLL
+      for (int i = 0; i < 4; ++i) l0.g[c][kk][i] = Acc(0);
+    }
+  }
+  int parity = 0;
+  const int64_t rp = p.rows_per_cta;
+  for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
+    const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
+    const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
+    const int64_t tiles = (end - begin + rp - 1) / rp;
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const RowCtx<K, Threads> x = ctx.refreshed();
+      const int64_t row = begin + tile * rp + x.group;
+      const bool valid = row < end;
+      Vec<T, E> raw[C];
+      Acc w[C][E], g[C][E];
+      load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
+      raw_to_acc<K>(raw, w);
+      load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
+      raw_to_acc<K>(raw, g);
+      SavedInputs<K> sv;
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) {
+        GOFT_UNROLL
+        for (int q = 0; q < 5; ++q) sv.lane[c][q] = sv.warp[c][q] = Acc(0);
+      }
+      if (!kTransposed) {
+        layers_forward<K, false, true>(x, w, sv, parity);
+        if (p.scale != nullptr) {
+          // The scale acted last, on the rotated row now in w.
+          if (x.scale_grads != nullptr && valid) add_scale_grads(x, g, w);
+          apply_scale(x, g);
+        }
+        layers_backward<K, false>(x, l0, g, sv, parity);
+      } else {
+        if (p.scale != nullptr) apply_scale(x, w);
+        layers_forward<K, true, true>(x, w, sv, parity);
+        layers_backward<K, true>(x, l0, g, sv, parity);
+        if (p.scale != nullptr) {
+          // The scale acted first, on x itself (read again: it is in cache).
+          if (x.scale_grads != nullptr && valid) {
+            load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
+            raw_to_acc<K>(raw, w);
+            add_scale_grads(x, g, w);
+          }
+          apply_scale(x, g);
+        }
+      }
+      if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g);
+    }
+    flush_partials(ctx, l0, chunk * rp + ctx.group);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fallback kernels: one thread block per row, the row in a scratch buffer (shared memory when
+// it fits, else global memory), one barrier per layer. Any d; the same steps as the CPU kernels.
+
+template <typename T, typename Acc>
+struct FallbackParams {
+  int64_t rows = 0;
+  int64_t dim = 0;
+  PairSchedule schedule;
+  bool transpose = false;
+  const T* x = nullptr;
+  int64_t x_stride = 0;
+  T* out = nullptr;  // forward output or grad_x (nullptr: not wanted)
+  int64_t out_stride = 0;
+  const T* grad_out = nullptr;
+  int64_t grad_out_stride = 0;
+  const Acc* blocks = nullptr;  // (d - 1, 4) A00, A01, A10, A11, schedule order
+  const Acc* scale = nullptr;
+  bool scratch_in_smem = true;
+  Acc* scratch_workspace = nullptr;  // per block, fallback_scratch_size(d, backward) elements
+  int64_t num_chunks = 0;
+  Acc* block_partials = nullptr;     // (num_chunks, d - 1, 4)
+  Acc* scale_partials = nullptr;     // (num_chunks, d) or nullptr
+};
+
+GOFT_HOST_DEVICE int64_t fallback_scratch_size(int64_t dim, bool backward) {
+  // forward: the row; backward: row, gradient, input row, and the 2 (d - 1) pair inputs.
+  return backward ? 5 * dim : dim;
+}
+
+template <typename T, typename Acc, class Threads>
+GOFT_DEVICE_FN Acc* fallback_scratch(const FallbackParams<T, Acc>& p, const Threads& th, Acc* smem,
+                                     bool backward) {
+  return p.scratch_in_smem ? smem
+                           : p.scratch_workspace +
+                                 static_cast<int64_t>(th.cta()) * fallback_scratch_size(p.dim, backward);
+}
+
+template <typename Acc, bool kTransposed, bool kSave, typename T, class Threads>
+GOFT_DEVICE_FN void fallback_layer_forward(const FallbackParams<T, Acc>& p, const Threads& th,
+                                           int r, Acc* w, Acc* saved) {
+  const PairSchedule& s = p.schedule;
+  const int64_t st = s.stride(r), off = s.offset[r];
+  for (int64_t k = th.thread(); k < s.pairs[r]; k += th.num_threads()) {
+    const int64_t a = 2 * st * k, b = a + st;
+    Acc blk[4];
+    applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+    if (kSave) {
+      saved[2 * (off + k)] = w[a];
+      saved[2 * (off + k) + 1] = w[b];
+    }
+    apply_pair(blk, w[a], w[b]);
+  }
+  th.sync();
+}
+
+template <typename Acc, bool kTransposed, bool kSave, typename T, class Threads>
+GOFT_DEVICE_FN void fallback_layers_forward(const FallbackParams<T, Acc>& p, const Threads& th,
+                                            Acc* w, Acc* saved) {
+  const int layers = p.schedule.num_layers;
+  for (int i = 0; i < layers; ++i) {
+    fallback_layer_forward<Acc, kTransposed, kSave>(p, th, kTransposed ? i : layers - 1 - i, w, saved);
+  }
+}
+
+template <typename T, typename Acc, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fallback_rotate(const FallbackParams<T, Acc>& p, const Threads& th, Acc* smem) {
+  Acc* w = fallback_scratch(p, th, smem, false);
+  const int64_t d = p.dim;
+  for (int64_t row = th.cta(); row < p.rows; row += th.num_ctas()) {
+    const T* xr = p.x + row * p.x_stride;
+    for (int64_t i = th.thread(); i < d; i += th.num_threads()) {
+      Acc v = to_acc(xr[i]);
+      if (kTransposed && p.scale != nullptr) v *= p.scale[i];
+      w[i] = v;
+    }
+    th.sync();
+    fallback_layers_forward<Acc, kTransposed, false>(p, th, w, nullptr);
+    T* orow = p.out + row * p.out_stride;
+    for (int64_t i = th.thread(); i < d; i += th.num_threads()) {
+      Acc v = w[i];
+      if (!kTransposed && p.scale != nullptr) v *= p.scale[i];
+      orow[i] = FromAcc<T>::convert(v);
+    }
+    th.sync();
+  }
+}
+
+template <typename T, typename Acc, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, const Threads& th,
+                                             Acc* smem) {
+  const int64_t d = p.dim, pairs = d - 1;
+  const PairSchedule& s = p.schedule;
+  Acc* scratch = fallback_scratch(p, th, smem, true);
+  Acc* w = scratch;
+  Acc* g = scratch + d;
+  Acc* xrow = scratch + 2 * d;
+  Acc* saved = scratch + 3 * d;
+  const int tid = th.thread(), nt = th.num_threads();
+  for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
+    // Each partial entry is only ever touched by one thread (pair k of a layer by thread k % nt,
+    // feature i by thread i % nt), the same thread for every row, so no atomics are needed.
+    Acc* bp = p.block_partials + chunk * pairs * 4;
+    Acc* sp = p.scale_partials != nullptr ? p.scale_partials + chunk * d : nullptr;
+    for (int r = 0; r < s.num_layers; ++r) {
+      for (int64_t k = tid; k < s.pairs[r]; k += nt) {
+        GOFT_UNROLL
+        for (int i = 0; i < 4; ++i) bp[4 * (s.offset[r] + k) + i] = Acc(0);
+      }
+    }
+    if (sp != nullptr) {
+      for (int64_t i = tid; i < d; i += nt) sp[i] = Acc(0);
+    }
+    const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
+    const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = p.x + row * p.x_stride;
+      const T* gr = p.grad_out + row * p.grad_out_stride;
+      for (int64_t i = tid; i < d; i += nt) {
+        const Acc v = to_acc(xr[i]);
+        xrow[i] = v;
+        w[i] = kTransposed && p.scale != nullptr ? v * p.scale[i] : v;
+        g[i] = to_acc(gr[i]);
+      }
+      th.sync();
+      fallback_layers_forward<Acc, kTransposed, true>(p, th, w, saved);
+      if (!kTransposed && p.scale != nullptr) {
+        for (int64_t i = tid; i < d; i += nt) {
+          if (sp != nullptr) sp[i] += g[i] * w[i];
+          g[i] *= p.scale[i];
+        }
+        th.sync();
+      }
+      for (int i = 0; i < s.num_layers; ++i) {
+        const int r = kTransposed ? s.num_layers - 1 - i : i;
+        const int64_t st = s.stride(r), off = s.offset[r];
+        for (int64_t k = tid; k < s.pairs[r]; k += nt) {
+          const int64_t a = 2 * st * k, b = a + st;
+          Acc blk[4];
+          applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+          add_block_grad(bp + 4 * (off + k), saved[2 * (off + k)], saved[2 * (off + k) + 1], g[a], g[b]);
+          pair_input_grad(blk, g[a], g[b]);
+        }
+        th.sync();
+      }
+      if (kTransposed && p.scale != nullptr) {
+        for (int64_t i = tid; i < d; i += nt) {
+          if (sp != nullptr) sp[i] += g[i] * xrow[i];
+          g[i] *= p.scale[i];
+        }
+      }
+      if (p.out != nullptr) {
+        T* orow = p.out + row * p.out_stride;
+        for (int64_t i = tid; i < d; i += nt) orow[i] = FromAcc<T>::convert(g[i]);
+      }
+      th.sync();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staging and reduction steps, one element (pair, entry or feature) per call.
+
+// Block store entry of pair p: the applied block (transposed when the op is) at its slot.
+template <typename Acc>
+GOFT_HOST_DEVICE void stage_block(const Acc* blocks, bool transpose, const PairSchedule& s,
+                                  int log_elts, int64_t vcap, int64_t p, Acc* store) {
+  applied_block(blocks + 4 * p, transpose, store + 4 * block_slot(s, log_elts, vcap, p));
+}
+
+// Sum of entry i over partials [first, first + count), in partial order.
+template <typename Acc>
+GOFT_HOST_DEVICE Acc sum_partials(const Acc* partials, int64_t length, int64_t first, int64_t count,
+                                  int64_t i) {
+  Acc sum = 0;
+  for (int64_t c = 0; c < count; ++c) sum += partials[(first + c) * length + i];
+  return sum;
+}
+
+}  // namespace cuda
+}  // namespace goft
