@@ -1,0 +1,475 @@
+// Runs the bodies of goft's CUDA kernels (goft/cuda/row_kernels.h) on the host, one std::thread
+// per GPU thread with real barriers and emulated warp shuffles, and compares them with the CPU
+// kernels (goft/cpu/rotate.h). It checks the index logic of every launch layout (chunk counts,
+// row groups, shared or global placement, vector or scalar rows) without a GPU.
+//
+// Forward outputs and grad_x must match the CPU kernels bitwise (same operations in the same
+// order per row); parameter gradients are summed in a different order and compared with a
+// tolerance. Exit status 0 when every case passes.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "goft/blocks.h"
+#include "goft/cpu/rotate.h"
+#include "goft/cuda/plan.h"
+#include "goft/cuda/row_kernels.h"
+#include "goft/params.h"
+#include "goft/schedule.h"
+
+namespace {
+
+using goft::PairSchedule;
+using namespace goft::cuda;
+
+// ---------------------------------------------------------------------------------------------
+// The emulated GPU.
+
+struct BlockShared {
+  explicit BlockShared(int threads) : cta(threads), slots(threads) {
+    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> cta;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<double> slots;  // one shuffle value per thread (float and double are exact)
+};
+
+struct EmuThreads {
+  int tid;
+  int threads;
+  int64_t block;
+  int64_t blocks;
+  BlockShared* shared;
+  int thread() const { return tid; }
+  int num_threads() const { return threads; }
+  int64_t cta() const { return block; }
+  int64_t num_ctas() const { return blocks; }
+  void sync() const { shared->cta.arrive_and_wait(); }
+  template <typename V>
+  V shfl_xor(V v, int mask) const {
+    const int warp = tid / 32, lane = tid % 32;
+    shared->slots[tid] = static_cast<double>(v);
+    shared->warps[warp]->arrive_and_wait();
+    const V r = static_cast<V>(shared->slots[warp * 32 + (lane ^ mask)]);
+    shared->warps[warp]->arrive_and_wait();
+    return r;
+  }
+};
+
+// Runs body(threads, smem) for every thread of every block; blocks run one after another.
+template <typename Acc, typename Body>
+void launch(int grid, int threads, int64_t smem_bytes, Body body) {
+  if (threads % 32 != 0) {
+    std::fprintf(stderr, "emulator: block of %d threads is not whole warps\n", threads);
+    std::exit(2);
+  }
+  for (int b = 0; b < grid; ++b) {
+    BlockShared shared(threads);
+    // Fill shared memory with NaN: a read before a write shows up in the results.
+    std::vector<Acc> smem(static_cast<size_t>(smem_bytes / sizeof(Acc)) + 8,
+                          std::numeric_limits<Acc>::quiet_NaN());
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        EmuThreads th{t, threads, b, grid, &shared};
+        body(th, smem.data());
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test problems.
+
+template <typename T>
+struct Problem {
+  using Acc = typename AccOf<T>::type;
+  int64_t rows = 0, dim = 0, stride = 0;
+  bool transpose = false, with_scale = false;
+  std::vector<T> x, grad_out;   // rows * stride
+  std::vector<Acc> blocks;      // (d - 1, 4), natural form
+  std::vector<Acc> scale;       // (d,)
+};
+
+template <typename T>
+T from_double(double v) {
+  return FromAcc<T>::convert(static_cast<typename AccOf<T>::type>(v));
+}
+
+template <typename T>
+Problem<T> make_problem(int64_t rows, int64_t dim, int64_t stride, bool transpose, bool scale,
+                        bool strict, unsigned seed) {
+  Problem<T> p;
+  p.rows = rows;
+  p.dim = dim;
+  p.stride = stride;
+  p.transpose = transpose;
+  p.with_scale = scale;
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  p.x.assign(rows * stride, from_double<T>(0));
+  p.grad_out.assign(rows * stride, from_double<T>(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < dim; ++i) {
+      p.x[r * stride + i] = from_double<T>(normal(gen));
+      p.grad_out[r * stride + i] = from_double<T>(normal(gen));
+    }
+  }
+  const int64_t pairs = dim > 0 ? dim - 1 : 0;
+  p.blocks.resize(4 * pairs);
+  for (int64_t k = 0; k < pairs; ++k) {
+    if (strict) {
+      goft::angle_to_block(normal(gen), p.blocks.data() + 4 * k);
+    } else {
+      for (int i = 0; i < 4; ++i) p.blocks[4 * k + i] = (i == 0 || i == 3 ? 1.0 : 0.0) + 0.3 * normal(gen);
+    }
+  }
+  p.scale.resize(dim);
+  for (auto& s : p.scale) s = 1.0 + 0.2 * normal(gen);
+  return p;
+}
+
+template <typename T>
+struct Results {
+  using Acc = typename AccOf<T>::type;
+  std::vector<T> out;             // forward output (rows * stride), or grad_x
+  std::vector<Acc> block_grads;   // (d - 1, 4) summed
+  std::vector<Acc> scale_grads;   // (d,)
+};
+
+template <typename T>
+Results<T> cpu_forward(const Problem<T>& p) {
+  using Acc = typename AccOf<T>::type;
+  Results<T> r;
+  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  goft::RotateArgs<T, Acc> a;
+  a.rows = p.rows;
+  a.dim = p.dim;
+  a.x = p.x.data();
+  a.x_row_stride = p.stride;
+  a.out = r.out.data();
+  a.out_row_stride = p.stride;
+  a.blocks = p.blocks.data();
+  a.scale = p.with_scale ? p.scale.data() : nullptr;
+  a.transpose = p.transpose;
+  const PairSchedule s = goft::make_schedule(p.dim);
+  std::vector<Acc> scratch(goft::cpu::rotate_scratch_size(p.dim));
+  goft::cpu::rotate_rows(a, s, 0, p.rows, scratch.data());
+  return r;
+}
+
+template <typename T>
+Results<T> cpu_backward(const Problem<T>& p) {
+  using Acc = typename AccOf<T>::type;
+  Results<T> r;
+  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  const int64_t pairs = p.dim - 1;
+  const int64_t chunks = goft::grad_chunk_count(p.rows, p.dim);
+  std::vector<Acc> bp(chunks * pairs * 4), sp(chunks * p.dim);
+  goft::RotateBackwardArgs<T, Acc> a;
+  a.rows = p.rows;
+  a.dim = p.dim;
+  a.grad_out = p.grad_out.data();
+  a.grad_out_row_stride = p.stride;
+  a.x = p.x.data();
+  a.x_row_stride = p.stride;
+  a.grad_x = r.out.data();
+  a.grad_x_row_stride = p.stride;
+  a.blocks = p.blocks.data();
+  a.scale = p.with_scale ? p.scale.data() : nullptr;
+  a.transpose = p.transpose;
+  a.num_chunks = chunks;
+  a.block_grad_partials = bp.data();
+  a.scale_grad_partials = p.with_scale ? sp.data() : nullptr;
+  const PairSchedule s = goft::make_schedule(p.dim);
+  std::vector<Acc> scratch(goft::cpu::rotate_backward_scratch_size(p.dim));
+  for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunk(a, s, c, scratch.data());
+  r.block_grads.resize(4 * pairs);
+  goft::reduce_partials(bp.data(), chunks, 4 * pairs, 0, 4 * pairs, r.block_grads.data());
+  if (p.with_scale) {
+    r.scale_grads.resize(p.dim);
+    goft::reduce_partials(sp.data(), chunks, p.dim, 0, p.dim, r.scale_grads.data());
+  }
+  return r;
+}
+
+// The launch the CUDA launcher would make for this layout, run on the emulator.
+template <typename T, int kChunks>
+Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, int grid,
+                     int64_t num_chunks) {
+  using Acc = typename AccOf<T>::type;
+  using K = FusedTraits<T, kChunks, false>;
+  using KB = FusedTraits<T, kChunks, true>;
+  const int log_elts = K::kLogElts;
+  Results<T> r;
+  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  FusedParams<T, Acc> fp = make_fused_params<T, Acc>(p.rows, p.dim, p.transpose, l);
+  // The store as stage_store_kernel builds it.
+  std::vector<Acc> store(4 * l.num_slots + 8, Acc(0));
+  for (int64_t k = 0; k < p.dim - 1; ++k) {
+    stage_block(p.blocks.data(), p.transpose, fp.schedule, log_elts, l.vcap, k, store.data());
+  }
+  fp.x = p.x.data();
+  fp.x_stride = p.stride;
+  fp.x_vec = rows_vectorizable(p.x.data(), p.stride, p.rows, p.dim);
+  fp.store = store.data();
+  fp.scale = p.with_scale ? p.scale.data() : nullptr;
+  if (!backward) {
+    fp.out = r.out.data();
+    fp.out_stride = p.stride;
+    fp.out_vec = rows_vectorizable(r.out.data(), p.stride, p.rows, p.dim);
+    launch<Acc>(grid, l.cta_threads, l.smem_bytes, [&](const EmuThreads& th, Acc* smem) {
+      if (p.transpose) {
+        fused_rotate<K, true>(fp, th, smem);
+      } else {
+        fused_rotate<K, false>(fp, th, smem);
+      }
+    });
+    return r;
+  }
+  const int64_t partials = num_chunks * l.rows_per_cta;
+  const int64_t pairs = p.dim - 1;
+  std::vector<Acc> bp(partials * pairs * 4 + 4, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> sp(partials * p.dim + 4, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> ws(grid * l.grad_workspace_per_cta + 8, std::numeric_limits<Acc>::quiet_NaN());
+  fp.grad_out = p.grad_out.data();
+  fp.grad_out_stride = p.stride;
+  fp.grad_out_vec = rows_vectorizable(p.grad_out.data(), p.stride, p.rows, p.dim);
+  fp.out = r.out.data();
+  fp.out_stride = p.stride;
+  fp.out_vec = rows_vectorizable(r.out.data(), p.stride, p.rows, p.dim);
+  fp.num_chunks = num_chunks;
+  fp.block_partials = bp.data();
+  fp.scale_partials = p.with_scale ? sp.data() : nullptr;
+  fp.grad_workspace = ws.data();
+  launch<Acc>(grid, l.cta_threads, l.smem_bytes, [&](const EmuThreads& th, Acc* smem) {
+    if (p.transpose) {
+      fused_rotate_backward<KB, true>(fp, th, smem);
+    } else {
+      fused_rotate_backward<KB, false>(fp, th, smem);
+    }
+  });
+  r.block_grads.resize(4 * pairs);
+  for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+  if (p.with_scale) {
+    r.scale_grads.resize(p.dim);
+    for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
+  }
+  return r;
+}
+
+template <typename T>
+Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int grid,
+                        int64_t num_chunks, bool scratch_in_smem) {
+  using Acc = typename AccOf<T>::type;
+  Results<T> r;
+  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  FallbackParams<T, Acc> fp;
+  fp.rows = p.rows;
+  fp.dim = p.dim;
+  fp.schedule = goft::make_schedule(p.dim);
+  fp.transpose = p.transpose;
+  fp.x = p.x.data();
+  fp.x_stride = p.stride;
+  fp.out = r.out.data();
+  fp.out_stride = p.stride;
+  fp.grad_out = p.grad_out.data();
+  fp.grad_out_stride = p.stride;
+  fp.blocks = p.blocks.data();
+  fp.scale = p.with_scale ? p.scale.data() : nullptr;
+  fp.scratch_in_smem = scratch_in_smem;
+  const int64_t scratch = fallback_scratch_size(p.dim, backward);
+  std::vector<Acc> ws(scratch_in_smem ? 1 : grid * scratch, std::numeric_limits<Acc>::quiet_NaN());
+  fp.scratch_workspace = ws.data();
+  const int64_t smem_bytes = scratch_in_smem ? scratch * static_cast<int64_t>(sizeof(Acc)) : 0;
+  const int64_t pairs = p.dim - 1;
+  std::vector<Acc> bp(num_chunks * pairs * 4 + 4), sp(num_chunks * p.dim + 4);
+  fp.num_chunks = num_chunks;
+  fp.block_partials = bp.data();
+  fp.scale_partials = p.with_scale ? sp.data() : nullptr;
+  launch<Acc>(grid, threads, smem_bytes, [&](const EmuThreads& th, Acc* smem) {
+    if (backward) {
+      if (p.transpose) {
+        fallback_rotate_backward<T, Acc, true>(fp, th, smem);
+      } else {
+        fallback_rotate_backward<T, Acc, false>(fp, th, smem);
+      }
+    } else if (p.transpose) {
+      fallback_rotate<T, Acc, true>(fp, th, smem);
+    } else {
+      fallback_rotate<T, Acc, false>(fp, th, smem);
+    }
+  });
+  if (backward) {
+    r.block_grads.resize(4 * pairs);
+    for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, num_chunks, i);
+    if (p.with_scale) {
+      r.scale_grads.resize(p.dim);
+      for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, num_chunks, i);
+    }
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparison.
+
+int g_failures = 0;
+int g_cases = 0;
+
+template <typename T>
+bool same_rows(const Problem<T>& p, const std::vector<T>& a, const std::vector<T>& b,
+               std::string* why) {
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t i = 0; i < p.dim; ++i) {
+      const double va = to_acc(a[r * p.stride + i]), vb = to_acc(b[r * p.stride + i]);
+      if (!(va == vb)) {
+        *why = "row " + std::to_string(r) + " feature " + std::to_string(i) + ": " +
+               std::to_string(va) + " vs " + std::to_string(vb);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+template <typename Acc>
+bool close(const std::vector<Acc>& a, const std::vector<Acc>& b, double tol, std::string* why) {
+  if (a.size() != b.size()) {
+    *why = "size " + std::to_string(a.size()) + " vs " + std::to_string(b.size());
+    return false;
+  }
+  double scale = 1.0;
+  for (Acc v : b) scale = std::max(scale, std::fabs(static_cast<double>(v)));
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    if (!(d <= tol * scale)) {
+      *why = "entry " + std::to_string(i) + ": " + std::to_string(a[i]) + " vs " + std::to_string(b[i]);
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+void check(const std::string& name, const Problem<T>& p, const Results<T>& got,
+           const Results<T>& want, bool backward) {
+  using Acc = typename AccOf<T>::type;
+  ++g_cases;
+  std::string why;
+  bool ok = same_rows(p, got.out, want.out, &why);
+  if (ok && backward) {
+    const double tol = sizeof(Acc) == 8 ? 1e-11 : 2e-5;
+    ok = close(got.block_grads, want.block_grads, tol, &why);
+    if (ok && p.with_scale) ok = close(got.scale_grads, want.scale_grads, tol, &why);
+  }
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL %s: %s\n", name.c_str(), why.c_str());
+  }
+}
+
+template <typename T>
+const char* type_name() {
+  if (sizeof(T) == 8) return "float64";
+  if (sizeof(T) == 4) return "float32";
+  return std::is_same<T, __half>::value ? "float16" : "bfloat16";
+}
+
+template <typename T, int kChunks>
+void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit, int grid,
+                int64_t num_chunks, const char* label) {
+  using Acc = typename AccOf<T>::type;
+  FusedVariant v;
+  v.chunks = kChunks;
+  v.max_threads = max_threads;
+  FusedLayout l;
+  if (!choose_fused_layout(p.dim, FusedTraits<T, kChunks, false>::kElts, sizeof(Acc), backward,
+                           p.with_scale, &v, 1, smem_limit, &l)) {
+    return;  // this variant cannot hold the row
+  }
+  char name[256];
+  std::snprintf(name, sizeof(name),
+                "fused %s %s d=%lld rows=%lld stride=%lld C=%d G=%d rp=%d store_smem=%d grads_smem=%d "
+                "transpose=%d scale=%d grid=%d chunks=%lld %s",
+                backward ? "backward" : "forward", type_name<T>(), (long long)p.dim,
+                (long long)p.rows, (long long)p.stride, l.chunks, l.group_threads, l.rows_per_cta,
+                l.store_in_smem, l.grads_in_smem, p.transpose, p.with_scale, grid,
+                (long long)num_chunks, label);
+  const Results<T> got = fused_run<T, kChunks>(p, l, backward, grid, num_chunks);
+  const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
+  check(name, p, got, want, backward);
+}
+
+template <typename T>
+void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, int64_t chunks,
+                   bool smem) {
+  char name[256];
+  std::snprintf(name, sizeof(name),
+                "fallback %s %s d=%lld rows=%lld threads=%d grid=%d chunks=%lld smem=%d transpose=%d scale=%d",
+                backward ? "backward" : "forward", type_name<T>(), (long long)p.dim,
+                (long long)p.rows, threads, grid, (long long)chunks, smem, p.transpose, p.with_scale);
+  const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem);
+  const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
+  check(name, p, got, want, backward);
+}
+
+template <typename T>
+void run_type(const std::vector<int64_t>& dims, bool quick) {
+  constexpr int64_t kBig = int64_t{1} << 30;
+  unsigned seed = 1;
+  for (const int64_t d : dims) {
+    for (int variant = 0; variant < (quick ? 2 : 4); ++variant) {
+      const bool transpose = variant & 1;
+      const bool scale = variant >= 2 || d % 3 == 0;
+      const bool strict = d % 2 == 0;
+      const int64_t rows = d >= 2048 ? 3 : 7;
+      // Aligned rows, and rows one element apart (scalar path whenever d > 1).
+      const Problem<T> p = make_problem<T>(rows, d, d, transpose, scale, strict, seed++);
+      const Problem<T> q = make_problem<T>(rows, d, d + 1, transpose, !scale, !strict, seed++);
+      for (int backward = 0; backward < 2; ++backward) {
+        fused_case<T, 1>(p, backward, 1024, kBig, 2, 3, "");
+        fused_case<T, 2>(q, backward, 1024, kBig, 1, 2, "");
+        fused_case<T, 3>(p, backward, 1024, kBig, 3, 4, "");
+        fused_case<T, 4>(q, backward, 1024, kBig, 2, 5, "");
+        if (!quick) {
+          // No room in shared memory: blocks (and gradient accumulators) in global memory.
+          fused_case<T, 1>(q, backward, 1024, 0, 2, 3, "global");
+          fused_case<T, 2>(p, backward, 512, 4096, 1, 1, "tight");
+          fused_case<T, 3>(q, backward, 256, 0, 2, 2, "global");
+        }
+        fallback_case<T>(p, backward, 64, 2, 3, true);
+        if (!quick) fallback_case<T>(q, backward, 128, 1, 2, false);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const std::vector<int64_t> small = {1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 255, 257, 768, 1000};
+  const std::vector<int64_t> large = {2049, 3072, 4096};
+  run_type<float>(small, quick);
+  run_type<double>(small, quick);
+  run_type<__nv_bfloat16>(small, quick);
+  run_type<__half>(small, true);
+  run_type<float>(large, true);
+  run_type<__nv_bfloat16>(large, true);
+  std::printf("%d of %d emulated cases passed\n", g_cases - g_failures, g_cases);
+  return g_failures == 0 ? 0 : 1;
+}
