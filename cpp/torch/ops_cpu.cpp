@@ -12,36 +12,21 @@
 #include "checks.h"
 #include "goft/blocks.h"
 #include "goft/cpu/lanes.h"
+#include "rotate_common.h"
 
 namespace goft {
 namespace {
-
-// Calls fn with a value of the C++ type of a float32/float64 tensor (params and scale).
-template <typename Fn>
-void dispatch_param_type(at::ScalarType type, Fn&& fn) {
-  if (type == at::kDouble) {
-    fn(double{});
-  } else {
-    fn(float{});
-  }
-}
 
 // The d-1 blocks as the kernels apply them, in the accumulation type.
 template <typename Acc>
 at::Tensor make_blocks(const at::Tensor& params, bool params_are_blocks, int64_t pairs) {
   at::Tensor blocks = at::empty({pairs, kBlockSize}, params.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   const at::Tensor p = params.contiguous();
-  dispatch_param_type(p.scalar_type(), [&](auto tag) {
+  dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
     using Param = decltype(tag);
     params_to_blocks(p.data_ptr<Param>(), params_are_blocks, pairs, blocks.data_ptr<Acc>());
   });
   return blocks;
-}
-
-template <typename Acc>
-std::optional<at::Tensor> scale_in(const std::optional<at::Tensor>& scale) {
-  if (!scale.has_value()) return std::nullopt;
-  return scale->to(c10::CppTypeToScalarType<Acc>::value).contiguous();
 }
 
 // Rows per parallel task: enough features per task that scheduling costs nothing.
@@ -61,7 +46,7 @@ struct PreparedCall {
     constexpr int W = cpu::LaneTraits<Acc>::kLanes;
     blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
     coefficients = at::empty({cpu::fine_coefficients_size<Acc>(d)}, options);
-    const std::optional<at::Tensor> scale_acc = scale_in<Acc>(scale);
+    const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
     scale_padded = at::empty({scale_acc.has_value() ? (d + W - 1) / W * W : 0}, options);
     lanes = cpu::prepare_lane_call(schedule, blocks.const_data_ptr<Acc>(),
                                    scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr,
@@ -155,7 +140,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
                     block_total.mutable_data_ptr<Acc>());
   });
   const at::Tensor p = params.contiguous();
-  dispatch_param_type(p.scalar_type(), [&](auto tag) {
+  dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
     using Param = decltype(tag);
     block_grads_to_param_grads(block_total.const_data_ptr<Acc>(), transpose, p.const_data_ptr<Param>(),
                                params_are_blocks, 0, pairs, grad_params.mutable_data_ptr<Param>());
@@ -174,13 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
   const char* op = "goft.rotate_backward";
   const RotateShape shape = check_rotate_args(op, x, params, scale);
   check_grad_out(op, grad_out, x);
-  const bool want_x = output_mask[0], want_params = output_mask[1];
-  const bool want_scale = output_mask[2] && scale.has_value();
-  at::Tensor grad_x = want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor grad_params = want_params ? at::zeros(params.sizes(), params.options())
-                                       : at::empty({0}, params.options());
-  at::Tensor grad_scale = want_scale ? at::zeros(scale->sizes(), scale->options())
-                                     : at::empty({0}, x.options().dtype(params.scalar_type()));
+  BackwardOutputs outputs = make_backward_outputs(x, params, scale, output_mask);
+  const bool want_x = outputs.want_x, want_params = outputs.want_params;
+  const bool want_scale = outputs.want_scale;
+  at::Tensor& grad_x = outputs.grad_x;
+  at::Tensor& grad_params = outputs.grad_params;
+  at::Tensor& grad_scale = outputs.grad_scale;
   if (shape.rows == 0 || (!want_x && !want_params && !want_scale)) {
     if (want_x) grad_x.zero_();
     return {grad_x, grad_params, grad_scale};

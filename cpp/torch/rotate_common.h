@@ -1,0 +1,54 @@
+// Device-independent pieces of the rotate ops' ATen bindings: the parameter dtype dispatch, the
+// scale in the accumulation type, and the outputs of rotate_backward for an output_mask.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+
+namespace goft {
+
+// Calls fn with a value of the C++ type of a float32/float64 tensor (params and scale).
+template <typename Fn>
+void dispatch_param_dtype(at::ScalarType type, Fn&& fn) {
+  if (type == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
+// The scale as a contiguous tensor of the accumulation type, on the scale's device.
+template <typename Acc>
+std::optional<at::Tensor> scale_as_acc(const std::optional<at::Tensor>& scale) {
+  if (!scale.has_value()) return std::nullopt;
+  return scale->to(c10::CppTypeToScalarType<Acc>::value).contiguous();
+}
+
+// The three outputs of rotate_backward. An output not asked for is an empty tensor; grad_params
+// and grad_scale start at zero, grad_x uninitialised (every kernel writes all of it).
+struct BackwardOutputs {
+  bool want_x = false, want_params = false, want_scale = false;
+  at::Tensor grad_x, grad_params, grad_scale;
+
+  // Nothing to compute: no rows, or no output asked for.
+  bool trivial(int64_t rows) const { return rows == 0 || (!want_x && !want_params && !want_scale); }
+};
+
+inline BackwardOutputs make_backward_outputs(const at::Tensor& x, const at::Tensor& params,
+                                             const std::optional<at::Tensor>& scale,
+                                             std::array<bool, 3> output_mask) {
+  BackwardOutputs o;
+  o.want_x = output_mask[0];
+  o.want_params = output_mask[1];
+  o.want_scale = output_mask[2] && scale.has_value();
+  o.grad_x = o.want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  o.grad_params = o.want_params ? at::zeros(params.sizes(), params.options())
+                                : at::empty({0}, params.options());
+  o.grad_scale = o.want_scale ? at::zeros(scale->sizes(), scale->options())
+                              : at::empty({0}, x.options().dtype(params.scalar_type()));
+  return o;
+}
+
+}  // namespace goft
