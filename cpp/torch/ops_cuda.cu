@@ -1,0 +1,220 @@
+// CUDA kernels of goft::rotate and goft::rotate_backward: validate (checks.h), fill the core's
+// args, plan and launch the core's kernels (goft/cuda/rotate_api.h) on the current stream.
+// Same semantics as ops_cpu.cpp; parameter gradients are reduced in a fixed order, so they are
+// bitwise identical run to run on a given GPU model.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "checks.h"
+#include "goft/blocks.h"
+#include "goft/cuda/rotate_api.h"
+#include "goft/params.h"
+#include "rotate_common.h"
+
+namespace goft {
+namespace {
+
+// The CUDA type the kernels use for an ATen scalar type.
+template <typename S>
+struct KernelType {
+  using type = S;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+
+template <typename S>
+using kernel_t = typename KernelType<S>::type;
+
+template <typename S>
+const kernel_t<S>* kernel_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const kernel_t<S>*>(t.const_data_ptr<S>());
+}
+
+template <typename S>
+kernel_t<S>* kernel_ptr(at::Tensor& t) {
+  return reinterpret_cast<kernel_t<S>*>(t.mutable_data_ptr<S>());
+}
+
+at::Tensor workspace_tensor(int64_t bytes, const at::Tensor& like) {
+  return at::empty({bytes}, like.options().dtype(at::kByte));
+}
+
+// The d-1 blocks as the kernels apply them (natural form, not transposed), in Acc.
+template <typename Acc>
+at::Tensor make_blocks_cuda(const at::Tensor& params, bool params_are_blocks, int64_t pairs,
+                            cudaStream_t stream) {
+  at::Tensor blocks =
+      at::empty({pairs, kBlockSize}, params.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const at::Tensor p = params.contiguous();
+  dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
+    using Param = decltype(tag);
+    C10_CUDA_CHECK((cuda::launch_params_to_blocks<Param, Acc>(
+        p.const_data_ptr<Param>(), params_are_blocks, pairs, blocks.mutable_data_ptr<Acc>(), stream)));
+  });
+  return blocks;
+}
+
+template <typename S>
+void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
+                 const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
+  using T = kernel_t<S>;
+  using Acc = at::opmath_type<S>;
+  static_assert(std::is_same<Acc, typename cuda::AccOf<T>::type>::value, "accumulation types differ");
+  const int64_t rows = x2.size(0), d = x2.size(1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor blocks = make_blocks_cuda<Acc>(params, params_are_blocks, d - 1, stream);
+  const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
+  cuda::RotatePlan plan;
+  C10_CUDA_CHECK((cuda::plan_rotate<T>(rows, d, transpose, x2.get_device(), &plan)));
+  at::Tensor workspace = workspace_tensor(plan.workspace.bytes, x2);
+  RotateArgs<T, Acc> args;
+  args.rows = rows;
+  args.dim = d;
+  args.x = kernel_ptr<S>(x2);
+  args.x_row_stride = x2.stride(0);
+  args.out = kernel_ptr<S>(out2);
+  args.out_row_stride = out2.stride(0);
+  args.blocks = blocks.const_data_ptr<Acc>();
+  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.transpose = transpose;
+  C10_CUDA_CHECK((cuda::launch_rotate<T>(args, plan, workspace.mutable_data_ptr(), stream)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& params,
+                       const std::optional<at::Tensor>& scale, bool transpose) {
+  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (shape.rows == 0) return out;
+  const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
+  at::Tensor out2 = out.view({shape.rows, shape.dim});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
+    rotate_into<scalar_t>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+  });
+  return out;
+}
+
+template <typename S>
+void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const at::Tensor& params,
+                          bool params_are_blocks, const std::optional<at::Tensor>& scale,
+                          bool transpose, at::Tensor* grad_x2, at::Tensor* grad_params,
+                          at::Tensor* grad_scale) {
+  using T = kernel_t<S>;
+  using Acc = at::opmath_type<S>;
+  const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor blocks = make_blocks_cuda<Acc>(params, params_are_blocks, pairs, stream);
+  const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
+  cuda::RotateBackwardPlan plan;
+  C10_CUDA_CHECK((cuda::plan_rotate_backward<T>(rows, d, transpose, grad_scale != nullptr,
+                                               x2.get_device(), &plan)));
+  const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+  at::Tensor block_partials = at::empty({plan.num_partials, pairs, kBlockSize}, acc_options);
+  at::Tensor scale_partials;
+  if (grad_scale != nullptr) scale_partials = at::empty({plan.num_partials, d}, acc_options);
+  at::Tensor workspace = workspace_tensor(plan.workspace.bytes, x2);
+
+  RotateBackwardArgs<T, Acc> args;
+  args.rows = rows;
+  args.dim = d;
+  args.grad_out = kernel_ptr<S>(grad2);
+  args.grad_out_row_stride = grad2.stride(0);
+  args.x = kernel_ptr<S>(x2);
+  args.x_row_stride = x2.stride(0);
+  if (grad_x2 != nullptr) {
+    args.grad_x = kernel_ptr<S>(*grad_x2);
+    args.grad_x_row_stride = grad_x2->stride(0);
+  }
+  args.blocks = blocks.const_data_ptr<Acc>();
+  args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
+  args.transpose = transpose;
+  args.num_chunks = plan.num_partials;
+  args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
+  args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
+  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, plan, workspace.mutable_data_ptr(), stream)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Fixed-order sums over the partials, then the chain rule into the params' own form.
+  const int64_t reduce_elements =
+      std::max(cuda::reduce_workspace_elements(plan.num_partials, kBlockSize * pairs),
+               grad_scale != nullptr ? cuda::reduce_workspace_elements(plan.num_partials, d) : 0);
+  at::Tensor reduce_workspace = at::empty({reduce_elements}, acc_options);
+  if (grad_params != nullptr) {
+    const at::Tensor p = params.contiguous();
+    dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
+      using Param = decltype(tag);
+      C10_CUDA_CHECK((cuda::launch_block_grads_to_param_grads<Acc, Param>(
+          block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
+          p.const_data_ptr<Param>(), params_are_blocks, grad_params->mutable_data_ptr<Param>(),
+          reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (grad_scale != nullptr) {
+    dispatch_param_dtype(grad_scale->scalar_type(), [&](auto tag) {
+      using Scale = decltype(tag);
+      C10_CUDA_CHECK((cuda::launch_scale_grads<Acc, Scale>(
+          scale_partials.const_data_ptr<Acc>(), plan.num_partials, d,
+          grad_scale->mutable_data_ptr<Scale>(), reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
+    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
+  const char* op = "goft.rotate_backward";
+  const RotateShape shape = check_rotate_args(op, x, params, scale);
+  check_grad_out(op, grad_out, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  BackwardOutputs o = make_backward_outputs(x, params, scale, output_mask);
+  if (o.trivial(shape.rows)) {
+    if (o.want_x) o.grad_x.zero_();
+    return {o.grad_x, o.grad_params, o.grad_scale};
+  }
+  const at::Tensor grad2 = as_rows(grad_out, shape.rows, shape.dim);
+  if (!o.want_params && !o.want_scale) {
+    // grad_x = grad_out @ T^T is the forward with the other transpose.
+    at::Tensor grad_x2 = o.grad_x.view({shape.rows, shape.dim});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
+      rotate_into<scalar_t>(grad2, params, shape.params_are_blocks, scale, !transpose, grad_x2);
+    });
+    return {o.grad_x, o.grad_params, o.grad_scale};
+  }
+  const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
+  at::Tensor grad_x2 = o.want_x ? o.grad_x.view({shape.rows, shape.dim}) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
+    rotate_backward_into<scalar_t>(grad2, x2, params, shape.params_are_blocks, scale, transpose,
+                                   o.want_x ? &grad_x2 : nullptr,
+                                   o.want_params ? &o.grad_params : nullptr,
+                                   o.want_scale ? &o.grad_scale : nullptr);
+  });
+  return {o.grad_x, o.grad_params, o.grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(goft, CUDA, m) {
+  m.impl("rotate", &rotate_cuda);
+  m.impl("rotate_backward", &rotate_backward_cuda);
+}
+
+}  // namespace goft
