@@ -1,0 +1,264 @@
+"""CUDA kernels of goft.rotate against the CPU op and float64 references (skipped without a GPU).
+
+References: goft.reference.rotate_ref (a dense float64 T, on the CPU) for d <= 64, and for wider
+rows `layered_ref` below, which applies the schedule of goft.reference.pair_schedule one layer at a
+time in float64 on the GPU (a dense T at d = 11008 would need gigabytes); the two are checked
+against each other. Tolerances are set from the dtype:
+the kernels accumulate in float32 (float64 for float64), so outputs must agree with the float64
+reference to within the rounding of the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import goft
+from goft import _C
+from goft.reference import blocks_from_params, pair_schedule, rotate_ref
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not getattr(_C, "with_cuda", False), reason="goft was built without its CUDA kernels"),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+DIMS = [1, 2, 3, 5, 8, 12, 768, 1000, 3072, 4096, 11008]
+DENSE_MAX_D = 64
+
+# Error of one rounding to the dtype, relative to the largest magnitude in the row.
+OUT_RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# Parameter gradients accumulate in float32 (float64) from inputs that are exact in that type.
+GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+def layered_ref(x, params, scale=None, transpose=False):
+    """rotate() in float64, one layer at a time (GOFT_SPEC.md section 3); differentiable."""
+    d = x.shape[-1]
+    w = x.double().reshape(-1, d)
+    blocks = blocks_from_params(params.double())
+    layers = pair_schedule(d)
+    offsets = [0]
+    for pairs in layers:
+        offsets.append(offsets[-1] + len(pairs))
+    if transpose and scale is not None:
+        w = w * scale.double()
+    order = range(len(layers)) if transpose else reversed(range(len(layers)))
+    for r in order:
+        if not layers[r]:
+            continue
+        a = torch.tensor([p[0] for p in layers[r]], device=w.device)
+        b = torch.tensor([p[1] for p in layers[r]], device=w.device)
+        A = blocks[offsets[r] : offsets[r + 1]].to(w.device)
+        if transpose:
+            A = A.transpose(-1, -2)
+        ua, ub = w[:, a], w[:, b]
+        na = A[:, 0, 0] * ua + A[:, 1, 0] * ub
+        nb = A[:, 0, 1] * ua + A[:, 1, 1] * ub
+        w = w.index_copy(1, a, na).index_copy(1, b, nb)
+    if not transpose and scale is not None:
+        w = w * scale.double()
+    return w.reshape(x.shape)
+
+
+def reference(x, params, scale=None, transpose=False):
+    d = x.shape[-1]
+    if d <= DENSE_MAX_D:
+        return rotate_ref(x.double().cpu(), params.double().cpu(), None if scale is None else scale.double().cpu(), transpose).to(x.device)
+    return layered_ref(x, params, scale, transpose)
+
+
+def make_inputs(d, dtype, quasi, with_scale, rows=33, seed=0, device="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(seed * 1000 + d)
+    x = torch.randn(rows, d, generator=g).to(device=device, dtype=dtype)
+    if quasi:
+        params = torch.eye(2).expand(max(d - 1, 0), 2, 2) + 0.3 * torch.randn(max(d - 1, 0), 2, 2, generator=g)
+    else:
+        params = torch.randn(max(d - 1, 0), generator=g)
+    params = params.to(device=device, dtype=torch.float32).contiguous()
+    scale = (1 + 0.2 * torch.randn(d, generator=g)).to(device) if with_scale else None
+    return x, params, scale
+
+
+def assert_rows_close(got, want, rtol, what):
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    if got.numel() == 0:
+        return
+    scale = want.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    err = ((got - want).abs() / scale).max().item()
+    assert err <= rtol, f"{what}: max error {err:.3g} (relative to the row's largest value) > {rtol:.3g}"
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "T"])
+def test_forward_matches_reference_and_cpu(d, dtype, quasi, with_scale, transpose):
+    x, params, scale = make_inputs(d, dtype, quasi, with_scale)
+    got = goft.rotate(x, params, scale, transpose)
+    assert got.dtype == dtype and got.device == x.device
+    assert_rows_close(got, reference(x, params, scale, transpose), OUT_RTOL[dtype], "cuda vs float64 reference")
+    cpu = goft.rotate(x.cpu(), params.cpu(), None if scale is None else scale.cpu(), transpose)
+    # Both round the same float32 (float64) values to the dtype: at most one unit apart.
+    assert_rows_close(got.cpu(), cpu, 2 * OUT_RTOL[dtype], "cuda vs cpu op")
+
+
+@pytest.mark.parametrize("d", [1, 3, 12, 768, 1000, 4096, 11008])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "T"])
+def test_gradients_match_float64(d, dtype, quasi, transpose):
+    x, params, scale = make_inputs(d, dtype, quasi, True, rows=29)
+    grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+    x.requires_grad_(True)
+    params.requires_grad_(True)
+    scale.requires_grad_(True)
+    goft.rotate(x, params, scale, transpose).backward(grad_out)
+
+    # Reference: the float64 CPU op's gradients from the same (exactly representable) values.
+    xr = x.detach().double().cpu().requires_grad_(True)
+    pr = params.detach().double().cpu().requires_grad_(True)
+    sr = scale.detach().double().cpu().requires_grad_(True)
+    goft.rotate(xr, pr, sr, transpose).backward(grad_out.double().cpu())
+    if d <= 64:  # and the dense float64 transform, independent of both kernels
+        xd, pd, sd = (t.detach().clone().requires_grad_(True) for t in (xr, pr, sr))
+        rotate_ref(xd, pd, sd, transpose).backward(grad_out.double().cpu())
+        assert_rows_close(xr.grad, xd.grad, 1e-10, "cpu float64 grad_x vs dense")
+        assert_rows_close(pr.grad.reshape(1, -1), pd.grad.reshape(1, -1), 1e-10, "cpu float64 grad_params vs dense")
+
+    assert_rows_close(x.grad.cpu(), xr.grad, OUT_RTOL[dtype], "grad_x")
+    assert_rows_close(params.grad.cpu().reshape(1, -1), pr.grad.reshape(1, -1), GRAD_RTOL[dtype], "grad_params")
+    assert_rows_close(scale.grad.cpu().reshape(1, -1), sr.grad.reshape(1, -1), GRAD_RTOL[dtype], "grad_scale")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [5, 768, 4096])
+def test_backward_output_mask(dtype, d):
+    x, params, scale = make_inputs(d, dtype, True, True)
+    grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+    full = torch.ops.goft.rotate_backward.default(grad_out, x, params, scale, False, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
+        part = torch.ops.goft.rotate_backward.default(grad_out, x, params, scale, False, mask)
+        for i, (want, got) in enumerate(zip(full, part)):
+            if not mask[i]:
+                assert got.numel() == 0
+            elif i == 0:
+                # grad_x alone runs the transposed forward: the same values up to rounding.
+                assert_rows_close(got, want, OUT_RTOL[dtype], "grad_x alone")
+            else:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [3, 768, 3072, 11008])
+def test_gradients_bitwise_reproducible(dtype, d):
+    x, params, scale = make_inputs(d, dtype, True, True, rows=517)
+    grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+    runs = []
+    for _ in range(2):
+        xx, pp, ss = (t.detach().clone().requires_grad_(True) for t in (x, params, scale))
+        goft.rotate(xx, pp, ss).backward(grad_out)
+        runs.append((xx.grad, pp.grad, ss.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "gradients differ between two identical runs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_and_batched_inputs(dtype):
+    d = 1000
+    base = torch.randn(4, 7, d + 3, device="cuda").to(dtype)
+    x = base[..., 1 : d + 1]  # rows d + 3 apart, not 16-byte aligned: the scalar path
+    _, params, scale = make_inputs(d, dtype, False, True)
+    got = goft.rotate(x, params, scale)
+    assert_rows_close(got, reference(x, params, scale), OUT_RTOL[dtype], "strided rows")
+    xt = torch.randn(d, 6, device="cuda").to(dtype).t()  # features not contiguous: copied
+    assert_rows_close(goft.rotate(xt, params), reference(xt, params), OUT_RTOL[dtype], "transposed view")
+
+
+def test_fast_path_matches_fallback(monkeypatch):
+    """The fused kernels against the simple one-block-per-row kernels (GOFT_CUDA_FALLBACK=1)."""
+    for d, dtype in [(12, torch.float32), (768, torch.bfloat16), (4096, torch.float16), (11008, torch.float32)]:
+        x, params, scale = make_inputs(d, dtype, True, True, rows=65)
+        grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+        outs = []
+        for fallback in ("0", "1"):
+            monkeypatch.setenv("GOFT_CUDA_FALLBACK", fallback)
+            xx, pp, ss = (t.detach().clone().requires_grad_(True) for t in (x, params, scale))
+            y = goft.rotate(xx, pp, ss, True)
+            y.backward(grad_out)
+            outs.append((y, xx.grad, pp.grad, ss.grad))
+        (y0, gx0, gp0, gs0), (y1, gx1, gp1, gs1) = outs
+        # The same operations per row, up to how the compiler contracts them into FMAs.
+        assert_rows_close(y0, y1, OUT_RTOL[dtype], f"output d={d}")
+        assert_rows_close(gx0, gx1, OUT_RTOL[dtype], f"grad_x d={d}")
+        assert_rows_close(gp0.reshape(1, -1), gp1.reshape(1, -1), 1e-4, f"grad_params d={d}")
+        assert_rows_close(gs0.reshape(1, -1), gs1.reshape(1, -1), 1e-4, f"grad_scale d={d}")
+
+
+def test_wide_rows_take_the_fallback_and_work():
+    for d in (16384, 65536):
+        x, params, scale = make_inputs(d, torch.bfloat16, False, True, rows=3)
+        got = goft.rotate(x, params, scale)
+        assert_rows_close(got, layered_ref(x, params, scale), OUT_RTOL[torch.bfloat16], f"d={d}")
+        x.requires_grad_(True)
+        goft.rotate(x, params, scale).sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+
+def test_many_rows_int64_offsets():
+    # More than 2^31 elements: row offsets past the range of 32-bit indices (4 GiB at bf16).
+    d = 4096
+    rows = (1 << 31) // d + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * rows * d * 2:
+        pytest.skip("not enough GPU memory")
+    x = torch.empty(rows, d, device="cuda", dtype=torch.bfloat16).normal_()
+    _, params, _ = make_inputs(d, torch.bfloat16, False, False)
+    y = goft.rotate(x, params)
+    tail = slice(rows - 5, rows)
+    assert_rows_close(y[tail], layered_ref(x[tail], params), OUT_RTOL[torch.bfloat16], "last rows")
+    del x, y
+    torch.cuda.empty_cache()
+
+
+def test_opcheck():
+    for d, dtype, quasi, with_scale in [(5, torch.float32, False, True), (768, torch.bfloat16, True, False), (1000, torch.float64, True, True)]:
+        x, params, scale = make_inputs(d, dtype, quasi, with_scale, rows=6)
+        x.requires_grad_(True)
+        params.requires_grad_(True)
+        for transpose in (False, True):
+            torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose))
+        grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+        torch.library.opcheck(
+            torch.ops.goft.rotate_backward.default,
+            (grad_out, x.detach(), params.detach(), scale, False, [True, True, scale is not None]),
+        )
+
+
+def test_torch_compile_fullgraph():
+    d = 768
+    x, params, scale = make_inputs(d, torch.bfloat16, False, True, rows=16)
+
+    def f(x, params, scale):
+        return goft.rotate(x, params, scale).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    xs = [t.detach().clone().requires_grad_(True) for t in (x, params, scale)]
+    xc = [t.detach().clone().requires_grad_(True) for t in (x, params, scale)]
+    f(*xs).backward()
+    compiled(*xc).backward()
+    for a, b in zip(xs, xc):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_layered_reference_matches_dense():
+    # The wide-row reference itself, against the dense one where both fit.
+    for d in (3, 12, 100):
+        x, params, scale = make_inputs(d, torch.float64, True, True, device="cpu")
+        for transpose in (False, True):
+            torch.testing.assert_close(layered_ref(x, params, scale, transpose), rotate_ref(x, params, scale, transpose))
+    assert math.ceil(math.log2(11008)) == len(pair_schedule(11008))
