@@ -83,8 +83,14 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
             f"goft.inject: adapter {adapter_name!r} is already injected into this model "
             f"(adapters: {list(configs)}); pick another adapter_name or goft.delete_adapter it first"
         )
-    modules = dict(_candidate_modules(model))
-    linear_names = [n for n, m in modules.items() if _is_linear(m)]
+    # Every path of every module: a module registered under several names (shared between two
+    # parents) can be selected by any of them and is adapted once, under its first name.
+    paths = list(_candidate_modules(model, remove_duplicate=False))
+    modules = dict(paths)
+    first_name: Dict[int, str] = {}
+    for n, m in paths:
+        first_name.setdefault(id(m), n)
+    linear_names = [n for n, m in modules.items() if _is_linear(m) and first_name[id(m)] == n]
     target_modules = config.target_modules
     if target_modules is None:
         model_type = _model_type(model)
@@ -95,30 +101,34 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
                 f"(names, a regex or 'all-linear'). Linear layers found: {_preview(linear_names)}"
             )
     save_names = set(_match_all(modules, config.modules_to_save)) if config.modules_to_save else set()
+    save_ids = {id(modules[n]) for n in save_names}
+    save_names = {n for n, m in paths if id(m) in save_ids}
     if target_modules == "all-linear":
         head = _output_head(model)
         names = [n for n in linear_names if modules[n] is not head and not _inside(n, save_names)]
     else:
         names = _match_all(modules, target_modules)
     if config.exclude_modules is not None:
-        excluded = set(_match_all(modules, config.exclude_modules))
-        names = [n for n in names if n not in excluded]
+        excluded = {id(modules[n]) for n in _match_all(modules, config.exclude_modules)}
+        names = [n for n in names if id(modules[n]) not in excluded]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         names = [n for n in names if _layer_index(n) in wanted]
+    names = list(dict.fromkeys(first_name[id(modules[n])] for n in names))
     if not names:
         raise ValueError(
             f"goft.inject: target_modules={target_modules!r} matched no layer of {type(model).__name__} "
             f"(after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}). "
             f"Linear layers found: {_preview(linear_names)}"
         )
-    not_adaptable = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
+    not_adaptable = [f"{n} ({_describe(modules[n])})" for n in names if not is_adaptable(modules[n])]
     if not_adaptable:
         raise ValueError(
             f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
             f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
         )
-    overlap = [n for n in names if _inside(n, save_names)]
+    target_ids = {id(modules[n]) for n in names}
+    overlap = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, save_names)})
     if overlap:
         raise ValueError(f"goft.inject: modules {overlap} are both targeted and in (or inside) modules_to_save")
     if config.modules_to_save and not save_names:
@@ -127,12 +137,22 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
 
 
 def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTConfig) -> None:
-    """Wraps (or reuses the wrapper of) each named layer and adds the adapter; names are pre-validated."""
+    """Wraps (or reuses the wrapper of) each named layer and adds the adapter; names are pre-validated.
+
+    A layer registered under several names gets one wrapper at all of them, so every path through
+    the model applies the same adapter.
+    """
+    paths: Dict[int, List[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, GivensLinear):
-            module = GivensLinear(module)
-            _set_submodule(model, name, module)
+            wrapper = GivensLinear(module)
+            wrapper.layer_name = name
+            for path in paths.get(id(module), [name]):
+                _set_submodule(model, path, wrapper)
+            module = wrapper
         module.add_adapter(adapter_name, config)
     configs = adapter_configs(model)
     configs[adapter_name] = config
@@ -223,6 +243,8 @@ def merge(model: nn.Module) -> nn.Module:
     if any(name in layer.merged_adapters for layer in layers):
         warnings.warn(f"goft.merge: adapter {name!r} is already merged; merging it again would apply it twice, skipped")
         return model
+    # Every layer is checked before any weight changes: a merge either happens everywhere or nowhere.
+    _check_mergeable(model, layers, name, invertible=True)
     for layer in layers:
         layer.merge(name)
     return model
@@ -257,15 +279,38 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     name = active_adapter(model)
     if name is None:
         raise ValueError("goft.merge_and_unload: no active adapter to merge; goft.set_adapter(model, name) first")
-    for layer in goft_layers(model):
-        if layer.active_adapter == name and name not in layer.merged_adapters:
-            layer.merge(name)
+    layers = [layer for layer in goft_layers(model) if layer.active_adapter == name and name not in layer.merged_adapters]
+    _check_mergeable(model, layers, name, invertible=False)
+    for layer in layers:
+        layer.merge(name)
     return _strip(model)
 
 
+def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool) -> None:
+    """Raises before any weight changes if merging into one of ``layers`` would be wrong."""
+    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((f"{module_name}.{param_name}".lstrip("."), module))
+    for layer in layers:
+        layer.check_mergeable(adapter_name, invertible=invertible)
+        # A tied weight (e.g. an output head sharing the input embedding) would carry the merged
+        # rotation into the other module too, silently changing what the model computes.
+        base = layer.base_layer
+        others = [name for name, owner in owners.get(id(base.weight), []) if owner is not base]
+        if others:
+            raise ValueError(
+                f"goft.merge: the weight of layer {layer.layer_name or type(base).__name__} is shared with "
+                f"{others} (tied weights); merging would change those modules too. Untie the weights "
+                "(e.g. tie_word_embeddings=False) or keep this adapter unmerged"
+            )
+
+
 def _strip(model: nn.Module) -> nn.Module:
-    for name, layer in list(named_goft_layers(model)):
-        _set_submodule(model, name, layer.base_layer)
+    # Every path, so a layer registered under several names is restored at each of them.
+    for name, layer in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(layer, GivensLinear):
+            _set_submodule(model, name, layer.base_layer)
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
@@ -307,7 +352,7 @@ def print_trainable_parameters(model: nn.Module) -> None:
 def _set_trainable(model: nn.Module) -> None:
     """Freezes all but the active adapter and the union of every adapter's modules_to_save."""
     saved = set()
-    candidates = dict(_candidate_modules(model))
+    candidates = dict(_candidate_modules(model, remove_duplicate=False))
     for config in adapter_configs(model).values():
         if config.modules_to_save:
             saved.update(_match_all(candidates, config.modules_to_save))
@@ -320,10 +365,13 @@ def _set_trainable(model: nn.Module) -> None:
         layer.set_adapter(layer.active_adapter)
 
 
-def _candidate_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """Named modules a config may select: not the root, and nothing inside a GivensLinear."""
+def _candidate_modules(model: nn.Module, remove_duplicate: bool = True) -> Iterator[Tuple[str, nn.Module]]:
+    """Named modules a config may select: not the root, and nothing inside a GivensLinear.
+
+    With remove_duplicate=False a module registered under several names comes once per name.
+    """
     inside = None
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if not name or (inside is not None and name.startswith(inside)):
             continue
         inside = None
@@ -380,6 +428,13 @@ def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:
     if configs is None:  # {} is still injected: its last adapter was deleted, the wrappers remain
         raise ValueError(f"{where}: the model has no goft adapter; goft.inject(model, ...) first")
     return configs
+
+
+def _describe(module: nn.Module) -> str:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return f"{type(module).__name__} whose weight is not initialised yet; run one forward pass first"
+    return type(module).__name__
 
 
 def _preview(names: List[str], limit: int = 40) -> str:

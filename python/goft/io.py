@@ -58,6 +58,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         raise ValueError(f"goft.save_adapter: no adapter {name!r} to save; adapters are {list(configs)}")
     config = configs[name]
 
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"goft.save_adapter: {path!r} exists and is not a directory")
+
     tensors: Dict[str, torch.Tensor] = {}
     layers: Dict[str, Dict[str, Any]] = {}
     for module_name, layer in named_goft_layers(model):
@@ -65,6 +68,8 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
             continue
         layers[module_name] = {"in_features": layer.in_features}
         for store_name, param in layer.adapter_parameters(name).items():
+            if param.is_meta:
+                raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
             tensors[f"{module_name}.{store_name}"] = param.detach().to("cpu").contiguous()
     saved_modules = _modules_to_save(model, config)
     for module_name in saved_modules:
@@ -132,6 +137,7 @@ def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
         raise ValueError(
             f"{where}: unsupported format_version {description.get('format_version')!r} (this goft reads {FORMAT_VERSION})"
         )
+    _check_description_types(description, where)
     with open(weights_path, "rb") as f:
         weights = f.read()
     if hashlib.sha256(weights).hexdigest() != description.get("weights_sha256"):
@@ -143,6 +149,38 @@ def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {e}") from None
     return description, tensors
+
+
+def _check_description_types(description: Dict[str, Any], where: str) -> None:
+    """The JSON fields' types, so a hand-edited or foreign file fails here, not deep inside loading."""
+
+    def bad(field: str, expected: str) -> ValueError:
+        return ValueError(f"{where}: {CONFIG_NAME} field {field!r} must be {expected}, got {description.get(field)!r:.200}")
+
+    if not isinstance(description.get("config"), dict):
+        raise bad("config", "an object")
+    layers = description.get("layers")
+    if not isinstance(layers, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and _is_int(v.get("in_features")) for k, v in layers.items()
+    ):
+        raise bad("layers", 'an object {module name: {"in_features": int}}')
+    described = description.get("tensors")
+    if not isinstance(described, dict) or not all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and isinstance(v.get("dtype"), str)
+        and isinstance(v.get("shape"), list)
+        and all(_is_int(n) for n in v["shape"])
+        for k, v in described.items()
+    ):
+        raise bad("tensors", 'an object {tensor name: {"shape": [int, ...], "dtype": str}}')
+    saved = description.get("modules_to_save", [])
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise bad("modules_to_save", "a list of module names")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _validate(
@@ -249,9 +287,9 @@ def _write_atomically(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        # mkstemp creates the file private (0600); an adapter is meant to be shared like any checkpoint.
-        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file private (0600); an adapter is meant to be shared like any checkpoint.
+            os.chmod(tmp, 0o644)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -260,3 +298,19 @@ def _write_atomically(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable (a power cut right after a save keeps the new file); not
+    # every platform can open a directory, and there the rename is as durable as it gets.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -28,12 +28,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """Whether GivensLinear can wrap ``module``: nn.Linear, Conv1D, or anything with in_features and weight."""
+    """Whether GivensLinear can wrap ``module``: nn.Linear, Conv1D, or anything with in_features and weight.
+
+    Lazy modules (nn.LazyLinear before its first forward) are not: their width is still unknown.
+    """
     if isinstance(module, GivensLinear):
         return True
+    weight = getattr(module, "weight", None)
+    if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
+        return False
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
-    return isinstance(getattr(module, "in_features", None), int) and getattr(module, "weight", None) is not None
+    in_features = getattr(module, "in_features", None)
+    return isinstance(in_features, int) and not isinstance(in_features, bool) and in_features >= 1
 
 
 def input_width(module: nn.Module) -> int:
@@ -79,6 +86,8 @@ class GivensLinear(nn.Module):
         # used, so unmerge inverts what was applied even if the parameters changed since.
         self.merged_adapters: List[str] = []
         self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        # The module's name in its model, set by goft.inject, so errors can say which layer failed.
+        self.layer_name: Optional[str] = None
 
     # Attribute pass-through, so code that reads e.g. ``q_proj.weight.dtype`` keeps working.
     @property
@@ -159,6 +168,12 @@ class GivensLinear(nn.Module):
         name = self.active_adapter
         if self.disabled or name is None or name in self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
+        # The op would reject these too, but only in terms of its own arguments; say which layer.
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(f"{self._where()}: expected input of shape (..., {self.in_features}), got {got}")
+        if not x.is_floating_point():
+            raise RuntimeError(f"{self._where()}: expected a floating-point input, got {x.dtype}")
         params, scale = self.transform(name)
         # rotate keeps x's dtype (bf16/fp16/fp32, float32 accumulation), so the base layer sees
         # the dtype it would have seen without goft, under autocast or with bf16 weights alike.
@@ -173,7 +188,35 @@ class GivensLinear(nn.Module):
         column_dots = A[:, 0, 0] * A[:, 0, 1] + A[:, 1, 0] * A[:, 1, 1]
         return self.adapter_configs[name].orth_lambda * column_dots.square().sum()
 
+    def _where(self) -> str:
+        layer = f" {self.layer_name}" if self.layer_name else ""
+        return f"goft: layer{layer} (GivensLinear, in_features={self.in_features}, adapter {self.active_adapter!r})"
+
     # ---- merging (GOFT_SPEC.md section 5) ----
+
+    @torch.no_grad()
+    def check_mergeable(self, adapter_name: str, invertible: bool = True) -> None:
+        """Raises, changing nothing, if merging ``adapter_name`` would corrupt the base weight.
+
+        Refused: a weight that is not a floating (out, in) matrix (NotImplementedError), adapter
+        parameters that are NaN or infinite (they would poison the weight for good), and, when
+        ``invertible`` (a merge meant to be undone), a zero scale entry or a singular qGOFT block.
+        """
+        if adapter_name not in self.adapter_configs:
+            raise ValueError(f"GivensLinear.merge: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
+        self._check_weight()
+        layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
+        params, scale = self.transform(adapter_name)
+        for what, t in (("parameters", params), ("scale", scale)):
+            if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"goft.merge: adapter {adapter_name!r} of {layer} has NaN or infinite {what}; "
+                    "merging would make the base weight non-finite for good"
+                )
+        if invertible and not params.is_meta:
+            _inverse_transposed(
+                params, scale, adapter_name, "goft.merge", "so this merge could not be undone; goft.merge_and_unload merges for good"
+            )
 
     @torch.no_grad()
     def merge(self, adapter_name: Optional[str] = None) -> bool:
@@ -190,6 +233,7 @@ class GivensLinear(nn.Module):
         if name in self.merged_adapters:
             warnings.warn(f"goft.merge: adapter {name!r} is already merged into this layer; not merging it again")
             return False
+        self.check_mergeable(name, invertible=False)
         params, scale = self.transform(name)
         params, scale = params.detach().clone(), None if scale is None else scale.detach().clone()
         self._apply_to_weight(lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), transpose=True))
@@ -217,8 +261,7 @@ class GivensLinear(nn.Module):
             undone.append(self.merged_adapters.pop())
         return undone
 
-    def _apply_to_weight(self, rows_map) -> None:
-        """Replaces the weight by rows_map applied to its rows over the input dimension."""
+    def _check_weight(self) -> None:
         weight = self.base_layer.weight
         stored_in_out = is_conv1d(self.base_layer)
         if (
@@ -232,6 +275,12 @@ class GivensLinear(nn.Module):
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
                 f"{tuple(getattr(weight, 'shape', ()))}"
             )
+
+    def _apply_to_weight(self, rows_map) -> None:
+        """Replaces the weight by rows_map applied to its rows over the input dimension."""
+        self._check_weight()
+        weight = self.base_layer.weight
+        stored_in_out = is_conv1d(self.base_layer)
         compute_dtype = torch.promote_types(weight.dtype, torch.float32)
         rows = weight.detach().to(compute_dtype)
         rows = rows.T if stored_in_out else rows
@@ -253,17 +302,21 @@ def _like(t: Optional[torch.Tensor], rows: torch.Tensor) -> Optional[torch.Tenso
 
 
 def _inverse_transposed(
-    params: torch.Tensor, scale: Optional[torch.Tensor], adapter_name: str
+    params: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    adapter_name: str,
+    where: str = "goft.unmerge",
+    consequence: str = "its merge is not invertible",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if scale is not None and bool((scale == 0).any()):
-        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a zero scale entry; its merge is not invertible")
+        raise ValueError(f"{where}: adapter {adapter_name!r} has a zero scale entry; {consequence}")
     inverse_scale = None if scale is None else 1.0 / scale
     if params.dim() == 1:
         return params, inverse_scale
     a, b, c, d = params[:, 0, 0], params[:, 0, 1], params[:, 1, 0], params[:, 1, 1]
     det = a * d - b * c
     if bool((det == 0).any()):
-        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a singular 2x2 block; its merge is not invertible")
+        raise ValueError(f"{where}: adapter {adapter_name!r} has a singular 2x2 block; {consequence}")
     # A^{-T} = [[d, -c], [-b, a]] / det for A = [[a, b], [c, d]].
     inverse_t = torch.stack([torch.stack([d, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
     return inverse_t, inverse_scale
