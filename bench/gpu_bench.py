@@ -1,0 +1,221 @@
+"""GPU benchmark of goft's CUDA kernels against the issue-4 targets; writes bench/RESULTS_GPU.md.
+
+Op: goft.rotate on x of shape (16384, 4096) bfloat16, forward and backward (grad_x and the
+parameter gradients), timed with CUDA events (warmup, then the median of repeats) and turned into
+achieved bandwidth: bytes the pass must move (forward: read x, write y; backward: read x and
+grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run.
+Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
+and of the adapter), alone, with goft (GivensLinear, strict GOFT) and with PEFT LoRA r=8 when
+peft is importable.
+
+    python bench/gpu_bench.py [--rows 16384] [--dim 4096] [--repeats 50] [--out bench/RESULTS_GPU.md]
+
+Targets (H100): forward >= 85% and backward >= 70% of the copy's bandwidth; goft layer <= 1.10x
+the frozen layer and faster than LoRA r=8. Run it through bench/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import statistics
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def fail(message: str) -> None:
+    print(f"gpu_bench.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
+    """Median over `repeats` single calls of fn, each timed with CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def op_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
+    import goft
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    y = torch.empty_like(x)
+    angles = 0.1 * torch.randn(d - 1, device=dev)
+    blocks = torch.eye(2, device=dev).expand(d - 1, 2, 2) + 0.05 * torch.randn(d - 1, 2, 2, device=dev)
+    scale = 1 + 0.1 * torch.randn(d, device=dev)
+    backward = torch.ops.goft.rotate_backward.default
+    x_bytes = x.numel() * x.element_size()
+
+    copy_ms = cuda_time_ms(lambda: y.copy_(x), repeats)
+    copy_bw = 2 * x_bytes / copy_ms / 1e6  # GB/s
+    cases = [
+        ("copy of x (device to device)", 2, lambda: y.copy_(x), None),
+        ("forward, strict", 2, lambda: goft.rotate(x, angles), 0.85),
+        ("forward, strict + scale", 2, lambda: goft.rotate(x, angles, scale), 0.85),
+        ("forward, quasi", 2, lambda: goft.rotate(x, blocks), 0.85),
+        ("backward (grad_x, grad_params), strict", 3, lambda: backward(grad, x, angles, None, False, [True, True, False]), 0.70),
+        ("backward, strict + scale", 3, lambda: backward(grad, x, angles, scale, False, [True, True, True]), 0.70),
+        ("backward, quasi", 3, lambda: backward(grad, x, blocks, None, False, [True, True, False]), 0.70),
+        ("backward, grad_x only", 2, lambda: backward(grad, x, angles, None, False, [True, False, False]), None),
+    ]
+    out = []
+    for name, tensors, fn, target in cases:
+        ms = copy_ms if fn is None else cuda_time_ms(fn, repeats)
+        bw = tensors * x_bytes / ms / 1e6
+        out.append(dict(name=name, ms=ms, gbps=bw, of_copy=bw / copy_bw, target=target))
+    return out
+
+
+def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
+    import goft
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    base = nn.Linear(d, d, device=dev, dtype=dt).requires_grad_(False)
+    x = torch.randn(rows, d, device=dev, dtype=dt, requires_grad=True)
+    grad_y = torch.randn(rows, d, device=dev, dtype=dt)
+
+    layers: Dict[str, Optional[nn.Module]] = {"frozen nn.Linear alone": base}
+    try:
+        g = goft.GivensLinear(nn.Linear(d, d, device=dev, dtype=dt))
+        g.base_layer.load_state_dict(base.state_dict())
+        g.add_adapter("default", goft.GOFTConfig())
+        g.set_adapter("default")
+        layers["with goft (GivensLinear, strict)"] = g
+    except Exception as e:  # the layer API is not what this script expects: say so, go on
+        print(f"gpu_bench.py: GivensLinear unavailable ({e!r}); goft layer row skipped", file=sys.stderr)
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        class Wrap(nn.Module):
+            def __init__(self, lin):
+                super().__init__()
+                self.lin = lin
+
+            def forward(self, inp):
+                return self.lin(inp)
+
+        lin = nn.Linear(d, d, device=dev, dtype=dt)
+        lin.load_state_dict(base.state_dict())
+        lora = get_peft_model(Wrap(lin), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["lin"]))
+        lora.to(dev)
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dt)
+        layers["with PEFT LoRA r=8"] = lora
+    except ImportError:
+        layers["with PEFT LoRA r=8"] = None
+
+    out = []
+    base_ms = None
+    for name, layer in layers.items():
+        if layer is None:
+            out.append(dict(name=name + " (peft not installed)", ms=None, ratio=None))
+            continue
+
+        def step(layer=layer):
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+            layer(x).backward(grad_y)
+
+        ms = cuda_time_ms(step, repeats)
+        base_ms = ms if base_ms is None else base_ms
+        out.append(dict(name=name, ms=ms, ratio=ms / base_ms))
+    return out
+
+
+def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], rows: int, d: int, facts: str) -> str:
+    lines = [
+        "# goft on a GPU",
+        "",
+        f"`python bench/gpu_bench.py` (via bench/gpu_check.sh); {facts}.",
+        "",
+        f"## goft.rotate, x of shape ({rows}, {d}) bfloat16",
+        "",
+        "Median of CUDA-event timings after warmup. Bandwidth counts the bytes the pass must move "
+        "(forward: x read, y written; backward: x and grad_out read, grad_x written), and `of copy` "
+        "divides it by the bandwidth of a device-to-device copy of x in the same run.",
+        "",
+        "| pass | time, us | GB/s | of copy | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in op:
+        target = "" if r["target"] is None else f">= {r['target']:.0%}: {'holds' if r['of_copy'] >= r['target'] else 'missed'}"
+        lines.append(f"| {r['name']} | {1000 * r['ms']:.1f} | {r['gbps']:.0f} | {r['of_copy']:.1%} | {target} |")
+    lines += [
+        "",
+        f"## One frozen bf16 nn.Linear({d}, {d}) on {rows} rows, forward + backward",
+        "",
+        "Backward computes the input's gradient and the adapter's; the frozen weight gets none.",
+        "",
+        "| layer | time, ms | vs frozen |",
+        "| --- | ---: | ---: |",
+    ]
+    for r in layer:
+        if r["ms"] is None:
+            lines.append(f"| {r['name']} | | |")
+        else:
+            lines.append(f"| {r['name']} | {r['ms']:.3f} | {r['ratio']:.3f}x |")
+    goft_row = next((r for r in layer if r["name"].startswith("with goft") and r["ms"] is not None), None)
+    lora_row = next((r for r in layer if r["name"].startswith("with PEFT") and r["ms"] is not None), None)
+    if goft_row is not None:
+        verdict = "holds" if goft_row["ratio"] <= 1.10 else "missed"
+        lines += ["", f"Target goft <= 1.10x frozen: {verdict} ({goft_row['ratio']:.3f}x)."]
+        if lora_row is not None:
+            faster = "holds" if goft_row["ms"] < lora_row["ms"] else "missed"
+            lines.append(f"Target goft faster than LoRA r=8: {faster} ({goft_row['ms']:.3f} vs {lora_row['ms']:.3f} ms).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", default=str(BENCH_DIR / "RESULTS_GPU.md"))
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        fail("no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, e.g. bash bench/gpu_check.sh")
+    try:
+        import goft
+        from goft import _C
+    except ImportError as e:
+        fail(f"cannot import goft ({e}); build it first: pip install --no-build-isolation .")
+    if not getattr(_C, "with_cuda", False):
+        fail("goft was built without its CUDA kernels (goft._C.with_cuda is False); rebuild on a machine with nvcc")
+
+    props = torch.cuda.get_device_properties(0)
+    facts = (
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"goft {goft.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    op = op_rows(args.rows, args.dim, args.repeats)
+    layer = layer_rows(args.rows, args.dim, max(10, args.repeats // 2))
+    text = markdown(op, layer, args.rows, args.dim, facts)
+    pathlib.Path(args.out).write_text(text)
+    print(text)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

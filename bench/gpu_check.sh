@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# On a GPU machine (no network needed): build goft with its CUDA kernels, run the CUDA tests and
+# the GPU benchmark; prints a short table and writes bench/RESULTS_GPU.md. Sized for one H100 in
+# well under 8 minutes: the build compiles for this GPU's architecture only.
+#
+#   bash bench/gpu_check.sh            # build + tests + benchmark
+#   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+t0=$SECONDS
+stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python - <<'EOF'
+import sys, torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: torch sees no CUDA device")
+print(torch.cuda.get_device_name(0), "capability %d.%d" % torch.cuda.get_device_capability(0))
+EOF
+
+if [[ "${GOFT_SKIP_BUILD:-0}" != "1" ]]; then
+  stamp "build (pip install --no-build-isolation .)"
+  arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DGOFT_CUDA=ON"
+  mkdir -p build
+  log=build/gpu_check_build.log
+  if ! pip install --no-build-isolation --no-deps -v . > "$log" 2>&1; then
+    tail -n 80 "$log"
+    echo "gpu_check.sh: build failed (full log: $log)"
+    exit 1
+  fi
+  grep -E "goft: CUDA kernels|Added CUDA NVCC flags" "$log" || true
+fi
+python - <<'EOF'
+import sys
+import goft
+from goft import _C
+print("goft", goft.__version__, "from", goft.__file__, "| CUDA kernels:", _C.with_cuda)
+if not _C.with_cuda:
+    sys.exit("gpu_check.sh: goft was built without its CUDA kernels")
+EOF
+
+stamp "CUDA tests (tests/test_cuda.py)"
+set +e
+if python -c "import pytest" 2> /dev/null; then
+  timeout 360 python -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
+  tests_rc=$?
+else
+  # No pytest in the image: run the same test functions with their parameters, in one process.
+  timeout 360 python - <<'EOF'
+import itertools, os, sys, traceback, types
+
+class Skip(Exception):
+    pass
+
+class Marks:
+    def parametrize(self, names, values, ids=None):
+        def deco(fn):
+            fn.__dict__.setdefault("params", []).insert(0, ([n.strip() for n in names.split(",")], list(values)))
+            return fn
+        return deco
+    def skipif(self, condition, reason=""):
+        return ("skipif", condition, reason)
+    def __getattr__(self, name):
+        return ("mark", name)
+
+def skip(reason=""):
+    raise Skip(reason)
+
+pytest = types.ModuleType("pytest")
+pytest.mark, pytest.skip = Marks(), skip
+sys.modules["pytest"] = pytest
+sys.path.insert(0, "tests")
+import test_cuda as m
+
+class MonkeyPatch:
+    def __init__(self):
+        self.saved = {}
+    def setenv(self, k, v):
+        self.saved.setdefault(k, os.environ.get(k))
+        os.environ[k] = v
+    def undo(self):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+for mark in m.pytestmark:
+    if mark[0] == "skipif" and mark[1]:
+        sys.exit(f"all tests skipped: {mark[2]}")
+passed = failed = skipped = 0
+for name in [n for n in dir(m) if n.startswith("test_")]:
+    fn = getattr(m, name)
+    params = fn.__dict__.get("params", [])
+    combos = itertools.product(*[[dict(zip(ns, v if len(ns) > 1 else (v,))) for v in vals] for ns, vals in params])
+    for combo in combos:
+        kwargs = {k: v for part in combo for k, v in part.items()}
+        mp = MonkeyPatch()
+        if "monkeypatch" in fn.__code__.co_varnames[: fn.__code__.co_argcount]:
+            kwargs["monkeypatch"] = mp
+        try:
+            fn(**kwargs)
+            passed += 1
+        except Skip:
+            skipped += 1
+        except Exception:
+            failed += 1
+            print(f"FAILED {name} {kwargs}")
+            traceback.print_exc(limit=3)
+        finally:
+            mp.undo()
+print(f"{passed} passed, {failed} failed, {skipped} skipped")
+sys.exit(1 if failed else 0)
+EOF
+  tests_rc=$?
+fi
+set -e
+
+stamp "GPU benchmark (bench/gpu_bench.py)"
+timeout 240 python bench/gpu_bench.py --out bench/RESULTS_GPU.md
+
+stamp "done: tests exit status ${tests_rc}"
+exit "$tests_rc"
