@@ -321,10 +321,16 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     """The qGOFT penalty lambda * sum <A[:,0], A[:,1]>^2 over the active quasi layers (differentiable).
 
     A 0-d float32 tensor, zero when no active adapter is qGOFT. Add it to the training loss.
+    Under FSDP2 (``fully_shard``) the blocks are sharded DTensors outside forward: each rank sums
+    its shards and one all-reduce gives every rank the whole penalty, as a plain tensor that can
+    be added to the loss.
     """
     terms = [t for t in (layer.orthogonality_penalty() for layer in goft_layers(model)) if t is not None]
-    if terms:
-        return torch.stack(terms).sum()
+    sharded = [t for t in terms if callable(getattr(t, "full_tensor", None))]
+    local = [t for t in terms if not callable(getattr(t, "full_tensor", None))]
+    parts = ([torch.stack(sharded).sum().full_tensor()] if sharded else []) + ([torch.stack(local).sum()] if local else [])
+    if parts:
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.zeros((), device=device)
 

@@ -1,0 +1,149 @@
+"""Two-process training with torch.distributed (gloo, launched by torchrun): DDP and FSDP2 match one process on the same global batch.
+
+Run directly by torchrun as the worker script: ``torchrun --standalone --nproc-per-node 2 tests/test_distributed.py OUT``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import goft
+
+WORLD = 2
+GLOBAL_BATCH, SEQ, STEPS = 8, 8, 3
+
+# name -> (model, GOFTConfig overrides, optimizer, wrapper). Between them: strict GOFT with the
+# GOFT* scale and a trainable classification head (SGD with momentum), qGOFT with its penalty
+# (AdamW), each under DistributedDataParallel, and qGOFT under FSDP2's fully_shard.
+SCENARIOS = {
+    "ddp-bert-goft-scale-sgd": ("bert", {"scale": True, "modules_to_save": ["classifier"]}, "sgd", "ddp"),
+    "ddp-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "ddp"),
+    "fsdp2-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "fsdp2"),
+}
+
+
+def _model(kind: str, overrides) -> nn.Module:
+    import transformers
+
+    from tiny_models import HEADS, HIDDEN, INTERMEDIATE, LAYERS, VOCAB
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB)
+    if kind == "bert":
+        # No dropout: the single process and the two ranks would draw different masks.
+        config = transformers.BertConfig(**sizes, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes, num_key_value_heads=2))
+    goft.inject(model, **overrides)
+    return model.train()
+
+
+def _batch(kind: str, step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, 100, (GLOBAL_BATCH, SEQ), generator=g)
+    labels = ids.clone() if kind == "llama" else torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
+    return ids, labels
+
+
+LR = {"sgd": 0.5, "adamw": 0.02}
+
+
+def _optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=LR[name], momentum=0.9)
+    return torch.optim.AdamW(params, lr=LR[name], weight_decay=0.01)
+
+
+def _train(name: str, rank: int = 0, world: int = 1, wrap=None) -> dict:
+    """STEPS steps on GLOBAL_BATCH rows split evenly over ``world`` ranks; the trained parameters."""
+    kind, overrides, optimizer_name, _ = SCENARIOS[name]
+    model = _model(kind, overrides)
+    inner = model
+    if wrap is not None:
+        model = wrap(model)
+    optimizer = _optimizer(optimizer_name, [p for p in model.parameters() if p.requires_grad])
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    for step in range(STEPS):
+        ids, labels = _batch(kind, step)
+        # Every rank has as many rows (and tokens) as the others, so the mean of the ranks' mean
+        # losses (what DDP and FSDP average the gradients to) is the loss of the global batch.
+        loss = model(input_ids=ids[rows], labels=labels[rows]).loss + goft.orthogonality_penalty(inner)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    full = {}
+    for param_name, param in inner.named_parameters():
+        if param.requires_grad:
+            value = param.full_tensor() if hasattr(param, "full_tensor") else param
+            full[param_name] = value.detach().clone()
+    return full
+
+
+def _worker(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, (_, _, _, wrapper) in SCENARIOS.items():
+        if wrapper == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrap = DistributedDataParallel
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            def wrap(model):
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                return fully_shard(model)
+
+        torch.save(_train(name, rank, world, wrap), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    pytest.importorskip("transformers")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a rendezvous on a free localhost port, so parallel CI jobs cannot collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", __file__, str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(WORLD)] for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_processes_match_one_process_on_the_global_batch(two_process_results, name):
+    single = _train(name)
+    untrained = {k: v for k, v in _model(*SCENARIOS[name][:2]).named_parameters() if v.requires_grad}
+    assert any(".goft_" in key for key in single) and set(single) == set(untrained)
+    optimizer = SCENARIOS[name][2]
+    # Only the order of float32 sums differs (one mean over 8 rows vs the average of two means
+    # over 4). SGD passes that rounding through as is; Adam divides each gradient by its running
+    # RMS, which for a near-zero entry magnifies it, so there the bound is 0.1% of one step.
+    atol = 1e-6 if optimizer == "sgd" else 1e-3 * LR[optimizer]
+    ranks = two_process_results[name]
+    for rank, trained in enumerate(ranks):
+        assert set(trained) == set(single)
+        for key, value in single.items():
+            assert not torch.equal(value, untrained[key]), f"{key} did not train"
+            torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=atol, msg=lambda m: f"rank {rank}, {key}: {m}")
+    # The replicas (DDP) or the gathered shards (FSDP2) agree exactly across ranks.
+    assert all(torch.equal(ranks[0][key], other[key]) for other in ranks[1:] for key in single)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _worker(sys.argv[1])
