@@ -144,6 +144,43 @@ def test_two_processes_match_one_process_on_the_global_batch(two_process_results
     assert all(torch.equal(ranks[0][key], other[key]) for other in ranks[1:] for key in single)
 
 
+@pytest.fixture
+def single_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _wrap_ddp(model):
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def _wrap_fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model)
+
+
+@pytest.mark.parametrize("wrap, message", [(_wrap_ddp, "is wrapped by DistributedDataParallel"), (_wrap_fsdp2, "is sharded")])
+def test_adding_adapters_after_wrapping_is_refused(single_process_group, tmp_path, wrap, message):
+    # Adapter parameters added after the wrapper registered its parameters would never be
+    # synchronised: every rank would train its own copy, silently.
+    saved = _model("llama", {})
+    goft.save_adapter(saved, str(tmp_path / "adapter"))
+    from tiny_models import tiny_llama
+
+    model = wrap(tiny_llama())
+    with pytest.raises(ValueError, match=f"goft.inject: .*{message}.*add goft adapters to the plain model first"):
+        goft.inject(model, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=f"goft.load_adapter.*{message}"):
+        goft.load_adapter(model, str(tmp_path / "adapter"))
+    assert not any(isinstance(m, goft.GivensLinear) for m in model.modules())
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _worker(sys.argv[1])

@@ -77,6 +77,7 @@ def add_adapter(
 def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default") -> List[str]:
     """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the reason."""
     _check_adapter_name(adapter_name)
+    _check_not_distributed(model, "goft.inject")
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(
@@ -427,6 +428,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _check_adapter_name(adapter_name: str) -> None:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"goft.inject: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+
+
+def _check_not_distributed(model: nn.Module, where: str) -> None:
+    """Refuses a model already wrapped by DistributedDataParallel or sharded by FSDP.
+
+    Those register the parameters they synchronise when they wrap; adapter parameters added
+    afterwards would train on each rank's data alone and drift apart with no error.
+    """
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.parallel.DistributedDataParallel) or kind == "FullyShardedDataParallel":
+            raise ValueError(
+                f"{where}: {name or 'the model'} is wrapped by {kind}; add goft adapters to the plain model first "
+                "and wrap it afterwards (the wrapper only synchronises the parameters it saw when it wrapped)"
+            )
+    # FSDP2 (fully_shard) turns parameters into DTensors in place.
+    sharded = next((n for n, p in model.named_parameters() if hasattr(p, "device_mesh")), None)
+    if sharded is not None:
+        raise ValueError(
+            f"{where}: parameter {sharded} is sharded (FSDP2 fully_shard or another DTensor plan); add goft adapters "
+            "to the plain model first and shard it afterwards"
+        )
 
 
 def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:

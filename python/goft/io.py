@@ -24,6 +24,7 @@ from goft.config import GOFTConfig
 from goft.inject import (
     _attach,
     _candidate_modules,
+    _check_not_distributed,
     _match_all,
     _model_type,
     _require_injected,
@@ -193,6 +194,7 @@ def _validate(
         raise ValueError(f"{where}: invalid config in {CONFIG_NAME}: {e}") from None
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+    _check_not_distributed(model, where)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"{where}: the model already has an adapter {adapter_name!r}; pass another adapter_name")
     saved_type, model_type = description.get("model_type"), _model_type(model)
