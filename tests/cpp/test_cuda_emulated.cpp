@@ -462,14 +462,18 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
-  const std::vector<int64_t> small = {1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 255, 257, 768, 1000};
-  const std::vector<int64_t> large = {2049, 3072, 4096};
+  // --quick (CI): fewer widths, each layout still covered (sub-warp, one warp, several warps,
+  // chunk layers, odd widths, padding in the last vector).
+  const std::vector<int64_t> small =
+      quick ? std::vector<int64_t>{1, 2, 3, 5, 8, 12, 17, 33, 100, 257, 1000}
+            : std::vector<int64_t>{1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 31, 33, 63, 64, 65, 100, 127, 129, 255, 257, 768, 1000};
+  const std::vector<int64_t> large = quick ? std::vector<int64_t>{3072} : std::vector<int64_t>{2049, 3072, 4096};
   run_type<float>(small, quick);
   run_type<double>(small, quick);
   run_type<__nv_bfloat16>(small, quick);
   run_type<__half>(small, true);
-  run_type<float>(large, true);
   run_type<__nv_bfloat16>(large, true);
+  if (!quick) run_type<float>(large, true);
   std::printf("%d of %d emulated cases passed\n", g_cases - g_failures, g_cases);
   return g_failures == 0 ? 0 : 1;
 }
