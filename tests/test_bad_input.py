@@ -580,3 +580,30 @@ def test_hand_edited_json_of_the_wrong_shape_is_refused(tmp_path):
             with pytest.raises(ValueError, match=f"adapter_config.json field '{field}' must be"):
                 goft.load_adapter(other, str(tmp_path))
             assert goft.adapter_configs(other) == {}
+
+
+def test_enormous_width_layer_injects_trains_merges_and_unmerges():
+    d = 65536
+    model = nn.Sequential(nn.Linear(d, 3))
+    goft.inject(model, target_modules=["0"], scale=True)
+    perturb_adapters(model, 0.05)
+    x = torch.randn(2, d)
+    y = model(x)
+    params, scale = model[0].transform("default")
+    torch.testing.assert_close(y, model[0].base_layer(goft.rotate(x, params, scale)))
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+    weight = model[0].weight.detach().clone()
+    goft.merge(model)
+    torch.testing.assert_close(model(x), y.detach(), rtol=1e-4, atol=1e-4)
+    goft.unmerge(model)
+    torch.testing.assert_close(model[0].weight, weight, rtol=0, atol=1e-5)
+
+
+def test_non_contiguous_inputs_to_an_adapted_model():
+    model = _one_layer(d=24, variant="qgoft")
+    perturb_adapters(model, 0.3)
+    base = torch.randn(24, 5, 3)
+    for x in (base.permute(1, 2, 0), torch.randn(5, 72)[:, ::3], torch.randn(1, 24).expand(6, 24)):
+        assert not x.is_contiguous()
+        torch.testing.assert_close(model(x), model(x.contiguous()), rtol=0, atol=0)
