@@ -92,8 +92,12 @@ def _accelerate(model, make_optimizer):
 ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "accelerate": _accelerate}
 
 
-def _train(name: str, rank: int = 0, world: int = 1, engine=_plain) -> dict:
-    """STEPS steps on GLOBAL_BATCH rows split evenly over ``world`` ranks; the trained parameters."""
+def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None) -> dict:
+    """STEPS steps on GLOBAL_BATCH rows split evenly over ``world`` ranks; the trained parameters.
+
+    With ``save_to`` the adapter is saved there too: by rank 0 (replicas), or by every rank for
+    FSDP2, whose save gathers the shards.
+    """
     kind, overrides, optimizer_name, _ = SCENARIOS[name]
     model = inner = _model(kind, overrides)
 
@@ -115,6 +119,8 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain) -> dict:
         if param.requires_grad:
             value = param.full_tensor() if hasattr(param, "full_tensor") else param
             full[param_name] = value.detach().clone()
+    if save_to is not None and (rank == 0 or engine is _fsdp2):
+        goft.save_adapter(inner, save_to)
     return full
 
 
@@ -127,7 +133,8 @@ def _worker(out_dir: str) -> None:
     for name, (_, _, _, engine) in SCENARIOS.items():
         if engine == "accelerate" and importlib.util.find_spec("accelerate") is None:
             continue
-        torch.save(_train(name, rank, world, ENGINES[engine]), os.path.join(out_dir, f"{name}.rank{rank}.pt"))
+        trained = _train(name, rank, world, ENGINES[engine], save_to=os.path.join(out_dir, name))
+        torch.save(trained, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -145,13 +152,18 @@ def two_process_results(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", __file__, str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=os.path.dirname(__file__))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return {name: [torch.load(out / f"{name}.rank{r}.pt") for r in range(WORLD)] for name in SCENARIOS if (out / f"{name}.rank0.pt").exists()}
+    return out
+
+
+def _results(out, name):
+    if not (out / f"{name}.rank0.pt").exists():
+        pytest.skip(f"{SCENARIOS[name][3]} is not installed")
+    return [torch.load(out / f"{name}.rank{r}.pt") for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_processes_match_one_process_on_the_global_batch(two_process_results, name):
-    if name not in two_process_results:
-        pytest.skip(f"{SCENARIOS[name][3]} is not installed")
+    ranks = _results(two_process_results, name)
     single = _train(name)
     untrained = {k: v for k, v in _model(*SCENARIOS[name][:2]).named_parameters() if v.requires_grad}
     assert any(".goft_" in key for key in single) and set(single) == set(untrained)
@@ -160,7 +172,6 @@ def test_two_processes_match_one_process_on_the_global_batch(two_process_results
     # over 4). SGD passes that rounding through as is; Adam divides each gradient by its running
     # RMS, which for a near-zero entry magnifies it, so there the bound is 0.1% of one step.
     atol = 1e-6 if optimizer == "sgd" else 1e-3 * LR[optimizer]
-    ranks = two_process_results[name]
     for rank, trained in enumerate(ranks):
         assert set(trained) == set(single)
         for key, value in single.items():
@@ -168,6 +179,18 @@ def test_two_processes_match_one_process_on_the_global_batch(two_process_results
             torch.testing.assert_close(trained[key], value, rtol=1e-5, atol=atol, msg=lambda m: f"rank {rank}, {key}: {m}")
     # The replicas (DDP) or the gathered shards (FSDP2) agree exactly across ranks.
     assert all(torch.equal(ranks[0][key], other[key]) for other in ranks[1:] for key in single)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_the_adapter_saved_by_the_distributed_run_loads_exactly(two_process_results, name):
+    trained = _results(two_process_results, name)[0]
+    kind, overrides = SCENARIOS[name][:2]
+    fresh = _model(kind, {})
+    goft.unload(fresh)  # the same frozen base, no adapter
+    goft.load_adapter(fresh, str(two_process_results / name))
+    loaded = {k: v for k, v in fresh.named_parameters() if v.requires_grad}
+    assert set(loaded) == set(trained)
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
 
 
 @pytest.fixture

@@ -455,6 +455,12 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
 def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:
     configs = getattr(model, CONFIGS_ATTR, None)
     if configs is None:  # {} is still injected: its last adapter was deleted, the wrappers remain
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and getattr(inner, CONFIGS_ATTR, None) is not None:
+            raise ValueError(
+                f"{where}: {type(model).__name__} wraps the injected model; pass the wrapped model "
+                "(model.module, or accelerator.unwrap_model(model))"
+            )
         raise ValueError(f"{where}: the model has no goft adapter; goft.inject(model, ...) first")
     return configs
 

@@ -49,6 +49,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     Tensor keys are module names plus the store name, e.g.
     ``model.layers.0.self_attn.q_proj.goft_angles``, independent of the adapter's name, so it can
     be loaded under any name.
+
+    A model sharded by FSDP2 (``fully_shard``): call this on every rank. The shards are gathered
+    (a collective, hence every rank) and only rank 0 writes the files.
     """
     import safetensors.torch
     import goft
@@ -64,6 +67,15 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
 
     tensors: Dict[str, torch.Tensor] = {}
     layers: Dict[str, Dict[str, Any]] = {}
+    sharded = False
+
+    def gathered(value: torch.Tensor) -> torch.Tensor:
+        nonlocal sharded
+        if callable(getattr(value, "full_tensor", None)):  # a DTensor shard (FSDP2)
+            sharded = True
+            value = value.full_tensor()
+        return value.detach().to("cpu").contiguous()
+
     for module_name, layer in named_goft_layers(model):
         if name not in layer.adapter_configs:
             continue
@@ -71,11 +83,13 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         for store_name, param in layer.adapter_parameters(name).items():
             if param.is_meta:
                 raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
-            tensors[f"{module_name}.{store_name}"] = param.detach().to("cpu").contiguous()
+            tensors[f"{module_name}.{store_name}"] = gathered(param)
     saved_modules = _modules_to_save(model, config)
     for module_name in saved_modules:
         for key, value in model.get_submodule(module_name).state_dict().items():
-            tensors[f"{module_name}.{key}"] = value.detach().to("cpu").contiguous()
+            tensors[f"{module_name}.{key}"] = gathered(value)
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
 
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT})
     description = {
