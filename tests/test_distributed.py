@@ -220,6 +220,14 @@ def test_adding_adapters_after_wrapping_is_refused(single_process_group, tmp_pat
     assert not any(isinstance(m, goft.GivensLinear) for m in model.modules())
 
 
+def test_a_wrapper_passed_for_the_injected_model_says_to_unwrap(single_process_group, tmp_path):
+    model = _ddp(_model("llama", {}), lambda m: None)[0]
+    for call in (lambda: goft.save_adapter(model, str(tmp_path)), lambda: goft.merge(model)):
+        with pytest.raises(ValueError, match=r"DistributedDataParallel wraps the injected model; pass the wrapped model \(model.module"):
+            call()
+    goft.save_adapter(model.module, str(tmp_path))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _worker(sys.argv[1])
