@@ -84,18 +84,9 @@ OP_ERRORS = [
 ]
 
 
-# Misuse the compiled op handles, but with a message that does not say what is wrong. The op
-# (cpp/, python/goft/ops.py) belongs to the kernel owner; strict xfail: fixing it flips these.
-_OP_MESSAGE_GAPS = {
-    "x None": "None reaches the kernel as an undefined tensor: 'expected x of dtype float32, ..., got UNKNOWN_SCALAR'",
-    "params None": "None reaches the kernel as an undefined tensor: 'expected params of dtype float32 or float64, got UNKNOWN_SCALAR'",
-}
-
-
 def _op_cases():
     for name, call, error, message in OP_ERRORS:
-        marks = [pytest.mark.xfail(strict=True, reason=_OP_MESSAGE_GAPS[name])] if name in _OP_MESSAGE_GAPS else []
-        yield pytest.param(call, error, message, id=name, marks=marks)
+        yield pytest.param(call, error, message, id=name)
 
 
 @pytest.mark.parametrize("call,error,message", _op_cases())

@@ -238,7 +238,7 @@ def test_opcheck(quasi, with_scale):
     for transpose in (False, True):
         torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose))
     grad_out = torch.randn(3, 4, d)
-    torch.library.opcheck(torch.ops.goft.rotate_backward.default, (grad_out, x.detach(), params.detach(), scale, False, [True, True, with_scale]))
+    torch.library.opcheck(torch.ops.goft.rotate_backward.default, (grad_out, x.detach(), params.detach(), None if scale is None else scale.detach(), False, [True, True, with_scale]))
 
 
 def test_torch_compile_fullgraph_dynamic_with_backward():
