@@ -53,12 +53,12 @@ __device__ __forceinline__ Acc* dynamic_smem() {
 // Kernels.
 
 template <class K, bool kTransposed>
-__global__ void fused_rotate_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
+__global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
   fused_rotate<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
 }
 
 template <class K, bool kTransposed>
-__global__ void fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
+__global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
   fused_rotate_backward<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
 }
 
@@ -202,10 +202,11 @@ constexpr int kNumFusedVariants = 4;  // kChunks = 1, 2, 3, 4
 template <typename T, bool kBackward, int kChunks>
 FusedKernel<T> fused_kernel_for(bool transpose) {
   using K = FusedTraits<T, kChunks, kBackward>;
-  if (kBackward) {
+  if constexpr (kBackward) {
     return transpose ? &fused_rotate_backward_kernel<K, true> : &fused_rotate_backward_kernel<K, false>;
+  } else {
+    return transpose ? &fused_rotate_kernel<K, true> : &fused_rotate_kernel<K, false>;
   }
-  return transpose ? &fused_rotate_kernel<K, true> : &fused_rotate_kernel<K, false>;
 }
 
 template <typename T, bool kBackward>

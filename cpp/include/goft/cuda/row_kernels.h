@@ -135,6 +135,13 @@ struct FusedTraits {
   // The next row is loaded while the current one is transformed (forward only: the backward
   // already holds about four values per feature, and a second row would cost occupancy).
   static constexpr bool kPrefetch = !kBackward && kChunks <= 2;
+
+  // Block size the compiler must allow (__launch_bounds__), which caps registers per thread at
+  // 65536 / kLaunchBoundThreads. Without a cap the compiler spends registers freely and the wide
+  // rows, which need the most threads per row, could not launch at all. Forward: 1024 threads
+  // (64 registers; the 1- and 2-chunk kernels need fewer anyway). Backward holds about four
+  // values per feature: 512 threads (128 registers).
+  static constexpr int kLaunchBoundThreads = kBackward ? 512 : 1024;
 };
 
 // ---------------------------------------------------------------------------------------------
