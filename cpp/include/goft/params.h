@@ -45,15 +45,17 @@ struct RotateBackwardArgs {
 };
 
 // Rows are split into this many chunks for parameter gradients. It depends on the problem only,
-// never on the thread count (determinism); 64 chunks keep up to 64 threads busy, and the cap on
-// partial-buffer entries bounds the extra memory for very wide d.
+// never on the thread count (determinism). Each chunk costs a zeroed partial and a final
+// per-pair pass, so it gets at least 32 rows; 64 chunks keep up to 64 threads busy, and the cap
+// on partial-buffer entries bounds the extra memory for very wide d.
 GOFT_HOST_DEVICE int64_t grad_chunk_count(int64_t rows, int64_t dim) {
   constexpr int64_t kMaxChunks = 64;
+  constexpr int64_t kMinRowsPerChunk = 32;
   constexpr int64_t kMaxPartialEntries = int64_t{1} << 24;
   const int64_t per_chunk = 5 * (dim > 0 ? dim : 1);
   int64_t chunks = kMaxPartialEntries / per_chunk;
   if (chunks > kMaxChunks) chunks = kMaxChunks;
-  if (chunks > rows) chunks = rows;
+  if (chunks > rows / kMinRowsPerChunk) chunks = rows / kMinRowsPerChunk;
   return chunks < 1 ? 1 : chunks;
 }
 
