@@ -1,0 +1,92 @@
+"""Issue-2 op targets and the C++ core's bench binary, as one results section (10-core.md).
+
+    python bench/core_bench.py            # float32, 8192 rows, d=4096 (the targets), plus the binary
+
+Targets (float32, 8192 rows, d=4096, same process): goft.rotate forward at most 1.5x the time of
+x.clone(), forward + backward (x, angles) at most 3x. Both sides allocate their outputs, as a
+training step does. The bench binary times the torch-free kernels against memcpy on buffers it
+reuses (so its memcpy may be cache-resident where the kernels are not: compare with care).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import torch
+
+import common
+import goft
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def op_targets(rows: int, d: int, repeats: int):
+    x = torch.randn(rows, d)
+    angles = (0.1 * torch.randn(d - 1)).requires_grad_()
+    grad_out = torch.randn(rows, d)
+    xg = x.clone().requires_grad_()
+
+    def fwd_bwd():
+        y = goft.rotate(xg, angles)
+        torch.autograd.grad(y, [xg, angles], grad_out)
+
+    samples = common.time_interleaved(
+        {"clone": lambda: x.clone(), "forward": lambda: goft.rotate(x, angles.detach()), "forward+backward": fwd_bwd},
+        repeats=repeats, budget_s=20.0,
+    )
+    ms = {k: common.median(v) * 1e3 for k, v in samples.items()}
+    return ms, {k: len(v) for k, v in samples.items()}
+
+
+def bench_binary(rows: int) -> str:
+    build = ROOT / "build" / "bench"
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "bench", "-j2"], check=True, stdout=subprocess.DEVNULL)
+    out = subprocess.run([str(build / "bench"), "--rows", str(rows), "--repeats", "7"], check=True,
+                         capture_output=True, text=True)
+    return out.stdout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="1024 rows, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.repeats = 1024, 5
+    info = common.machine_info()
+    t0 = time.time()
+    ms, n = op_targets(args.rows, args.dim, args.repeats)
+    binary = bench_binary(args.rows)
+    fwd_ratio = ms["forward"] / ms["clone"]
+    both_ratio = ms["forward+backward"] / ms["clone"]
+    command = "python bench/core_bench.py" + (" --quick" if args.quick else "")
+    body = common.run_header(info, common.loadavg(), time.time() - t0, command)
+    body += (f"\nfloat32 x of shape ({args.rows}, {args.dim}), strict angles; medians of interleaved rounds "
+             f"(n = {n['clone']}, {n['forward']}, {n['forward+backward']}).\n\n")
+    rows = [
+        ["x.clone()", f"{ms['clone']:.1f}", "1.00x", "", ""],
+        ["goft.rotate forward", f"{ms['forward']:.1f}", f"{fwd_ratio:.2f}x", "<= 1.5x", "holds" if fwd_ratio <= 1.5 else "missed"],
+        ["forward + backward (grad x, angles)", f"{ms['forward+backward']:.1f}", f"{both_ratio:.2f}x", "<= 3x",
+         "holds" if both_ratio <= 3.0 else "missed"],
+    ]
+    body += common.md_table(["pass", "ms", "/ clone", "target", "status"], rows, align="lrrrl")
+    body += ("\n\nThe torch-free bench binary (`build/bench/bench`, OpenMP, same machine and run); its memcpy "
+             "reuses warm buffers:\n\n```\n" + binary.rstrip() + "\n```\n")
+    common.write_section("10-core", "Op targets (issue 2) and the C++ bench binary", body,
+                         {"ms": ms, "n": n, "rows": args.rows, "dim": args.dim, "machine": info, "binary": binary,
+                          "command": command})
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
