@@ -1,16 +1,18 @@
-"""Where goft's time goes: the op's passes against the memory roofline, and a layer's profile against the frozen layer.
+"""Where goft's time goes: the op's passes against memory roofs, and a layer's overhead taken apart.
 
-Three measurements, float32, 8192 rows, d in {768, 4096}:
-1. The op's passes, interleaved with x.clone(): forward; the backward's three kinds (grad_x only,
-   which is the forward with transpose; angles only; both), each next to the least memory traffic
-   it needs (tensors of x's size read or written) at clone's bandwidth.
-2. The same passes on one thread: a pass that is bound by memory bandwidth barely slows down,
-   one bound by its instructions takes about twice as long.
-3. torch.profiler of one adapted nn.Linear's forward + backward (goft.inject) next to the frozen
-   layer's: self time per op, so goft's overhead splits into the op's forward, its backward,
-   and the small parameter ops around them.
-From these the section states the floor the layer-level target faces: goft's extra traffic (5
-tensors of x's size per forward + backward) at clone's bandwidth, against the time the target allows.
+Float32, 8192 rows, d in {768, 4096}; strict GOFT angles, no scale.
+1. The op's passes, interleaved with two roofs: x.clone() (a fresh output, as every op that returns
+   a new tensor gets: the kernel maps and zeroes its pages on first touch) and x copied into a
+   preallocated tensor (DRAM bandwidth alone). Passes: forward; the backward's three kinds (grad_x
+   only, which is the forward with transpose; angles only; both), each with the least traffic it
+   needs (tensors of x's size read or written).
+2. The same passes on one thread: a pass bound by memory barely slows down, one bound by its own
+   instructions takes about twice as long.
+3. The same passes in a child process with THP_MEM_ALLOC_ENABLE=1 (PyTorch then backs large CPU
+   tensors with transparent huge pages): how much of each pass is first-touch page faults.
+4. One nn.Linear adapted by goft.inject against the frozen layer: fwd + bwd times interleaved,
+   and torch.profiler self times grouped into the op's forward, its backward, matmuls and the rest.
+Then: the time the layer-level target allows against the op's cost and floors.
 
     python bench/profile_op.py [--quick]
 """
@@ -18,6 +20,9 @@ tensors of x's size per forward + backward) at clone's bandwidth, against the ti
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -31,8 +36,20 @@ import common  # noqa: E402
 from layer_bench import TIME_TARGETS, OneLinear  # noqa: E402
 
 STEM = "60-profile"
+PASSES = ["fwd", "bwd grad_x", "bwd angles", "bwd both"]
 # Tensors of x's size each pass must read or write at least.
 PASS_TENSORS = {"fwd": 2, "bwd grad_x": 3, "bwd angles": 2, "bwd both": 3, "fwd+bwd": 5}
+# torch.profiler event names -> what they are. The Python-registered autograd of goft::rotate
+# runs the forward kernel inside an event named GeneratedBackwardFor_goft_rotate_default.
+CATEGORIES = {
+    "goft::rotate": "goft op, forward",
+    "GeneratedBackwardFor_goft_rotate_default": "goft op, forward",
+    "goft::rotate_backward": "goft op, backward",
+    "GeneratedBackwardFor_goft_rotate_defaultBackward": "goft op, backward",
+    "autograd::engine::evaluate_function: GeneratedBackwardFor_goft_rotate_defaultBackward": "goft op, backward",
+    "aten::addmm": "matmuls (addmm, mm)",
+    "aten::mm": "matmuls (addmm, mm)",
+}
 
 
 def _import_goft():
@@ -48,14 +65,16 @@ def _import_goft():
 
 
 def op_passes(goft, d: int, rows: int, repeats: int) -> Dict[str, float]:
-    """Median seconds of clone and of each pass of the op."""
+    """Median seconds of the two roofs and of each pass of the op."""
     gen = torch.Generator().manual_seed(d)
     x = torch.randn(rows, d, generator=gen)
     g = torch.randn(rows, d, generator=gen)
+    into = torch.empty_like(x)
     angles = (torch.rand(d - 1, generator=gen) * 2 - 1) * torch.pi
     bwd = torch.ops.goft.rotate_backward.default
     fns = {
         "clone": lambda: x.clone(),
+        "copy": lambda: into.copy_(x),
         "fwd": lambda: goft.rotate(x, angles),
         "bwd grad_x": lambda: bwd(g, x, angles, None, False, [True, False, False]),
         "bwd angles": lambda: bwd(g, x, angles, None, False, [False, True, False]),
@@ -65,8 +84,16 @@ def op_passes(goft, d: int, rows: int, repeats: int) -> Dict[str, float]:
     return {k: common.median(v) for k, v in samples.items()}
 
 
-def layer_profile(goft, d: int, rows: int, iters: int) -> Dict[str, Dict[str, float]]:
-    """ms per forward + backward of each op (self time), for the frozen layer and the goft layer."""
+def op_passes_thp(d: int, rows: int, repeats: int) -> Dict[str, float]:
+    """op_passes in a child process with PyTorch's huge-page allocation switched on."""
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1")
+    cmd = [sys.executable, __file__, "--passes-json", str(d), str(rows), str(repeats)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def layer_costs(goft, d: int, rows: int, repeats: int, iters: int) -> dict:
+    """Frozen vs goft layer: interleaved fwd + bwd medians, and profiler self ms per category."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(d)
@@ -75,93 +102,122 @@ def layer_profile(goft, d: int, rows: int, iters: int) -> Dict[str, Dict[str, fl
     adapted.lin.base_layer.load_state_dict(base.lin.state_dict())
     x = torch.randn(rows, d).requires_grad_()
     g = torch.randn(rows, d)
-    out = {}
+    fns = {}
     for name, m in (("frozen", base), ("goft", adapted)):
         params = [x] + [p for p in m.parameters() if p.requires_grad]
-        torch.autograd.grad(m(x), params, g)  # warm-up
+        fns[name] = lambda m=m, params=params: torch.autograd.grad(m(x), params, g)
+    samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
+    out = {"ms": {k: common.median(v) * 1e3 for k, v in samples.items()}, "categories": {}}
+    for name, fn in fns.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(iters):
-                torch.autograd.grad(m(x), params, g)
-        per_op = defaultdict(float)
+                fn()
+        per = defaultdict(float)
         for evt in prof.key_averages():
-            per_op[evt.key] += evt.self_cpu_time_total / 1e3 / iters
-        out[name] = dict(per_op)
+            per[CATEGORIES.get(evt.key, "everything else")] += evt.self_cpu_time_total / 1e3 / iters
+        out["categories"][name] = dict(per)
     return out
+
+
+def _floor(t: Dict[str, float], p: str, roof: str) -> float:
+    return PASS_TENSORS[p] * t[roof] / 2
 
 
 def render(results: List[dict], info, load_after, wall, command) -> str:
     out = [common.run_header(info, load_after, wall, command)]
     out.append(
-        "Float32, strict GOFT angles, no scale. Memory floor of a pass = (tensors of x's size it "
-        "must read or write) x (x.clone() time) / 2, with clone timed in the same interleaved "
-        "rounds. `bwd grad_x` is `rotate_backward` asked for grad_x only (the transposed forward), "
-        "`bwd angles` for the angle gradient only, `bwd both` for both (what a layer with trainable "
-        "inputs below it runs).\n"
+        "Floors: a pass's tensors of x's size (fwd 2, bwd grad_x 3, bwd angles 2, bwd both 3) times "
+        "half the time of the roof, timed in the same interleaved rounds: **clone** (a fresh output "
+        "tensor, page faults included, as every op that returns a new tensor pays) and **copy** (x "
+        "copied into a preallocated tensor: memory bandwidth alone). `bwd grad_x` is `rotate_backward` "
+        "asked for grad_x only (the transposed forward), `bwd angles` for the angles only, `bwd both` "
+        "for both (a layer with trainable layers below it). THP: the same in a child process with "
+        "`THP_MEM_ALLOC_ENABLE=1`.\n"
     )
+    out.append("### The op's passes against the roofs, on one thread, and with huge pages\n")
     rows = []
     for r in results:
-        t = r["passes2"]
-        t1 = r["passes1"]
-        for p in ("fwd", "bwd grad_x", "bwd angles", "bwd both"):
-            floor = PASS_TENSORS[p] * t["clone"] / 2
-            rows.append([str(r["d"]), str(r["rows"]), p, f"{t[p] * 1e3:.1f}", f"{floor * 1e3:.1f}",
-                         f"{t[p] / floor:.2f}x", f"{t1[p] * 1e3:.1f}", f"{t1[p] / t[p]:.2f}x"])
-        rows.append([str(r["d"]), str(r["rows"]), "x.clone()", f"{t['clone'] * 1e3:.1f}", "", "",
-                     f"{t1['clone'] * 1e3:.1f}", f"{t1['clone'] / t['clone']:.2f}x"])
-    out.append("### 1-2. The op's passes against the memory floor, and on one thread\n")
+        t, t1, th = r["passes"], r["passes_1thread"], r["passes_thp"]
+        for p in PASSES:
+            rows.append([str(r["d"]), p, f"{t[p] * 1e3:.1f}", f"{t[p] / _floor(t, p, 'clone'):.2f}x",
+                         f"{t[p] / _floor(t, p, 'copy'):.2f}x", f"{t1[p] * 1e3:.1f} ({t1[p] / t[p]:.2f}x)",
+                         f"{th[p] * 1e3:.1f} ({th[p] / t[p]:.2f}x)"])
+        for roof in ("clone", "copy"):
+            rows.append([str(r["d"]), f"*x.{roof}()*" if roof == "clone" else "*copy into preallocated*",
+                         f"{t[roof] * 1e3:.1f}", "", "", f"{t1[roof] * 1e3:.1f} ({t1[roof] / t[roof]:.2f}x)",
+                         f"{th[roof] * 1e3:.1f} ({th[roof] / t[roof]:.2f}x)"])
+    threads = results[0]["threads"]
     out.append(common.md_table(
-        ["d", "rows", "pass", f"ms ({results[0]['threads']} threads)", "memory floor ms", "x floor",
-         "ms (1 thread)", "1 thread / all"], rows, align="lrlrrrrr"))
-    out.append(
-        "\nA pass bound by memory bandwidth runs near its floor and gains little from a second "
-        "thread (1 thread / all near 1); one bound by its own instructions sits well above the "
-        "floor and runs about twice as long on one thread.\n"
-    )
-    out.append("### 3. One adapted nn.Linear, forward + backward: self time per op (ms per iteration)\n")
-    for r in results:
-        prof = r["profile"]
-        keys = sorted(set(prof["frozen"]) | set(prof["goft"]), key=lambda k: -prof["goft"].get(k, 0.0))
-        keys = [k for k in keys if max(prof["goft"].get(k, 0), prof["frozen"].get(k, 0)) >= 0.05]
-        rows = [[k, f"{prof['frozen'].get(k, 0.0):.2f}", f"{prof['goft'].get(k, 0.0):.2f}",
-                 f"{prof['goft'].get(k, 0.0) - prof['frozen'].get(k, 0.0):+.2f}"] for k in keys]
-        tot_f, tot_g = sum(prof["frozen"].values()), sum(prof["goft"].values())
-        rows.append(["**all ops**", f"{tot_f:.2f}", f"{tot_g:.2f}", f"{tot_g - tot_f:+.2f}"])
-        out.append(f"d={r['d']}, {r['rows']} rows ({r['iters']} iterations profiled):\n")
-        out.append(common.md_table(["op", "frozen", "goft", "goft - frozen"], rows, align="lrrr"))
-        out.append("")
-    out.append("### What bounds the layer-level target\n")
+        ["d", "pass", f"ms ({threads} threads)", "/ clone floor", "/ copy floor", "ms, 1 thread (/ all)",
+         "ms, THP (/ without)"], rows, align="llrrrrr"))
+    out.append(f"\n{results[0]['rows']} rows, float32. A pass bound by memory stays near a floor and "
+               "gains little from the second thread; one bound by its instructions takes about twice "
+               "as long on one thread.\n")
+
+    out.append("### One adapted nn.Linear: goft's overhead taken apart\n")
     rows = []
     for r in results:
-        t = r["passes2"]
-        prof = r["profile"]
-        frozen_ms = sum(prof["frozen"].values())
+        lc = r["layer"]
+        f, g = lc["ms"]["frozen"], lc["ms"]["goft"]
+        t = r["passes"]
+        op = (t["fwd"] + t["bwd both"]) * 1e3
         target = TIME_TARGETS.get(r["d"])
-        op_ms = (t["fwd"] + t["bwd both"]) * 1e3
-        floor_ms = PASS_TENSORS["fwd+bwd"] * t["clone"] / 2 * 1e3
-        allowed = (target - 1.0) * frozen_ms if target else None
-        rows.append([str(r["d"]), f"{frozen_ms:.1f}", f"{(target or 0):.2f}x" if target else "-",
-                     f"{allowed:.1f}" if allowed is not None else "-", f"{op_ms:.1f}", f"{floor_ms:.1f}",
-                     "-" if allowed is None else ("yes" if floor_ms <= allowed else "no"),
-                     "-" if allowed is None else ("yes" if op_ms <= allowed else "no")])
+        allowed = (target - 1.0) * f if target else None
+        rows.append([str(r["d"]), f"{f:.1f}", f"{g:.1f}", f"{g - f:+.1f} ({g / f:.3f}x)",
+                     "-" if target is None else f"{allowed:.1f} ({target:.2f}x)", f"{op:.1f}",
+                     f"{_floor(t, 'fwd+bwd', 'clone') * 1e3:.1f}", f"{_floor(t, 'fwd+bwd', 'copy') * 1e3:.1f}"])
     out.append(common.md_table(
-        ["d", "frozen layer ms (profiled ops)", "target", "overhead allowed ms", "op fwd + bwd ms",
-         "memory floor of fwd + bwd ms", "floor fits", "op fits"], rows, align="lrrrrrll"))
-    out.append(
-        "\nThe frozen layer's fwd + bwd is two matmuls (forward and grad_x) whose time grows with d "
-        "per row, while goft's op moves 5 tensors of x's size whatever d is; so the time the target "
-        "allows (10% at d=4096, 20% at d=768 of the matmuls) shrinks relative to the op's floor as "
-        "d falls. Where `floor fits` is no, no kernel can meet the target at this machine's memory "
-        "bandwidth; where the floor fits but the op does not, the kernel's own instructions (or its "
-        "extra passes over memory) are the cost: see the one-thread column above.\n"
-    )
+        ["d", "frozen ms", "goft ms", "overhead ms", "overhead the target allows", "op fwd + bwd alone ms",
+         "clone floor of fwd + bwd", "copy floor of fwd + bwd"], rows, align="lrrrrrrr"))
+    out.append("\nLayer times: medians of interleaved fwd + bwd runs (as in the layer section, fewer "
+               "repeats). Op alone: the fwd and bwd both passes above. Floors: 5 tensors of x's size.\n")
+    cats = ["matmuls (addmm, mm)", "goft op, forward", "goft op, backward", "everything else"]
+    rows = []
+    for r in results:
+        c = r["layer"]["categories"]
+        for name in ("frozen", "goft"):
+            vals = [c[name].get(k, 0.0) for k in cats]
+            rows.append([str(r["d"]), name] + [f"{v:.1f}" for v in vals] + [f"{sum(vals):.1f}"])
+    out.append(f"torch.profiler self time per forward + backward, ms ({results[0]['iters']} iterations; "
+               "the matmuls vary by several percent from run to run, so compare the goft rows, "
+               "not the totals):\n")
+    out.append(common.md_table(["d", "layer"] + cats + ["all"], rows, align="llrrrrr"))
+    out.append("")
+    out.append("### Reading\n")
+    for r in results:
+        t, th = r["passes"], r["passes_thp"]
+        lc = r["layer"]["ms"]
+        op = (t["fwd"] + t["bwd both"]) * 1e3
+        op_thp = (th["fwd"] + th["bwd both"]) * 1e3
+        target = TIME_TARGETS.get(r["d"])
+        line = (f"- d={r['d']}: the op's fwd + bwd takes {op:.1f} ms, "
+                f"{op / (_floor(t, 'fwd+bwd', 'clone') * 1e3):.2f}x its clone floor and "
+                f"{op / (_floor(t, 'fwd+bwd', 'copy') * 1e3):.2f}x its copy floor; with huge pages "
+                f"{op_thp:.1f} ms, so {max(0.0, op - op_thp):.1f} ms of it is first-touch page faults "
+                "on its fresh outputs. ")
+        if target:
+            allowed = (target - 1.0) * lc["frozen"]
+            overhead = lc["goft"] - lc["frozen"]
+            line += (f"The target allows {allowed:.1f} ms over the frozen layer's {lc['frozen']:.1f} ms; "
+                     f"goft's measured overhead is {overhead:.1f} ms "
+                     f"({'within' if overhead <= allowed else 'over'} it)"
+                     + (f", {overhead - op:+.1f} ms beyond the op alone" if abs(overhead - op) > 0.1 * op else "")
+                     + ".")
+        out.append(line)
+    out.append("")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for checking the script")
+    ap.add_argument("--passes-json", nargs=3, type=int, metavar=("D", "ROWS", "REPEATS"),
+                    help=argparse.SUPPRESS)  # child mode of op_passes_thp
     args = ap.parse_args(argv)
     goft = _import_goft()
+    if args.passes_json:
+        print(json.dumps(op_passes(goft, *args.passes_json)))
+        return 0
     dims = [256, 768] if args.quick else [768, 4096]
     rows = 1024 if args.quick else 8192
     repeats = 3 if args.quick else 7
@@ -171,16 +227,18 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     results = []
     for d in dims:
-        passes2 = op_passes(goft, d, rows, repeats)
+        passes = op_passes(goft, d, rows, repeats)
         torch.set_num_threads(1)
         try:
             passes1 = op_passes(goft, d, rows, max(3, repeats // 2))
         finally:
             torch.set_num_threads(threads)
-        prof = layer_profile(goft, d, rows, iters)
-        results.append(dict(d=d, rows=rows, threads=threads, passes2=passes2, passes1=passes1, profile=prof,
-                            iters=iters))
-        print(f"  d={d}: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in passes2.items()), flush=True)
+        passes_thp = op_passes_thp(d, rows, repeats)
+        layer = layer_costs(goft, d, rows, repeats if d <= 1024 else max(3, repeats // 2), iters)
+        results.append(dict(d=d, rows=rows, threads=threads, passes=passes, passes_1thread=passes1,
+                            passes_thp=passes_thp, layer=layer, iters=iters))
+        print(f"  d={d}: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in passes.items())
+              + f"; layer frozen {layer['ms']['frozen']:.1f} ms, goft {layer['ms']['goft']:.1f} ms", flush=True)
     wall = time.perf_counter() - t_start
     command = "python bench/profile_op.py" + (" --quick" if args.quick else "")
     body = render(results, info, common.loadavg(), wall, command)
