@@ -1,4 +1,4 @@
-"""Runs every Python benchmark (op, layer, training step, op profile) and rebuilds bench/RESULTS.md.
+"""Runs every benchmark (core op targets, op, layer, training step, op profile) and rebuilds bench/RESULTS.md.
 
     python bench/run_all.py            # the full run, about 12-14 minutes on an idle 2-core CPU
     python bench/run_all.py --quick    # small sizes, a minute or two: checks that everything runs
@@ -20,6 +20,7 @@ import time
 import common
 
 BENCHES = {
+    "core": "core_bench.py",
     "ops": "ops_bench.py",
     "layer": "layer_bench.py",
     "train": "train_bench.py",
@@ -63,6 +64,9 @@ def main(argv=None) -> int:
     failed = []
     for name in args.only:
         script = common.BENCH_DIR / BENCHES[name]
+        if not script.exists():
+            print(f"=== {name}: {script.name} not found, skipped", flush=True)
+            continue
         cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
