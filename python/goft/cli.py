@@ -39,7 +39,8 @@ def _name_list(text: str) -> List[str]:
 
 
 def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
-                          max_length: int, seed: int, threads: Optional[int], orth_lambda: float) -> None:
+                          max_length: int, seed: int, threads: Optional[int], orth_lambda: float,
+                          demo: bool) -> None:
     g = p.add_argument_group("method and training")
     g.add_argument("--variant", choices=("goft", "qgoft"), default="goft",
                    help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
@@ -59,7 +60,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
                    help="also train these on the same split, each in a fresh process, and print a table: "
                         "comma-separated lora (PEFT LoRA r=8), oft (PEFT OFT), goft, qgoft, head (head only)")
     g.add_argument("--compare-lr", type=_positive_float, default=None,
-                   help="learning rate of the compared methods (default: --lr)")
+                   help="learning rate of the compared methods (default: " + (
+                       "each method's rate tuned for the demo, bench/demo_results.md)" if demo else "--lr)"))
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_options(demo, lr=DEFAULTS.lr, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size,
                           max_length=DEFAULTS.max_length, seed=DEFAULTS.seed, threads=DEFAULTS.threads,
-                          orth_lambda=DEFAULTS.orth_lambda)
+                          orth_lambda=DEFAULTS.orth_lambda, demo=True)
     d = demo.add_argument_group("data and output")
     d.add_argument("--max-train", type=_positive_int, default=DEFAULTS.n_train,
                    help=f"training examples, balanced (default {DEFAULTS.n_train})")
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--oft-block-size", type=_positive_int, default=32, help="block size of --compare oft (default 32)")
     io.add_argument("--output-dir", default=None, help="where to write the adapter and metrics.json")
     _add_training_options(ft, lr=1e-3, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
-                          orth_lambda=0.01)
+                          orth_lambda=0.01, demo=False)
     return parser
 
 

@@ -39,6 +39,8 @@ __all__ = [
     "balanced_split",
     "make_split",
     "check_model_dir",
+    "linear_layer_names",
+    "evaluate",
     "run",
     "run_isolated",
     "compare",
@@ -394,6 +396,8 @@ class RunConfig:
         for name in ("lr", "epochs", "batch_size", "max_length", "eval_batch_size", "lora_rank", "oft_block_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"goft finetune: {name} must be positive, got {getattr(self, name)}")
+        if self.scale and self.method != "goft":
+            raise ValueError(f"goft finetune: scale (GOFT*) applies to method 'goft' only, got {self.method!r}")
         if self.orth_lambda < 0:
             raise ValueError(f"goft finetune: orth_lambda must be >= 0, got {self.orth_lambda}")
         if self.threads is not None and self.threads < 1:
@@ -617,10 +621,74 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> RunResult:
-    """Fine-tunes ``config.model_dir`` on ``split`` with ``config.method`` and evaluates it on the test side."""
+def _train(model, trainable, train_ids, train_labels, pad_id: int, config: RunConfig):
+    """The training loop; returns (seconds, PeakRSS of the loop, smoothed final loss)."""
     from tqdm.auto import tqdm
 
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = math.ceil(len(train_ids) / config.batch_size) * config.epochs
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+
+    def lr_factor(step: int) -> float:
+        # Linear warm-up, then linear decay to zero: the GLUE recipe the GOFT paper follows.
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    penalty = _penalty_fn(model, config)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)  # dropout masks
+    lengths = [len(x) for x in train_ids]
+    model.train()
+    running = float("nan")
+    start = time.perf_counter()
+    with PeakRSS() as memory:
+        for epoch in range(config.epochs):
+            bar = tqdm(_train_batches(lengths, config.batch_size, rng), desc=f"train epoch {epoch + 1}/{config.epochs}",
+                       unit="batch", disable=not config.progress, leave=False)
+            for batch in bar:
+                input_ids, mask, y = _collate([train_ids[i] for i in batch], [train_labels[i] for i in batch], pad_id)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                extra = penalty()
+                total = loss if extra is None else loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+                bar.set_postfix(loss=f"{running:.3f}")
+            bar.close()
+    return time.perf_counter() - start, memory, running
+
+
+def _merge_check(model, test_ids, test_labels, pad_id: int, logits: torch.Tensor, config: RunConfig) -> dict:
+    """Merges the goft adapter into the weights and compares the plain model's test predictions."""
+    import goft
+
+    merged = goft.merge_and_unload(model)
+    leftover = [n for n, m in merged.named_modules() if type(m).__module__.startswith("goft")]
+    merged_accuracy, merged_logits = evaluate(merged, test_ids, test_labels, pad_id, config.eval_batch_size,
+                                              config.progress, "eval merged")
+    return {
+        "same_predictions": (merged_logits.argmax(-1) == logits.argmax(-1)).sum().item(),
+        "examples": len(test_ids),
+        "accuracy": merged_accuracy,
+        "max_abs_logit_diff": (merged_logits - logits).abs().max().item(),
+        "goft_modules_left": len(leftover),
+    }
+
+
+def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> RunResult:
+    """Fine-tunes ``config.model_dir`` on ``split`` with ``config.method`` and evaluates it on the test side.
+
+    Loads the model with a fresh head seeded by ``config.seed``, applies the method, optionally
+    evaluates first, trains, evaluates, then (goft methods) saves the adapter and checks the merged
+    model; with ``output_dir`` also writes metrics.json.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer, model, heads = _load(config, split.label_names)
@@ -650,45 +718,7 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
                                       config.progress, "eval before")
         log(f"test accuracy before fine-tuning: {100 * accuracy_before:.2f}%")
 
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-
-    def lr_factor(step: int) -> float:
-        # Linear warm-up, then linear decay to zero: the GLUE recipe the GOFT paper follows.
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    penalty = _penalty_fn(model, config)
-    rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)  # dropout masks
-    lengths = [len(x) for x in train_ids]
-    model.train()
-    running = float("nan")
-    start = time.perf_counter()
-    with PeakRSS() as memory:
-        for epoch in range(config.epochs):
-            bar = tqdm(_train_batches(lengths, config.batch_size, rng), desc=f"train epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", disable=not config.progress, leave=False)
-            for batch in bar:
-                input_ids, mask, y = _collate([train_ids[i] for i in batch], [split.train_labels[i] for i in batch], pad_id)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), y)
-                extra = penalty()
-                total = loss if extra is None else loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
-                bar.set_postfix(loss=f"{running:.3f}")
-            bar.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds, memory, final_loss = _train(model, trainable, train_ids, split.train_labels, pad_id, config)
 
     start = time.perf_counter()
     accuracy, logits = evaluate(model, test_ids, split.test_labels, pad_id, config.eval_batch_size,
@@ -702,7 +732,7 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
         trainable_params=n_trainable, adapter_params=n_trainable - head_params, head_params=head_params,
         total_params=total_params, train_seconds=train_seconds, eval_seconds=eval_seconds,
         peak_rss_growth=memory.growth, peak_rss_exact=memory.exact, threads=torch.get_num_threads(),
-        final_loss=running, adapted_layers=len(targets) if config.method != "head" else 0,
+        final_loss=final_loss, adapted_layers=len(targets) if config.method != "head" else 0,
     )
 
     if config.output_dir and config.method in GOFT_METHODS:
@@ -715,23 +745,10 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
         log(f"adapter saved to {adapter_dir} ({_human_bytes(result.adapter_bytes)})")
 
     if config.check_merge and config.method in GOFT_METHODS:
-        import goft
-
-        merged = goft.merge_and_unload(model)
-        leftover = [n for n, m in merged.named_modules() if type(m).__module__.startswith("goft")]
-        merged_accuracy, merged_logits = evaluate(merged, test_ids, split.test_labels, pad_id,
-                                                  config.eval_batch_size, config.progress, "eval merged")
-        agree = (merged_logits.argmax(-1) == logits.argmax(-1)).sum().item()
-        result.merge = {
-            "same_predictions": agree,
-            "examples": len(test_ids),
-            "accuracy": merged_accuracy,
-            "max_abs_logit_diff": (merged_logits - logits).abs().max().item(),
-            "goft_modules_left": len(leftover),
-        }
+        result.merge = _merge_check(model, test_ids, split.test_labels, pad_id, logits, config)
         log(
-            f"merged model: {agree}/{len(test_ids)} identical predictions, max |logit difference| "
-            f"{result.merge['max_abs_logit_diff']:.2e}, {len(leftover)} goft modules left"
+            f"merged model: {result.merge['same_predictions']}/{len(test_ids)} identical predictions, max |logit "
+            f"difference| {result.merge['max_abs_logit_diff']:.2e}, {result.merge['goft_modules_left']} goft modules left"
         )
 
     if config.output_dir:
