@@ -52,15 +52,19 @@ def write_report(record: dict, out: Path) -> None:
     runs = {m: [t for t in record["test"] if t["method"] == m] for m in methods}
     reused = sum(1 for t in record["tuning"] if t.get("reused"))
     seed_list = ",".join(str(s) for s in seeds)
+    # "2000 train (...), 1000 test (fresh 500, rotten 500)": the validation set is the test side.
+    validation = record["validation"].split("), ", 1)[1].replace(" test ", " ")
+    tuned = any(len(record["grid"][m]) > 1 for m in methods)
     lines = [
-        "# goft demo: GOFT vs qGOFT vs PEFT LoRA on all-MiniLM-L6-v2, Rotten Tomatoes",
+        f"# goft demo: {' vs '.join(runs[m][0]['label'] for m in methods)} on all-MiniLM-L6-v2, Rotten Tomatoes",
         "",
         f"Written by `{record.get('command', 'python bench/demo_compare.py')}`; "
-        "bench/demo_results.json has every run.",
+        f"bench/{out.with_suffix('.json').name} has every run.",
         "",
-        f"- Data: the demo's seeded balanced split, {record['split']}. Learning rates chosen per method "
-        f"on a separate balanced validation set ({record['validation'].split(', ', 1)[1]}) of snippets the "
-        "demo split leaves unused, seed 0; the test set is used only for the final table.",
+        f"- Data: the demo's seeded balanced split, {record['split']}. " + (
+            "Learning rates chosen per method " if tuned else "Learning rates fixed (no choice made); accuracy "
+            "shown ") + f"on a separate balanced validation set of {validation} snippets the demo split leaves "
+        "unused, seed 0; the test set is used only for the final table.",
         f"- Every method: the same fresh classifier head (trainable, counted apart), the same batches, "
         f"{settings['epochs']} epochs, batch {settings['batch_size']}, max length {settings['max_length']}, "
         f"AdamW, {100 * settings['warmup_ratio']:.0f}% warm-up then linear decay, grad-norm clip "
@@ -111,7 +115,7 @@ def write_report(record: dict, out: Path) -> None:
     all_lrs = sorted({t["lr"] for t in record["tuning"]})
     lines += [
         "",
-        "## Learning-rate choice: validation accuracy, seed 0",
+        "## Learning-rate choice: validation accuracy, seed 0" if tuned else "## Validation accuracy, seed 0",
         "",
         "| method | " + " | ".join(f"lr {lr:g}" for lr in all_lrs) + " | chosen |",
         "| --- | " + " | ".join("---" for _ in all_lrs) + " | --- |",
