@@ -140,6 +140,9 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec load_chunk(const T* src, int64_
   typename LaneTraits<Acc>::Vec v;
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(&v, src, sizeof(v));
+  } else if (valid == W) {
+    // Unconditional so that the bf16/half conversion vectorises.
+    for (int l = 0; l < W; ++l) v[l] = static_cast<Acc>(src[l]);
   } else {
     for (int l = 0; l < W; ++l) v[l] = l < valid ? static_cast<Acc>(src[l]) : Acc(0);
   }
@@ -151,6 +154,8 @@ GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc>::Vec v, int64_t val
   constexpr int W = LaneTraits<Acc>::kLanes;
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(dst, &v, sizeof(v));
+  } else if (valid == W) {
+    for (int l = 0; l < W; ++l) dst[l] = static_cast<T>(v[l]);
   } else {
     for (int l = 0; l < W && l < valid; ++l) dst[l] = static_cast<T>(v[l]);
   }
