@@ -16,7 +16,7 @@ case "$what" in
   *) echo "usage: bash scripts/setup.sh [demo|test|bench]" >&2; exit 2 ;;
 esac
 
-pip_install() { python -m pip install --disable-pip-version-check --progress-bar off -q "$@"; }
+pip_install() { python -m pip install --disable-pip-version-check --root-user-action=ignore --progress-bar off -q "$@"; }
 
 pip_install "${GOFT_TORCH_SPEC:-torch==2.13.0}"
 pip_install "scikit-build-core>=0.10" "pybind11>=2.12" numpy
