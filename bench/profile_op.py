@@ -190,11 +190,19 @@ def render(results: List[dict], info, load_after, wall, command) -> str:
         op = (t["fwd"] + t["bwd both"]) * 1e3
         op_thp = (th["fwd"] + th["bwd both"]) * 1e3
         target = TIME_TARGETS.get(r["d"])
+        t1 = r["passes_1thread"]
+        scaling = (t1["fwd"] + t1["bwd both"]) / (t["fwd"] + t["bwd both"])
         line = (f"- d={r['d']}: the op's fwd + bwd takes {op:.1f} ms, "
                 f"{op / (_floor(t, 'fwd+bwd', 'clone') * 1e3):.2f}x its clone floor and "
                 f"{op / (_floor(t, 'fwd+bwd', 'copy') * 1e3):.2f}x its copy floor; with huge pages "
-                f"{op_thp:.1f} ms, so {max(0.0, op - op_thp):.1f} ms of it is first-touch page faults "
-                "on its fresh outputs. ")
+                f"{op_thp:.1f} ms, "
+                + (f"so about {op - op_thp:.1f} ms of it is first-touch page faults on its fresh outputs. "
+                   if op_thp < op else
+                   "slower: outputs of this size otherwise reuse freed heap memory without page faults, "
+                   "while huge-page allocations are mapped and zeroed anew each time. "))
+        line += (f"On one thread it takes {scaling:.2f}x as long: "
+                 + ("its own instructions, more than memory traffic, set its speed. " if scaling >= 1.5 else
+                    "memory traffic, more than its instructions, sets its speed. "))
         if target:
             allowed = (target - 1.0) * lc["frozen"]
             overhead = lc["goft"] - lc["frozen"]
