@@ -150,9 +150,9 @@ def render(results: List[dict], info, load_after, wall, command) -> str:
     out.append(common.md_table(
         ["d", "pass", f"ms ({threads} threads)", "/ clone floor", "/ copy floor", "ms, 1 thread (/ all)",
          "ms, THP (/ without)"], rows, align="llrrrrr"))
-    out.append(f"\n{results[0]['rows']} rows, float32. A pass bound by memory stays near a floor and "
-               "gains little from the second thread; one bound by its instructions takes about twice "
-               "as long on one thread.\n")
+    out.append(f"\n{results[0]['rows']} rows, float32. A pass bound by memory stays near a floor; on "
+               "one thread it slows down about as much as the copies do (if one core cannot saturate the "
+               "memory, those slow down too), while one bound by its instructions takes about twice as long.\n")
 
     out.append("### One adapted nn.Linear: goft's overhead taken apart\n")
     rows = []
@@ -200,9 +200,12 @@ def render(results: List[dict], info, load_after, wall, command) -> str:
                    if op_thp < op else
                    "slower: outputs of this size otherwise reuse freed heap memory without page faults, "
                    "while huge-page allocations are mapped and zeroed anew each time. "))
-        line += (f"On one thread it takes {scaling:.2f}x as long: "
-                 + ("its own instructions, more than memory traffic, set its speed. " if scaling >= 1.5 else
-                    "memory traffic, more than its instructions, sets its speed. "))
+        roof_scaling = max(t1["clone"] / t["clone"], t1["copy"] / t["copy"])
+        line += (f"On one thread it takes {scaling:.2f}x as long (a plain copy: {roof_scaling:.2f}x): "
+                 + ("more than a copy slows down, so its own instructions weigh in. "
+                    if scaling > roof_scaling + 0.2 else
+                    "about as much as a copy slows down, so this test cannot tell memory from instructions "
+                    "here (one core does not saturate this machine's memory). "))
         if target:
             allowed = (target - 1.0) * lc["frozen"]
             overhead = lc["goft"] - lc["frozen"]
