@@ -46,21 +46,11 @@ class OneLinear(nn.Module):
         return self.lin(x)
 
 
-def _import_goft():
-    for attempt in range(5):
-        try:
-            import goft
-
-            return goft
-        except (ImportError, OSError):
-            if attempt == 4:
-                raise
-            time.sleep(3)
 
 
 def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
     """Each variant as a module taking x; all share the base layer's weights (copied)."""
-    goft = _import_goft()
+    import goft
     from peft import BOFTConfig, LoraConfig, OFTConfig, get_peft_model
 
     peft_configs = {

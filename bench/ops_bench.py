@@ -37,17 +37,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DENSE_LOW_PRECISION_MAX_D = 1024
 
 
-def _import_goft():
-    # The extension may be mid-rebuild by another process; a short retry rides that out.
-    for attempt in range(5):
-        try:
-            import goft
-
-            return goft
-        except (ImportError, OSError):
-            if attempt == 4:
-                raise
-            time.sleep(3)
 
 
 def bench_dtype(goft, d: int, dtype: torch.dtype, rows_list: List[int], repeats: int, use_compile: bool):
@@ -213,7 +202,7 @@ def main(argv=None) -> int:
     dims = args.dims or ([256, 768] if args.quick else [768, 4096])
     rows_list = args.rows or ([512] if args.quick else [2048, 8192])
     repeats = args.repeats or (3 if args.quick else 7)
-    goft = _import_goft()
+    import goft
     info = common.machine_info()
     t_start = time.perf_counter()
     records, compile_times = [], {}

@@ -52,16 +52,6 @@ CATEGORIES = {
 }
 
 
-def _import_goft():
-    for attempt in range(5):
-        try:
-            import goft
-
-            return goft
-        except (ImportError, OSError):
-            if attempt == 4:
-                raise
-            time.sleep(3)
 
 
 def op_passes(goft, d: int, rows: int, repeats: int) -> Dict[str, float]:
@@ -225,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passes-json", nargs=3, type=int, metavar=("D", "ROWS", "REPEATS"),
                     help=argparse.SUPPRESS)  # child mode of op_passes_thp
     args = ap.parse_args(argv)
-    goft = _import_goft()
+    import goft
     if args.passes_json:
         print(json.dumps(op_passes(goft, *args.passes_json)))
         return 0

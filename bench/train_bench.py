@@ -35,16 +35,6 @@ DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.den
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _import_goft():
-    for attempt in range(5):
-        try:
-            import goft
-
-            return goft
-        except (ImportError, OSError):
-            if attempt == 4:
-                raise
-            time.sleep(3)
 
 
 def deberta_v3_base(quick: bool):
@@ -98,7 +88,7 @@ class _EmbeddingGain(nn.Module):
 
 def adapt(base: nn.Module, variant: str, targets: List[str]):
     """A copy of base adapted by ``variant``; returns (model, extra loss term or None)."""
-    goft = _import_goft()
+    import goft
     # Every variant keeps the base weights frozen, so the copies share them (one DeBERTa's
     # 128k-token embedding instead of six); only the module structure is copied.
     model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
