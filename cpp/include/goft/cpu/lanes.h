@@ -161,6 +161,34 @@ GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc>::Vec v, int64_t val
   }
 }
 
+// Software prefetch of one chunk of a row the tile loops reach next. A tile's rows are short
+// streams (a few KB each, read chunk by chunk across the tile) that the hardware prefetcher
+// catches late; asking for chunk j of the next tile's rows while chunk j of this tile computes
+// keeps many misses in flight (measured: forward and backward about 25% faster when x and
+// grad_out come from memory, as in a layer where matmuls ran in between).
+// These are always-inline functions, not lambdas: GCC treats __builtin_prefetch as free of side
+// effects, so a lambda holding only prefetches is judged pure and its calls deleted before it
+// would be inlined (observed: no prefetch left in the -O1..-O3 code).
+template <typename T, typename Acc>
+GOFT_ALWAYS_INLINE void prefetch_row_chunk(const RotateArgs<T, Acc>& args, int64_t row, int64_t j) {
+  constexpr int W = LaneTraits<Acc>::kLanes;
+  if (row < args.rows) {
+    __builtin_prefetch(args.x + row * args.x_row_stride + j * W, 0, 3);
+    __builtin_prefetch(args.out + row * args.out_row_stride + j * W, 1, 3);
+  }
+}
+
+template <typename T, typename Acc>
+GOFT_ALWAYS_INLINE void prefetch_row_chunk(const RotateBackwardArgs<T, Acc>& args, int64_t row,
+                                           int64_t row_end, int64_t j) {
+  constexpr int W = LaneTraits<Acc>::kLanes;
+  if (row < row_end) {
+    __builtin_prefetch(args.x + row * args.x_row_stride + j * W, 0, 3);
+    __builtin_prefetch(args.grad_out + row * args.grad_out_row_stride + j * W, 0, 3);
+    if (args.grad_x != nullptr) __builtin_prefetch(args.grad_x + row * args.grad_x_row_stride + j * W, 1, 3);
+  }
+}
+
 template <typename Acc>
 GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec load_vec(const Acc* src) {
   typename LaneTraits<Acc>::Vec v;
@@ -299,6 +327,7 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
+        prefetch_row_chunk(args, end + t, j);  // the next tile's row t
         Vec v = load_chunk<T, Acc>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
         v[0] = compact[t * chunks + j];
         v = fine_forward<Acc>(v, coef);
@@ -311,6 +340,7 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
+        prefetch_row_chunk(args, end + t, j);  // the next tile's row t
         Vec v = load_chunk<T, Acc>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
         if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
         v = fine_forward_transposed<Acc>(v, coef);
@@ -386,6 +416,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
           // u[f] is the input of fine layer f; the forward runs f = F-1 .. 0.
+          prefetch_row_chunk(args, begin + n + t, row_end, j);  // the next tile's row t
           Vec u[F];
           Vec v = load_chunk<T, Acc>(x_row(t) + j * W, valid);
           v[0] = compact[t * chunks + j];
@@ -451,6 +482,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         Vec D[F], E[F], dscale = {};
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
+          prefetch_row_chunk(args, begin + n + t, row_end, j);  // the next tile's row t
           Vec u[F];
           const Vec xs = load_chunk<T, Acc>(x_row(t) + j * W, valid);
           Vec v = xs;
