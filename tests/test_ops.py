@@ -97,6 +97,48 @@ def test_gradients_match_dense_reference(d, quasi, with_scale, transpose):
         assert rel_err(g, w) < 1e-11
 
 
+@pytest.mark.parametrize("d", [17, 768, 1000])
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_rows_match_layer_reference(d, quasi, transpose, dtype):
+    # 299 rows: several gradient chunks of uneven length, each ending in a short tile, so the
+    # tile loops' row lanes, the per-chunk sums and the chunk-order reduction are all exercised.
+    x = torch.randn(299, d, dtype=dtype, requires_grad=True)
+    params = make_params(d, quasi, dtype).requires_grad_()
+    scale = (1 + 0.2 * torch.randn(d, dtype=dtype)).requires_grad_()
+    grad_out = torch.randn(x.shape, dtype=dtype)
+    inputs = [x, params, scale]
+    y = goft.rotate(x, params, scale, transpose)
+    got = torch.autograd.grad(y, inputs, grad_out)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = rotate_layers_ref(*ref, transpose)
+    want = torch.autograd.grad(y_ref, ref, grad_out.double())
+    tol = 1e-11 if dtype == torch.float64 else 1e-5
+    assert rel_err(y, y_ref) < tol
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < tol
+
+
+@pytest.mark.parametrize("d", [17, 768])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_nan_stays_in_its_row(d, transpose):
+    # A NaN in one row must not reach any other row of y or grad_x (the kernels run rows side
+    # by side in SIMD lanes). Row 41 sits in a tile followed by a short tile of the same chunk.
+    x = torch.randn(45, d)
+    params, scale, grad_out = make_params(d, True), 1 + 0.2 * torch.randn(d), torch.randn(45, d)
+    clean = x.clone().requires_grad_()
+    y_clean = goft.rotate(clean, params, scale, transpose)
+    (gx_clean,) = torch.autograd.grad(y_clean, [clean], grad_out)
+    x[41, d // 2] = float("nan")
+    dirty = x.clone().requires_grad_()
+    y = goft.rotate(dirty, params, scale, transpose)
+    (gx,) = torch.autograd.grad(y, [dirty], grad_out)
+    others = torch.arange(45) != 41
+    assert torch.equal(y[others], y_clean[others]) and torch.equal(gx[others], gx_clean[others])
+    assert y[41].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [3, 33, 768, 4096])
 def test_low_precision_gradients(dtype, d):

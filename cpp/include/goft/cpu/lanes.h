@@ -8,7 +8,10 @@
 // with per-lane coefficients P, Q expanded once per call. Layers with s >= W touch only features
 // at multiples of W: one per chunk, gathered into a "compact" row where those layers are plain
 // adjacent-pair layers of stride s / W. Each row is read once and written once; rows are handled
-// in small tiles so each chunk's coefficients are loaded once per tile, not once per row.
+// in small tiles so each chunk's coefficients are loaded once per tile, not once per row, and the
+// compact rows of a tile are stored interleaved ([chunk][row]) so the coarse layers run as SIMD
+// over the tile's rows instead of scalar code (they are 1/W of the pairs but, scalar, were about
+// half of the backward's instructions).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +40,7 @@ struct LaneTraits<float> {
   static constexpr int kFineLayers = 4;
   typedef float Vec __attribute__((vector_size(64)));
   typedef int32_t Mask __attribute__((vector_size(64)));
+  typedef float RowVec __attribute__((vector_size(8 * sizeof(float))));  // one per tile row
 };
 
 template <>
@@ -45,11 +49,15 @@ struct LaneTraits<double> {
   static constexpr int kFineLayers = 3;
   typedef double Vec __attribute__((vector_size(64)));
   typedef int64_t Mask __attribute__((vector_size(64)));
+  typedef double RowVec __attribute__((vector_size(8 * sizeof(double))));  // one per tile row
 };
 
 // Rows per tile: each chunk's coefficients (about 0.75 KB) are reused across the tile's rows
 // while the tile's chunks stream through L1. Larger tiles add concurrent memory streams.
+// RowVec holds one value per row of a tile.
 constexpr int64_t kTileRows = 8;
+static_assert(sizeof(LaneTraits<float>::RowVec) == kTileRows * sizeof(float), "RowVec spans a tile");
+static_assert(sizeof(LaneTraits<double>::RowVec) == kTileRows * sizeof(double), "RowVec spans a tile");
 
 #if !defined(__GNUC__) || defined(__clang__)
 #error "goft's fast CPU path uses GCC vector extensions (__builtin_shuffle); build with GCC"
@@ -81,6 +89,8 @@ struct LaneGeometry {
   int64_t chunks = 0;        // ceil(d / W): chunks per row, also the compact row length
   int fine_layers = 0;       // min(log2 W, number of layers)
   int first_coarse = 0;      // first layer whose pairs span chunks
+  int64_t first_coarse_pair = 0;  // parameter row of the first coarse pair (= d - 1 if none)
+  int64_t coarse_pairs = 0;       // pairs of the coarse layers (< chunks)
 };
 
 template <typename Acc>
@@ -92,6 +102,9 @@ LaneGeometry make_lane_geometry(const PairSchedule& schedule) {
   g.fine_layers = schedule.num_layers < LaneTraits<Acc>::kFineLayers ? schedule.num_layers
                                                                       : LaneTraits<Acc>::kFineLayers;
   g.first_coarse = LaneTraits<Acc>::kFineLayers;
+  g.first_coarse_pair = schedule.num_layers > g.first_coarse ? schedule.offset[g.first_coarse]
+                                                              : schedule.num_pairs();
+  g.coarse_pairs = schedule.num_pairs() - g.first_coarse_pair;
   return g;
 }
 
@@ -201,6 +214,18 @@ GOFT_ALWAYS_INLINE void store_vec(typename LaneTraits<Acc>::Vec v, Acc* dst) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
+template <typename Acc>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::RowVec load_rows(const Acc* src) {
+  typename LaneTraits<Acc>::RowVec v;
+  std::memcpy(&v, src, sizeof(v));
+  return v;
+}
+
+template <typename Acc>
+GOFT_ALWAYS_INLINE void store_rows(typename LaneTraits<Acc>::RowVec v, Acc* dst) {
+  std::memcpy(dst, &v, sizeof(v));
+}
+
 // The fine layers in descending order with Q (the forward, coarse to fine).
 template <typename Acc>
 GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec fine_forward(typename LaneTraits<Acc>::Vec v,
@@ -225,68 +250,88 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec fine_forward_transposed(
   return v;
 }
 
-// Coarse layers on a compact row (one entry per chunk): layer r >= first_coarse has compact
-// stride 2^(r - first_coarse). Saves pair inputs when `saved` is given (for backward).
+// Coarse layers on a tile's compact rows, stored [chunk][row in tile] so that each pair is one
+// RowVec operation over the tile's rows: layer r >= first_coarse has compact stride
+// 2^(r - first_coarse). Saves the pair inputs ([coarse pair][a, b][row]) when `saved` is given.
 template <typename Acc, bool Transposed>
-GOFT_ALWAYS_INLINE void coarse_layer(const PairSchedule& schedule, int r, int first_coarse,
-                                     const Acc* blocks, Acc* compact, Acc* saved) {
-  const int64_t s = int64_t{1} << (r - first_coarse);
+GOFT_ALWAYS_INLINE void coarse_layer(const PairSchedule& schedule, const LaneGeometry& geometry,
+                                     int r, const Acc* blocks, Acc* compact, Acc* saved) {
+  using RowVec = typename LaneTraits<Acc>::RowVec;
+  constexpr int64_t R = kTileRows;
+  const int64_t s = int64_t{1} << (r - geometry.first_coarse);
   const int64_t pairs = schedule.pairs[r], off = schedule.offset[r];
   const Acc* B = blocks + kBlockSize * off;
   for (int64_t k = 0; k < pairs; ++k) {
     const int64_t a = 2 * s * k, b = a + s;
-    const Acc ua = compact[a], ub = compact[b];
+    const RowVec ua = load_rows(compact + a * R), ub = load_rows(compact + b * R);
     if (saved != nullptr) {
-      saved[2 * (off + k)] = ua;
-      saved[2 * (off + k) + 1] = ub;
+      Acc* pair_saved = saved + 2 * R * (off + k - geometry.first_coarse_pair);
+      store_rows(ua, pair_saved);
+      store_rows(ub, pair_saved + R);
     }
     const Acc cab = Transposed ? B[4 * k + 2] : B[4 * k + 1];
     const Acc cba = Transposed ? B[4 * k + 1] : B[4 * k + 2];
-    compact[a] = B[4 * k] * ua + cba * ub;
-    compact[b] = cab * ua + B[4 * k + 3] * ub;
+    store_rows<Acc>(B[4 * k] * ua + cba * ub, compact + a * R);
+    store_rows<Acc>(cab * ua + B[4 * k + 3] * ub, compact + b * R);
   }
 }
 
 template <typename Acc, bool Transposed>
-GOFT_ALWAYS_INLINE void coarse_forward(const PairSchedule& schedule, int first_coarse,
+GOFT_ALWAYS_INLINE void coarse_forward(const PairSchedule& schedule, const LaneGeometry& geometry,
                                        const Acc* blocks, Acc* compact, Acc* saved) {
   if (Transposed) {
-    for (int r = first_coarse; r < schedule.num_layers; ++r)
-      coarse_layer<Acc, true>(schedule, r, first_coarse, blocks, compact, saved);
+    for (int r = geometry.first_coarse; r < schedule.num_layers; ++r)
+      coarse_layer<Acc, true>(schedule, geometry, r, blocks, compact, saved);
   } else {
-    for (int r = schedule.num_layers - 1; r >= first_coarse; --r)
-      coarse_layer<Acc, false>(schedule, r, first_coarse, blocks, compact, saved);
+    for (int r = schedule.num_layers - 1; r >= geometry.first_coarse; --r)
+      coarse_layer<Acc, false>(schedule, geometry, r, blocks, compact, saved);
   }
 }
 
-// Backward of the coarse layers (reverse of coarse_forward), accumulating applied-block gradients.
+// Backward of the coarse layers (reverse of coarse_forward) on compact gradients g, adding each
+// row's applied-block gradient products to its lane of grad_rows ([coarse pair][4][row]); the
+// lanes are summed in a fixed order once per gradient chunk (sum_coarse_grads).
 template <typename Acc, bool Transposed>
-GOFT_ALWAYS_INLINE void coarse_backward(const PairSchedule& schedule, int first_coarse,
+GOFT_ALWAYS_INLINE void coarse_backward(const PairSchedule& schedule, const LaneGeometry& geometry,
                                         const Acc* blocks, const Acc* saved, Acc* g,
-                                        Acc* grad_blocks) {
+                                        Acc* grad_rows) {
+  using RowVec = typename LaneTraits<Acc>::RowVec;
+  constexpr int64_t R = kTileRows;
   auto layer = [&](int r) {
-    const int64_t s = int64_t{1} << (r - first_coarse);
+    const int64_t s = int64_t{1} << (r - geometry.first_coarse);
     const int64_t pairs = schedule.pairs[r], off = schedule.offset[r];
     const Acc* B = blocks + kBlockSize * off;
-    Acc* gB = grad_blocks + kBlockSize * off;
     for (int64_t k = 0; k < pairs; ++k) {
-      const int64_t a = 2 * s * k, b = a + s;
-      const Acc ua = saved[2 * (off + k)], ub = saved[2 * (off + k) + 1];
-      const Acc ga = g[a], gb = g[b];
-      gB[4 * k] += ua * ga;
-      gB[4 * k + 1] += ua * gb;
-      gB[4 * k + 2] += ub * ga;
-      gB[4 * k + 3] += ub * gb;
+      const int64_t a = 2 * s * k, b = a + s, q = off + k - geometry.first_coarse_pair;
+      const RowVec ua = load_rows(saved + 2 * R * q), ub = load_rows(saved + 2 * R * q + R);
+      const RowVec ga = load_rows(g + a * R), gb = load_rows(g + b * R);
+      Acc* gB = grad_rows + kBlockSize * R * q;
+      store_rows<Acc>(load_rows(gB) + ua * ga, gB);
+      store_rows<Acc>(load_rows(gB + R) + ua * gb, gB + R);
+      store_rows<Acc>(load_rows(gB + 2 * R) + ub * ga, gB + 2 * R);
+      store_rows<Acc>(load_rows(gB + 3 * R) + ub * gb, gB + 3 * R);
       const Acc cab = Transposed ? B[4 * k + 2] : B[4 * k + 1];
       const Acc cba = Transposed ? B[4 * k + 1] : B[4 * k + 2];
-      g[a] = B[4 * k] * ga + cab * gb;
-      g[b] = cba * ga + B[4 * k + 3] * gb;
+      store_rows<Acc>(B[4 * k] * ga + cab * gb, g + a * R);
+      store_rows<Acc>(cba * ga + B[4 * k + 3] * gb, g + b * R);
     }
   };
   if (Transposed) {
-    for (int r = schedule.num_layers - 1; r >= first_coarse; --r) layer(r);
+    for (int r = schedule.num_layers - 1; r >= geometry.first_coarse; --r) layer(r);
   } else {
-    for (int r = first_coarse; r < schedule.num_layers; ++r) layer(r);
+    for (int r = geometry.first_coarse; r < schedule.num_layers; ++r) layer(r);
+  }
+}
+
+// grad_blocks of the coarse pairs += the row lanes of grad_rows, summed in row order.
+template <typename Acc>
+inline void sum_coarse_grads(const LaneGeometry& geometry, const Acc* grad_rows, Acc* grad_blocks) {
+  constexpr int64_t R = kTileRows;
+  Acc* out = grad_blocks + kBlockSize * geometry.first_coarse_pair;
+  for (int64_t i = 0; i < kBlockSize * geometry.coarse_pairs; ++i) {
+    Acc sum = 0;
+    for (int64_t t = 0; t < R; ++t) sum += grad_rows[i * R + t];
+    out[i] += sum;
   }
 }
 
@@ -306,6 +351,38 @@ inline int64_t rotate_tile_scratch_size(int64_t dim) {
   return kTileRows * ((dim + W - 1) / W);
 }
 
+// compact[j][t] = 0 for the rows t >= n a short tile lacks, so the coarse layers' SIMD lanes of
+// missing rows hold zeros (no stale NaN reaching a gradient sum, no slow denormals).
+template <typename Acc>
+GOFT_ALWAYS_INLINE void clear_missing_rows(int64_t n, int64_t chunks, Acc* compact) {
+  for (int64_t t = n; t < kTileRows; ++t) {
+    for (int64_t j = 0; j < chunks; ++j) compact[j * kTileRows + t] = 0;
+  }
+}
+
+// compact[j][t] = feature j * W of row t, for the tile's n rows.
+template <typename T, typename Acc>
+GOFT_ALWAYS_INLINE void gather_compact(const T* rows, int64_t row_stride, int64_t n, int64_t chunks,
+                                       Acc* compact) {
+  constexpr int W = LaneTraits<Acc>::kLanes;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* row = rows + t * row_stride;
+    for (int64_t j = 0; j < chunks; ++j) compact[j * kTileRows + t] = static_cast<Acc>(row[j * W]);
+  }
+  clear_missing_rows(n, chunks, compact);
+}
+
+// Feature j * W of row t = compact[j][t], for the tile's n rows.
+template <typename T, typename Acc>
+GOFT_ALWAYS_INLINE void scatter_compact(const Acc* compact, int64_t n, int64_t chunks, T* rows,
+                                        int64_t row_stride) {
+  constexpr int W = LaneTraits<Acc>::kLanes;
+  for (int64_t t = 0; t < n; ++t) {
+    T* row = rows + t * row_stride;
+    for (int64_t j = 0; j < chunks; ++j) row[j * W] = static_cast<T>(compact[j * kTileRows + t]);
+  }
+}
+
 // Rows [begin, end) of y = x @ T (or x @ T^T), end - begin <= kTileRows.
 // scratch: rotate_tile_scratch_size(d) elements.
 template <typename T, typename Acc>
@@ -313,23 +390,21 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
                                     int64_t begin, int64_t end, Acc* scratch) {
   using Vec = typename LaneTraits<Acc>::Vec;
   constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
+  constexpr int64_t R = kTileRows;
   const int64_t d = args.dim, chunks = call.geometry.chunks, n = end - begin;
-  const int first_coarse = call.geometry.first_coarse;
-  Acc* compact = scratch;  // [row in tile][chunk]
+  Acc* compact = scratch;  // [chunk][row in tile]
+  const T* x_tile = args.x + begin * args.x_row_stride;
+  T* out_tile = args.out + begin * args.out_row_stride;
   if (!args.transpose) {
-    for (int64_t t = 0; t < n; ++t) {
-      const T* x = args.x + (begin + t) * args.x_row_stride;
-      Acc* c = compact + t * chunks;
-      for (int64_t j = 0; j < chunks; ++j) c[j] = static_cast<Acc>(x[j * W]);
-      coarse_forward<Acc, false>(*call.schedule, first_coarse, call.blocks, c, nullptr);
-    }
+    gather_compact(x_tile, args.x_row_stride, n, chunks, compact);
+    coarse_forward<Acc, false>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
     for (int64_t j = 0; j < chunks; ++j) {
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
         prefetch_row_chunk(args, end + t, j);  // the next tile's row t
         Vec v = load_chunk<T, Acc>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
-        v[0] = compact[t * chunks + j];
+        v[0] = compact[j * R + t];
         v = fine_forward<Acc>(v, coef);
         if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
         store_chunk<T, Acc>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
@@ -345,15 +420,12 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
         if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
         v = fine_forward_transposed<Acc>(v, coef);
         store_chunk<T, Acc>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
-        compact[t * chunks + j] = v[0];
+        compact[j * R + t] = v[0];
       }
     }
-    for (int64_t t = 0; t < n; ++t) {
-      Acc* c = compact + t * chunks;
-      coarse_forward<Acc, true>(*call.schedule, first_coarse, call.blocks, c, nullptr);
-      T* out = args.out + (begin + t) * args.out_row_stride;
-      for (int64_t j = 0; j < chunks; ++j) out[j * W] = static_cast<T>(c[j]);
-    }
+    clear_missing_rows(n, chunks, compact);
+    coarse_forward<Acc, true>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
+    scatter_compact(compact, n, chunks, out_tile, args.out_row_stride);
   }
 }
 
@@ -361,11 +433,12 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
 template <typename Acc>
 inline int64_t backward_chunk_scratch_size(int64_t dim) {
   constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
-  const int64_t chunks = (dim + W - 1) / W;
-  return 2 * kTileRows * chunks             // compact forward values and compact gradients
-         + kTileRows * 2 * (dim > 0 ? dim : 1)  // saved coarse-pair inputs, indexed by pair
-         + chunks * F * 2 * W                // fine-layer gradient sums D, E per lane
-         + chunks * W;                       // scale gradient sums per lane
+  const int64_t chunks = (dim + W - 1) / W;  // also a bound on the coarse pairs
+  return 2 * kTileRows * chunks                // compact forward values and compact gradients
+         + 2 * kTileRows * chunks              // saved coarse-pair inputs
+         + kBlockSize * kTileRows * chunks     // coarse-pair gradients per tile row
+         + chunks * F * 2 * W                  // fine-layer gradient sums D, E per lane
+         + chunks * W;                         // scale gradient sums per lane
 }
 
 // Backward for gradient chunk `chunk` (rows split as in params.h), writing that chunk's partial
@@ -377,20 +450,22 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
   using Vec = typename LaneTraits<Acc>::Vec;
   constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
   const PairSchedule& schedule = *call.schedule;
-  const int64_t d = args.dim, chunks = call.geometry.chunks, pairs = schedule.num_pairs();
-  const int first_coarse = call.geometry.first_coarse;
+  constexpr int64_t R = kTileRows;
+  const LaneGeometry& geometry = call.geometry;
+  const int64_t d = args.dim, chunks = geometry.chunks, pairs = schedule.num_pairs();
   const bool transpose = args.transpose;
 
-  Acc* compact = scratch;
-  Acc* compact_grad = compact + kTileRows * chunks;
-  Acc* saved = compact_grad + kTileRows * chunks;  // [row in tile][2 * pair]
-  const int64_t saved_stride = 2 * (d > 0 ? d : 1);
-  Acc* lane_grads = saved + kTileRows * saved_stride;  // [chunk][layer][D, E][lane]
-  Acc* scale_grads = lane_grads + chunks * F * 2 * W;  // [chunk][lane]
+  Acc* compact = scratch;                                 // [chunk][row in tile]
+  Acc* compact_grad = compact + R * chunks;               // [chunk][row in tile]
+  Acc* saved = compact_grad + R * chunks;                 // [coarse pair][a, b][row in tile]
+  Acc* coarse_grads = saved + 2 * R * chunks;             // [coarse pair][4][row in tile]
+  Acc* lane_grads = coarse_grads + kBlockSize * R * chunks;  // [chunk][layer][D, E][lane]
+  Acc* scale_grads = lane_grads + chunks * F * 2 * W;     // [chunk][lane]
   Acc* block_grads = args.block_grad_partials + chunk * kBlockSize * pairs;
   Acc* scale_out = args.scale_grad_partials == nullptr ? nullptr : args.scale_grad_partials + chunk * d;
   const bool want_scale = scale_out != nullptr;
   for (int64_t i = 0; i < kBlockSize * pairs; ++i) block_grads[i] = 0;
+  for (int64_t i = 0; i < kBlockSize * R * geometry.coarse_pairs; ++i) coarse_grads[i] = 0;
   for (int64_t i = 0; i < chunks * F * 2 * W; ++i) lane_grads[i] = 0;
   for (int64_t i = 0; i < chunks * W; ++i) scale_grads[i] = 0;
 
@@ -404,11 +479,8 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
 
     if (!transpose) {
       // Coarse layers act first: run them on the compact rows, saving their inputs.
-      for (int64_t t = 0; t < n; ++t) {
-        Acc* c = compact + t * chunks;
-        for (int64_t j = 0; j < chunks; ++j) c[j] = static_cast<Acc>(x_row(t)[j * W]);
-        coarse_forward<Acc, false>(schedule, first_coarse, call.blocks, c, saved + t * saved_stride);
-      }
+      gather_compact(x_row(0), args.x_row_stride, n, chunks, compact);
+      coarse_forward<Acc, false>(schedule, geometry, call.blocks, compact, saved);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
         const int64_t valid = d - j * W < W ? d - j * W : W;
@@ -419,7 +491,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
           prefetch_row_chunk(args, begin + n + t, row_end, j);  // the next tile's row t
           Vec u[F];
           Vec v = load_chunk<T, Acc>(x_row(t) + j * W, valid);
-          v[0] = compact[t * chunks + j];
+          v[0] = compact[j * R + t];
           for (int f = F - 1; f >= 0; --f) {
             u[f] = v;
             const Acc* P = coef + f * 3 * W;
@@ -437,7 +509,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
             const Acc* P = coef + f * 3 * W;
             g = load_vec(P) * g + load_vec(P + 2 * W) * gs;
           }
-          compact_grad[t * chunks + j] = g[0];
+          compact_grad[j * R + t] = g[0];
           if (args.grad_x != nullptr) store_chunk<T, Acc>(g, valid, gx_row(t) + j * W);
         }
         Acc* lg = lane_grads + j * F * 2 * W;
@@ -447,14 +519,9 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         }
         if (want_scale) store_vec(load_vec(scale_grads + j * W) + dscale, scale_grads + j * W);
       }
-      for (int64_t t = 0; t < n; ++t) {
-        Acc* cg = compact_grad + t * chunks;
-        coarse_backward<Acc, false>(schedule, first_coarse, call.blocks, saved + t * saved_stride, cg,
-                                    block_grads);
-        if (args.grad_x != nullptr) {
-          for (int64_t j = 0; j < chunks; ++j) gx_row(t)[j * W] = static_cast<T>(cg[j]);
-        }
-      }
+      clear_missing_rows(n, chunks, compact_grad);
+      coarse_backward<Acc, false>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
+      if (args.grad_x != nullptr) scatter_compact(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
     } else {
       // Transposed: scale, fine layers ascending, then coarse layers. First the fine forward to
       // get the compact rows, then the coarse forward and backward, then the fine backward.
@@ -465,17 +532,13 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
           Vec v = load_chunk<T, Acc>(x_row(t) + j * W, valid);
           if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
           v = fine_forward_transposed<Acc>(v, coef);
-          compact[t * chunks + j] = v[0];
+          compact[j * R + t] = v[0];
         }
       }
-      for (int64_t t = 0; t < n; ++t) {
-        Acc* c = compact + t * chunks;
-        Acc* cg = compact_grad + t * chunks;
-        coarse_forward<Acc, true>(schedule, first_coarse, call.blocks, c, saved + t * saved_stride);
-        for (int64_t j = 0; j < chunks; ++j) cg[j] = static_cast<Acc>(g_row(t)[j * W]);
-        coarse_backward<Acc, true>(schedule, first_coarse, call.blocks, saved + t * saved_stride, cg,
-                                   block_grads);
-      }
+      clear_missing_rows(n, chunks, compact);
+      coarse_forward<Acc, true>(schedule, geometry, call.blocks, compact, saved);
+      gather_compact(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
+      coarse_backward<Acc, true>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
         const int64_t valid = d - j * W < W ? d - j * W : W;
@@ -493,7 +556,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
             v = load_vec(P) * v + load_vec(P + 2 * W) * swap_any<Acc>(v, f);
           }
           Vec g = load_chunk<T, Acc>(g_row(t) + j * W, valid);
-          g[0] = compact_grad[t * chunks + j];
+          g[0] = compact_grad[j * R + t];
           for (int f = F - 1; f >= 0; --f) {
             const Vec gs = swap_any<Acc>(g, f);
             D[f] += u[f] * g;
@@ -517,6 +580,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
     }
   }
 
+  sum_coarse_grads(geometry, coarse_grads, block_grads);
   // Per-lane sums -> applied-block gradients of the fine pairs: for pair (a, b),
   // dC00 = D[a], dC01 = E[a] (u_a g_b), dC10 = E[b] (u_b g_a), dC11 = D[b].
   for (int f = 0; f < call.geometry.fine_layers; ++f) {
