@@ -1,6 +1,10 @@
 """The fused op goft.rotate against the float64 dense reference, gradcheck, opcheck and compile."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +303,36 @@ def test_torch_compile_fullgraph_dynamic_with_backward():
         want = torch.autograd.grad(f(x, params, scale, weight), [x, params, scale])
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+# The reference comparisons of this file, for the tests run again at a forced lane width.
+REFERENCE_TESTS = "forward_matches_dense or gradients_match_dense or low_precision or many_rows or nan_stays"
+
+
+@pytest.mark.parametrize("lane_bytes", [16, 32, 64])
+def test_every_cpu_lane_width_matches_reference(lane_bytes):
+    # A CPU gets the kernels of its own vector width (64 bytes with AVX-512, 32 with AVX2, else
+    # 16); GOFT_CPU_LANE_BYTES forces one, so this machine checks all three against the references.
+    if lane_bytes == _C.cpu_lane_bytes() and "GOFT_CPU_LANE_BYTES" not in os.environ:
+        pytest.skip("this process already runs these tests at its own width")
+    env = dict(os.environ, GOFT_CPU_LANE_BYTES=str(lane_bytes))
+    check = subprocess.run(
+        [sys.executable, "-c", "import goft._C as c; print(c.cpu_lane_bytes())"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert check.stdout.strip() == str(lane_bytes)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)), "-k", REFERENCE_TESTS],
+        env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_bad_lane_width_override_is_a_clear_error():
+    env = dict(os.environ, GOFT_CPU_LANE_BYTES="48")
+    run = subprocess.run(
+        [sys.executable, "-c", "import torch, goft; goft.rotate(torch.randn(2, 4), torch.zeros(3))"],
+        env=env, capture_output=True, text=True,
+    )
+    assert run.returncode == 1 and "GOFT_CPU_LANE_BYTES must be 16, 32 or 64, got '48'" in run.stderr

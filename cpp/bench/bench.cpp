@@ -40,6 +40,7 @@ struct Options {
   std::vector<int64_t> dims = {768, 4096, 11008};
   int64_t rows = 8192;
   int repeats = 7;
+  int lane_bytes = 0;  // 0: what the torch op picks on this CPU (goft::cpu::native_lane_bytes)
 };
 
 Options parse(int argc, char** argv) {
@@ -57,6 +58,12 @@ Options parse(int argc, char** argv) {
       options.rows = std::stoll(value());
     } else if (arg == "--repeats") {
       options.repeats = std::stoi(value());
+    } else if (arg == "--lanes") {
+      options.lane_bytes = std::stoi(value());
+      if (options.lane_bytes != 16 && options.lane_bytes != 32 && options.lane_bytes != 64) {
+        std::fprintf(stderr, "bench: --lanes must be 16, 32 or 64\n");
+        std::exit(2);
+      }
     } else if (arg == "--dims") {
       options.dims.clear();
       std::string list = value();
@@ -67,7 +74,7 @@ Options parse(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr,
-                   "usage: bench [--rows N] [--dims 768,4096,11008] [--repeats R]\n"
+                   "usage: bench [--rows N] [--dims 768,4096,11008] [--repeats R] [--lanes 16|32|64]\n"
                    "Times the fused GOFT kernels (float32) against memcpy on %d OpenMP threads.\n",
                    omp_get_max_threads());
       std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
@@ -88,11 +95,13 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
-int main(int argc, char** argv) {
-  const Options options = parse(argc, argv);
+template <int Bytes>
+int run(const Options& options) {
   std::printf("goft core bench: float32, %lld rows, %d threads, median of %d; 'simple' is the\n"
-              "portable per-row reference kernel, 'fused' the SIMD path the torch op uses.\n",
-              static_cast<long long>(options.rows), omp_get_max_threads(), options.repeats);
+              "portable per-row reference kernel, 'fused' the SIMD path the torch op uses\n"
+              "(%d-byte lanes; this CPU's own width is %d).\n",
+              static_cast<long long>(options.rows), omp_get_max_threads(), options.repeats, Bytes,
+              goft::cpu::native_lane_bytes());
   std::printf("%7s %9s | %9s %9s %8s %8s | %9s %9s %8s %8s | %9s\n", "d", "memcpy ms", "fwd simple",
               "fwd fused", "GB/s", "x copy", "bwd simple", "bwd fused", "GB/s", "x copy", "max |diff|");
   std::mt19937 rng(0);
@@ -107,9 +116,9 @@ int main(int argc, char** argv) {
     for (auto& v : scale) v = 1.0f + 0.1f * normal(rng);
     goft::params_to_blocks(angles.data(), false, pairs, blocks.data());
     const goft::PairSchedule schedule = goft::make_schedule(d);
-    std::vector<float> coefficients(goft::cpu::fine_coefficients_size<float>(d));
+    std::vector<float> coefficients(goft::cpu::fine_coefficients_size<float, Bytes>(d));
     std::vector<float> scale_padded(d + 16);
-    const goft::cpu::LaneCall<float> call = goft::cpu::prepare_lane_call(
+    const goft::cpu::LaneCall<float, Bytes> call = goft::cpu::prepare_lane_call<Bytes>(
         schedule, blocks.data(), scale.data(), coefficients.data(), scale_padded.data());
 
     goft::RotateArgs<float, float> fwd;
@@ -162,7 +171,7 @@ int main(int argc, char** argv) {
     const double fwd_ms = median_ms(options.repeats, [&] {
 #pragma omp parallel
       {
-        std::vector<float> scratch(goft::cpu::rotate_tile_scratch_size<float>(d));
+        std::vector<float> scratch(goft::cpu::rotate_tile_scratch_size<float, Bytes>(d));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r += tile) {
           goft::cpu::rotate_rows_fast(fwd, call, r, std::min(rows, r + tile), scratch.data());
@@ -180,7 +189,7 @@ int main(int argc, char** argv) {
     const double bwd_ms = median_ms(options.repeats, [&] {
 #pragma omp parallel
       {
-        std::vector<float> scratch(goft::cpu::backward_chunk_scratch_size<float>(d));
+        std::vector<float> scratch(goft::cpu::backward_chunk_scratch_size<float, Bytes>(d));
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunks_fast(bwd, call, c, c + 1, scratch.data());
       }
@@ -202,4 +211,10 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+}
+
+int main(int argc, char** argv) {
+  const Options options = parse(argc, argv);
+  const int bytes = options.lane_bytes != 0 ? options.lane_bytes : goft::cpu::native_lane_bytes();
+  return bytes == 64 ? run<64>(options) : bytes == 32 ? run<32>(options) : run<16>(options);
 }

@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_lanes.h"
 #include "goft/schedule.h"
 
 namespace {
@@ -26,6 +27,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "goft's compiled ops (torch.ops.goft.*) and build information";
   m.def("pair_schedule", &pair_schedule, pybind11::arg("dim"),
         "The layers of (a, b) feature pairs that the kernels rotate for width dim.");
+  m.def("cpu_lane_bytes", &goft::cpu_lane_bytes,
+        "Bytes per SIMD chunk of the CPU kernels in this process: 64 (AVX-512), 32 (AVX2) or 16.");
 #ifdef GOFT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

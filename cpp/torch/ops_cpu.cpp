@@ -5,17 +5,48 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_lanes.h"
 #include "goft/blocks.h"
 #include "goft/cpu/lanes.h"
 #include "rotate_common.h"
 
 namespace goft {
+
+int cpu_lane_bytes() {
+  // Chosen once per process; an invalid override fails every call with the same message.
+  static const int bytes = [] {
+    const char* forced = std::getenv("GOFT_CPU_LANE_BYTES");
+    if (forced != nullptr && *forced != '\0') {
+      const std::string value(forced);
+      TORCH_CHECK(value == "16" || value == "32" || value == "64",
+                  "goft: environment variable GOFT_CPU_LANE_BYTES must be 16, 32 or 64, got '", value,
+                  "'");
+      return std::stoi(value);
+    }
+    return cpu::native_lane_bytes();
+  }();
+  return bytes;
+}
+
 namespace {
+
+// Calls fn(std::integral_constant<int, Bytes>) for the lane width this process uses.
+template <typename Fn>
+void dispatch_lane_bytes(Fn&& fn) {
+  switch (cpu_lane_bytes()) {
+    case 64: return fn(std::integral_constant<int, 64>());
+    case 32: return fn(std::integral_constant<int, 32>());
+    default: return fn(std::integral_constant<int, 16>());
+  }
+}
 
 // The d-1 blocks as the kernels apply them, in the accumulation type.
 template <typename Acc>
@@ -34,21 +65,21 @@ int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int6
 
 // Per-call state of the fast path: the blocks, their expansion for the fine layers and the
 // padded scale, all in the accumulation type.
-template <typename Acc>
+template <typename Acc, int Bytes>
 struct PreparedCall {
   PairSchedule schedule;
   at::Tensor blocks, coefficients, scale_padded;
-  cpu::LaneCall<Acc> lanes;
+  cpu::LaneCall<Acc, Bytes> lanes;
 
   PreparedCall(const at::Tensor& params, bool params_are_blocks,
                const std::optional<at::Tensor>& scale, int64_t d, const at::TensorOptions& options)
       : schedule(make_schedule(d)) {
-    constexpr int W = cpu::LaneTraits<Acc>::kLanes;
+    constexpr int W = cpu::LaneTraits<Acc, Bytes>::kLanes;
     blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
-    coefficients = at::empty({cpu::fine_coefficients_size<Acc>(d)}, options);
+    coefficients = at::empty({cpu::fine_coefficients_size<Acc, Bytes>(d)}, options);
     const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
     scale_padded = at::empty({scale_acc.has_value() ? (d + W - 1) / W * W : 0}, options);
-    lanes = cpu::prepare_lane_call(schedule, blocks.const_data_ptr<Acc>(),
+    lanes = cpu::prepare_lane_call<Bytes>(schedule, blocks.const_data_ptr<Acc>(),
                                    scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr,
                                    coefficients.mutable_data_ptr<Acc>(),
                                    scale_padded.mutable_data_ptr<Acc>());
@@ -58,12 +89,12 @@ struct PreparedCall {
   PreparedCall& operator=(const PreparedCall&) = delete;
 };
 
-template <typename T>
+template <typename T, int Bytes>
 void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
                  const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1);
-  const PreparedCall<Acc> prepared(params, params_are_blocks, scale, d,
+  const PreparedCall<Acc, Bytes> prepared(params, params_are_blocks, scale, d,
                                    x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   RotateArgs<T, Acc> args;
   args.rows = rows;
@@ -77,7 +108,7 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   args.transpose = transpose;
   const int64_t grain = std::max<int64_t>(cpu::kTileRows, row_grain(d));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch(cpu::rotate_tile_scratch_size<Acc>(d));
+    std::vector<Acc> scratch(cpu::rotate_tile_scratch_size<Acc, Bytes>(d));
     cpu::rotate_rows_fast(args, prepared.lanes, begin, end, scratch.data());
   });
 }
@@ -90,19 +121,21 @@ at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   at::Tensor out2 = out.view({shape.rows, shape.dim});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
-    rotate_into<scalar_t>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+    dispatch_lane_bytes([&](auto bytes) {
+      rotate_into<scalar_t, decltype(bytes)::value>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+    });
   });
   return out;
 }
 
-template <typename T>
+template <typename T, int Bytes>
 void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const at::Tensor& params,
                           bool params_are_blocks, const std::optional<at::Tensor>& scale,
                           bool transpose, at::Tensor* grad_x2, at::Tensor& grad_params,
                           at::Tensor* grad_scale) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
-  const PreparedCall<Acc> prepared(params, params_are_blocks, scale, d,
+  const PreparedCall<Acc, Bytes> prepared(params, params_are_blocks, scale, d,
                                    x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   const int64_t chunks = grad_chunk_count(rows, d);
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
@@ -128,7 +161,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
   args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> scratch(cpu::backward_chunk_scratch_size<Acc>(d));
+    std::vector<Acc> scratch(cpu::backward_chunk_scratch_size<Acc, Bytes>(d));
     cpu::rotate_backward_chunks_fast(args, prepared.lanes, begin, end, scratch.data());
   });
 
@@ -174,7 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
     // grad_x = grad_out @ T^T is the forward with the other transpose.
     at::Tensor grad_x2 = grad_x.view({shape.rows, shape.dim});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
-      rotate_into<scalar_t>(grad2, params, shape.params_are_blocks, scale, !transpose, grad_x2);
+      dispatch_lane_bytes([&](auto bytes) {
+        rotate_into<scalar_t, decltype(bytes)::value>(grad2, params, shape.params_are_blocks, scale,
+                                                      !transpose, grad_x2);
+      });
     });
     return {grad_x, grad_params, grad_scale};
   }
@@ -182,9 +218,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
   at::Tensor grad_x2 = want_x ? grad_x.view({shape.rows, shape.dim}) : at::Tensor();
   at::Tensor params_grad_full = want_params ? grad_params : at::zeros(params.sizes(), params.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
-    rotate_backward_into<scalar_t>(grad2, x2, params, shape.params_are_blocks, scale, transpose,
-                                   want_x ? &grad_x2 : nullptr, params_grad_full,
-                                   want_scale ? &grad_scale : nullptr);
+    dispatch_lane_bytes([&](auto bytes) {
+      rotate_backward_into<scalar_t, decltype(bytes)::value>(
+          grad2, x2, params, shape.params_are_blocks, scale, transpose, want_x ? &grad_x2 : nullptr,
+          params_grad_full, want_scale ? &grad_scale : nullptr);
+    });
   });
   return {grad_x, grad_params, grad_scale};
 }

@@ -1,9 +1,10 @@
-// The fast CPU path of the GOFT transform: the fine layers run inside 64-byte chunks of a row as
-// SIMD butterflies, the few coarse layers run on a compact copy of each chunk's first feature.
+// The fast CPU path of the GOFT transform: the fine layers run inside chunks of a row (one vector
+// register: 64, 32 or 16 bytes, see LaneTraits) as SIMD butterflies, the few coarse layers run on
+// a compact copy of each chunk's first feature.
 //
 // Why this split: layer r pairs features (2sk, 2sk+s), s = 2^r. For s below the chunk width W
-// (16 floats or 8 doubles, one cache line, one AVX-512 register) both features of every pair lie
-// in one chunk, so the first log2(W) layers (15/16 of all pairs) are a per-chunk transform
+// (e.g. 16 floats in a 64-byte AVX-512 register) both features of every pair lie in one chunk, so
+// the first log2(W) layers (all but 1/W of the pairs) are a per-chunk transform
 //     v <- P * v + Q * swap_s(v)        (swap_s exchanges lanes i and i ^ s)
 // with per-lane coefficients P, Q expanded once per call. Layers with s >= W touch only features
 // at multiples of W: one per chunk, gathered into a "compact" row where those layers are plain
@@ -16,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "goft/blocks.h"
 #include "goft/cpu/rotate.h"
@@ -31,55 +33,64 @@ namespace cpu {
 #define GOFT_ALWAYS_INLINE inline
 #endif
 
-template <typename Acc>
-struct LaneTraits;
-
-template <>
-struct LaneTraits<float> {
-  static constexpr int kLanes = 16;
-  static constexpr int kFineLayers = 4;
-  typedef float Vec __attribute__((vector_size(64)));
-  typedef int32_t Mask __attribute__((vector_size(64)));
-  typedef float RowVec __attribute__((vector_size(8 * sizeof(float))));  // one per tile row
+// One SIMD width of the fast path: a chunk is Bytes of a row (W = Bytes / sizeof(Acc) lanes, one
+// vector register), and its first F = log2(W) layers run in-register. The width must match the
+// CPU's registers (native_lane_bytes): 64-byte vectors split over AVX2's 16 registers spill, and
+// ran about 1.5x slower than the per-row kernel there, while 32-byte lanes ran 4x faster than it.
+template <typename AccT, int Bytes>
+struct LaneTraits {
+  static constexpr int kLanes = Bytes / static_cast<int>(sizeof(AccT));
+  static constexpr int kFineLayers = kLanes == 16 ? 4 : kLanes == 8 ? 3 : kLanes == 4 ? 2 : 1;
+  static_assert(kLanes == (1 << kFineLayers), "a chunk holds a power of two of lanes");
+  typedef AccT Vec __attribute__((vector_size(Bytes)));
+  typedef typename std::conditional<sizeof(AccT) == 4, int32_t, int64_t>::type MaskElement;
+  typedef MaskElement Mask __attribute__((vector_size(Bytes)));
 };
 
-template <>
-struct LaneTraits<double> {
-  static constexpr int kLanes = 8;
-  static constexpr int kFineLayers = 3;
-  typedef double Vec __attribute__((vector_size(64)));
-  typedef int64_t Mask __attribute__((vector_size(64)));
-  typedef double RowVec __attribute__((vector_size(8 * sizeof(double))));  // one per tile row
+// The lane width of this CPU's vector registers: 64 bytes with AVX-512F, 32 with AVX2, else 16
+// (SSE2, and other architectures' 128-bit SIMD).
+inline int native_lane_bytes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return 64;
+  if (__builtin_cpu_supports("avx2")) return 32;
+#endif
+  return 16;
+}
+
+// One value per row of a tile, for the coarse layers.
+template <typename Acc>
+struct RowTraits {
+  typedef Acc RowVec __attribute__((vector_size(8 * sizeof(Acc))));
 };
 
 // Rows per tile: each chunk's coefficients (about 0.75 KB) are reused across the tile's rows
 // while the tile's chunks stream through L1. Larger tiles add concurrent memory streams.
 // RowVec holds one value per row of a tile.
 constexpr int64_t kTileRows = 8;
-static_assert(sizeof(LaneTraits<float>::RowVec) == kTileRows * sizeof(float), "RowVec spans a tile");
-static_assert(sizeof(LaneTraits<double>::RowVec) == kTileRows * sizeof(double), "RowVec spans a tile");
+static_assert(sizeof(RowTraits<float>::RowVec) == kTileRows * sizeof(float), "RowVec spans a tile");
+static_assert(sizeof(RowTraits<double>::RowVec) == kTileRows * sizeof(double), "RowVec spans a tile");
 
 #if !defined(__GNUC__) || defined(__clang__)
 #error "goft's fast CPU path uses GCC vector extensions (__builtin_shuffle); build with GCC"
 #endif
 
 // Lanes i and i ^ S exchanged.
-template <typename Acc, int S>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec swap_lanes(typename LaneTraits<Acc>::Vec v) {
-  using Mask = typename LaneTraits<Acc>::Mask;
+template <typename Acc, int Bytes, int S>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec swap_lanes(typename LaneTraits<Acc, Bytes>::Vec v) {
+  using Mask = typename LaneTraits<Acc, Bytes>::Mask;
   Mask mask;
-  for (int i = 0; i < LaneTraits<Acc>::kLanes; ++i) mask[i] = i ^ S;
+  for (int i = 0; i < LaneTraits<Acc, Bytes>::kLanes; ++i) mask[i] = i ^ S;
   return __builtin_shuffle(v, mask);
 }
 
 // swap_lanes for the stride of fine layer f; f is a constant once the layer loops unroll.
-template <typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec swap_any(typename LaneTraits<Acc>::Vec v, int f) {
+template <typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec swap_any(typename LaneTraits<Acc, Bytes>::Vec v, int f) {
   switch (f) {
-    case 0: return swap_lanes<Acc, 1>(v);
-    case 1: return swap_lanes<Acc, 2>(v);
-    case 2: return swap_lanes<Acc, 4>(v);
-    default: return swap_lanes<Acc, 8 % LaneTraits<Acc>::kLanes>(v);
+    case 0: return swap_lanes<Acc, Bytes, 1>(v);
+    case 1: return swap_lanes<Acc, Bytes, 2>(v);
+    case 2: return swap_lanes<Acc, Bytes, 4>(v);
+    default: return swap_lanes<Acc, Bytes, 8 % LaneTraits<Acc, Bytes>::kLanes>(v);
   }
 }
 
@@ -93,15 +104,15 @@ struct LaneGeometry {
   int64_t coarse_pairs = 0;       // pairs of the coarse layers (< chunks)
 };
 
-template <typename Acc>
+template <typename Acc, int Bytes>
 LaneGeometry make_lane_geometry(const PairSchedule& schedule) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   LaneGeometry g;
   g.dim = schedule.dim;
   g.chunks = (schedule.dim + W - 1) / W;
-  g.fine_layers = schedule.num_layers < LaneTraits<Acc>::kFineLayers ? schedule.num_layers
-                                                                      : LaneTraits<Acc>::kFineLayers;
-  g.first_coarse = LaneTraits<Acc>::kFineLayers;
+  g.fine_layers = schedule.num_layers < LaneTraits<Acc, Bytes>::kFineLayers ? schedule.num_layers
+                                                                      : LaneTraits<Acc, Bytes>::kFineLayers;
+  g.first_coarse = LaneTraits<Acc, Bytes>::kFineLayers;
   g.first_coarse_pair = schedule.num_layers > g.first_coarse ? schedule.offset[g.first_coarse]
                                                               : schedule.num_pairs();
   g.coarse_pairs = schedule.num_pairs() - g.first_coarse_pair;
@@ -111,15 +122,15 @@ LaneGeometry make_lane_geometry(const PairSchedule& schedule) {
 // Expanded per-lane coefficients of the fine layers, laid out [chunk][layer][P, Q, Qt][lane]:
 // applying layer f to chunk v is P*v + Q*swap(v); its transpose (and its backward) is
 // P*v + Qt*swap(v). Lanes outside any pair keep P = 1, Q = Qt = 0.
-template <typename Acc>
+template <typename Acc, int Bytes>
 constexpr int64_t fine_coefficients_size(int64_t dim) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
-  return ((dim + W - 1) / W) * LaneTraits<Acc>::kFineLayers * 3 * W;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
+  return ((dim + W - 1) / W) * LaneTraits<Acc, Bytes>::kFineLayers * 3 * W;
 }
 
-template <typename Acc>
+template <int Bytes, typename Acc>
 void expand_fine_coefficients(const PairSchedule& schedule, const Acc* blocks, Acc* coefficients) {
-  constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const int64_t chunks = (schedule.dim + W - 1) / W;
   for (int64_t i = 0; i < chunks * F * 3 * W; ++i) coefficients[i] = 0;
   for (int64_t j = 0; j < chunks; ++j) {
@@ -147,10 +158,10 @@ void expand_fine_coefficients(const PairSchedule& schedule, const Acc* blocks, A
   }
 }
 
-template <typename T, typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec load_chunk(const T* src, int64_t valid) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
-  typename LaneTraits<Acc>::Vec v;
+template <typename T, typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec load_chunk(const T* src, int64_t valid) {
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
+  typename LaneTraits<Acc, Bytes>::Vec v;
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(&v, src, sizeof(v));
   } else if (valid == W) {
@@ -162,9 +173,9 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec load_chunk(const T* src, int64_
   return v;
 }
 
-template <typename T, typename Acc>
-GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc>::Vec v, int64_t valid, T* dst) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+template <typename T, typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc, Bytes>::Vec v, int64_t valid, T* dst) {
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(dst, &v, sizeof(v));
   } else if (valid == W) {
@@ -182,19 +193,19 @@ GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc>::Vec v, int64_t val
 // These are always-inline functions, not lambdas: GCC treats __builtin_prefetch as free of side
 // effects, so a lambda holding only prefetches is judged pure and its calls deleted before it
 // would be inlined (observed: no prefetch left in the -O1..-O3 code).
-template <typename T, typename Acc>
+template <int Bytes, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void prefetch_row_chunk(const RotateArgs<T, Acc>& args, int64_t row, int64_t j) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   if (row < args.rows) {
     __builtin_prefetch(args.x + row * args.x_row_stride + j * W, 0, 3);
     __builtin_prefetch(args.out + row * args.out_row_stride + j * W, 1, 3);
   }
 }
 
-template <typename T, typename Acc>
+template <int Bytes, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void prefetch_row_chunk(const RotateBackwardArgs<T, Acc>& args, int64_t row,
                                            int64_t row_end, int64_t j) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   if (row < row_end) {
     __builtin_prefetch(args.x + row * args.x_row_stride + j * W, 0, 3);
     __builtin_prefetch(args.grad_out + row * args.grad_out_row_stride + j * W, 0, 3);
@@ -202,50 +213,50 @@ GOFT_ALWAYS_INLINE void prefetch_row_chunk(const RotateBackwardArgs<T, Acc>& arg
   }
 }
 
-template <typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec load_vec(const Acc* src) {
-  typename LaneTraits<Acc>::Vec v;
+template <int Bytes, typename Acc>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec load_vec(const Acc* src) {
+  typename LaneTraits<Acc, Bytes>::Vec v;
   std::memcpy(&v, src, sizeof(v));
   return v;
 }
 
-template <typename Acc>
-GOFT_ALWAYS_INLINE void store_vec(typename LaneTraits<Acc>::Vec v, Acc* dst) {
+template <int Bytes, typename Acc>
+GOFT_ALWAYS_INLINE void store_vec(typename LaneTraits<Acc, Bytes>::Vec v, Acc* dst) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
 template <typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::RowVec load_rows(const Acc* src) {
-  typename LaneTraits<Acc>::RowVec v;
+GOFT_ALWAYS_INLINE typename RowTraits<Acc>::RowVec load_rows(const Acc* src) {
+  typename RowTraits<Acc>::RowVec v;
   std::memcpy(&v, src, sizeof(v));
   return v;
 }
 
 template <typename Acc>
-GOFT_ALWAYS_INLINE void store_rows(typename LaneTraits<Acc>::RowVec v, Acc* dst) {
+GOFT_ALWAYS_INLINE void store_rows(typename RowTraits<Acc>::RowVec v, Acc* dst) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
 // The fine layers in descending order with Q (the forward, coarse to fine).
-template <typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec fine_forward(typename LaneTraits<Acc>::Vec v,
+template <typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec fine_forward(typename LaneTraits<Acc, Bytes>::Vec v,
                                                               const Acc* coef) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
-  for (int f = LaneTraits<Acc>::kFineLayers - 1; f >= 0; --f) {
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
+  for (int f = LaneTraits<Acc, Bytes>::kFineLayers - 1; f >= 0; --f) {
     const Acc* P = coef + f * 3 * W;
-    v = load_vec(P) * v + load_vec(P + W) * swap_any<Acc>(v, f);
+    v = load_vec<Bytes>(P) * v + load_vec<Bytes>(P + W) * swap_any<Acc, Bytes>(v, f);
   }
   return v;
 }
 
 // The fine layers in ascending order with Qt (the transposed forward).
-template <typename Acc>
-GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec fine_forward_transposed(
-    typename LaneTraits<Acc>::Vec v, const Acc* coef) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
-  for (int f = 0; f < LaneTraits<Acc>::kFineLayers; ++f) {
+template <typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec fine_forward_transposed(
+    typename LaneTraits<Acc, Bytes>::Vec v, const Acc* coef) {
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
+  for (int f = 0; f < LaneTraits<Acc, Bytes>::kFineLayers; ++f) {
     const Acc* P = coef + f * 3 * W;
-    v = load_vec(P) * v + load_vec(P + 2 * W) * swap_any<Acc>(v, f);
+    v = load_vec<Bytes>(P) * v + load_vec<Bytes>(P + 2 * W) * swap_any<Acc, Bytes>(v, f);
   }
   return v;
 }
@@ -256,7 +267,7 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc>::Vec fine_forward_transposed(
 template <typename Acc, bool Transposed>
 GOFT_ALWAYS_INLINE void coarse_layer(const PairSchedule& schedule, const LaneGeometry& geometry,
                                      int r, const Acc* blocks, Acc* compact, Acc* saved) {
-  using RowVec = typename LaneTraits<Acc>::RowVec;
+  using RowVec = typename RowTraits<Acc>::RowVec;
   constexpr int64_t R = kTileRows;
   const int64_t s = int64_t{1} << (r - geometry.first_coarse);
   const int64_t pairs = schedule.pairs[r], off = schedule.offset[r];
@@ -295,7 +306,7 @@ template <typename Acc, bool Transposed>
 GOFT_ALWAYS_INLINE void coarse_backward(const PairSchedule& schedule, const LaneGeometry& geometry,
                                         const Acc* blocks, const Acc* saved, Acc* g,
                                         Acc* grad_rows) {
-  using RowVec = typename LaneTraits<Acc>::RowVec;
+  using RowVec = typename RowTraits<Acc>::RowVec;
   constexpr int64_t R = kTileRows;
   auto layer = [&](int r) {
     const int64_t s = int64_t{1} << (r - geometry.first_coarse);
@@ -336,7 +347,7 @@ inline void sum_coarse_grads(const LaneGeometry& geometry, const Acc* grad_rows,
 }
 
 // Precomputed, read-only state of one call, shared by all threads.
-template <typename Acc>
+template <typename Acc, int Bytes>
 struct LaneCall {
   const PairSchedule* schedule;
   LaneGeometry geometry;
@@ -345,9 +356,9 @@ struct LaneCall {
   const Acc* scale_padded;  // (chunks * W,) scale padded with ones, or nullptr
 };
 
-template <typename Acc>
+template <typename Acc, int Bytes>
 inline int64_t rotate_tile_scratch_size(int64_t dim) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   return kTileRows * ((dim + W - 1) / W);
 }
 
@@ -361,10 +372,10 @@ GOFT_ALWAYS_INLINE void clear_missing_rows(int64_t n, int64_t chunks, Acc* compa
 }
 
 // compact[j][t] = feature j * W of row t, for the tile's n rows.
-template <typename T, typename Acc>
+template <int Bytes, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void gather_compact(const T* rows, int64_t row_stride, int64_t n, int64_t chunks,
                                        Acc* compact) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   for (int64_t t = 0; t < n; ++t) {
     const T* row = rows + t * row_stride;
     for (int64_t j = 0; j < chunks; ++j) compact[j * kTileRows + t] = static_cast<Acc>(row[j * W]);
@@ -373,10 +384,10 @@ GOFT_ALWAYS_INLINE void gather_compact(const T* rows, int64_t row_stride, int64_
 }
 
 // Feature j * W of row t = compact[j][t], for the tile's n rows.
-template <typename T, typename Acc>
+template <int Bytes, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void scatter_compact(const Acc* compact, int64_t n, int64_t chunks, T* rows,
                                         int64_t row_stride) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   for (int64_t t = 0; t < n; ++t) {
     T* row = rows + t * row_stride;
     for (int64_t j = 0; j < chunks; ++j) row[j * W] = static_cast<T>(compact[j * kTileRows + t]);
@@ -385,29 +396,29 @@ GOFT_ALWAYS_INLINE void scatter_compact(const Acc* compact, int64_t n, int64_t c
 
 // Rows [begin, end) of y = x @ T (or x @ T^T), end - begin <= kTileRows.
 // scratch: rotate_tile_scratch_size(d) elements.
-template <typename T, typename Acc>
-GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCall<Acc>& call,
+template <typename T, typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                     int64_t begin, int64_t end, Acc* scratch) {
-  using Vec = typename LaneTraits<Acc>::Vec;
-  constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
+  using Vec = typename LaneTraits<Acc, Bytes>::Vec;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   constexpr int64_t R = kTileRows;
   const int64_t d = args.dim, chunks = call.geometry.chunks, n = end - begin;
   Acc* compact = scratch;  // [chunk][row in tile]
   const T* x_tile = args.x + begin * args.x_row_stride;
   T* out_tile = args.out + begin * args.out_row_stride;
   if (!args.transpose) {
-    gather_compact(x_tile, args.x_row_stride, n, chunks, compact);
+    gather_compact<Bytes>(x_tile, args.x_row_stride, n, chunks, compact);
     coarse_forward<Acc, false>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
     for (int64_t j = 0; j < chunks; ++j) {
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
-        prefetch_row_chunk(args, end + t, j);  // the next tile's row t
-        Vec v = load_chunk<T, Acc>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
+        prefetch_row_chunk<Bytes>(args, end + t, j);  // the next tile's row t
+        Vec v = load_chunk<T, Acc, Bytes>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
         v[0] = compact[j * R + t];
-        v = fine_forward<Acc>(v, coef);
-        if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
-        store_chunk<T, Acc>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
+        v = fine_forward<Acc, Bytes>(v, coef);
+        if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
+        store_chunk<T, Acc, Bytes>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
       }
     }
   } else {
@@ -415,24 +426,24 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
-        prefetch_row_chunk(args, end + t, j);  // the next tile's row t
-        Vec v = load_chunk<T, Acc>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
-        if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
-        v = fine_forward_transposed<Acc>(v, coef);
-        store_chunk<T, Acc>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
+        prefetch_row_chunk<Bytes>(args, end + t, j);  // the next tile's row t
+        Vec v = load_chunk<T, Acc, Bytes>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
+        if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
+        v = fine_forward_transposed<Acc, Bytes>(v, coef);
+        store_chunk<T, Acc, Bytes>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
         compact[j * R + t] = v[0];
       }
     }
     clear_missing_rows(n, chunks, compact);
     coarse_forward<Acc, true>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
-    scatter_compact(compact, n, chunks, out_tile, args.out_row_stride);
+    scatter_compact<Bytes>(compact, n, chunks, out_tile, args.out_row_stride);
   }
 }
 
 // Scratch of the backward for one gradient chunk (see rotate_backward_chunk_fast).
-template <typename Acc>
+template <typename Acc, int Bytes>
 inline int64_t backward_chunk_scratch_size(int64_t dim) {
-  constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const int64_t chunks = (dim + W - 1) / W;  // also a bound on the coarse pairs
   return 2 * kTileRows * chunks                // compact forward values and compact gradients
          + 2 * kTileRows * chunks              // saved coarse-pair inputs
@@ -443,12 +454,12 @@ inline int64_t backward_chunk_scratch_size(int64_t dim) {
 
 // Backward for gradient chunk `chunk` (rows split as in params.h), writing that chunk's partial
 // applied-block gradients (and scale gradients) and, if requested, grad_x for its rows.
-template <typename T, typename Acc>
+template <typename T, typename Acc, int Bytes>
 GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, Acc>& args,
-                                                   const LaneCall<Acc>& call, int64_t chunk,
+                                                   const LaneCall<Acc, Bytes>& call, int64_t chunk,
                                                    Acc* scratch) {
-  using Vec = typename LaneTraits<Acc>::Vec;
-  constexpr int W = LaneTraits<Acc>::kLanes, F = LaneTraits<Acc>::kFineLayers;
+  using Vec = typename LaneTraits<Acc, Bytes>::Vec;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const PairSchedule& schedule = *call.schedule;
   constexpr int64_t R = kTileRows;
   const LaneGeometry& geometry = call.geometry;
@@ -479,7 +490,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
 
     if (!transpose) {
       // Coarse layers act first: run them on the compact rows, saving their inputs.
-      gather_compact(x_row(0), args.x_row_stride, n, chunks, compact);
+      gather_compact<Bytes>(x_row(0), args.x_row_stride, n, chunks, compact);
       coarse_forward<Acc, false>(schedule, geometry, call.blocks, compact, saved);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
@@ -488,40 +499,40 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
           // u[f] is the input of fine layer f; the forward runs f = F-1 .. 0.
-          prefetch_row_chunk(args, begin + n + t, row_end, j);  // the next tile's row t
+          prefetch_row_chunk<Bytes>(args, begin + n + t, row_end, j);  // the next tile's row t
           Vec u[F];
-          Vec v = load_chunk<T, Acc>(x_row(t) + j * W, valid);
+          Vec v = load_chunk<T, Acc, Bytes>(x_row(t) + j * W, valid);
           v[0] = compact[j * R + t];
           for (int f = F - 1; f >= 0; --f) {
             u[f] = v;
             const Acc* P = coef + f * 3 * W;
-            v = load_vec(P) * v + load_vec(P + W) * swap_any<Acc>(v, f);
+            v = load_vec<Bytes>(P) * v + load_vec<Bytes>(P + W) * swap_any<Acc, Bytes>(v, f);
           }
-          Vec g = load_chunk<T, Acc>(g_row(t) + j * W, valid);
+          Vec g = load_chunk<T, Acc, Bytes>(g_row(t) + j * W, valid);
           if (call.scale_padded != nullptr) {
             if (want_scale) dscale += g * v;
-            g *= load_vec(call.scale_padded + j * W);
+            g *= load_vec<Bytes>(call.scale_padded + j * W);
           }
           for (int f = 0; f < F; ++f) {
-            const Vec gs = swap_any<Acc>(g, f);
+            const Vec gs = swap_any<Acc, Bytes>(g, f);
             D[f] += u[f] * g;
             E[f] += u[f] * gs;
             const Acc* P = coef + f * 3 * W;
-            g = load_vec(P) * g + load_vec(P + 2 * W) * gs;
+            g = load_vec<Bytes>(P) * g + load_vec<Bytes>(P + 2 * W) * gs;
           }
           compact_grad[j * R + t] = g[0];
-          if (args.grad_x != nullptr) store_chunk<T, Acc>(g, valid, gx_row(t) + j * W);
+          if (args.grad_x != nullptr) store_chunk<T, Acc, Bytes>(g, valid, gx_row(t) + j * W);
         }
         Acc* lg = lane_grads + j * F * 2 * W;
         for (int f = 0; f < F; ++f) {
-          store_vec(load_vec(lg + 2 * f * W) + D[f], lg + 2 * f * W);
-          store_vec(load_vec(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
+          store_vec<Bytes>(load_vec<Bytes>(lg + 2 * f * W) + D[f], lg + 2 * f * W);
+          store_vec<Bytes>(load_vec<Bytes>(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
         }
-        if (want_scale) store_vec(load_vec(scale_grads + j * W) + dscale, scale_grads + j * W);
+        if (want_scale) store_vec<Bytes>(load_vec<Bytes>(scale_grads + j * W) + dscale, scale_grads + j * W);
       }
       clear_missing_rows(n, chunks, compact_grad);
       coarse_backward<Acc, false>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
-      if (args.grad_x != nullptr) scatter_compact(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
+      if (args.grad_x != nullptr) scatter_compact<Bytes>(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
     } else {
       // Transposed: scale, fine layers ascending, then coarse layers. First the fine forward to
       // get the compact rows, then the coarse forward and backward, then the fine backward.
@@ -529,15 +540,15 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         const Acc* coef = call.coefficients + j * F * 3 * W;
         const int64_t valid = d - j * W < W ? d - j * W : W;
         for (int64_t t = 0; t < n; ++t) {
-          Vec v = load_chunk<T, Acc>(x_row(t) + j * W, valid);
-          if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
-          v = fine_forward_transposed<Acc>(v, coef);
+          Vec v = load_chunk<T, Acc, Bytes>(x_row(t) + j * W, valid);
+          if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
+          v = fine_forward_transposed<Acc, Bytes>(v, coef);
           compact[j * R + t] = v[0];
         }
       }
       clear_missing_rows(n, chunks, compact);
       coarse_forward<Acc, true>(schedule, geometry, call.blocks, compact, saved);
-      gather_compact(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
+      gather_compact<Bytes>(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
       coarse_backward<Acc, true>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
@@ -545,37 +556,37 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         Vec D[F], E[F], dscale = {};
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
-          prefetch_row_chunk(args, begin + n + t, row_end, j);  // the next tile's row t
+          prefetch_row_chunk<Bytes>(args, begin + n + t, row_end, j);  // the next tile's row t
           Vec u[F];
-          const Vec xs = load_chunk<T, Acc>(x_row(t) + j * W, valid);
+          const Vec xs = load_chunk<T, Acc, Bytes>(x_row(t) + j * W, valid);
           Vec v = xs;
-          if (call.scale_padded != nullptr) v *= load_vec(call.scale_padded + j * W);
+          if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
           for (int f = 0; f < F; ++f) {
             u[f] = v;
             const Acc* P = coef + f * 3 * W;
-            v = load_vec(P) * v + load_vec(P + 2 * W) * swap_any<Acc>(v, f);
+            v = load_vec<Bytes>(P) * v + load_vec<Bytes>(P + 2 * W) * swap_any<Acc, Bytes>(v, f);
           }
-          Vec g = load_chunk<T, Acc>(g_row(t) + j * W, valid);
+          Vec g = load_chunk<T, Acc, Bytes>(g_row(t) + j * W, valid);
           g[0] = compact_grad[j * R + t];
           for (int f = F - 1; f >= 0; --f) {
-            const Vec gs = swap_any<Acc>(g, f);
+            const Vec gs = swap_any<Acc, Bytes>(g, f);
             D[f] += u[f] * g;
             E[f] += u[f] * gs;
             const Acc* P = coef + f * 3 * W;
-            g = load_vec(P) * g + load_vec(P + W) * gs;
+            g = load_vec<Bytes>(P) * g + load_vec<Bytes>(P + W) * gs;
           }
           if (call.scale_padded != nullptr) {
             if (want_scale) dscale += g * xs;
-            g *= load_vec(call.scale_padded + j * W);
+            g *= load_vec<Bytes>(call.scale_padded + j * W);
           }
-          if (args.grad_x != nullptr) store_chunk<T, Acc>(g, valid, gx_row(t) + j * W);
+          if (args.grad_x != nullptr) store_chunk<T, Acc, Bytes>(g, valid, gx_row(t) + j * W);
         }
         Acc* lg = lane_grads + j * F * 2 * W;
         for (int f = 0; f < F; ++f) {
-          store_vec(load_vec(lg + 2 * f * W) + D[f], lg + 2 * f * W);
-          store_vec(load_vec(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
+          store_vec<Bytes>(load_vec<Bytes>(lg + 2 * f * W) + D[f], lg + 2 * f * W);
+          store_vec<Bytes>(load_vec<Bytes>(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
         }
-        if (want_scale) store_vec(load_vec(scale_grads + j * W) + dscale, scale_grads + j * W);
+        if (want_scale) store_vec<Bytes>(load_vec<Bytes>(scale_grads + j * W) + dscale, scale_grads + j * W);
       }
     }
   }
@@ -604,6 +615,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
 // The per-thread entry points are compiled for several x86-64 levels and picked at load time
 // (GCC function multiversioning), so one binary runs everywhere and uses AVX-512 or AVX2 where
 // the CPU has them. flatten inlines the kernels into each clone so they get that level's code.
+// The lane width (Bytes) is chosen separately by the caller, to match (native_lane_bytes).
 #if defined(__x86_64__) && !defined(__CUDACC__) && !defined(GOFT_NO_MULTIVERSION)
 #define GOFT_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
@@ -613,15 +625,15 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
 
 // Fills the call's coefficients (fine_coefficients_size(d) elements) and padded scale (chunks * W
 // elements, used only when scale is given).
-template <typename Acc>
-LaneCall<Acc> prepare_lane_call(const PairSchedule& schedule, const Acc* blocks, const Acc* scale,
+template <int Bytes, typename Acc>
+LaneCall<Acc, Bytes> prepare_lane_call(const PairSchedule& schedule, const Acc* blocks, const Acc* scale,
                                 Acc* coefficients, Acc* scale_padded) {
-  constexpr int W = LaneTraits<Acc>::kLanes;
-  LaneCall<Acc> call;
+  constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
+  LaneCall<Acc, Bytes> call;
   call.schedule = &schedule;
-  call.geometry = make_lane_geometry<Acc>(schedule);
+  call.geometry = make_lane_geometry<Acc, Bytes>(schedule);
   call.blocks = blocks;
-  expand_fine_coefficients(schedule, blocks, coefficients);
+  expand_fine_coefficients<Bytes>(schedule, blocks, coefficients);
   call.coefficients = coefficients;
   call.scale_padded = nullptr;
   if (scale != nullptr) {
@@ -634,8 +646,8 @@ LaneCall<Acc> prepare_lane_call(const PairSchedule& schedule, const Acc* blocks,
 }
 
 // Rows [begin, end) of the forward, tile by tile. scratch: rotate_tile_scratch_size<Acc>(d).
-template <typename T, typename Acc>
-GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const LaneCall<Acc>& call,
+template <typename T, typename Acc, int Bytes>
+GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                         int64_t begin, int64_t end, Acc* scratch) {
   for (int64_t row = begin; row < end; row += kTileRows) {
     rotate_tile(args, call, row, end - row < kTileRows ? end : row + kTileRows, scratch);
@@ -643,9 +655,9 @@ GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const La
 }
 
 // Gradient chunks [begin, end) of the backward. scratch: backward_chunk_scratch_size<Acc>(d).
-template <typename T, typename Acc>
+template <typename T, typename Acc, int Bytes>
 GOFT_MULTIVERSION void rotate_backward_chunks_fast(const RotateBackwardArgs<T, Acc>& args,
-                                                   const LaneCall<Acc>& call, int64_t begin,
+                                                   const LaneCall<Acc, Bytes>& call, int64_t begin,
                                                    int64_t end, Acc* scratch) {
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     rotate_backward_chunk_fast(args, call, chunk, scratch);
