@@ -90,14 +90,18 @@ def time_interleaved(
     repeats: int,
     budget_s: float = 4.0,
     slow_s: float = 3.0,
+    warmup: int = 3,
 ) -> Dict[str, List[float]]:
     """Wall times (s) of each callable, run in interleaved rounds so drifts in machine load hit all alike.
 
-    Every callable first runs once untimed (warm-up: allocator, caches, lazy init). A callable whose
-    warm-up took more than ``slow_s`` keeps that one run as its only sample (repeating it would not
-    fit the time budget and changes nothing at that scale). The others get
-    ``min(repeats, budget_s / warm-up time)`` samples, at least 3, one per round; each round
-    starts at a different callable.
+    Every callable first runs untimed (allocator, caches, lazy init), ``warmup`` times if that run
+    took under a second: the heap takes a few steps to settle, e.g. an adapted nn.Linear(768) took
+    page faults on 17-30k fresh pages (+15-35% time) in each of its first 6 steps and on none in
+    most steps after; slower callables run once (their page faults weigh little, and warm-up
+    time would dominate the benchmark). A callable whose warm-up took more than ``slow_s`` keeps
+    that one run as its only sample (repeating it would not fit the time budget and changes nothing at that
+    scale). The others get ``min(repeats, budget_s / warm-up time)`` samples, at least 3, one per
+    round; each round starts at a different callable.
     """
     names = list(fns)
     wanted: Dict[str, int] = {}
@@ -107,6 +111,9 @@ def time_interleaved(
         t0 = time.perf_counter()
         fns[n]()
         t = time.perf_counter() - t0
+        if t < 1.0:
+            for _ in range(warmup - 1):
+                fns[n]()
         if t > slow_s:
             samples[n].append(t)
             wanted[n] = 1

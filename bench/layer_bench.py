@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, for checking the script")
     ap.add_argument("--dims", type=int, nargs="+", default=None)
     ap.add_argument("--rows", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 9 at d<=1024, 5 above)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 15 at d<=1024, 5 above)")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = ap.parse_args(argv)
     dims = args.dims or ([256, 768] if args.quick else [768, 4096])
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     records = []
     for d in dims:
-        repeats = args.repeats or (3 if args.quick else (9 if d <= 1024 else 5))
+        repeats = args.repeats or (3 if args.quick else (15 if d <= 1024 else 5))
         records += bench_dim(d, rows, repeats, names)
     wall = time.perf_counter() - t_start
     command = "python bench/layer_bench.py" + (" --quick" if args.quick else "")

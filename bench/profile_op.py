@@ -235,7 +235,9 @@ def main(argv=None) -> int:
         finally:
             torch.set_num_threads(threads)
         passes_thp = op_passes_thp(d, rows, repeats)
-        layer = layer_costs(goft, d, rows, repeats if d <= 1024 else max(3, repeats // 2), iters)
+        # A small layer's fwd + bwd takes ~80 ms, so more repeats cost little and keep one noisy
+        # round from moving the median (7 rounds once gave 1.39x where the layer section gave 1.08x).
+        layer = layer_costs(goft, d, rows, 3 * repeats if d <= 1024 else max(3, repeats // 2), iters)
         results.append(dict(d=d, rows=rows, threads=threads, passes=passes, passes_1thread=passes1,
                             passes_thp=passes_thp, layer=layer, iters=iters))
         print(f"  d={d}: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in passes.items())
