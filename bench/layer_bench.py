@@ -10,6 +10,15 @@ goft.inject; PEFT LoRA r=8 (lora_alpha 8, no dropout), OFT (PEFT defaults: oft_b
 Cayley-Neumann with 5 terms, no COFT, no block sharing), BOFT (PEFT defaults: boft_block_size 4,
 boft_n_butterfly_factor 1).
 
+Each step's minor page faults are counted too: glibc returns freed heap memory to the kernel once
+the free space at the heap top passes a threshold it adapts at run time, and a step whose large
+temporaries then land on fresh pages pays for faulting them in. goft's layer has two more
+x-sized temporaries per step than the frozen layer (the rotated input and its gradient), which
+makes that happen on some of its steps and not others. The frozen/goft/LoRA comparison is
+therefore run a second time in a child process with glibc's thresholds pinned
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), which separates the kernels' cost from the
+allocator's.
+
     python bench/layer_bench.py [--quick]
 """
 
@@ -17,6 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -33,6 +46,14 @@ STEM = "40-layer"
 VARIANTS = ["frozen", "goft", "goft+scale", "qgoft", "lora r=8", "oft", "boft"]
 # Issue 5 targets: goft fwd+bwd time over the frozen layer's, per d.
 TIME_TARGETS = {4096: 1.10, 768: 1.20}
+# glibc's malloc tunables (mallopt(3)) that stop it adapting its mmap and trim thresholds: large
+# blocks come from the heap and freed memory stays mapped.
+PINNED_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+PINNED_VARIANTS = ["frozen", "goft", "lora r=8"]
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class OneLinear(nn.Module):
@@ -79,7 +100,7 @@ def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
     return out
 
 
-def bench_dim(d: int, rows: int, repeats: int, names: List[str]) -> List[dict]:
+def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bool = False) -> List[dict]:
     gen = torch.Generator().manual_seed(d)
     torch.manual_seed(d)
     base = OneLinear(d)
@@ -87,41 +108,66 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str]) -> List[dict]:
     x = torch.randn(rows, d, generator=gen).requires_grad_()
     g = torch.randn(rows, d, generator=gen)
     x_bytes = x.numel() * x.element_size()
-    fns, trainable = {}, {}
+    fns, trainable, faults = {}, {}, {}
     for name, m in variants.items():
         params = [p for p in m.parameters() if p.requires_grad]
         trainable[name] = sum(p.numel() for p in params)
-        fns[name] = lambda m=m, params=params: torch.autograd.grad(m(x), [x] + params, g)
+        faults[name] = []
+
+        def step(m=m, params=params, counts=faults[name]):
+            before = minor_faults()
+            out = torch.autograd.grad(m(x), [x] + params, g)
+            counts.append(minor_faults() - before)
+            return out
+
+        fns[name] = step
     samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
     t_frozen = common.median(samples["frozen"])
     records = []
     for name, m in variants.items():
-        owned = list(m.parameters()) + list(m.buffers())
-        saved = common.saved_for_backward(lambda m=m: m(x), exclude=owned)
-        rss = common.peak_rss_growth(fns[name])
         t = common.median(samples[name])
-        records.append(dict(
-            d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]), ratio=t / t_frozen,
-            saved_total=saved["total"], saved_activations=saved["activations"], saved_count=saved["count"],
-            rss_growth=rss, trainable=trainable[name], x_bytes=x_bytes,
-        ))
-        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen), saved {common.fmt_bytes(saved['total'])}",
-              flush=True)
+        # The timed steps are the last ones (warm-up runs come first).
+        step_faults = faults[name][-len(samples[name]):]
+        record = dict(d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]), ratio=t / t_frozen,
+                      faults_median=common.median(step_faults),
+                      faulting_steps=sum(1 for f in step_faults if f >= 1000), trainable=trainable[name],
+                      x_bytes=x_bytes)
+        if not timing_only:
+            owned = list(m.parameters()) + list(m.buffers())
+            saved = common.saved_for_backward(lambda m=m: m(x), exclude=owned)
+            record.update(saved_total=saved["total"], saved_activations=saved["activations"],
+                          saved_count=saved["count"], rss_growth=common.peak_rss_growth(fns[name]))
+        records.append(record)
+        if timing_only:
+            print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen)", file=sys.stderr, flush=True)
+            continue
+        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen), "
+              f"saved {common.fmt_bytes(record['saved_total'])}", flush=True)
     return records
 
 
-def targets(records: List[dict]) -> List[List[str]]:
+def bench_pinned_heap(dims: List[int], rows: int, repeats: Dict[int, int]) -> List[dict]:
+    """bench_dim for PINNED_VARIANTS in a child process whose glibc heap thresholds are pinned."""
+    cmd = [sys.executable, __file__, "--pinned-heap-child", "--rows", str(rows), "--dims", *map(str, dims),
+           "--repeats-per-dim", json.dumps({str(d): r for d, r in repeats.items()})]
+    out = subprocess.run(cmd, env=dict(os.environ, **PINNED_HEAP_ENV), check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout)
+
+
+def targets(records: List[dict], pinned: List[dict] = ()) -> List[List[str]]:
     """Issue-5 target rows: (what, measured, target, holds)."""
     by = {(r["d"], r["variant"]): r for r in records}
+    by_pinned = {(r["d"], r["variant"]): r for r in pinned}
     rows = []
     for d, target in TIME_TARGETS.items():
-        r = by.get((d, "goft"))
-        if r is None:
-            continue
-        lora = by.get((d, "lora r=8"))
-        extra = f" (LoRA r=8: {lora['ratio']:.2f}x)" if lora else ""
-        rows.append([f"goft fwd+bwd / frozen, d={d}, {r['rows']} rows", f"{r['ratio']:.3f}x{extra}",
-                     f"<= {target:.2f}x", "holds" if r["ratio"] <= target else "missed"])
+        for where, table in (("", by), (", glibc heap thresholds pinned", by_pinned)):
+            r = table.get((d, "goft"))
+            if r is None:
+                continue
+            lora = table.get((d, "lora r=8"))
+            extra = f" (LoRA r=8: {lora['ratio']:.2f}x)" if lora else ""
+            rows.append([f"goft fwd+bwd / frozen, d={d}, {r['rows']} rows{where}", f"{r['ratio']:.3f}x{extra}",
+                         f"<= {target:.2f}x", "holds" if r["ratio"] <= target else "missed"])
     for (d, v), r in sorted(by.items()):
         if v not in ("goft", "goft+scale", "qgoft"):
             continue
@@ -139,7 +185,7 @@ def targets(records: List[dict]) -> List[List[str]]:
     return rows
 
 
-def render(records: List[dict], info, load_after, wall, command) -> str:
+def render(records: List[dict], pinned: List[dict], info, load_after, wall, command) -> str:
     out = [common.run_header(info, load_after, wall, command)]
     out.append(
         "One `nn.Linear(d, d)` (bias, frozen) on float32 x of shape (rows, d) requiring grad; "
@@ -150,23 +196,60 @@ def render(records: List[dict], info, load_after, wall, command) -> str:
         "Cayley-Neumann 5 terms); BOFT defaults (boft_block_size=4, boft_n_butterfly_factor=1). "
         "Saved for backward: unique storages packed by `saved_tensors_hooks` during the forward "
         "(total, and activations = excluding the layer's own parameters and buffers). Peak RSS "
-        "growth: VmHWM over the RSS before one forward + backward.\n"
+        "growth: VmHWM over the RSS before one forward + backward. Page faults: minor faults per "
+        "timed step (median), and the number of timed steps with 1000 or more (4 MiB of fresh "
+        "pages).\n"
     )
     rows = []
     for r in records:
         rows.append([str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
+                     f"{r['faults_median']:,.0f} ({r['faulting_steps']}/{r['n']})",
                      common.fmt_bytes(r["saved_total"]), common.fmt_bytes(r["saved_activations"]),
                      common.fmt_bytes(r["rss_growth"]), f"{r['trainable']:,}"])
     out.append(common.md_table(
-        ["d", "rows", "variant", "ms", "n", "time / frozen", "saved (total)", "saved (activations)",
-         "peak RSS growth", "trainable"],
-        rows, align="lrlrrrrrrr"))
-    t = targets(records)
+        ["d", "rows", "variant", "ms", "n", "time / frozen", "page faults / step (steps >= 1000)",
+         "saved (total)", "saved (activations)", "peak RSS growth", "trainable"],
+        rows, align="lrlrrrrrrrr"))
+    if pinned:
+        env = " ".join(f"{k}={v}" for k, v in PINNED_HEAP_ENV.items())
+        out.append(f"\nThe same with glibc's heap thresholds pinned (a child process with `{env}`; "
+                   "same repeats):\n")
+        out.append(common.md_table(
+            ["d", "rows", "variant", "ms", "n", "time / frozen", "page faults / step (steps >= 1000)"],
+            [[str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
+              f"{r['faults_median']:,.0f} ({r['faulting_steps']}/{r['n']})"] for r in pinned],
+            align="lrlrrrr"))
+        out.append(reading(records, pinned))
+    t = targets(records, pinned)
     if t:
         out.append("\n### Issue 5 targets (layer level)\n")
         out.append(common.md_table(["target", "measured", "limit", "status"], t, align="lrrl"))
     out.append("\n![layer benchmark](layer_bench.png)\n")
     return "\n".join(out)
+
+
+def reading(records: List[dict], pinned: List[dict]) -> str:
+    """What the fault counts say, per d, in words computed from the numbers."""
+    by = {(r["d"], r["variant"]): r for r in records}
+    by_pinned = {(r["d"], r["variant"]): r for r in pinned}
+    lines = ["\nReading:\n"]
+    for d in sorted({r["d"] for r in pinned}):
+        f, g = by.get((d, "frozen")), by.get((d, "goft"))
+        fp, gp = by_pinned.get((d, "frozen")), by_pinned.get((d, "goft"))
+        if not (f and g and fp and gp):
+            continue
+        said = (f"- d={d}: with the default allocator goft faulted on {g['faulting_steps']}/{g['n']} "
+                f"timed steps (frozen: {f['faulting_steps']}/{f['n']}) and took {g['ratio']:.3f}x the "
+                f"frozen layer; with the heap thresholds pinned {gp['faulting_steps']}/{gp['n']} (frozen: "
+                f"{fp['faulting_steps']}/{fp['n']}) and {gp['ratio']:.3f}x. ")
+        if g["faulting_steps"] - f["faulting_steps"] > gp["faulting_steps"] - fp["faulting_steps"]:
+            said += ("The pinned ratio is the cost of goft's kernels and its extra tensors; the rest is "
+                     "glibc giving freed memory back to the kernel and faulting it in again, which a "
+                     "training process can stop with the same two environment variables.")
+        else:
+            said += "Page faults do not tell the two runs apart here: they differ by run-to-run noise."
+        lines.append(said)
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: List[dict], path) -> None:
@@ -206,22 +289,37 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 15 at d<=1024, 5 above)")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--pinned-heap-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats-per-dim", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.pinned_heap_child:
+        # Timing-only run for bench_pinned_heap: JSON records on stdout, progress on stderr.
+        per_dim = json.loads(args.repeats_per_dim)
+        records = []
+        for d in args.dims:
+            records += bench_dim(d, args.rows, per_dim[str(d)], PINNED_VARIANTS, timing_only=True)
+        print(json.dumps(records))
+        return 0
     dims = args.dims or ([256, 768] if args.quick else [768, 4096])
     rows = args.rows or (1024 if args.quick else 8192)
     names = ["frozen"] + [v for v in args.variants if v != "frozen"]
     info = common.machine_info()
     t_start = time.perf_counter()
     records = []
+    repeats = {d: args.repeats or (3 if args.quick else (15 if d <= 1024 else 5)) for d in dims}
     for d in dims:
-        repeats = args.repeats or (3 if args.quick else (15 if d <= 1024 else 5))
-        records += bench_dim(d, rows, repeats, names)
+        records += bench_dim(d, rows, repeats[d], names)
+    pinned = []
+    if all(v in names for v in PINNED_VARIANTS):
+        print("  glibc heap thresholds pinned (child process):", flush=True)
+        pinned = bench_pinned_heap(dims, rows, repeats)
     wall = time.perf_counter() - t_start
     command = "python bench/layer_bench.py" + (" --quick" if args.quick else "")
-    body = render(records, info, common.loadavg(), wall, command)
+    body = render(records, pinned, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "layer_bench.png")
     common.write_section(STEM, "Layer level: one adapted nn.Linear, forward + backward", body,
-                         {"machine": info, "command": command, "records": records, "wall_s": wall})
+                         {"machine": info, "command": command, "records": records, "pinned_heap": pinned,
+                          "wall_s": wall})
     print(body)
     return 0
 

@@ -40,7 +40,8 @@ def write_targets_summary() -> None:
         path = common.RESULTS_DIR / f"{stem}.json"
         if path.exists():
             data = json.loads(path.read_text())
-            rows += module.targets(data["records"])
+            rows += (module.targets(data["records"], data["pinned_heap"]) if "pinned_heap" in data
+                     else module.targets(data["records"]))
             sources.append(f"`{stem}.md` (`{data.get('command', '?')}`, {data['machine']['date']}, "
                            f"load {data['machine']['load']})")
     if not rows:
