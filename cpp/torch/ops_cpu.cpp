@@ -118,7 +118,7 @@ at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
   const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale);
   // Outputs above glibc's mmap threshold are faulted in 4 KiB at a time, about half of the op's
   // time at 8192 x 4096 float32. madvise(MADV_HUGEPAGE) on them halved the standalone op but, in
-  // a layer, made it 2x slower (THP faults then compact memory the matmuls fragmented), so the
+  // a layer, made it 2x slower (likely THP faults compacting memory the matmuls fragmented), so the
   // op leaves its outputs as torch allocates them.
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (shape.rows == 0) return out;
