@@ -137,6 +137,32 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
+def counting_faults(fn: Callable[[], object]):
+    """fn wrapped to append each call's minor page faults to a list; returns (wrapped, list)."""
+    import resource
+
+    counts: List[int] = []
+
+    def wrapped():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out = fn()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return out
+
+    return wrapped, counts
+
+
+def fault_summary(counts: List[int], timed: int) -> Dict[str, float]:
+    """Median minor faults of the last ``timed`` calls (the timed ones; warm-ups come first), and
+    how many of them faulted on 1000 pages (4 MiB) or more."""
+    last = counts[-timed:]
+    return {"faults_median": median(last), "faulting_steps": sum(1 for f in last if f >= 1000)}
+
+
+def fmt_faults(record: Dict[str, float]) -> str:
+    return f"{record['faults_median']:,.0f} ({record['faulting_steps']}/{record['n']})"
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 

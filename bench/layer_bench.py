@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,10 +49,6 @@ TIME_TARGETS = {4096: 1.10, 768: 1.20}
 # blocks come from the heap and freed memory stays mapped.
 PINNED_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 PINNED_VARIANTS = ["frozen", "goft", "lora r=8"]
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class OneLinear(nn.Module):
@@ -112,25 +107,15 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
     for name, m in variants.items():
         params = [p for p in m.parameters() if p.requires_grad]
         trainable[name] = sum(p.numel() for p in params)
-        faults[name] = []
-
-        def step(m=m, params=params, counts=faults[name]):
-            before = minor_faults()
-            out = torch.autograd.grad(m(x), [x] + params, g)
-            counts.append(minor_faults() - before)
-            return out
-
-        fns[name] = step
+        fns[name], faults[name] = common.counting_faults(
+            lambda m=m, params=params: torch.autograd.grad(m(x), [x] + params, g))
     samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
     t_frozen = common.median(samples["frozen"])
     records = []
     for name, m in variants.items():
         t = common.median(samples[name])
-        # The timed steps are the last ones (warm-up runs come first).
-        step_faults = faults[name][-len(samples[name]):]
         record = dict(d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]), ratio=t / t_frozen,
-                      faults_median=common.median(step_faults),
-                      faulting_steps=sum(1 for f in step_faults if f >= 1000), trainable=trainable[name],
+                      **common.fault_summary(faults[name], len(samples[name])), trainable=trainable[name],
                       x_bytes=x_bytes)
         if not timing_only:
             owned = list(m.parameters()) + list(m.buffers())
@@ -203,7 +188,7 @@ def render(records: List[dict], pinned: List[dict], info, load_after, wall, comm
     rows = []
     for r in records:
         rows.append([str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
-                     f"{r['faults_median']:,.0f} ({r['faulting_steps']}/{r['n']})",
+                     common.fmt_faults(r),
                      common.fmt_bytes(r["saved_total"]), common.fmt_bytes(r["saved_activations"]),
                      common.fmt_bytes(r["rss_growth"]), f"{r['trainable']:,}"])
     out.append(common.md_table(
@@ -217,7 +202,7 @@ def render(records: List[dict], pinned: List[dict], info, load_after, wall, comm
         out.append(common.md_table(
             ["d", "rows", "variant", "ms", "n", "time / frozen", "page faults / step (steps >= 1000)"],
             [[str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
-              f"{r['faults_median']:,.0f} ({r['faulting_steps']}/{r['n']})"] for r in pinned],
+              common.fmt_faults(r)] for r in pinned],
             align="lrlrrrr"))
         out.append(reading(records, pinned))
     t = targets(records, pinned)

@@ -144,10 +144,10 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
     ids = torch.randint(1, vocab, (batch_size, seq), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch["labels"] = torch.randint(0, 2, (batch_size,), generator=gen) if task == "seq_cls" else ids
-    steps, trainable, total = {}, {}, {}
+    steps, trainable, total, faults = {}, {}, {}, {}
     for name in names:
         model, penalty = adapt(base, name, targets)
-        steps[name] = make_step(model, batch, penalty)
+        steps[name], faults[name] = common.counting_faults(make_step(model, batch, penalty))
         trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total[name] = sum(p.numel() for p in model.parameters())
     del base
@@ -157,8 +157,8 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
     for name in names:
         t = common.median(samples[name])
         records.append(dict(model=title, variant=name, ms=t * 1e3, n=len(samples[name]),
-                            vs_lora=(t / t_ref) if t_ref else None, rss_growth=common.peak_rss_growth(steps[name]),
-                            trainable=trainable[name], total=total[name]))
+                            vs_lora=(t / t_ref) if t_ref else None, **common.fault_summary(faults[name], len(samples[name])),
+                            rss_growth=common.peak_rss_growth(steps[name]), trainable=trainable[name], total=total[name]))
         print(f"  {title} {name}: {t * 1e3:.0f} ms" + (f" ({t / t_ref:.2f}x LoRA)" if t_ref else ""), flush=True)
     return records
 
@@ -185,16 +185,19 @@ def render(records: List[dict], info, load_after, wall, command, batch_size, seq
         "`goft.inject` (qgoft adds `goft.orthogonality_penalty` to the loss); PEFT LoRA r=8 (alpha 8), "
         "OFT (oft_block_size=32, Cayley-Neumann), BOFT (boft_block_size=4, butterfly factor 1). "
         "Peak RSS growth: VmHWM over the RSS before one step, after the warm-up (optimizer state "
-        "already allocated), i.e. activations, gradients and temporaries of the step.\n"
+        "already allocated), i.e. activations, gradients and temporaries of the step. Page faults: "
+        "minor faults per timed step (median), and the timed steps with 1000 or more (glibc giving "
+        "freed memory back to the kernel and faulting it in again; see the layer section).\n"
     )
     rows = []
     for r in records:
         rows.append([r["model"], r["variant"], f"{r['ms']:.0f}", str(r["n"]),
-                     "-" if r["vs_lora"] is None else f"{r['vs_lora']:.3f}x",
+                     "-" if r["vs_lora"] is None else f"{r['vs_lora']:.3f}x", common.fmt_faults(r),
                      common.fmt_bytes(r["rss_growth"]), f"{r['trainable']:,}",
                      f"{100.0 * r['trainable'] / r['total']:.3f}%"])
-    out.append(common.md_table(["model", "variant", "step ms", "n", "time / LoRA", "peak RSS growth",
-                                "trainable params", "trainable %"], rows, align="llrrrrrr"))
+    out.append(common.md_table(["model", "variant", "step ms", "n", "time / LoRA",
+                                "page faults / step (steps >= 1000)", "peak RSS growth", "trainable params",
+                                "trainable %"], rows, align="llrrrrrrr"))
     tg = targets(records)
     if tg:
         out.append("\n### Issue 5 targets (training step)\n")
