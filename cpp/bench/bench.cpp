@@ -216,5 +216,5 @@ int run(const Options& options) {
 int main(int argc, char** argv) {
   const Options options = parse(argc, argv);
   const int bytes = options.lane_bytes != 0 ? options.lane_bytes : goft::cpu::native_lane_bytes();
-  return bytes == 64 ? run<64>(options) : bytes == 32 ? run<32>(options) : run<16>(options);
+  return goft::cpu::with_lane_bytes(bytes, [&](auto width) { return run<decltype(width)::value>(options); });
 }

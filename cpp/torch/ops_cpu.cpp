@@ -9,7 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -41,11 +41,7 @@ namespace {
 // Calls fn(std::integral_constant<int, Bytes>) for the lane width this process uses.
 template <typename Fn>
 void dispatch_lane_bytes(Fn&& fn) {
-  switch (cpu_lane_bytes()) {
-    case 64: return fn(std::integral_constant<int, 64>());
-    case 32: return fn(std::integral_constant<int, 32>());
-    default: return fn(std::integral_constant<int, 16>());
-  }
+  cpu::with_lane_bytes(cpu_lane_bytes(), std::forward<Fn>(fn));
 }
 
 // The d-1 blocks as the kernels apply them, in the accumulation type.

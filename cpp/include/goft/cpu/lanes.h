@@ -58,18 +58,26 @@ inline int native_lane_bytes() {
   return 16;
 }
 
-// One value per row of a tile, for the coarse layers.
-template <typename Acc>
-struct RowTraits {
-  typedef Acc RowVec __attribute__((vector_size(8 * sizeof(Acc))));
-};
+// Calls fn(std::integral_constant<int, Bytes>()) for a lane width of 64, 32 or 16 bytes (any
+// other value counts as 16), so run-time widths reach the width templates in one place.
+template <typename Fn>
+decltype(auto) with_lane_bytes(int bytes, Fn&& fn) {
+  switch (bytes) {
+    case 64: return fn(std::integral_constant<int, 64>());
+    case 32: return fn(std::integral_constant<int, 32>());
+    default: return fn(std::integral_constant<int, 16>());
+  }
+}
 
 // Rows per tile: each chunk's coefficients (about 0.75 KB) are reused across the tile's rows
 // while the tile's chunks stream through L1. Larger tiles add concurrent memory streams.
-// RowVec holds one value per row of a tile.
 constexpr int64_t kTileRows = 8;
-static_assert(sizeof(RowTraits<float>::RowVec) == kTileRows * sizeof(float), "RowVec spans a tile");
-static_assert(sizeof(RowTraits<double>::RowVec) == kTileRows * sizeof(double), "RowVec spans a tile");
+
+// One value per row of a tile, for the coarse layers.
+template <typename Acc>
+struct RowTraits {
+  typedef Acc RowVec __attribute__((vector_size(kTileRows * sizeof(Acc))));
+};
 
 #if !defined(__GNUC__) || defined(__clang__)
 #error "goft's fast CPU path uses GCC vector extensions (__builtin_shuffle); build with GCC"
