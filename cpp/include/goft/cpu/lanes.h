@@ -23,15 +23,10 @@
 #include "goft/cpu/rotate.h"
 #include "goft/params.h"
 #include "goft/schedule.h"
+#include "goft/storage.h"
 
 namespace goft {
 namespace cpu {
-
-#if defined(__GNUC__)
-#define GOFT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define GOFT_ALWAYS_INLINE inline
-#endif
 
 // One SIMD width of the fast path: a chunk is Bytes of a row (W = Bytes / sizeof(Acc) lanes, one
 // vector register), and its first F = log2(W) layers run in-register. The width must match the
@@ -46,6 +41,10 @@ struct LaneTraits {
   typedef AccT Vec __attribute__((vector_size(Bytes)));
   typedef typename std::conditional<sizeof(AccT) == 4, int32_t, int64_t>::type MaskElement;
   typedef MaskElement Mask __attribute__((vector_size(Bytes)));
+  // A chunk of 16-bit storage (bfloat16, float16) and its values as 32-bit lanes, for the
+  // conversions to and from float (Acc = float).
+  typedef uint16_t Bits16 __attribute__((vector_size(Bytes / 2)));
+  typedef uint32_t Bits32 __attribute__((vector_size(Bytes)));
 };
 
 // The lane width of this CPU's vector registers: 64 bytes with AVX-512F, 32 with AVX2, else 16
@@ -174,8 +173,16 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec load_chunk(const T* src,
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(&v, src, sizeof(v));
   } else if (valid == W) {
-    // Unconditional so that the bf16/half conversion vectorises.
-    for (int l = 0; l < W; ++l) v[l] = static_cast<Acc>(src[l]);
+    if constexpr (is_16bit_float<T>::value) {
+      static_assert(std::is_same<Acc, float>::value, "16-bit storage accumulates in float");
+      using Traits = LaneTraits<Acc, Bytes>;
+      typename Traits::Bits16 h;
+      std::memcpy(&h, src, sizeof(h));
+      v = T::template to_float_lanes<typename Traits::Vec>(
+          __builtin_convertvector(h, typename Traits::Bits32));
+    } else {
+      for (int l = 0; l < W; ++l) v[l] = static_cast<Acc>(src[l]);
+    }
   } else {
     for (int l = 0; l < W; ++l) v[l] = l < valid ? static_cast<Acc>(src[l]) : Acc(0);
   }
@@ -188,7 +195,14 @@ GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc, Bytes>::Vec v, int6
   if (sizeof(T) == sizeof(Acc) && valid == W) {
     std::memcpy(dst, &v, sizeof(v));
   } else if (valid == W) {
-    for (int l = 0; l < W; ++l) dst[l] = static_cast<T>(v[l]);
+    if constexpr (is_16bit_float<T>::value) {
+      using Traits = LaneTraits<Acc, Bytes>;
+      const typename Traits::Bits16 h = __builtin_convertvector(
+          T::template from_float_lanes<typename Traits::Bits32>(v), typename Traits::Bits16);
+      std::memcpy(dst, &h, sizeof(h));
+    } else {
+      for (int l = 0; l < W; ++l) dst[l] = static_cast<T>(v[l]);
+    }
   } else {
     for (int l = 0; l < W && l < valid; ++l) dst[l] = static_cast<T>(v[l]);
   }
