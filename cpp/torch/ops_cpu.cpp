@@ -39,31 +39,9 @@ int cpu_lane_bytes() {
 
 namespace {
 
-// x's element type as the core sees it: c10's 16-bit types pass as the core's raw-bit ones
-// (goft/storage.h), which convert to and from float in SIMD and round as c10 does.
-template <typename T>
-struct CoreStorage {
-  using type = T;
-};
-template <>
-struct CoreStorage<c10::BFloat16> {
-  using type = bfloat16;
-};
-template <>
-struct CoreStorage<c10::Half> {
-  using type = float16;
-};
-
-template <typename T>
-const typename CoreStorage<T>::type* core_data(const at::Tensor& t) {
-  static_assert(sizeof(typename CoreStorage<T>::type) == sizeof(T), "one element, one layout");
-  return reinterpret_cast<const typename CoreStorage<T>::type*>(t.const_data_ptr<T>());
-}
-
-template <typename T>
-typename CoreStorage<T>::type* core_mutable_data(at::Tensor& t) {
-  return reinterpret_cast<typename CoreStorage<T>::type*>(t.mutable_data_ptr<T>());
-}
+// x's element type as the core sees it (goft/storage.h for the 16-bit types).
+template <typename S>
+using core_t = typename ElementAs<S, bfloat16, float16>::type;
 
 // Calls fn(std::integral_constant<int, Bytes>) for the lane width this process uses.
 template <typename Fn>
@@ -119,12 +97,12 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   const int64_t rows = x2.size(0), d = x2.size(1);
   const PreparedCall<Acc, Bytes> prepared(params, params_are_blocks, scale, d,
                                    x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-  RotateArgs<typename CoreStorage<T>::type, Acc> args;
+  RotateArgs<core_t<T>, Acc> args;
   args.rows = rows;
   args.dim = d;
-  args.x = core_data<T>(x2);
+  args.x = data_as<core_t<T>, T>(x2);
   args.x_row_stride = x2.stride(0);
-  args.out = core_mutable_data<T>(out2);
+  args.out = mutable_data_as<core_t<T>, T>(out2);
   args.out_row_stride = out2.stride(0);
   args.blocks = prepared.blocks.template const_data_ptr<Acc>();
   args.scale = prepared.lanes.scale_padded;
@@ -170,15 +148,15 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   at::Tensor scale_partials;
   if (grad_scale != nullptr) scale_partials = at::empty({chunks, d}, acc_options);
 
-  RotateBackwardArgs<typename CoreStorage<T>::type, Acc> args;
+  RotateBackwardArgs<core_t<T>, Acc> args;
   args.rows = rows;
   args.dim = d;
-  args.grad_out = core_data<T>(grad2);
+  args.grad_out = data_as<core_t<T>, T>(grad2);
   args.grad_out_row_stride = grad2.stride(0);
-  args.x = core_data<T>(x2);
+  args.x = data_as<core_t<T>, T>(x2);
   args.x_row_stride = x2.stride(0);
   if (grad_x2 != nullptr) {
-    args.grad_x = core_mutable_data<T>(*grad_x2);
+    args.grad_x = mutable_data_as<core_t<T>, T>(*grad_x2);
     args.grad_x_row_stride = grad_x2->stride(0);
   }
   args.blocks = prepared.blocks.template const_data_ptr<Acc>();

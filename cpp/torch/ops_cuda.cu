@@ -26,30 +26,7 @@ namespace {
 
 // The CUDA type the kernels use for an ATen scalar type.
 template <typename S>
-struct KernelType {
-  using type = S;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-
-template <typename S>
-using kernel_t = typename KernelType<S>::type;
-
-template <typename S>
-const kernel_t<S>* kernel_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const kernel_t<S>*>(t.const_data_ptr<S>());
-}
-
-template <typename S>
-kernel_t<S>* kernel_ptr(at::Tensor& t) {
-  return reinterpret_cast<kernel_t<S>*>(t.mutable_data_ptr<S>());
-}
+using kernel_t = typename ElementAs<S, __nv_bfloat16, __half>::type;
 
 at::Tensor workspace_tensor(int64_t bytes, const at::Tensor& like) {
   return at::empty({bytes}, like.options().dtype(at::kByte));
@@ -86,9 +63,9 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   RotateArgs<T, Acc> args;
   args.rows = rows;
   args.dim = d;
-  args.x = kernel_ptr<S>(x2);
+  args.x = data_as<T, S>(x2);
   args.x_row_stride = x2.stride(0);
-  args.out = kernel_ptr<S>(out2);
+  args.out = mutable_data_as<T, S>(out2);
   args.out_row_stride = out2.stride(0);
   args.blocks = blocks.const_data_ptr<Acc>();
   args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
@@ -134,12 +111,12 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   RotateBackwardArgs<T, Acc> args;
   args.rows = rows;
   args.dim = d;
-  args.grad_out = kernel_ptr<S>(grad2);
+  args.grad_out = data_as<T, S>(grad2);
   args.grad_out_row_stride = grad2.stride(0);
-  args.x = kernel_ptr<S>(x2);
+  args.x = data_as<T, S>(x2);
   args.x_row_stride = x2.stride(0);
   if (grad_x2 != nullptr) {
-    args.grad_x = kernel_ptr<S>(*grad_x2);
+    args.grad_x = mutable_data_as<T, S>(*grad_x2);
     args.grad_x_row_stride = grad_x2->stride(0);
   }
   args.blocks = blocks.const_data_ptr<Acc>();

@@ -9,6 +9,34 @@
 
 namespace goft {
 
+// The element type a device's kernels take for an ATen scalar type S: c10's 16-bit types pass as
+// that device's own types of the same layout (the CPU core's goft::bfloat16 / goft::float16,
+// CUDA's __nv_bfloat16 / __half), every other type as itself.
+template <typename S, typename BFloat16As, typename HalfAs>
+struct ElementAs {
+  using type = S;
+};
+template <typename BFloat16As, typename HalfAs>
+struct ElementAs<c10::BFloat16, BFloat16As, HalfAs> {
+  using type = BFloat16As;
+};
+template <typename BFloat16As, typename HalfAs>
+struct ElementAs<c10::Half, BFloat16As, HalfAs> {
+  using type = HalfAs;
+};
+
+// A tensor of ATen element type S, seen as the kernels' element type E.
+template <typename E, typename S>
+const E* data_as(const at::Tensor& t) {
+  static_assert(sizeof(E) == sizeof(S) && alignof(E) <= alignof(S), "one element, one layout");
+  return reinterpret_cast<const E*>(t.const_data_ptr<S>());
+}
+template <typename E, typename S>
+E* mutable_data_as(at::Tensor& t) {
+  static_assert(sizeof(E) == sizeof(S) && alignof(E) <= alignof(S), "one element, one layout");
+  return reinterpret_cast<E*>(t.mutable_data_ptr<S>());
+}
+
 // Calls fn with a value of the C++ type of a float32/float64 tensor (params and scale).
 template <typename Fn>
 void dispatch_param_dtype(at::ScalarType type, Fn&& fn) {

@@ -178,7 +178,7 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec load_chunk(const T* src,
       using Traits = LaneTraits<Acc, Bytes>;
       typename Traits::Bits16 h;
       std::memcpy(&h, src, sizeof(h));
-      v = T::template to_float_lanes<typename Traits::Vec>(
+      v = T::Format::template to_float<typename Traits::Vec>(
           __builtin_convertvector(h, typename Traits::Bits32));
     } else {
       for (int l = 0; l < W; ++l) v[l] = static_cast<Acc>(src[l]);
@@ -198,7 +198,7 @@ GOFT_ALWAYS_INLINE void store_chunk(typename LaneTraits<Acc, Bytes>::Vec v, int6
     if constexpr (is_16bit_float<T>::value) {
       using Traits = LaneTraits<Acc, Bytes>;
       const typename Traits::Bits16 h = __builtin_convertvector(
-          T::template from_float_lanes<typename Traits::Bits32>(v), typename Traits::Bits16);
+          T::Format::template from_float<typename Traits::Bits32>(v), typename Traits::Bits16);
       std::memcpy(dst, &h, sizeof(h));
     } else {
       for (int l = 0; l < W; ++l) dst[l] = static_cast<T>(v[l]);
