@@ -6,7 +6,9 @@ achieved bandwidth: bytes the pass must move (forward: read x, write y; backward
 grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run.
 Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
 and of the adapter), alone, with goft (GivensLinear, strict GOFT) and with PEFT LoRA r=8 when
-peft is importable.
+peft is importable. Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1)
+at d in WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
+(bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
 
     python bench/gpu_bench.py [--rows 16384] [--dim 4096] [--repeats 50] [--out bench/RESULTS_GPU.md]
 
@@ -84,6 +86,43 @@ def op_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     return out
 
 
+# Widths whose fused kernels hold 2 to 4 chunks per thread, where ptxas reports spills
+# (bench/cuda_registers.py), and the fallback kernels they could give way to.
+WIDE_DIMS = (8192, 11008, 16384)
+
+
+def wide_rows(rows: int, repeats: int) -> List[Dict[str, object]]:
+    """Fused vs fallback kernels (GOFT_CUDA_FALLBACK=1) on wide rows, forward and backward."""
+    import os
+
+    import goft
+
+    backward = torch.ops.goft.rotate_backward.default
+    out = []
+    for dt in (torch.bfloat16, torch.float32):
+        for d in WIDE_DIMS:
+            torch.manual_seed(0)
+            x = torch.randn(rows, d, device="cuda", dtype=dt)
+            grad = torch.randn_like(x)
+            angles = 0.1 * torch.randn(d - 1, device="cuda")
+            passes = {
+                "forward": lambda: goft.rotate(x, angles),
+                "backward": lambda: backward(grad, x, angles, None, False, [True, True, False]),
+            }
+            for name, fn in passes.items():
+                times = {}
+                for path, forced in (("fused", None), ("fallback", "1")):
+                    if forced is None:
+                        os.environ.pop("GOFT_CUDA_FALLBACK", None)
+                    else:
+                        os.environ["GOFT_CUDA_FALLBACK"] = forced
+                    times[path] = cuda_time_ms(fn, repeats)
+                os.environ.pop("GOFT_CUDA_FALLBACK", None)
+                out.append(dict(dtype=str(dt).replace("torch.", ""), d=d, name=name, **times))
+            del x, grad
+    return out
+
+
 def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     import goft
 
@@ -143,7 +182,8 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     return out
 
 
-def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], rows: int, d: int, facts: str) -> str:
+def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: List[Dict[str, object]],
+             rows: int, d: int, wide_row_count: int, facts: str) -> str:
     lines = [
         "# goft on a GPU",
         "",
@@ -183,6 +223,20 @@ def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], rows: 
         if lora_row is not None:
             faster = "holds" if goft_row["ms"] < lora_row["ms"] else "missed"
             lines.append(f"Target goft faster than LoRA r=8: {faster} ({goft_row['ms']:.3f} vs {lora_row['ms']:.3f} ms).")
+    lines += [
+        "",
+        f"## Wide rows: fused kernels against the fallback kernels, {wide_row_count} rows",
+        "",
+        "The fused kernels hold 2 to 4 chunks per thread at these widths, where ptxas reports register "
+        "spills (the CUDA register section of bench/RESULTS.md); GOFT_CUDA_FALLBACK=1 forces the "
+        "one-block-per-row fallback kernels. Backward: grad_x and the parameter gradients.",
+        "",
+        "| dtype | d | pass | fused, us | fallback, us | fused / fallback |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in wide:
+        lines.append(f"| {r['dtype']} | {r['d']} | {r['name']} | {1000 * r['fused']:.1f} | {1000 * r['fallback']:.1f} "
+                     f"| {r['fused'] / r['fallback']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +265,9 @@ def main() -> None:
     )
     op = op_rows(args.rows, args.dim, args.repeats)
     layer = layer_rows(args.rows, args.dim, max(10, args.repeats // 2))
-    text = markdown(op, layer, args.rows, args.dim, facts)
+    wide_row_count = max(1, args.rows // 2)
+    wide = wide_rows(wide_row_count, max(10, args.repeats // 2))
+    text = markdown(op, layer, wide, args.rows, args.dim, wide_row_count, facts)
     pathlib.Path(args.out).write_text(text)
     print(text)
     print(f"written to {args.out}")

@@ -1,6 +1,6 @@
-"""Runs every benchmark (core op targets, op, layer, training step, op profile) and rebuilds bench/RESULTS.md.
+"""Runs every benchmark (core op targets, op, layer, training step, op profile, CUDA register use) and rebuilds bench/RESULTS.md.
 
-    python bench/run_all.py            # the full run, about 12-14 minutes on an idle 2-core CPU
+    python bench/run_all.py            # the full run, about 13-15 minutes on an idle 2-core CPU
     python bench/run_all.py --quick    # small sizes, a minute or two: checks that everything runs
 
 Each benchmark runs in its own process (no compile caches or allocator state shared between them),
@@ -25,6 +25,7 @@ BENCHES = {
     "layer": "layer_bench.py",
     "train": "train_bench.py",
     "profile": "profile_op.py",
+    "cuda-registers": "cuda_registers.py",
 }
 
 
