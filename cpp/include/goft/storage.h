@@ -18,12 +18,7 @@
 #include <cstring>
 #include <type_traits>
 
-// For helpers on vectors: inlined into each multiversioned kernel, so they get its instruction set.
-#if defined(__GNUC__)
-#define GOFT_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define GOFT_ALWAYS_INLINE inline
-#endif
+#include "goft/inline.h"
 
 namespace goft {
 

@@ -21,6 +21,7 @@
 
 #include "goft/blocks.h"
 #include "goft/cpu/rotate.h"
+#include "goft/inline.h"
 #include "goft/params.h"
 #include "goft/schedule.h"
 #include "goft/storage.h"
