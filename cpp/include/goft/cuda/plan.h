@@ -59,19 +59,29 @@ struct FusedLayout {
   int64_t grad_workspace_per_cta = 0;  // elements
 };
 
+// Overrides of the layout choice, for tuning experiments on a GPU (rotate_api.h reads them from
+// the environment): only the variant with `chunks` vectors per thread (0: any), and thread blocks
+// of at least `cta_threads` threads (several row groups per block) where the variant allows.
+struct FusedTuning {
+  int chunks = 0;
+  int cta_threads = kMinCtaThreads;
+};
+
 // Picks the fused kernel whose row capacity (G * chunks * elts) wastes the fewest threads for
 // width d, then the largest shared-memory placement that fits: blocks and gradients in shared
 // memory, else gradients only (read-only blocks still hit L1), else neither. Returns false when
 // no variant can hold the row on chip (the fallback kernel then runs).
 inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backward,
                                 bool scale_grad, const FusedVariant* variants, int num_variants,
-                                int64_t smem_limit_bytes, FusedLayout* out) {
+                                int64_t smem_limit_bytes, FusedLayout* out,
+                                const FusedTuning& tuning = FusedTuning()) {
   const int64_t vectors = (dim + elts - 1) / elts;
   int best = -1;
   int64_t best_cap = 0;
   int best_group = 0;
   for (int v = 0; v < num_variants; ++v) {
     if (variants[v].max_threads < kWarpThreads) continue;
+    if (tuning.chunks > 0 && variants[v].chunks != tuning.chunks) continue;
     const int max_group = pow2_floor(std::min(1024, variants[v].max_threads));
     const int64_t per_chunk = (vectors + variants[v].chunks - 1) / variants[v].chunks;
     if (per_chunk > max_group) continue;
@@ -91,7 +101,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   l.group_threads = best_group;
   l.log_group_threads = ilog2(best_group);
   const int max_cta = pow2_floor(std::min(1024, fv.max_threads));
-  l.cta_threads = std::max(best_group, std::min(kMinCtaThreads, max_cta));
+  l.cta_threads = std::max(best_group, std::min(pow2_floor(std::max(tuning.cta_threads, 1)), max_cta));
   l.rows_per_cta = l.cta_threads / best_group;
   l.vcap = best_cap;
   const PairSchedule s = make_schedule(dim);

@@ -256,7 +256,7 @@ cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_g
     if (err != cudaSuccess) return err;
     FusedLayout layout;
     if (choose_fused_layout(dim, kElts, sizeof(Acc), backward, scale_grad, variants,
-                            kNumFusedVariants, info.smem_optin, &layout)) {
+                            kNumFusedVariants, info.smem_optin, &layout, tuning_from_env())) {
       plan->fused = true;
       plan->layout = layout;
       plan->cta_threads = layout.cta_threads;

@@ -1,0 +1,108 @@
+"""Where goft.rotate's GPU time goes, for tuning the CUDA kernels (not a results benchmark).
+
+    python bench/gpu_profile.py            # kernel breakdown (torch.profiler) + layout sweep
+    python bench/gpu_profile.py --once     # one forward and one backward, e.g. under ncu
+
+The breakdown lists every kernel one forward and one backward launch (planning kernels, the
+fused kernel, the gradient reductions) with its GPU time. The sweep times the fused forward and
+backward on x of shape (rows, d) bfloat16 for each layout override the planner accepts
+(GOFT_CUDA_CHUNKS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h FusedTuning), beside a
+device-to-device copy of x, with the timing of gpu_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from gpu_bench import cuda_time_ms  # noqa: E402
+
+
+def make_case(rows: int, d: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    x = torch.randn(rows, d, device="cuda", dtype=dtype)
+    grad = torch.randn_like(x)
+    angles = 0.1 * torch.randn(d - 1, device="cuda")
+    return x, grad, angles
+
+
+def passes(x, grad, angles):
+    import goft
+
+    backward = torch.ops.goft.rotate_backward.default
+    return {
+        "forward": lambda: goft.rotate(x, angles),
+        "backward": lambda: backward(grad, x, angles, None, False, [True, True, False]),
+    }
+
+
+def breakdown(rows: int, d: int, dtype: torch.dtype) -> None:
+    x, grad, angles = make_case(rows, d, dtype)
+    fns = passes(x, grad, angles)
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for fn in fns.values():
+            for _ in range(5):
+                fn()
+        torch.cuda.synchronize()
+    print(f"== kernels of 5 forward + 5 backward calls, x ({rows}, {d}) {dtype}")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
+
+
+def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
+    x, grad, angles = make_case(rows, d, dtype)
+    fns = passes(x, grad, angles)
+    y = torch.empty_like(x)
+    copy_us = 1000 * cuda_time_ms(lambda: y.copy_(x), repeats)
+    print(f"== layout sweep, x ({rows}, {d}) {dtype}; copy of x {copy_us:.1f} us")
+    print("| chunks | cta threads | forward, us | x copy | backward, us | x copy |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for chunks in (0, 1, 2, 3, 4):
+        for cta in (128, 256, 512, 1024):
+            os.environ["GOFT_CUDA_CHUNKS"] = str(chunks)
+            os.environ["GOFT_CUDA_CTA_THREADS"] = str(cta)
+            cells = []
+            for fn in fns.values():
+                try:
+                    us = 1000 * cuda_time_ms(fn, repeats)
+                    cells += [f"{us:.1f}", f"{us / copy_us:.2f}"]
+                except RuntimeError as e:  # a layout this variant cannot take
+                    cells += [f"error: {str(e).splitlines()[0][:40]}", ""]
+            print(f"| {chunks or 'auto'} | {cta} | " + " | ".join(cells) + " |", flush=True)
+    os.environ.pop("GOFT_CUDA_CHUNKS", None)
+    os.environ.pop("GOFT_CUDA_CTA_THREADS", None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--once", action="store_true", help="one forward and one backward, nothing else")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_profile.py: needs a CUDA GPU")
+    if args.once:
+        x, grad, angles = make_case(args.rows, args.dim, torch.bfloat16)
+        for fn in passes(x, grad, angles).values():
+            fn()
+        torch.cuda.synchronize()
+        return
+    breakdown(args.rows, args.dim, torch.bfloat16)
+    sweep(args.rows, args.dim, torch.bfloat16, args.repeats)
+    sweep(args.rows // 2, 2 * args.dim, torch.float32, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
