@@ -24,8 +24,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_types.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "goft/params.h"
 #include "goft/schedule.h"
@@ -83,6 +85,51 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// 16 bytes as the memory system moves them: CUDA's uint4, whose copies nvcc always emits as one
+// 16-byte access. A Vec of __nv_bfloat16 or __half copies member by member (their assignment
+// operators are user-provided), which compiles to eight 2-byte accesses, each spanning a warp's
+// whole 512 bytes; plain aligned stores of four words still get split into 4-byte stores.
+template <typename T, int N>
+GOFT_HOST_DEVICE Vec<T, N> load_vec16(const T* p) {
+  static_assert(sizeof(Vec<T, N>) == sizeof(uint4), "a vector must be exactly 16 bytes");
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  Vec<T, N> v;
+  memcpy(static_cast<void*>(&v), &bits, sizeof(bits));
+  return v;
+}
+
+// The 32-bit word holding elements 2i and 2i + 1 (2-byte T), or element i (4-byte T), or half of
+// element i / 2 (8-byte T).
+template <typename T, int N>
+GOFT_HOST_DEVICE unsigned int vec16_word(const Vec<T, N>& v, int i) {
+  unsigned int word;
+  if constexpr (sizeof(T) == 2) {
+    unsigned short lo, hi;
+    memcpy(&lo, static_cast<const void*>(&v.v[2 * i]), 2);
+    memcpy(&hi, static_cast<const void*>(&v.v[2 * i + 1]), 2);
+    word = static_cast<unsigned int>(lo) | (static_cast<unsigned int>(hi) << 16);
+  } else {
+    memcpy(&word, reinterpret_cast<const char*>(&v) + 4 * i, 4);
+  }
+  return word;
+}
+
+template <typename T, int N>
+GOFT_HOST_DEVICE void store_vec16(T* p, const Vec<T, N>& v) {
+  static_assert(sizeof(Vec<T, N>) == sizeof(uint4), "a vector must be exactly 16 bytes");
+  uint4 bits;
+  bits.x = vec16_word(v, 0);
+  bits.y = vec16_word(v, 1);
+  bits.z = vec16_word(v, 2);
+  bits.w = vec16_word(v, 3);
+#if defined(__CUDA_ARCH__)
+  // The intrinsic is inline PTX (st.global.wb.v4.u32): a plain uint4 store was still split.
+  __stwb(reinterpret_cast<uint4*>(p), bits);
+#else
+  *reinterpret_cast<uint4*>(p) = bits;
+#endif
+}
 
 constexpr int ilog2(int n) { return n <= 1 ? 0 : 1 + ilog2(n / 2); }
 constexpr int ceil_log2(int n) { return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2); }
@@ -380,7 +427,7 @@ GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* r
   for (int c = 0; c < K::kChunks; ++c) {
     const int f0 = x.vpos(c) * E;
     if (valid && vec && f0 < x.d) {
-      raw[c] = *reinterpret_cast<const Vec<T, E>*>(row + f0);
+      raw[c] = load_vec16<T, E>(row + f0);
     } else {
       GOFT_UNROLL
       for (int i = 0; i < E; ++i) {
@@ -413,7 +460,7 @@ GOFT_DEVICE_FN void store_row(const RowCtx<K, Threads>& x, typename K::T* row, b
       Vec<T, E> v;
       GOFT_UNROLL
       for (int i = 0; i < E; ++i) v.v[i] = FromAcc<T>::convert(w[c][i]);
-      *reinterpret_cast<Vec<T, E>*>(row + f0) = v;
+      store_vec16<T, E>(row + f0, v);
     } else {
       GOFT_UNROLL
       for (int i = 0; i < E; ++i) {
