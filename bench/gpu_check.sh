@@ -60,7 +60,8 @@ tail -n 3 "$LOGS/bench.run1.log"
 stamp "CUDA tests (tests/test_cuda.py)"
 if "$PY" -c "import pytest" 2> /dev/null; then
   timeout_opt=()
-  if "$PY" -c "import pytest_timeout" 2> /dev/null; then timeout_opt=(-p pytest_timeout --timeout=120); fi
+  # pytest-timeout registers itself when installed; naming it with -p again is an error.
+  if "$PY" -c "import pytest_timeout" 2> /dev/null; then timeout_opt=(--timeout=120); fi
   timeout 300 "$PY" -m pytest -q -rfE --maxfail=40 --durations=8 -p no:cacheprovider "${timeout_opt[@]}" \
     tests/test_cuda.py > "$LOGS/tests.log" 2>&1
   tests_rc=$?
