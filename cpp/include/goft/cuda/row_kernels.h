@@ -786,7 +786,11 @@ GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>&
 
 // Sets up a thread's view of its group, copies the block store to shared memory (once per thread
 // block, reused for every row it processes) and clears the gradient accumulators.
-template <class K, class Threads>
+// kOnChip: the caller has checked that the store (and in backward the gradient accumulators) is
+// in shared memory, so the pointers are taken from the shared array unconditionally. The compiler
+// then knows their address space and emits shared-memory loads (LDS); a pointer that may point
+// to either space compiles to generic loads, which take the slower generic path.
+template <class K, bool kOnChip, class Threads>
 GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, typename K::Acc>& p,
                                                const Threads& th, typename K::Acc* smem) {
   using Acc = typename K::Acc;
@@ -803,7 +807,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   x.group = tid >> x.LG;
   x.num_layers = p.schedule.num_layers;
   x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
-  if (p.store_in_smem) {
+  if (kOnChip || p.store_in_smem) {
     Acc* dst = smem + l.blocks;
     for (int s = tid; s < p.num_slots; s += p.cta_threads) {
       *reinterpret_cast<Vec<Acc, 4>*>(dst + 4 * s) =
@@ -816,7 +820,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   if (K::kBackward) {
     Acc* base;
     int64_t zero_count;
-    if (p.grads_in_smem) {
+    if (kOnChip || p.grads_in_smem) {
       base = smem + l.grads;
       zero_count = l.total - l.grads;
       x.grads = base + x.group * l.grads_per_group;
@@ -837,13 +841,13 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
 }
 
 // y = x @ T (or x @ T^T) for all rows; thread blocks stride over tiles of rows_per_cta rows.
-template <class K, bool kTransposed, class Threads>
-GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Acc>& p,
-                                 const Threads& th, typename K::Acc* smem) {
+template <class K, bool kTransposed, bool kOnChip, class Threads>
+GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename K::Acc>& p,
+                                      const Threads& th, typename K::Acc* smem) {
   using T = typename K::T;
   using Acc = typename K::Acc;
   constexpr int C = K::kChunks, E = K::kElts;
-  const RowCtx<K, Threads> ctx = make_row_ctx<K>(p, th, smem);
+  const RowCtx<K, Threads> ctx = make_row_ctx<K, kOnChip>(p, th, smem);
   SavedInputs<K> unused;
   int parity = 0;
   const int64_t rp = p.rows_per_cta;
@@ -870,6 +874,16 @@ GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Ac
     layers_forward<K, kTransposed, false>(x, w, unused, parity);
     if (!kTransposed && p.scale != nullptr) apply_scale(x, w);
     if (valid) store_row(x, p.out + row * p.out_stride, p.out_vec, w);
+  }
+}
+
+template <class K, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Acc>& p,
+                                 const Threads& th, typename K::Acc* smem) {
+  if (p.store_in_smem) {
+    fused_rotate_rows<K, kTransposed, true>(p, th, smem);
+  } else {
+    fused_rotate_rows<K, kTransposed, false>(p, th, smem);
   }
 }
 
@@ -932,13 +946,13 @@ GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
 
 // Backward with parameter gradients: per row, recompute the forward keeping each layer's inputs
 // on chip, then run the gradient back through the layers (GOFT_SPEC.md section 4).
-template <class K, bool kTransposed, class Threads>
-GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typename K::Acc>& p,
-                                          const Threads& th, typename K::Acc* smem) {
+template <class K, bool kTransposed, bool kOnChip, class Threads>
+GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, typename K::Acc>& p,
+                                               const Threads& th, typename K::Acc* smem) {
   using T = typename K::T;
   using Acc = typename K::Acc;
   constexpr int C = K::kChunks, E = K::kElts;
-  const RowCtx<K, Threads> ctx = make_row_ctx<K>(p, th, smem);
+  const RowCtx<K, Threads> ctx = make_row_ctx<K, kOnChip>(p, th, smem);
   Layer0Grads<K> l0;
   GOFT_UNROLL
   for (int c = 0; c < Layer0Grads<K>::kChunks; ++c) {
@@ -995,6 +1009,16 @@ GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typen
       if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g);
     }
     flush_partials(ctx, l0, chunk * rp + ctx.group);
+  }
+}
+
+template <class K, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typename K::Acc>& p,
+                                          const Threads& th, typename K::Acc* smem) {
+  if (p.store_in_smem && p.grads_in_smem) {
+    fused_rotate_backward_rows<K, kTransposed, true>(p, th, smem);
+  } else {
+    fused_rotate_backward_rows<K, kTransposed, false>(p, th, smem);
   }
 }
 
