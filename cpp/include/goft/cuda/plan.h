@@ -142,6 +142,12 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   return true;
 }
 
+// Whether a fused launch keeps everything it reads and accumulates in shared memory: the block
+// store, and in backward the gradient accumulators (the kernels' kOnChip specialisation).
+inline bool fused_on_chip(const FusedLayout& l, bool backward) {
+  return l.store_in_smem && (!backward || l.grads_in_smem);
+}
+
 // Number of row chunks (each yields rows_per_cta partials) for the backward: enough to give every
 // resident block work, bounded by the rows and by the memory of the partials. It depends on the
 // shape and the device, never on timing, so gradients are bitwise reproducible run to run.

@@ -52,14 +52,17 @@ __device__ __forceinline__ Acc* dynamic_smem() {
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-template <class K, bool kTransposed>
+// kOnChip: the block store (and in backward the gradient accumulators) is in shared memory
+// (fused_on_chip, plan.h). A kernel of its own for each placement, so that each is compiled and
+// register-allocated for one address space.
+template <class K, bool kTransposed, bool kOnChip>
 __global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
-  fused_rotate<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+  fused_rotate_rows<K, kTransposed, kOnChip>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
 }
 
-template <class K, bool kTransposed>
+template <class K, bool kTransposed, bool kOnChip>
 __global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
-  fused_rotate_backward<K, kTransposed>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+  fused_rotate_backward_rows<K, kTransposed, kOnChip>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
 }
 
 template <typename T, typename Acc, bool kTransposed>
@@ -199,23 +202,30 @@ using FallbackKernel = void (*)(FallbackParams<T, typename AccOf<T>::type>);
 
 constexpr int kNumFusedVariants = 4;  // kChunks = 1, 2, 3, 4
 
-template <typename T, bool kBackward, int kChunks>
+template <typename T, bool kBackward, int kChunks, bool kOnChip>
 FusedKernel<T> fused_kernel_for(bool transpose) {
   using K = FusedTraits<T, kChunks, kBackward>;
   if constexpr (kBackward) {
-    return transpose ? &fused_rotate_backward_kernel<K, true> : &fused_rotate_backward_kernel<K, false>;
+    return transpose ? &fused_rotate_backward_kernel<K, true, kOnChip>
+                     : &fused_rotate_backward_kernel<K, false, kOnChip>;
   } else {
-    return transpose ? &fused_rotate_kernel<K, true> : &fused_rotate_kernel<K, false>;
+    return transpose ? &fused_rotate_kernel<K, true, kOnChip> : &fused_rotate_kernel<K, false, kOnChip>;
   }
 }
 
+template <typename T, bool kBackward, int kChunks>
+FusedKernel<T> fused_kernel_for(bool transpose, bool on_chip) {
+  return on_chip ? fused_kernel_for<T, kBackward, kChunks, true>(transpose)
+                 : fused_kernel_for<T, kBackward, kChunks, false>(transpose);
+}
+
 template <typename T, bool kBackward>
-FusedKernel<T> fused_kernel(int chunks, bool transpose) {
+FusedKernel<T> fused_kernel(int chunks, bool transpose, bool on_chip) {
   switch (chunks) {
-    case 1: return fused_kernel_for<T, kBackward, 1>(transpose);
-    case 2: return fused_kernel_for<T, kBackward, 2>(transpose);
-    case 3: return fused_kernel_for<T, kBackward, 3>(transpose);
-    default: return fused_kernel_for<T, kBackward, 4>(transpose);
+    case 1: return fused_kernel_for<T, kBackward, 1>(transpose, on_chip);
+    case 2: return fused_kernel_for<T, kBackward, 2>(transpose, on_chip);
+    case 3: return fused_kernel_for<T, kBackward, 3>(transpose, on_chip);
+    default: return fused_kernel_for<T, kBackward, 4>(transpose, on_chip);
   }
 }
 
@@ -225,7 +235,7 @@ cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[
     FusedVariant& v = variants[i];
     v.chunks = i + 1;
     const cudaError_t err = max_threads_per_block(
-        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v.chunks, transpose)), device,
+        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v.chunks, transpose, true)), device,
         &v.max_threads);
     if (err != cudaSuccess) return err;
   }
@@ -262,8 +272,8 @@ cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_g
       plan->cta_threads = layout.cta_threads;
       plan->smem_bytes = layout.smem_bytes;
       *kernel = reinterpret_cast<const void*>(
-          backward ? fused_kernel<T, true>(layout.chunks, transpose)
-                   : fused_kernel<T, false>(layout.chunks, transpose));
+          backward ? fused_kernel<T, true>(layout.chunks, transpose, fused_on_chip(layout, true))
+                   : fused_kernel<T, false>(layout.chunks, transpose, fused_on_chip(layout, false)));
       return cudaSuccess;
     }
   }
@@ -380,7 +390,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
     p.out_vec = rows_vectorizable<T>(args.out, args.out_row_stride, args.rows, args.dim);
     p.store = store;
     p.scale = args.scale;
-    const FusedKernel<T> kernel = fused_kernel<T, false>(l.chunks, args.transpose);
+    const FusedKernel<T> kernel = fused_kernel<T, false>(l.chunks, args.transpose, fused_on_chip(l, false));
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
@@ -433,7 +443,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     p.block_partials = args.block_grad_partials;
     p.scale_partials = args.scale_grad_partials;
     p.grad_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
-    const FusedKernel<T> kernel = fused_kernel<T, true>(l.chunks, args.transpose);
+    const FusedKernel<T> kernel = fused_kernel<T, true>(l.chunks, args.transpose, fused_on_chip(l, true));
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }

@@ -877,6 +877,8 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
   }
 }
 
+// The same with the placement chosen at run time (the host emulator's entry point; the CUDA
+// launcher picks the kOnChip kernel itself).
 template <class K, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Acc>& p,
                                  const Threads& th, typename K::Acc* smem) {
@@ -1012,6 +1014,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   }
 }
 
+// The same with the placement chosen at run time (the host emulator's entry point).
 template <class K, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typename K::Acc>& p,
                                           const Threads& th, typename K::Acc* smem) {
