@@ -29,8 +29,8 @@ ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
 STATS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 # Demangled fused kernels:
-# goft::cuda::fused_rotate[_backward]_kernel<goft::cuda::FusedTraits<T, chunks, bwd>, transposed, on_chip>
-FUSED = re.compile(r"(fused_rotate(?:_backward)?_kernel)<goft::cuda::FusedTraits<(\w+), (\d), (?:true|false)>, "
+# goft::cuda::fused_rotate[_backward]_kernel<goft::cuda::FusedTraits<T, chunks, bwd, rows>, transposed, on_chip>
+FUSED = re.compile(r"(fused_rotate(?:_backward)?_kernel)<goft::cuda::FusedTraits<(\w+), (\d), (?:true|false), (\d)>, "
                    r"(true|false), (true|false)>")
 ELEMENT_BYTES = {"float": 4, "double": 8, "__nv_bfloat16": 2, "__half": 2}
 TYPE_NAMES = {"float": "float32", "double": "float64", "__nv_bfloat16": "bfloat16", "__half": "float16"}
@@ -66,11 +66,11 @@ def parse(report: str) -> list[dict]:
         m = FUSED.search(name)
         if m is None:
             continue  # staging, reduction and fallback kernels: they hold no row in registers
-        kernel, element, chunks, transposed, on_chip = m.groups()
+        kernel, element, chunks, rows, transposed, on_chip = m.groups()
         elts = 16 // ELEMENT_BYTES[element]
         records.append(dict(dtype=TYPE_NAMES[element], pass_="backward" if "backward" in kernel else "forward",
-                            chunks=int(chunks), transposed=transposed == "true", on_chip=on_chip == "true",
-                            features=int(chunks) * elts, registers=regs, spill_stores=spill_st,
+                            chunks=int(chunks), rows=int(rows), transposed=transposed == "true",
+                            on_chip=on_chip == "true", features=int(rows) * int(chunks) * elts, registers=regs, spill_stores=spill_st,
                             spill_loads=spill_ld, stack=stack))
     return records
 
@@ -90,9 +90,10 @@ def main(argv=None) -> int:
             records += parse(ptxas_report(source, args.arch, workdir))
     if not records:
         sys.exit("cuda_registers.py: found no fused kernels in ptxas's report (did the kernel names change?)")
-    records.sort(key=lambda r: (r["dtype"], r["pass_"] != "forward", r["chunks"], r["transposed"], not r["on_chip"]))
+    records.sort(key=lambda r: (r["dtype"], r["pass_"] != "forward", r["chunks"], r["rows"], r["transposed"],
+                                not r["on_chip"]))
     nvcc_version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    rows = [[r["dtype"], r["pass_"], r["chunks"], "yes" if r["transposed"] else "no",
+    rows = [[r["dtype"], r["pass_"], r["chunks"], r["rows"], "yes" if r["transposed"] else "no",
              "shared" if r["on_chip"] else "global", r["features"], r["registers"],
              r["spill_stores"], r["spill_loads"], r["stack"]] for r in records]
     spilling = [r for r in records if r["spill_stores"] + r["spill_loads"] > 0]
@@ -102,20 +103,22 @@ def main(argv=None) -> int:
         f"{' '.join(NVCC_FLAGS)} -arch=sm_{args.arch} ({nvcc_version}), {time.perf_counter() - t0:.0f} s. Static resource use from ptxas, not a GPU "
         "measurement. Forward kernels are bounded to 64 registers per thread (1024-thread blocks), "
         "backward ones to 128 (512 threads). `features` is the row slice a thread holds: chunks x "
-        "16-byte vectors; plan.h picks the variant per row width at run time. `store` is where the "
+        "16-byte vectors for each of the `rows` a thread group transforms together; plan.h picks the "
+        "variant per row width at run time. `store` is where the "
         "kernel variant keeps the blocks (and backward's gradient accumulators): shared memory, or "
         "global memory for rows whose store does not fit on chip.\n\n"
-        + common.md_table(["dtype", "pass", "chunks", "transposed", "store", "features / thread", "registers",
-                           "spill stores, B", "spill loads, B", "stack, B"], rows, align="llrllrrrrr")
+        + common.md_table(["dtype", "pass", "chunks", "rows", "transposed", "store", "features / thread",
+                           "registers", "spill stores, B", "spill loads, B", "stack, B"], rows,
+                          align="llrrllrrrrr")
         + f"\n{len(spilling)} of {len(records)} variants spill; the most: {worst['dtype']} {worst['pass_']}, "
-        f"{worst['chunks']} chunks, {'shared' if worst['on_chip'] else 'global'} store ({worst['spill_stores']} B stored, {worst['spill_loads']} B loaded per "
+        f"{worst['chunks']} chunks, {worst['rows']} row(s), {'shared' if worst['on_chip'] else 'global'} store ({worst['spill_stores']} B stored, {worst['spill_loads']} B loaded per "
         "thread). Whether a spilling variant still beats the fallback kernel for its widths is for a GPU "
         "to say: bench/gpu_bench.py times both (bench/RESULTS_GPU.md).\n"
     )
     common.write_section("70-cuda-registers", f"CUDA kernels' registers and spills (sm_{args.arch}, ptxas)", body,
                          {"arch": args.arch, "records": records})
-    print(common.md_table(["dtype", "pass", "chunks", "transposed", "store", "features", "regs", "spill st", "spill ld",
-                           "stack"], rows, align="llrllrrrrr"))
+    print(common.md_table(["dtype", "pass", "chunks", "rows", "transposed", "store", "features", "regs", "spill st",
+                           "spill ld", "stack"], rows, align="llrrllrrrrr"))
     return 0
 
 

@@ -6,8 +6,8 @@
 The breakdown lists every kernel one forward and one backward launch (planning kernels, the
 fused kernel, the gradient reductions) with its GPU time. The sweep times the fused forward and
 backward on x of shape (rows, d) bfloat16 for each layout override the planner accepts
-(GOFT_CUDA_CHUNKS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h FusedTuning), beside a
-device-to-device copy of x, with the timing of gpu_bench.py.
+(GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h
+FusedTuning), beside a device-to-device copy of x, with the timing of gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -66,22 +66,28 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
     y = torch.empty_like(x)
     copy_us = 1000 * cuda_time_ms(lambda: y.copy_(x), repeats)
     print(f"== layout sweep, x ({rows}, {d}) {dtype}; copy of x {copy_us:.1f} us")
-    print("| chunks | cta threads | forward, us | x copy | backward, us | x copy |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for chunks in (0, 1, 2, 3, 4):
+    print("| chunks | rows per group | cta threads | forward, us | x copy | backward, us | x copy |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    # Two rows per group exist for the one-chunk forward only (FusedTraits::kRowsPerGroup).
+    shapes = [(0, 0), (1, 1), (1, 2), (2, 1), (3, 1), (4, 1)]
+    for chunks, group_rows in shapes:
         for cta in (128, 256, 512, 1024):
             os.environ["GOFT_CUDA_CHUNKS"] = str(chunks)
+            os.environ["GOFT_CUDA_ROWS"] = str(group_rows)
             os.environ["GOFT_CUDA_CTA_THREADS"] = str(cta)
             cells = []
-            for fn in fns.values():
+            for name, fn in fns.items():
+                if name == "backward" and group_rows > 1:
+                    cells += ["", ""]
+                    continue
                 try:
                     us = 1000 * cuda_time_ms(fn, repeats)
                     cells += [f"{us:.1f}", f"{us / copy_us:.2f}"]
                 except RuntimeError as e:  # a layout this variant cannot take
                     cells += [f"error: {str(e).splitlines()[0][:40]}", ""]
-            print(f"| {chunks or 'auto'} | {cta} | " + " | ".join(cells) + " |", flush=True)
-    os.environ.pop("GOFT_CUDA_CHUNKS", None)
-    os.environ.pop("GOFT_CUDA_CTA_THREADS", None)
+            print(f"| {chunks or 'auto'} | {group_rows or 'auto'} | {cta} | " + " | ".join(cells) + " |", flush=True)
+    for name in ("GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS"):
+        os.environ.pop(name, None)
 
 
 def main() -> None:

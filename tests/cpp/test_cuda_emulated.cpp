@@ -207,11 +207,11 @@ Results<T> cpu_backward(const Problem<T>& p) {
 }
 
 // The launch the CUDA launcher would make for this layout, run on the emulator.
-template <typename T, int kChunks>
+template <typename T, int kChunks, int kRows>
 Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, int grid,
                      int64_t num_chunks) {
   using Acc = typename AccOf<T>::type;
-  using K = FusedTraits<T, kChunks, false>;
+  using K = FusedTraits<T, kChunks, false, kRows>;
   using KB = FusedTraits<T, kChunks, true>;
   const int log_elts = K::kLogElts;
   Results<T> r;
@@ -389,12 +389,14 @@ const char* type_name() {
   return std::is_same<T, __half>::value ? "float16" : "bfloat16";
 }
 
-template <typename T, int kChunks>
+template <typename T, int kChunks, int kRows = 1>
 void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit, int grid,
                 int64_t num_chunks, const char* label) {
   using Acc = typename AccOf<T>::type;
+  if (backward && kRows > 1) return;  // several rows per group: forward only
   FusedVariant v;
   v.chunks = kChunks;
+  v.rows_per_group = kRows;
   v.max_threads = max_threads;
   FusedLayout l;
   if (!choose_fused_layout(p.dim, FusedTraits<T, kChunks, false>::kElts, sizeof(Acc), backward,
@@ -403,13 +405,14 @@ void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t sme
   }
   char name[256];
   std::snprintf(name, sizeof(name),
-                "fused %s %s d=%lld rows=%lld stride=%lld C=%d G=%d rp=%d store_smem=%d grads_smem=%d "
-                "transpose=%d scale=%d grid=%d chunks=%lld %s",
+                "fused %s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
+                "grads_smem=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
                 backward ? "backward" : "forward", type_name<T>(), (long long)p.dim,
-                (long long)p.rows, (long long)p.stride, l.chunks, l.group_threads, l.rows_per_cta,
+                (long long)p.rows, (long long)p.stride, l.chunks, l.rows_per_group, l.group_threads,
+                l.rows_per_cta,
                 l.store_in_smem, l.grads_in_smem, p.transpose, p.with_scale, grid,
                 (long long)num_chunks, label);
-  const Results<T> got = fused_run<T, kChunks>(p, l, backward, grid, num_chunks);
+  const Results<T> got = fused_run<T, kChunks, kRows>(p, l, backward, grid, num_chunks);
   const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
   check(name, p, got, want, backward);
 }
@@ -445,9 +448,13 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
         fused_case<T, 2>(q, backward, 1024, kBig, 1, 2, "");
         fused_case<T, 3>(p, backward, 1024, kBig, 3, 4, "");
         fused_case<T, 4>(q, backward, 1024, kBig, 2, 5, "");
+        // Two rows per group: row counts odd and even, so some groups have a second row past the end.
+        fused_case<T, 1, 2>(p, backward, 1024, kBig, 2, 3, "");
+        fused_case<T, 1, 2>(q, backward, 1024, kBig, 3, 3, "");
         if (!quick) {
           // No room in shared memory: blocks (and gradient accumulators) in global memory.
           fused_case<T, 1>(q, backward, 1024, 0, 2, 3, "global");
+          fused_case<T, 1, 2>(p, backward, 1024, 0, 1, 3, "global");
           fused_case<T, 2>(p, backward, 512, 4096, 1, 1, "tight");
           fused_case<T, 3>(q, backward, 256, 0, 2, 2, "global");
         }

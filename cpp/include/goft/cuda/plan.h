@@ -40,12 +40,14 @@ inline int pow2_ceil(int64_t n) {
 // allows (cudaFuncAttributes::maxThreadsPerBlock).
 struct FusedVariant {
   int chunks = 1;
+  int rows_per_group = 1;  // FusedTraits::kRowsPerGroup
   int max_threads = 0;
 };
 
 struct FusedLayout {
   int variant = -1;  // index into the variants given to choose_fused_layout
   int chunks = 1;
+  int rows_per_group = 1;
   int group_threads = 1;
   int log_group_threads = 0;
   int cta_threads = 1;
@@ -60,10 +62,12 @@ struct FusedLayout {
 };
 
 // Overrides of the layout choice, for tuning experiments on a GPU (rotate_api.h reads them from
-// the environment): only the variant with `chunks` vectors per thread (0: any), and thread blocks
-// of at least `cta_threads` threads (several row groups per block) where the variant allows.
+// the environment): only variants with `chunks` vectors per thread and `rows_per_group` rows
+// per group (0: any), and thread blocks of at least `cta_threads` threads (several row groups
+// per block) where the variant allows.
 struct FusedTuning {
   int chunks = 0;
+  int rows_per_group = 0;
   int cta_threads = kMinCtaThreads;
 };
 
@@ -82,12 +86,19 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   for (int v = 0; v < num_variants; ++v) {
     if (variants[v].max_threads < kWarpThreads) continue;
     if (tuning.chunks > 0 && variants[v].chunks != tuning.chunks) continue;
+    if (tuning.rows_per_group > 0 && variants[v].rows_per_group != tuning.rows_per_group) continue;
     const int max_group = pow2_floor(std::min(1024, variants[v].max_threads));
     const int64_t per_chunk = (vectors + variants[v].chunks - 1) / variants[v].chunks;
     if (per_chunk > max_group) continue;
     const int group = pow2_ceil(per_chunk);
     const int64_t cap = static_cast<int64_t>(group) * variants[v].chunks;
-    if (best < 0 || cap < best_cap || (cap == best_cap && variants[v].chunks < variants[best].chunks)) {
+    // The least capacity, then the fewest chunks (registers), then the most rows per group.
+    const bool better =
+        best < 0 || cap < best_cap ||
+        (cap == best_cap && variants[v].chunks < variants[best].chunks) ||
+        (cap == best_cap && variants[v].chunks == variants[best].chunks &&
+         variants[v].rows_per_group > variants[best].rows_per_group);
+    if (better) {
       best = v;
       best_cap = cap;
       best_group = group;
@@ -98,6 +109,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   FusedLayout l;
   l.variant = best;
   l.chunks = fv.chunks;
+  l.rows_per_group = fv.rows_per_group;
   l.group_threads = best_group;
   l.log_group_threads = ilog2(best_group);
   const int max_cta = pow2_floor(std::min(1024, fv.max_threads));
@@ -108,7 +120,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
 
   auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
-    return acc_bytes * fused_smem_layout(l.chunks, l.group_threads, rows_per_cta, l.num_slots,
+    return acc_bytes * fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, rows_per_cta, l.num_slots,
                                          dim, backward, scale_grad, store_smem, grads_smem)
                            .total;
   };
@@ -134,7 +146,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   if (!placed) return false;
   l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem);
   if (backward && !l.grads_in_smem) {
-    const FusedSmemLayout sl = fused_smem_layout(l.chunks, l.group_threads, l.rows_per_cta,
+    const FusedSmemLayout sl = fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, l.rows_per_cta,
                                                  l.num_slots, dim, true, scale_grad, false, false);
     l.grad_workspace_per_cta = (sl.grads_per_group + sl.scale_grads_per_group) * l.rows_per_cta;
   }

@@ -200,11 +200,21 @@ using FusedKernel = void (*)(FusedParams<T, typename AccOf<T>::type>);
 template <typename T>
 using FallbackKernel = void (*)(FallbackParams<T, typename AccOf<T>::type>);
 
-constexpr int kNumFusedVariants = 4;  // kChunks = 1, 2, 3, 4
+// The compiled fused kernels: chunks 1 to 4 with one row per group, and for the forward also
+// one chunk with two rows per group (FusedTraits::kRowsPerGroup; more would not fit the forward's
+// 64 registers).
+constexpr int kMaxFusedVariants = 5;
+constexpr int num_fused_variants(bool backward) { return backward ? 4 : 5; }
+inline FusedVariant fused_variant_shape(int i) {
+  FusedVariant v;
+  v.chunks = i < 4 ? i + 1 : 1;
+  v.rows_per_group = i < 4 ? 1 : 2;
+  return v;
+}
 
-template <typename T, bool kBackward, int kChunks, bool kOnChip>
+template <typename T, bool kBackward, int kChunks, int kRows, bool kOnChip>
 FusedKernel<T> fused_kernel_for(bool transpose) {
-  using K = FusedTraits<T, kChunks, kBackward>;
+  using K = FusedTraits<T, kChunks, kBackward, kRows>;
   if constexpr (kBackward) {
     return transpose ? &fused_rotate_backward_kernel<K, true, kOnChip>
                      : &fused_rotate_backward_kernel<K, false, kOnChip>;
@@ -213,29 +223,41 @@ FusedKernel<T> fused_kernel_for(bool transpose) {
   }
 }
 
-template <typename T, bool kBackward, int kChunks>
+template <typename T, bool kBackward, int kChunks, int kRows>
 FusedKernel<T> fused_kernel_for(bool transpose, bool on_chip) {
-  return on_chip ? fused_kernel_for<T, kBackward, kChunks, true>(transpose)
-                 : fused_kernel_for<T, kBackward, kChunks, false>(transpose);
+  return on_chip ? fused_kernel_for<T, kBackward, kChunks, kRows, true>(transpose)
+                 : fused_kernel_for<T, kBackward, kChunks, kRows, false>(transpose);
 }
 
+// The kernel of a variant (fused_variant_shape) for a transpose and store placement.
 template <typename T, bool kBackward>
-FusedKernel<T> fused_kernel(int chunks, bool transpose, bool on_chip) {
-  switch (chunks) {
-    case 1: return fused_kernel_for<T, kBackward, 1>(transpose, on_chip);
-    case 2: return fused_kernel_for<T, kBackward, 2>(transpose, on_chip);
-    case 3: return fused_kernel_for<T, kBackward, 3>(transpose, on_chip);
-    default: return fused_kernel_for<T, kBackward, 4>(transpose, on_chip);
+FusedKernel<T> fused_kernel(const FusedVariant& v, bool transpose, bool on_chip) {
+  if constexpr (!kBackward) {
+    if (v.rows_per_group == 2) return fused_kernel_for<T, false, 1, 2>(transpose, on_chip);
+  }
+  switch (v.chunks) {
+    case 1: return fused_kernel_for<T, kBackward, 1, 1>(transpose, on_chip);
+    case 2: return fused_kernel_for<T, kBackward, 2, 1>(transpose, on_chip);
+    case 3: return fused_kernel_for<T, kBackward, 3, 1>(transpose, on_chip);
+    default: return fused_kernel_for<T, kBackward, 4, 1>(transpose, on_chip);
   }
 }
 
+// The variant a layout was chosen for.
+inline FusedVariant layout_variant(const FusedLayout& l) {
+  FusedVariant v;
+  v.chunks = l.chunks;
+  v.rows_per_group = l.rows_per_group;
+  return v;
+}
+
 template <typename T, bool kBackward>
-cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[kNumFusedVariants]) {
-  for (int i = 0; i < kNumFusedVariants; ++i) {
+cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[kMaxFusedVariants]) {
+  for (int i = 0; i < num_fused_variants(kBackward); ++i) {
     FusedVariant& v = variants[i];
-    v.chunks = i + 1;
+    v = fused_variant_shape(i);
     const cudaError_t err = max_threads_per_block(
-        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v.chunks, transpose, true)), device,
+        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v, transpose, true)), device,
         &v.max_threads);
     if (err != cudaSuccess) return err;
   }
@@ -260,20 +282,21 @@ cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_g
   constexpr int kElts = FusedTraits<T, 1, false>::kElts;
   plan->fused = false;
   if (!fallback_forced()) {
-    FusedVariant variants[kNumFusedVariants];
+    FusedVariant variants[kMaxFusedVariants];
     const cudaError_t err = backward ? fused_variants<T, true>(transpose, device, variants)
                                      : fused_variants<T, false>(transpose, device, variants);
     if (err != cudaSuccess) return err;
     FusedLayout layout;
     if (choose_fused_layout(dim, kElts, sizeof(Acc), backward, scale_grad, variants,
-                            kNumFusedVariants, info.smem_optin, &layout, tuning_from_env())) {
+                            num_fused_variants(backward), info.smem_optin, &layout,
+                            tuning_from_env())) {
       plan->fused = true;
       plan->layout = layout;
       plan->cta_threads = layout.cta_threads;
       plan->smem_bytes = layout.smem_bytes;
       *kernel = reinterpret_cast<const void*>(
-          backward ? fused_kernel<T, true>(layout.chunks, transpose, fused_on_chip(layout, true))
-                   : fused_kernel<T, false>(layout.chunks, transpose, fused_on_chip(layout, false)));
+          backward ? fused_kernel<T, true>(layout_variant(layout), transpose, fused_on_chip(layout, true))
+                   : fused_kernel<T, false>(layout_variant(layout), transpose, fused_on_chip(layout, false)));
       return cudaSuccess;
     }
   }
@@ -303,7 +326,8 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
   if (pl.fused) {
-    const int64_t tiles = (rows + pl.layout.rows_per_cta - 1) / pl.layout.rows_per_cta;
+    const int64_t tile_rows = static_cast<int64_t>(pl.layout.rows_per_cta) * pl.layout.rows_per_group;
+    const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
     pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(tiles, resident)));
     pl.workspace.store_offset = 0;
     pl.workspace.bytes = align256(4 * pl.layout.num_slots * static_cast<int64_t>(sizeof(Acc)));
@@ -390,7 +414,8 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
     p.out_vec = rows_vectorizable<T>(args.out, args.out_row_stride, args.rows, args.dim);
     p.store = store;
     p.scale = args.scale;
-    const FusedKernel<T> kernel = fused_kernel<T, false>(l.chunks, args.transpose, fused_on_chip(l, false));
+    const FusedKernel<T> kernel =
+        fused_kernel<T, false>(layout_variant(l), args.transpose, fused_on_chip(l, false));
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
@@ -443,7 +468,8 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     p.block_partials = args.block_grad_partials;
     p.scale_partials = args.scale_grad_partials;
     p.grad_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
-    const FusedKernel<T> kernel = fused_kernel<T, true>(l.chunks, args.transpose, fused_on_chip(l, true));
+    const FusedKernel<T> kernel =
+        fused_kernel<T, true>(layout_variant(l), args.transpose, fused_on_chip(l, true));
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }

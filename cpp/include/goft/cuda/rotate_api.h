@@ -97,11 +97,12 @@ inline bool fallback_forced() {
   return v != nullptr && v[0] == '1';
 }
 
-// GOFT_CUDA_CHUNKS and GOFT_CUDA_CTA_THREADS override the fused layout choice (plan.h
-// FusedTuning), for tuning experiments; unset, the planner's defaults apply.
+// GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS (rows per group) and GOFT_CUDA_CTA_THREADS override the fused
+// layout choice (plan.h FusedTuning), for tuning experiments; unset, the planner's defaults apply.
 inline FusedTuning tuning_from_env() {
   FusedTuning t;
   if (const char* v = std::getenv("GOFT_CUDA_CHUNKS")) t.chunks = std::atoi(v);
+  if (const char* v = std::getenv("GOFT_CUDA_ROWS")) t.rows_per_group = std::atoi(v);
   if (const char* v = std::getenv("GOFT_CUDA_CTA_THREADS")) t.cta_threads = std::atoi(v);
   return t;
 }

@@ -137,7 +137,7 @@ constexpr int ceil_log2(int n) { return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2);
 // ---------------------------------------------------------------------------------------------
 // Kernel traits of the fused kernels.
 
-template <typename T_, int kChunks_, bool kBackward_>
+template <typename T_, int kChunks_, bool kBackward_, int kRowsPerGroup_ = 1>
 struct FusedTraits {
   using T = T_;
   using Acc = typename AccOf<T>::type;
@@ -159,6 +159,14 @@ struct FusedTraits {
   static constexpr int kChunks = kChunks_;
   static_assert(kChunks >= 1 && kChunks <= 4, "kChunks must be 1..4 (register budget)");
   static constexpr int kChunkLayers = ceil_log2(kChunks);
+
+  // Rows a group transforms together. They share every block load, address computation, branch
+  // and barrier of a layer, which are most of a row's instructions when a thread holds only one
+  // vector; each row costs its own registers (forward only: the backward's saved inputs would
+  // not fit twice).
+  static constexpr int kRowsPerGroup = kRowsPerGroup_;
+  static_assert(kRowsPerGroup >= 1 && (!kBackward || kRowsPerGroup == 1),
+                "several rows per group: forward only");
 
   static constexpr int kWarpSize = 32;
   // A row group is at most one thread block, and a block has at most 1024 threads.
@@ -248,14 +256,15 @@ struct FusedSmemLayout {
   int64_t total = 0;
 };
 
-GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int group_threads, int rows_per_cta,
-                                                   int64_t num_slots, int64_t dim, bool backward,
-                                                   bool scale_grad, bool store_in_smem,
-                                                   bool grads_in_smem) {
+GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int rows_per_group, int group_threads,
+                                                   int rows_per_cta, int64_t num_slots, int64_t dim,
+                                                   bool backward, bool scale_grad,
+                                                   bool store_in_smem, bool grads_in_smem) {
   FusedSmemLayout l;
-  // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers).
+  // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers);
+  // each holds one value per row of the group, chunk and warp.
   const int64_t warps = group_threads > 32 ? group_threads / 32 : 0;
-  l.exchange_per_group = round_up(2 * chunks * warps, 4);
+  l.exchange_per_group = round_up(2 * rows_per_group * chunks * warps, 4);
   l.exchange = 0;
   int64_t at = l.exchange_per_group * rows_per_cta;
   l.blocks = at;
@@ -418,6 +427,10 @@ struct Layer0Grads {
   Acc g[kChunks][kPairs][4];
 };
 
+// The rows a group transforms together, in the accumulation type: [row][chunk][element].
+template <class K>
+using GroupRows = typename K::Acc[K::kRowsPerGroup][K::kChunks][K::kElts];
+
 template <class K, class Threads>
 GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
                              bool valid, Vec<typename K::T, K::kElts> (&raw)[K::kChunks]) {
@@ -487,8 +500,7 @@ GOFT_DEVICE_FN void apply_scale(const RowCtx<K, Threads>& x,
 // Thread layers. Loops run over constant bounds with guards so that every register index is a
 // constant after unrolling; a vector's blocks sit at constant offsets from one address.
 template <class K, bool kCoarseFirst, bool kSave, class Threads>
-GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x,
-                                          typename K::Acc (&w)[K::kChunks][K::kElts],
+GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                           SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts;
@@ -506,11 +518,12 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x,
         if (f0 + b >= x.d) continue;
         Acc blk[4];
         load_block(vb + 4 * (E - (E >> r) + kk), blk);
-        if (kSave) {
-          sv.thread[c][r][a] = w[c][a];
-          sv.thread[c][r][b] = w[c][b];
+        if (kSave) {  // backward: one row per group
+          sv.thread[c][r][a] = w[0][c][a];
+          sv.thread[c][r][b] = w[0][c][b];
         }
-        apply_pair(blk, w[c][a], w[c][b]);
+        GOFT_UNROLL
+        for (int rr = 0; rr < K::kRowsPerGroup; ++rr) apply_pair(blk, w[rr][c][a], w[rr][c][b]);
       }
     }
   }
@@ -554,11 +567,10 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
 // Lane layers: element 0 of the vectors of lanes t and t ^ 2^q (q = r - log2 kElts). Every lane
 // of the warp shuffles (full mask); only lanes at multiples of 2^q use the result.
 template <class K, bool kCoarseFirst, bool kSave, class Threads>
-GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x,
-                                        typename K::Acc (&w)[K::kChunks][K::kElts],
+GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                         SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
-  constexpr int E = K::kElts, LE = K::kLogElts;
+  constexpr int E = K::kElts, LE = K::kLogElts, R = K::kRowsPerGroup;
   GOFT_UNROLL
   for (int i = 0; i < 5; ++i) {
     const int q = kCoarseFirst ? 4 - i : i;
@@ -570,14 +582,21 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x,
     const int base = x.p.layer_base[r];
     GOFT_UNROLL
     for (int c = 0; c < K::kChunks; ++c) {
-      const Acc v = w[c][0];
-      const Acc o = x.th.shfl_xor(v, bit);
+      Acc v[R], o[R];
+      GOFT_UNROLL
+      for (int rr = 0; rr < R; ++rr) {
+        v[rr] = w[rr][c][0];
+        o[rr] = x.th.shfl_xor(v[rr], bit);
+      }
       const int fa = (c * x.G + (x.t & ~bit)) * E;
       if (active && fa + (E << q) < x.d) {
         Acc blk[4];
         load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
-        if (kSave) sv.lane[c][q] = v;
-        w[c][0] = a_side ? blk[0] * v + blk[2] * o : blk[1] * o + blk[3] * v;
+        if (kSave) sv.lane[c][q] = v[0];
+        GOFT_UNROLL
+        for (int rr = 0; rr < R; ++rr) {
+          w[rr][c][0] = a_side ? blk[0] * v[rr] + blk[2] * o[rr] : blk[1] * o[rr] + blk[3] * v[rr];
+        }
       }
     }
   }
@@ -622,26 +641,32 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 // Warp layers (G > 32): lane 0 of each warp of the group puts element 0 of its vectors in shared
 // memory, the group's first warp applies the layers with lane w standing for warp w, and the
 // results go back. The exchange buffer alternates between two halves, so a buffer is written
-// again only after the next exchange's barriers, which every reader of it has passed.
+// again only after the next exchange's barriers, which every reader of it has passed. In the
+// backward pass (one row per group) w holds the gradient and sv the saved inputs.
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
-GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x,
-                                typename K::Acc (&w)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
                                 int& parity) {
   using Acc = typename K::Acc;
-  constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
+  constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
   if (x.LG <= 5) return;  // the same for the whole block
   const int warps = x.G >> 5, wg = x.t >> 5, lane = x.t & 31;
-  Acc* buf = x.exchange + parity * C * warps;
+  Acc* buf = x.exchange + parity * R * C * warps;
   parity ^= 1;
   if (lane == 0) {
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) buf[c * warps + wg] = w[c][0];
+    for (int rr = 0; rr < R; ++rr) {
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+    }
   }
   x.th.sync();
   if (wg == 0) {
-    Acc v[C];
+    Acc v[R][C];
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) v[c] = lane < warps ? buf[c * warps + lane] : Acc(0);
+    for (int rr = 0; rr < R; ++rr) {
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
+    }
     GOFT_UNROLL
     for (int i = 0; i < 5; ++i) {
       const int q = kCoarseFirst ? 4 - i : i;
@@ -653,7 +678,9 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x,
       const int base = x.p.layer_base[r];
       GOFT_UNROLL
       for (int c = 0; c < C; ++c) {
-        const Acc o = x.th.shfl_xor(v[c], bit);
+        Acc o[R];
+        GOFT_UNROLL
+        for (int rr = 0; rr < R; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
         Acc ou = 0;
         if (kBackwardPass) ou = x.th.shfl_xor(sv.warp[c][q], bit);
         const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
@@ -662,36 +689,44 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x,
           const int slot = base + (fa >> (r + 1));
           load_block(x.blocks + 4 * slot, blk);
           if (kBackwardPass) {
-            const Acc gv = v[c], uv = sv.warp[c][q];
+            const Acc gv = v[0][c], uv = sv.warp[c][q];
             if (a_side) {
-              accumulate_block(x.grads + 4 * slot, uv, ou, gv, o);
-              v[c] = blk[0] * gv + blk[1] * o;
+              accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
+              v[0][c] = blk[0] * gv + blk[1] * o[0];
             } else {
-              v[c] = blk[2] * o + blk[3] * gv;
+              v[0][c] = blk[2] * o[0] + blk[3] * gv;
             }
           } else {
-            if (kSave) sv.warp[c][q] = v[c];
-            v[c] = a_side ? blk[0] * v[c] + blk[2] * o : blk[1] * o + blk[3] * v[c];
+            if (kSave) sv.warp[c][q] = v[0][c];
+            GOFT_UNROLL
+            for (int rr = 0; rr < R; ++rr) {
+              v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr] : blk[1] * o[rr] + blk[3] * v[rr][c];
+            }
           }
         }
       }
     }
     if (lane < warps) {
       GOFT_UNROLL
-      for (int c = 0; c < C; ++c) buf[c * warps + lane] = v[c];
+      for (int rr = 0; rr < R; ++rr) {
+        GOFT_UNROLL
+        for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + lane] = v[rr][c];
+      }
     }
   }
   x.th.sync();
   if (lane == 0) {
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) w[c][0] = buf[c * warps + wg];
+    for (int rr = 0; rr < R; ++rr) {
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
+    }
   }
 }
 
 // Chunk layers: element 0 of chunks c and c + 2^m of thread 0, m = r - log2(G * kElts).
 template <class K, bool kCoarseFirst, bool kSave, class Threads>
-GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x,
-                                         typename K::Acc (&w)[K::kChunks][K::kElts],
+GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                          SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
@@ -711,10 +746,11 @@ GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x,
       Acc blk[4];
       load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
       if (kSave) {
-        sv.chunk[m][c] = w[c][0];
-        sv.chunk[m][c + mu] = w[c + mu][0];
+        sv.chunk[m][c] = w[0][c][0];
+        sv.chunk[m][c + mu] = w[0][c + mu][0];
       }
-      apply_pair(blk, w[c][0], w[c + mu][0]);
+      GOFT_UNROLL
+      for (int rr = 0; rr < K::kRowsPerGroup; ++rr) apply_pair(blk, w[rr][c][0], w[rr][c + mu][0]);
     }
   }
 }
@@ -750,8 +786,7 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
 
 // All layers of the forward (the scale excluded), coarsest first unless transposed.
 template <class K, bool kTransposed, bool kSave, class Threads>
-GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x,
-                                   typename K::Acc (&w)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
                                    int& parity) {
   if (kTransposed) {
     thread_layers_forward<K, false, kSave>(x, w, sv);
@@ -766,21 +801,20 @@ GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x,
   }
 }
 
-// Gradient through all layers, in the reverse order of layers_forward.
+// Gradient through all layers, in the reverse order of layers_forward (one row per group).
 template <class K, bool kTransposed, class Threads>
-GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
-                                    typename K::Acc (&g)[K::kChunks][K::kElts], SavedInputs<K>& sv,
-                                    int& parity) {
+GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0, GroupRows<K>& g,
+                                    SavedInputs<K>& sv, int& parity) {
   if (kTransposed) {
-    chunk_layers_backward<K, true>(x, g, sv);
+    chunk_layers_backward<K, true>(x, g[0], sv);
     warp_layers<K, true, false, true>(x, g, sv, parity);
-    lane_layers_backward<K, true>(x, g, sv);
-    thread_layers_backward<K, true>(x, l0, g, sv);
+    lane_layers_backward<K, true>(x, g[0], sv);
+    thread_layers_backward<K, true>(x, l0, g[0], sv);
   } else {
-    thread_layers_backward<K, false>(x, l0, g, sv);
-    lane_layers_backward<K, false>(x, g, sv);
+    thread_layers_backward<K, false>(x, l0, g[0], sv);
+    lane_layers_backward<K, false>(x, g[0], sv);
     warp_layers<K, false, false, true>(x, g, sv, parity);
-    chunk_layers_backward<K, false>(x, g, sv);
+    chunk_layers_backward<K, false>(x, g[0], sv);
   }
 }
 
@@ -795,7 +829,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
                                                const Threads& th, typename K::Acc* smem) {
   using Acc = typename K::Acc;
   const FusedSmemLayout l = fused_smem_layout(
-      K::kChunks, p.group_threads, p.rows_per_cta, p.num_slots, p.dim, K::kBackward,
+      K::kChunks, K::kRowsPerGroup, p.group_threads, p.rows_per_cta, p.num_slots, p.dim, K::kBackward,
       p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
   const int tid = th.thread();
   RowCtx<K, Threads> x{p, th};
@@ -840,40 +874,56 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   return x;
 }
 
-// y = x @ T (or x @ T^T) for all rows; thread blocks stride over tiles of rows_per_cta rows.
+// y = x @ T (or x @ T^T) for all rows. A tile is rows_per_cta groups of kRowsPerGroup
+// consecutive rows; thread blocks stride over the tiles.
 template <class K, bool kTransposed, bool kOnChip, class Threads>
 GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename K::Acc>& p,
                                       const Threads& th, typename K::Acc* smem) {
   using T = typename K::T;
   using Acc = typename K::Acc;
-  constexpr int C = K::kChunks, E = K::kElts;
+  constexpr int C = K::kChunks, E = K::kElts, R = K::kRowsPerGroup;
   const RowCtx<K, Threads> ctx = make_row_ctx<K, kOnChip>(p, th, smem);
   SavedInputs<K> unused;
   int parity = 0;
-  const int64_t rp = p.rows_per_cta;
-  const int64_t num_tiles = (p.rows + rp - 1) / rp;
-  Vec<T, E> raw[C];
+  const int64_t tile_rows = static_cast<int64_t>(p.rows_per_cta) * R;
+  const int64_t num_tiles = (p.rows + tile_rows - 1) / tile_rows;
+  Vec<T, E> raw[R][C];
   int64_t tile = th.cta();
   if (K::kPrefetch) {
-    const int64_t row = tile * rp + ctx.group;
-    load_raw(ctx, p.x + row * p.x_stride, p.x_vec, tile < num_tiles && row < p.rows, raw);
+    GOFT_UNROLL
+    for (int rr = 0; rr < R; ++rr) {
+      const int64_t row = tile * tile_rows + ctx.group * R + rr;
+      load_raw(ctx, p.x + row * p.x_stride, p.x_vec, tile < num_tiles && row < p.rows, raw[rr]);
+    }
   }
   for (; tile < num_tiles; tile += th.num_ctas()) {
     const RowCtx<K, Threads> x = ctx.refreshed();
-    const int64_t row = tile * rp + x.group;
-    const bool valid = row < p.rows;
-    if (!K::kPrefetch) load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
-    Acc w[C][E];
-    raw_to_acc<K>(raw, w);
-    if (K::kPrefetch) {
-      const int64_t next = (tile + th.num_ctas()) * rp + x.group;
-      const bool next_valid = tile + th.num_ctas() < num_tiles && next < p.rows;
-      load_raw(x, p.x + next * p.x_stride, p.x_vec, next_valid, raw);
+    const int64_t first = (tile * p.rows_per_cta + x.group) * R;  // this group's first row
+    GOFT_UNROLL
+    for (int rr = 0; rr < R; ++rr) {
+      if (!K::kPrefetch) load_raw(x, p.x + (first + rr) * p.x_stride, p.x_vec, first + rr < p.rows, raw[rr]);
     }
-    if (kTransposed && p.scale != nullptr) apply_scale(x, w);
+    Acc w[R][C][E];
+    GOFT_UNROLL
+    for (int rr = 0; rr < R; ++rr) raw_to_acc<K>(raw[rr], w[rr]);
+    if (K::kPrefetch) {
+      const int64_t next = ((tile + th.num_ctas()) * p.rows_per_cta + x.group) * R;
+      GOFT_UNROLL
+      for (int rr = 0; rr < R; ++rr) {
+        const bool next_valid = tile + th.num_ctas() < num_tiles && next + rr < p.rows;
+        load_raw(x, p.x + (next + rr) * p.x_stride, p.x_vec, next_valid, raw[rr]);
+      }
+    }
+    if (kTransposed && p.scale != nullptr) {
+      GOFT_UNROLL
+      for (int rr = 0; rr < R; ++rr) apply_scale(x, w[rr]);
+    }
     layers_forward<K, kTransposed, false>(x, w, unused, parity);
-    if (!kTransposed && p.scale != nullptr) apply_scale(x, w);
-    if (valid) store_row(x, p.out + row * p.out_stride, p.out_vec, w);
+    GOFT_UNROLL
+    for (int rr = 0; rr < R; ++rr) {
+      if (!kTransposed && p.scale != nullptr) apply_scale(x, w[rr]);
+      if (first + rr < p.rows) store_row(x, p.out + (first + rr) * p.out_stride, p.out_vec, w[rr]);
+    }
   }
 }
 
@@ -975,11 +1025,11 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       const int64_t row = begin + tile * rp + x.group;
       const bool valid = row < end;
       Vec<T, E> raw[C];
-      Acc w[C][E], g[C][E];
+      Acc w[1][C][E], g[1][C][E];  // one row per group (GroupRows)
       load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
-      raw_to_acc<K>(raw, w);
+      raw_to_acc<K>(raw, w[0]);
       load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
-      raw_to_acc<K>(raw, g);
+      raw_to_acc<K>(raw, g[0]);
       SavedInputs<K> sv;
       GOFT_UNROLL
       for (int c = 0; c < C; ++c) {
@@ -990,25 +1040,25 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         layers_forward<K, false, true>(x, w, sv, parity);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
-          if (x.scale_grads != nullptr && valid) add_scale_grads(x, g, w);
-          apply_scale(x, g);
+          if (x.scale_grads != nullptr && valid) add_scale_grads(x, g[0], w[0]);
+          apply_scale(x, g[0]);
         }
         layers_backward<K, false>(x, l0, g, sv, parity);
       } else {
-        if (p.scale != nullptr) apply_scale(x, w);
+        if (p.scale != nullptr) apply_scale(x, w[0]);
         layers_forward<K, true, true>(x, w, sv, parity);
         layers_backward<K, true>(x, l0, g, sv, parity);
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
           if (x.scale_grads != nullptr && valid) {
             load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
-            raw_to_acc<K>(raw, w);
-            add_scale_grads(x, g, w);
+            raw_to_acc<K>(raw, w[0]);
+            add_scale_grads(x, g[0], w[0]);
           }
-          apply_scale(x, g);
+          apply_scale(x, g[0]);
         }
       }
-      if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g);
+      if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g[0]);
     }
     flush_partials(ctx, l0, chunk * rp + ctx.group);
   }
