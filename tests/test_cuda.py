@@ -206,6 +206,24 @@ def test_fast_path_matches_fallback(monkeypatch):
         assert_rows_close(gs0.reshape(1, -1), gs1.reshape(1, -1), 1e-4, f"grad_scale d={d}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layout_overrides_match_the_reference(dtype, monkeypatch):
+    """Every fused variant the planner may pick, forced in turn (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS,
+    GOFT_CUDA_CTA_THREADS): one or two rows per thread group, 1 to 4 chunks, several block sizes."""
+    for d in (5, 768, 1000, 4096):
+        x, params, scale = make_inputs(d, dtype, True, True, rows=37)  # odd: a group's last row missing
+        want = reference(x, params, scale)
+        want_t = reference(x, params, scale, True)
+        for chunks, rows_per_group in ((1, 1), (1, 2), (2, 1), (4, 1)):
+            for cta in (128, 1024):
+                monkeypatch.setenv("GOFT_CUDA_CHUNKS", str(chunks))
+                monkeypatch.setenv("GOFT_CUDA_ROWS", str(rows_per_group))
+                monkeypatch.setenv("GOFT_CUDA_CTA_THREADS", str(cta))
+                what = f"d={d} chunks={chunks} rows={rows_per_group} cta={cta}"
+                assert_rows_close(goft.rotate(x, params, scale), want, OUT_RTOL[dtype], what)
+                assert_rows_close(goft.rotate(x, params, scale, True), want_t, OUT_RTOL[dtype], what + " T")
+
+
 def test_wide_rows_take_the_fallback_and_work():
     for d in (16384, 65536):
         x, params, scale = make_inputs(d, torch.bfloat16, False, True, rows=3)
