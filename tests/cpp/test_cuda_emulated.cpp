@@ -226,7 +226,12 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   fp.x_stride = p.stride;
   fp.x_vec = rows_vectorizable(p.x.data(), p.stride, p.rows, p.dim);
   fp.store = store.data();
-  fp.scale = p.with_scale ? p.scale.data() : nullptr;
+  // Problems with padded rows also read the scale from a misaligned copy: the scalar path.
+  std::vector<Acc> shifted_scale(p.scale.size() + 1);
+  std::copy(p.scale.begin(), p.scale.end(), shifted_scale.begin() + 1);
+  const Acc* scale = p.stride != p.dim ? shifted_scale.data() + 1 : p.scale.data();
+  fp.scale = p.with_scale ? scale : nullptr;
+  fp.scale_vec = scale_vectorizable(fp.scale);
   if (!backward) {
     fp.out = r.out.data();
     fp.out_stride = p.stride;

@@ -180,6 +180,12 @@ bool rows_vectorizable(const T* base, int64_t stride, int64_t rows, int64_t dim)
          (rows <= 1 || (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0);
 }
 
+// Whether the scale can be read in 16-byte loads (FusedParams::scale_vec).
+template <typename Acc>
+bool scale_vectorizable(const Acc* scale) {
+  return scale != nullptr && reinterpret_cast<uintptr_t>(scale) % 16 == 0;
+}
+
 // The layout part of a fused kernel's arguments; the caller adds the pointers.
 template <typename T, typename Acc>
 FusedParams<T, Acc> make_fused_params(int64_t rows, int64_t dim, bool transpose,

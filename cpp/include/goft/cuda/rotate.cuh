@@ -414,6 +414,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
     p.out_vec = rows_vectorizable<T>(args.out, args.out_row_stride, args.rows, args.dim);
     p.store = store;
     p.scale = args.scale;
+    p.scale_vec = scale_vectorizable(args.scale);
     const FusedKernel<T> kernel =
         fused_kernel<T, false>(layout_variant(l), args.transpose, fused_on_chip(l, false));
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
@@ -464,6 +465,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
                 rows_vectorizable<T>(args.grad_x, args.grad_x_row_stride, args.rows, args.dim);
     p.store = store;
     p.scale = args.scale;
+    p.scale_vec = scale_vectorizable(args.scale);
     p.num_chunks = plan.num_chunks;
     p.block_partials = args.block_grad_partials;
     p.scale_partials = args.scale_grad_partials;

@@ -233,6 +233,7 @@ struct FusedParams {
   const Acc* store = nullptr;   // (num_slots, 4) applied blocks in slot order
   bool store_in_smem = false;   // copy the store to shared memory once per block
   const Acc* scale = nullptr;   // (d,) or nullptr
+  bool scale_vec = false;       // 16-byte aligned: a thread's scales in 16-byte loads
 
   // Backward: rows are split into num_chunks contiguous chunks; group g of the block that owns
   // chunk c takes rows begin + g, begin + g + rows_per_cta, ... and writes partial
@@ -483,16 +484,34 @@ GOFT_DEVICE_FN void store_row(const RowCtx<K, Threads>& x, typename K::T* row, b
   }
 }
 
-template <class K, class Threads>
+// Multiplies N rows by the scale; a thread's kElts scales of a chunk are loaded once for all the
+// rows, in 16-byte loads where the scale allows (FusedParams::scale_vec).
+template <class K, int N, class Threads>
 GOFT_DEVICE_FN void apply_scale(const RowCtx<K, Threads>& x,
-                                typename K::Acc (&w)[K::kChunks][K::kElts]) {
+                                typename K::Acc (&w)[N][K::kChunks][K::kElts]) {
+  using Acc = typename K::Acc;
   constexpr int E = K::kElts;
+  constexpr int kPerLoad = 16 / static_cast<int>(sizeof(Acc));  // scales per 16-byte load
+  static_assert(E % kPerLoad == 0, "a vector's scales must be whole 16-byte loads");
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
     const int f0 = x.vpos(c) * E;
+    Acc sc[E];
+    if (x.p.scale_vec && f0 + E <= x.d) {
+      GOFT_UNROLL
+      for (int i = 0; i < E; i += kPerLoad) {
+        const Vec<Acc, kPerLoad> v = *reinterpret_cast<const Vec<Acc, kPerLoad>*>(x.p.scale + f0 + i);
+        GOFT_UNROLL
+        for (int k = 0; k < kPerLoad; ++k) sc[i + k] = v.v[k];
+      }
+    } else {
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) sc[i] = f0 + i < x.d ? x.p.scale[f0 + i] : Acc(1);
+    }
     GOFT_UNROLL
-    for (int i = 0; i < E; ++i) {
-      if (f0 + i < x.d) w[c][i] *= x.p.scale[f0 + i];
+    for (int rr = 0; rr < N; ++rr) {
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) w[rr][c][i] *= sc[i];
     }
   }
 }
@@ -914,14 +933,11 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
         load_raw(x, p.x + (next + rr) * p.x_stride, p.x_vec, next_valid, raw[rr]);
       }
     }
-    if (kTransposed && p.scale != nullptr) {
-      GOFT_UNROLL
-      for (int rr = 0; rr < R; ++rr) apply_scale(x, w[rr]);
-    }
+    if (kTransposed && p.scale != nullptr) apply_scale(x, w);
     layers_forward<K, kTransposed, false>(x, w, unused, parity);
+    if (!kTransposed && p.scale != nullptr) apply_scale(x, w);
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) {
-      if (!kTransposed && p.scale != nullptr) apply_scale(x, w[rr]);
       if (first + rr < p.rows) store_row(x, p.out + (first + rr) * p.out_stride, p.out_vec, w[rr]);
     }
   }
@@ -1041,11 +1057,11 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
           if (x.scale_grads != nullptr && valid) add_scale_grads(x, g[0], w[0]);
-          apply_scale(x, g[0]);
+          apply_scale(x, g);
         }
         layers_backward<K, false>(x, l0, g, sv, parity);
       } else {
-        if (p.scale != nullptr) apply_scale(x, w[0]);
+        if (p.scale != nullptr) apply_scale(x, w);
         layers_forward<K, true, true>(x, w, sv, parity);
         layers_backward<K, true>(x, l0, g, sv, parity);
         if (p.scale != nullptr) {
@@ -1055,7 +1071,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
             raw_to_acc<K>(raw, w[0]);
             add_scale_grads(x, g[0], w[0]);
           }
-          apply_scale(x, g[0]);
+          apply_scale(x, g);
         }
       }
       if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g[0]);
