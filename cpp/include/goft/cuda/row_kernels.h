@@ -3,9 +3,10 @@
 // it without a GPU (tests/cpp/test_cuda_emulated.cpp). No CUDA runtime calls, no torch.
 //
 // The fused kernels keep each row on chip for all ceil(log2 d) layers. The layout of a row:
-//   a group of G threads (G a power of two, 1..1024) owns one row; thread t of the group holds
-//   kChunks vectors of kElts contiguous features (one 16-byte load each): vector position
-//   j = c * G + t covers features [j * kElts, (j + 1) * kElts).
+//   a group of G threads (G a power of two, 1..1024) owns one row (or kRowsPerGroup rows, laid
+//   out alike, sharing each block load); thread t of the group holds kChunks vectors of kElts
+//   contiguous features of the row (one 16-byte load each): vector position j = c * G + t
+//   covers features [j * kElts, (j + 1) * kElts).
 // Layer r (stride s = 2^r) pairs features (a, a + s), a a multiple of 2s, and exists iff a + s < d
 // (GOFT_SPEC.md section 2 restated: layer r's c_r active features are the multiples of s below d).
 // Only features at multiples of s take part in layer r, which splits the layers by where both
@@ -187,8 +188,9 @@ struct FusedTraits {
   // 4 * kElts / 2 registers per chunk: only one or two chunks can afford them.
   static constexpr bool kLayer0GradsInRegisters =
       kBackward && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32;
-  // The next row is loaded while the current one is transformed (forward only: the backward
-  // already holds about four values per feature, and a second row would cost occupancy).
+  // The group's next rows are loaded while the current ones are transformed (forward only: the
+  // backward already holds about four values per feature, and a second row would cost
+  // occupancy).
   static constexpr bool kPrefetch = !kBackward && kChunks <= 2;
 
   // Block size the compiler must allow (__launch_bounds__), which caps registers per thread at
