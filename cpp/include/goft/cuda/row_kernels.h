@@ -188,10 +188,10 @@ struct FusedTraits {
   // 4 * kElts / 2 registers per chunk: only one or two chunks can afford them.
   static constexpr bool kLayer0GradsInRegisters =
       kBackward && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32;
-  // The group's next rows are loaded while the current ones are transformed (forward only: the
-  // backward already holds about four values per feature, and a second row would cost
-  // occupancy).
-  static constexpr bool kPrefetch = !kBackward && kChunks <= 2;
+  // The group's next rows are loaded while the current ones are transformed. The backward holds
+  // about four values per feature, so only its one-chunk kernels have the registers for the next
+  // row's x and grad_out.
+  static constexpr bool kPrefetch = kBackward ? kChunks == 1 : kChunks <= 2;
 
   // Block size the compiler must allow (__launch_bounds__), which caps registers per thread at
   // 65536 / kLaunchBoundThreads. Without a cap the compiler spends registers freely and the wide
@@ -1034,20 +1034,36 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   }
   int parity = 0;
   const int64_t rp = p.rows_per_cta;
+  // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row.
+  constexpr int kNextChunks = K::kPrefetch ? C : 1;
+  Vec<T, E> next_x[kNextChunks], next_g[kNextChunks];
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
     const int64_t tiles = (end - begin + rp - 1) / rp;
+    if constexpr (K::kPrefetch) {
+      const int64_t row = begin + ctx.group;
+      load_raw(ctx, p.x + row * p.x_stride, p.x_vec, row < end, next_x);
+      load_raw(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, next_g);
+    }
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const RowCtx<K, Threads> x = ctx.refreshed();
       const int64_t row = begin + tile * rp + x.group;
       const bool valid = row < end;
-      Vec<T, E> raw[C];
       Acc w[1][C][E], g[1][C][E];  // one row per group (GroupRows)
-      load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
-      raw_to_acc<K>(raw, w[0]);
-      load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
-      raw_to_acc<K>(raw, g[0]);
+      if constexpr (K::kPrefetch) {
+        raw_to_acc<K>(next_x, w[0]);
+        raw_to_acc<K>(next_g, g[0]);
+        const int64_t next = row + rp;  // the group's next row of this chunk
+        load_raw(x, p.x + next * p.x_stride, p.x_vec, next < end, next_x);
+        load_raw(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end, next_g);
+      } else {
+        Vec<T, E> raw[C];
+        load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
+        raw_to_acc<K>(raw, w[0]);
+        load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
+        raw_to_acc<K>(raw, g[0]);
+      }
       SavedInputs<K> sv;
       GOFT_UNROLL
       for (int c = 0; c < C; ++c) {
@@ -1069,6 +1085,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
           if (x.scale_grads != nullptr && valid) {
+            Vec<T, E> raw[C];
             load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
             raw_to_acc<K>(raw, w[0]);
             add_scale_grads(x, g[0], w[0]);
