@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network needed): build goft with its CUDA kernels, run the GPU benchmark
-# (twice, to show its run-to-run spread) and the CUDA tests; prints a short table and writes
-# bench/RESULTS_GPU.md. Sized for one H100 in well under 8 minutes: the build compiles for this
-# GPU's architecture only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
+# (twice, to show its run-to-run spread), the CUDA tests and the layout sweep of
+# bench/gpu_profile.py; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
+# in well under 8 minutes (about 4 on an H200): the build compiles for this GPU's architecture
+# only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
 #
-#   bash bench/gpu_check.sh            # build + benchmark + tests
+#   bash bench/gpu_check.sh            # build + benchmark + tests + sweep
 #   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -136,6 +137,12 @@ EOF
   tests_rc=$?
 fi
 tail -n 40 "$LOGS/tests.log"
+
+# Tuning data for bench/GPU_NOTES.md: every layout the planner can be forced to, and the kernels
+# of one forward and backward (not a results file; its exit status does not count).
+stamp "layout sweep (bench/gpu_profile.py, full output in $LOGS/profile.txt)"
+timeout 150 "$PY" bench/gpu_profile.py > "$LOGS/profile.txt" 2>&1
+grep -A 27 "layout sweep" "$LOGS/profile.txt" | head -n 56
 
 stamp "GPU benchmark, run 2 of 2"
 timeout 120 "$PY" bench/gpu_bench.py --out bench/RESULTS_GPU.md > "$LOGS/bench.run2.log" 2>&1
