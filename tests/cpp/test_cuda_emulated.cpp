@@ -470,10 +470,45 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
   }
 }
 
+// The planner's choice among the compiled variants (fused_variant_shape) on an H100/H200-like
+// device: 227 KB of shared memory per block, the kernels' launch bounds as their thread limits.
+void planner_case(const char* name, int64_t dim, int elts, bool backward, const FusedTuning& tuning,
+                  int want_chunks, int want_rows) {
+  ++g_cases;
+  FusedVariant variants[kMaxFusedVariants];
+  for (int i = 0; i < num_fused_variants(backward); ++i) {
+    variants[i] = fused_variant_shape(i);
+    variants[i].max_threads = backward ? 512 : 1024;
+  }
+  FusedLayout l;
+  const bool fused = choose_fused_layout(dim, elts, 4, backward, false, variants,
+                                         num_fused_variants(backward), 227 * 1024, &l, tuning);
+  if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows) {
+    ++g_failures;
+    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d, want chunks=%d rows=%d\n", name, fused,
+                l.chunks, l.rows_per_group, want_chunks, want_rows);
+  }
+}
+
+void run_planner() {
+  FusedTuning any, one_row, two_chunks;
+  one_row.rows_per_group = 1;
+  two_chunks.chunks = 2;
+  // bf16 (8 elements per vector): d = 4096 is 512 vectors, one chunk of 512 threads.
+  planner_case("bf16 d=4096 forward", 4096, 8, false, any, 1, 2);
+  planner_case("bf16 d=4096 backward", 4096, 8, true, any, 1, 1);
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, one_row, 1, 1);
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, two_chunks, 2, 1);
+  // float32 d = 8192: 2048 vectors need two chunks of 1024 threads (forward) or four of 512.
+  planner_case("f32 d=8192 forward", 8192, 4, false, any, 2, 1);
+  planner_case("f32 d=8192 backward", 8192, 4, true, any, 4, 1);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  run_planner();
   // --quick (CI): fewer widths, each layout still covered (sub-warp, one warp, several warps,
   // chunk layers, odd widths, padding in the last vector).
   const std::vector<int64_t> small =

@@ -61,6 +61,18 @@ struct FusedLayout {
   int64_t grad_workspace_per_cta = 0;  // elements
 };
 
+// The compiled fused kernels (rotate.cuh instantiates one per shape): chunks 1 to 4 with one row
+// per group, and for the forward also one chunk with two rows per group
+// (FusedTraits::kRowsPerGroup; more would not fit the forward's 64 registers).
+constexpr int kMaxFusedVariants = 5;
+constexpr int num_fused_variants(bool backward) { return backward ? 4 : 5; }
+inline FusedVariant fused_variant_shape(int i) {
+  FusedVariant v;
+  v.chunks = i < 4 ? i + 1 : 1;
+  v.rows_per_group = i < 4 ? 1 : 2;
+  return v;
+}
+
 // Overrides of the layout choice, for tuning experiments on a GPU (rotate_api.h reads them from
 // the environment): only variants with `chunks` vectors per thread and `rows_per_group` rows
 // per group (0: any), and thread blocks of at least `cta_threads` threads (several row groups

@@ -200,18 +200,6 @@ using FusedKernel = void (*)(FusedParams<T, typename AccOf<T>::type>);
 template <typename T>
 using FallbackKernel = void (*)(FallbackParams<T, typename AccOf<T>::type>);
 
-// The compiled fused kernels: chunks 1 to 4 with one row per group, and for the forward also
-// one chunk with two rows per group (FusedTraits::kRowsPerGroup; more would not fit the forward's
-// 64 registers).
-constexpr int kMaxFusedVariants = 5;
-constexpr int num_fused_variants(bool backward) { return backward ? 4 : 5; }
-inline FusedVariant fused_variant_shape(int i) {
-  FusedVariant v;
-  v.chunks = i < 4 ? i + 1 : 1;
-  v.rows_per_group = i < 4 ? 1 : 2;
-  return v;
-}
-
 template <typename T, bool kBackward, int kChunks, int kRows, bool kOnChip>
 FusedKernel<T> fused_kernel_for(bool transpose) {
   using K = FusedTraits<T, kChunks, kBackward, kRows>;
