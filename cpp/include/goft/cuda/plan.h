@@ -125,15 +125,17 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   l.group_threads = best_group;
   l.log_group_threads = ilog2(best_group);
   const int max_cta = pow2_floor(std::min(1024, fv.max_threads));
-  l.cta_threads = std::max(best_group, std::min(pow2_floor(std::max(tuning.cta_threads, 1)), max_cta));
+  const int want_cta = pow2_floor(std::max(tuning.cta_threads, 1));
+  l.cta_threads = std::max(best_group, std::min(want_cta, max_cta));
   l.rows_per_cta = l.cta_threads / best_group;
   l.vcap = best_cap;
   const PairSchedule s = make_schedule(dim);
   l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
 
   auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
-    return acc_bytes * fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, rows_per_cta, l.num_slots,
-                                         dim, backward, scale_grad, store_smem, grads_smem)
+    return acc_bytes * fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, rows_per_cta,
+                                         l.num_slots, dim, backward, scale_grad, store_smem,
+                                         grads_smem)
                            .total;
   };
   // Fewer row groups per block before giving up shared-memory placement, down to one warp: the
@@ -158,8 +160,9 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   if (!placed) return false;
   l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem);
   if (backward && !l.grads_in_smem) {
-    const FusedSmemLayout sl = fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, l.rows_per_cta,
-                                                 l.num_slots, dim, true, scale_grad, false, false);
+    const FusedSmemLayout sl =
+        fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, l.rows_per_cta,
+                          l.num_slots, dim, true, scale_grad, false, false);
     l.grad_workspace_per_cta = (sl.grads_per_group + sl.scale_grads_per_group) * l.rows_per_cta;
   }
   *out = l;

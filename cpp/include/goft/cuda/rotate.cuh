@@ -57,12 +57,14 @@ __device__ __forceinline__ Acc* dynamic_smem() {
 // register-allocated for one address space.
 template <class K, bool kTransposed, bool kOnChip>
 __global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
-  fused_rotate_rows<K, kTransposed, kOnChip>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+  fused_rotate_rows<K, kTransposed, kOnChip>(p, CudaThreads{},
+                                             dynamic_smem<typename K::Acc>());
 }
 
 template <class K, bool kTransposed, bool kOnChip>
 __global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
-  fused_rotate_backward_rows<K, kTransposed, kOnChip>(p, CudaThreads{}, dynamic_smem<typename K::Acc>());
+  fused_rotate_backward_rows<K, kTransposed, kOnChip>(p, CudaThreads{},
+                                                      dynamic_smem<typename K::Acc>());
 }
 
 template <typename T, typename Acc, bool kTransposed>
@@ -207,7 +209,8 @@ FusedKernel<T> fused_kernel_for(bool transpose) {
     return transpose ? &fused_rotate_backward_kernel<K, true, kOnChip>
                      : &fused_rotate_backward_kernel<K, false, kOnChip>;
   } else {
-    return transpose ? &fused_rotate_kernel<K, true, kOnChip> : &fused_rotate_kernel<K, false, kOnChip>;
+    return transpose ? &fused_rotate_kernel<K, true, kOnChip>
+                     : &fused_rotate_kernel<K, false, kOnChip>;
   }
 }
 
@@ -217,13 +220,13 @@ FusedKernel<T> fused_kernel_for(bool transpose, bool on_chip) {
                  : fused_kernel_for<T, kBackward, kChunks, kRows, false>(transpose);
 }
 
-// The kernel of a variant (fused_variant_shape) for a transpose and store placement.
+// The kernel of a variant's shape (fused_variant_shape) for a transpose and store placement.
 template <typename T, bool kBackward>
-FusedKernel<T> fused_kernel(const FusedVariant& v, bool transpose, bool on_chip) {
+FusedKernel<T> fused_kernel(int chunks, int rows_per_group, bool transpose, bool on_chip) {
   if constexpr (!kBackward) {
-    if (v.rows_per_group == 2) return fused_kernel_for<T, false, 1, 2>(transpose, on_chip);
+    if (rows_per_group == 2) return fused_kernel_for<T, false, 1, 2>(transpose, on_chip);
   }
-  switch (v.chunks) {
+  switch (chunks) {
     case 1: return fused_kernel_for<T, kBackward, 1, 1>(transpose, on_chip);
     case 2: return fused_kernel_for<T, kBackward, 2, 1>(transpose, on_chip);
     case 3: return fused_kernel_for<T, kBackward, 3, 1>(transpose, on_chip);
@@ -231,12 +234,11 @@ FusedKernel<T> fused_kernel(const FusedVariant& v, bool transpose, bool on_chip)
   }
 }
 
-// The variant a layout was chosen for.
-inline FusedVariant layout_variant(const FusedLayout& l) {
-  FusedVariant v;
-  v.chunks = l.chunks;
-  v.rows_per_group = l.rows_per_group;
-  return v;
+// The kernel a fused layout runs.
+template <typename T, bool kBackward>
+FusedKernel<T> fused_kernel(const FusedLayout& l, bool transpose) {
+  return fused_kernel<T, kBackward>(l.chunks, l.rows_per_group, transpose,
+                                    fused_on_chip(l, kBackward));
 }
 
 template <typename T, bool kBackward>
@@ -245,7 +247,9 @@ cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[
     FusedVariant& v = variants[i];
     v = fused_variant_shape(i);
     const cudaError_t err = max_threads_per_block(
-        reinterpret_cast<const void*>(fused_kernel<T, kBackward>(v, transpose, true)), device,
+        reinterpret_cast<const void*>(
+            fused_kernel<T, kBackward>(v.chunks, v.rows_per_group, transpose, true)),
+        device,
         &v.max_threads);
     if (err != cudaSuccess) return err;
   }
@@ -282,9 +286,8 @@ cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_g
       plan->layout = layout;
       plan->cta_threads = layout.cta_threads;
       plan->smem_bytes = layout.smem_bytes;
-      *kernel = reinterpret_cast<const void*>(
-          backward ? fused_kernel<T, true>(layout_variant(layout), transpose, fused_on_chip(layout, true))
-                   : fused_kernel<T, false>(layout_variant(layout), transpose, fused_on_chip(layout, false)));
+      *kernel = reinterpret_cast<const void*>(backward ? fused_kernel<T, true>(layout, transpose)
+                                                       : fused_kernel<T, false>(layout, transpose));
       return cudaSuccess;
     }
   }
@@ -403,8 +406,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
     p.store = store;
     p.scale = args.scale;
     p.scale_vec = scale_vectorizable(args.scale);
-    const FusedKernel<T> kernel =
-        fused_kernel<T, false>(layout_variant(l), args.transpose, fused_on_chip(l, false));
+    const FusedKernel<T> kernel = fused_kernel<T, false>(l, args.transpose);
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
@@ -458,8 +460,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     p.block_partials = args.block_grad_partials;
     p.scale_partials = args.scale_grad_partials;
     p.grad_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
-    const FusedKernel<T> kernel =
-        fused_kernel<T, true>(layout_variant(l), args.transpose, fused_on_chip(l, true));
+    const FusedKernel<T> kernel = fused_kernel<T, true>(l, args.transpose);
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
