@@ -453,7 +453,7 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
         fused_case<T, 2>(q, backward, 1024, kBig, 1, 2, "");
         fused_case<T, 3>(p, backward, 1024, kBig, 3, 4, "");
         fused_case<T, 4>(q, backward, 1024, kBig, 2, 5, "");
-        // Two rows per group: row counts odd and even, so some groups have a second row past the end.
+        // Two rows per group; the row counts are odd, so a group's second row can be past the end.
         fused_case<T, 1, 2>(p, backward, 1024, kBig, 2, 3, "");
         fused_case<T, 1, 2>(q, backward, 1024, kBig, 3, 3, "");
         if (!quick) {
@@ -485,8 +485,8 @@ void planner_case(const char* name, int64_t dim, int elts, bool backward, const 
                                          num_fused_variants(backward), 227 * 1024, &l, tuning);
   if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows) {
     ++g_failures;
-    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d, want chunks=%d rows=%d\n", name, fused,
-                l.chunks, l.rows_per_group, want_chunks, want_rows);
+    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d, want chunks=%d rows=%d\n", name,
+                fused, l.chunks, l.rows_per_group, want_chunks, want_rows);
   }
 }
 

@@ -242,7 +242,8 @@ FusedKernel<T> fused_kernel(const FusedLayout& l, bool transpose) {
 }
 
 template <typename T, bool kBackward>
-cudaError_t fused_variants(bool transpose, int device, FusedVariant (&variants)[kMaxFusedVariants]) {
+cudaError_t fused_variants(bool transpose, int device,
+                           FusedVariant (&variants)[kMaxFusedVariants]) {
   for (int i = 0; i < num_fused_variants(kBackward); ++i) {
     FusedVariant& v = variants[i];
     v = fused_variant_shape(i);
@@ -317,7 +318,8 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
   if (pl.fused) {
-    const int64_t tile_rows = static_cast<int64_t>(pl.layout.rows_per_cta) * pl.layout.rows_per_group;
+    const int64_t tile_rows =
+        static_cast<int64_t>(pl.layout.rows_per_cta) * pl.layout.rows_per_group;
     const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
     pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(tiles, resident)));
     pl.workspace.store_offset = 0;

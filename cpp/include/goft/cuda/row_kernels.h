@@ -259,10 +259,11 @@ struct FusedSmemLayout {
   int64_t total = 0;
 };
 
-GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int rows_per_group, int group_threads,
-                                                   int rows_per_cta, int64_t num_slots, int64_t dim,
-                                                   bool backward, bool scale_grad,
-                                                   bool store_in_smem, bool grads_in_smem) {
+GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int rows_per_group,
+                                                   int group_threads, int rows_per_cta,
+                                                   int64_t num_slots, int64_t dim, bool backward,
+                                                   bool scale_grad, bool store_in_smem,
+                                                   bool grads_in_smem) {
   FusedSmemLayout l;
   // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers);
   // each holds one value per row of the group, chunk and warp.
@@ -502,7 +503,8 @@ GOFT_DEVICE_FN void apply_scale(const RowCtx<K, Threads>& x,
     if (x.p.scale_vec && f0 + E <= x.d) {
       GOFT_UNROLL
       for (int i = 0; i < E; i += kPerLoad) {
-        const Vec<Acc, kPerLoad> v = *reinterpret_cast<const Vec<Acc, kPerLoad>*>(x.p.scale + f0 + i);
+        const Vec<Acc, kPerLoad> v =
+            *reinterpret_cast<const Vec<Acc, kPerLoad>*>(x.p.scale + f0 + i);
         GOFT_UNROLL
         for (int k = 0; k < kPerLoad; ++k) sc[i + k] = v.v[k];
       }
@@ -686,7 +688,9 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, Sa
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) {
       GOFT_UNROLL
-      for (int c = 0; c < C; ++c) v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
+      for (int c = 0; c < C; ++c) {
+        v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
+      }
     }
     GOFT_UNROLL
     for (int i = 0; i < 5; ++i) {
@@ -721,7 +725,8 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, Sa
             if (kSave) sv.warp[c][q] = v[0][c];
             GOFT_UNROLL
             for (int rr = 0; rr < R; ++rr) {
-              v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr] : blk[1] * o[rr] + blk[3] * v[rr][c];
+              v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr]
+                                : blk[1] * o[rr] + blk[3] * v[rr][c];
             }
           }
         }
@@ -824,8 +829,8 @@ GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
 
 // Gradient through all layers, in the reverse order of layers_forward (one row per group).
 template <class K, bool kTransposed, class Threads>
-GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0, GroupRows<K>& g,
-                                    SavedInputs<K>& sv, int& parity) {
+GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                    GroupRows<K>& g, SavedInputs<K>& sv, int& parity) {
   if (kTransposed) {
     chunk_layers_backward<K, true>(x, g[0], sv);
     warp_layers<K, true, false, true>(x, g, sv, parity);
@@ -850,8 +855,8 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
                                                const Threads& th, typename K::Acc* smem) {
   using Acc = typename K::Acc;
   const FusedSmemLayout l = fused_smem_layout(
-      K::kChunks, K::kRowsPerGroup, p.group_threads, p.rows_per_cta, p.num_slots, p.dim, K::kBackward,
-      p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
+      K::kChunks, K::kRowsPerGroup, p.group_threads, p.rows_per_cta, p.num_slots, p.dim,
+      K::kBackward, p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
   const int tid = th.thread();
   RowCtx<K, Threads> x{p, th};
   x.d = p.dim;
@@ -922,7 +927,9 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
     const int64_t first = (tile * p.rows_per_cta + x.group) * R;  // this group's first row
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) {
-      if (!K::kPrefetch) load_raw(x, p.x + (first + rr) * p.x_stride, p.x_vec, first + rr < p.rows, raw[rr]);
+      if (!K::kPrefetch) {
+        load_raw(x, p.x + (first + rr) * p.x_stride, p.x_vec, first + rr < p.rows, raw[rr]);
+      }
     }
     Acc w[R][C][E];
     GOFT_UNROLL
