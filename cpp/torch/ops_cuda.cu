@@ -101,9 +101,10 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   cuda::RotateBackwardPlan plan;
   C10_CUDA_CHECK((cuda::plan_rotate_backward<T>(rows, d, transpose, grad_scale != nullptr,
-                                               x2.get_device(), &plan)));
+                                               !params_are_blocks, x2.get_device(), &plan)));
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
-  at::Tensor block_partials = at::empty({plan.num_partials, pairs, kBlockSize}, acc_options);
+  const int64_t per_pair = plan.angle_partials ? 1 : kBlockSize;
+  at::Tensor block_partials = at::empty({plan.num_partials, pairs, per_pair}, acc_options);
   at::Tensor scale_partials;
   if (grad_scale != nullptr) scale_partials = at::empty({plan.num_partials, d}, acc_options);
   at::Tensor workspace = workspace_tensor(plan.workspace.bytes, x2);
@@ -130,25 +131,33 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
 
   // Fixed-order sums over the partials, then the chain rule into the params' own form.
   const int64_t reduce_elements =
-      std::max(cuda::reduce_workspace_elements(plan.num_partials, kBlockSize * pairs),
+      std::max(cuda::reduce_workspace_elements(plan.num_partials, per_pair * pairs),
                grad_scale != nullptr ? cuda::reduce_workspace_elements(plan.num_partials, d) : 0);
   at::Tensor reduce_workspace = at::empty({reduce_elements}, acc_options);
   if (grad_params != nullptr) {
     const at::Tensor p = params.contiguous();
     dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
       using Param = decltype(tag);
-      C10_CUDA_CHECK((cuda::launch_block_grads_to_param_grads<Acc, Param>(
-          block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
-          p.const_data_ptr<Param>(), params_are_blocks, grad_params->mutable_data_ptr<Param>(),
-          reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+      if (plan.angle_partials) {
+        // Angle gradients of the blocks as applied; the transposed op applies angle -t.
+        C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Param>(
+            block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
+            grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
+            stream)));
+      } else {
+        C10_CUDA_CHECK((cuda::launch_block_grads_to_param_grads<Acc, Param>(
+            block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
+            p.const_data_ptr<Param>(), params_are_blocks, grad_params->mutable_data_ptr<Param>(),
+            reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+      }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (grad_scale != nullptr) {
     dispatch_param_dtype(grad_scale->scalar_type(), [&](auto tag) {
       using Scale = decltype(tag);
-      C10_CUDA_CHECK((cuda::launch_scale_grads<Acc, Scale>(
-          scale_partials.const_data_ptr<Acc>(), plan.num_partials, d,
+      C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Scale>(
+          scale_partials.const_data_ptr<Acc>(), plan.num_partials, d, false,
           grad_scale->mutable_data_ptr<Scale>(), reduce_workspace.mutable_data_ptr<Acc>(), stream)));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -5,7 +5,9 @@
 //
 // Forward outputs and grad_x must match the CPU kernels bitwise (same operations in the same
 // order per row); parameter gradients are summed in a different order and compared with a
-// tolerance. Exit status 0 when every case passes.
+// tolerance. Problems with angles also run the strict backward kernels (FusedTraits::kStrict),
+// whose angle gradients are compared with the CPU's block gradients mapped to angles (blocks.h).
+// Exit status 0 when every case passes.
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -98,9 +100,10 @@ template <typename T>
 struct Problem {
   using Acc = typename AccOf<T>::type;
   int64_t rows = 0, dim = 0, stride = 0;
-  bool transpose = false, with_scale = false;
+  bool transpose = false, with_scale = false, strict = false;
   std::vector<T> x, grad_out;   // rows * stride
   std::vector<Acc> blocks;      // (d - 1, 4), natural form
+  std::vector<double> angles;   // (d - 1,) when strict: blocks = angle_to_block(angles)
   std::vector<Acc> scale;       // (d,)
 };
 
@@ -118,6 +121,7 @@ Problem<T> make_problem(int64_t rows, int64_t dim, int64_t stride, bool transpos
   p.stride = stride;
   p.transpose = transpose;
   p.with_scale = scale;
+  p.strict = strict;
   std::mt19937 gen(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   p.x.assign(rows * stride, from_double<T>(0));
@@ -132,7 +136,8 @@ Problem<T> make_problem(int64_t rows, int64_t dim, int64_t stride, bool transpos
   p.blocks.resize(4 * pairs);
   for (int64_t k = 0; k < pairs; ++k) {
     if (strict) {
-      goft::angle_to_block(normal(gen), p.blocks.data() + 4 * k);
+      p.angles.push_back(normal(gen));
+      goft::angle_to_block(p.angles.back(), p.blocks.data() + 4 * k);
     } else {
       for (int i = 0; i < 4; ++i) p.blocks[4 * k + i] = (i == 0 || i == 3 ? 1.0 : 0.0) + 0.3 * normal(gen);
     }
@@ -146,7 +151,8 @@ template <typename T>
 struct Results {
   using Acc = typename AccOf<T>::type;
   std::vector<T> out;             // forward output (rows * stride), or grad_x
-  std::vector<Acc> block_grads;   // (d - 1, 4) summed
+  std::vector<Acc> block_grads;   // (d - 1, 4) summed (quasi kernels)
+  std::vector<double> angle_grads;  // (d - 1,) (strict kernels; from block_grads for the CPU)
   std::vector<Acc> scale_grads;   // (d,)
 };
 
@@ -199,6 +205,11 @@ Results<T> cpu_backward(const Problem<T>& p) {
   for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunk(a, s, c, scratch.data());
   r.block_grads.resize(4 * pairs);
   goft::reduce_partials(bp.data(), chunks, 4 * pairs, 0, 4 * pairs, r.block_grads.data());
+  if (p.strict) {
+    r.angle_grads.resize(pairs);
+    goft::block_grads_to_param_grads(r.block_grads.data(), p.transpose, p.angles.data(), false, 0,
+                                     pairs, r.angle_grads.data());
+  }
   if (p.with_scale) {
     r.scale_grads.resize(p.dim);
     goft::reduce_partials(sp.data(), chunks, p.dim, 0, p.dim, r.scale_grads.data());
@@ -206,13 +217,14 @@ Results<T> cpu_backward(const Problem<T>& p) {
   return r;
 }
 
-// The launch the CUDA launcher would make for this layout, run on the emulator.
-template <typename T, int kChunks, int kRows>
+// The launch the CUDA launcher would make for this layout, run on the emulator (the strict
+// backward kernels when l.strict).
+template <typename T, int kChunks, int kRows, bool kStrict>
 Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, int grid,
                      int64_t num_chunks) {
   using Acc = typename AccOf<T>::type;
   using K = FusedTraits<T, kChunks, false, kRows>;
-  using KB = FusedTraits<T, kChunks, true>;
+  using KB = FusedTraits<T, kChunks, true, 1, kStrict>;
   const int log_elts = K::kLogElts;
   Results<T> r;
   r.out.assign(p.rows * p.stride, from_double<T>(0));
@@ -267,8 +279,19 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
       fused_rotate_backward<KB, false>(fp, th, smem);
     }
   });
-  r.block_grads.resize(4 * pairs);
-  for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+  if (kStrict) {
+    // Angle partials of the blocks as applied; the transposed op applies angle -t.
+    r.angle_grads.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) {
+      const Acc sum = sum_partials(bp.data(), pairs, 0, partials, i);
+      r.angle_grads[i] = p.transpose ? -sum : sum;
+    }
+    // Past the angle partials, the buffer must be untouched.
+    if (!std::isnan(static_cast<double>(bp[partials * pairs]))) r.angle_grads.clear();
+  } else {
+    r.block_grads.resize(4 * pairs);
+    for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+  }
   if (p.with_scale) {
     r.scale_grads.resize(p.dim);
     for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
@@ -371,14 +394,15 @@ bool close(const std::vector<Acc>& a, const std::vector<Acc>& b, double tol, std
 
 template <typename T>
 void check(const std::string& name, const Problem<T>& p, const Results<T>& got,
-           const Results<T>& want, bool backward) {
+           const Results<T>& want, bool backward, bool strict) {
   using Acc = typename AccOf<T>::type;
   ++g_cases;
   std::string why;
   bool ok = same_rows(p, got.out, want.out, &why);
   if (ok && backward) {
     const double tol = sizeof(Acc) == 8 ? 1e-11 : 2e-5;
-    ok = close(got.block_grads, want.block_grads, tol, &why);
+    ok = strict ? close(got.angle_grads, want.angle_grads, tol, &why)
+                : close(got.block_grads, want.block_grads, tol, &why);
     if (ok && p.with_scale) ok = close(got.scale_grads, want.scale_grads, tol, &why);
   }
   if (!ok) {
@@ -394,32 +418,44 @@ const char* type_name() {
   return std::is_same<T, __half>::value ? "float16" : "bfloat16";
 }
 
-template <typename T, int kChunks, int kRows = 1>
-void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit, int grid,
-                int64_t num_chunks, const char* label) {
+template <typename T, int kChunks, int kRows, bool kStrict>
+void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit,
+                       int grid, int64_t num_chunks, const char* label) {
   using Acc = typename AccOf<T>::type;
-  if (backward && kRows > 1) return;  // several rows per group: forward only
   FusedVariant v;
   v.chunks = kChunks;
   v.rows_per_group = kRows;
   v.max_threads = max_threads;
   FusedLayout l;
   if (!choose_fused_layout(p.dim, FusedTraits<T, kChunks, false>::kElts, sizeof(Acc), backward,
-                           p.with_scale, &v, 1, smem_limit, &l)) {
+                           kStrict, p.with_scale, &v, 1, smem_limit, &l)) {
     return;  // this variant cannot hold the row
   }
   char name[256];
   std::snprintf(name, sizeof(name),
-                "fused %s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
+                "fused %s%s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
                 "grads_smem=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
-                backward ? "backward" : "forward", type_name<T>(), (long long)p.dim,
-                (long long)p.rows, (long long)p.stride, l.chunks, l.rows_per_group, l.group_threads,
-                l.rows_per_cta,
-                l.store_in_smem, l.grads_in_smem, p.transpose, p.with_scale, grid,
-                (long long)num_chunks, label);
-  const Results<T> got = fused_run<T, kChunks, kRows>(p, l, backward, grid, num_chunks);
+                backward ? "backward" : "forward", kStrict ? " strict" : "", type_name<T>(),
+                (long long)p.dim, (long long)p.rows, (long long)p.stride, l.chunks,
+                l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
+                l.grads_in_smem, p.transpose, p.with_scale, grid, (long long)num_chunks, label);
+  const Results<T> got = fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks);
   const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
-  check(name, p, got, want, backward);
+  check(name, p, got, want, backward, kStrict);
+}
+
+// A layout case with the kernels the launcher could pick for this problem: in backward with
+// angles, both the quasi and the strict kernels.
+template <typename T, int kChunks, int kRows = 1>
+void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit, int grid,
+                int64_t num_chunks, const char* label) {
+  if (backward && kRows > 1) return;  // several rows per group: forward only
+  fused_layout_case<T, kChunks, kRows, false>(p, backward, max_threads, smem_limit, grid,
+                                              num_chunks, label);
+  if (backward && p.strict) {
+    fused_layout_case<T, kChunks, 1, true>(p, backward, max_threads, smem_limit, grid,
+                                           num_chunks, label);
+  }
 }
 
 template <typename T>
@@ -432,7 +468,7 @@ void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, in
                 (long long)p.rows, threads, grid, (long long)chunks, smem, p.transpose, p.with_scale);
   const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem);
   const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
-  check(name, p, got, want, backward);
+  check(name, p, got, want, backward, false);
 }
 
 template <typename T>
@@ -471,9 +507,12 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
 }
 
 // The planner's choice among the compiled variants (fused_variant_shape) on an H100/H200-like
-// device: 227 KB of shared memory per block, the kernels' launch bounds as their thread limits.
-void planner_case(const char* name, int64_t dim, int elts, bool backward, const FusedTuning& tuning,
-                  int want_chunks, int want_rows) {
+// device: 227 KB of shared memory per block (228 KB per SM, 1 KB of it reserved per block), the
+// kernels' launch bounds as their thread limits. The one-chunk strict backward is compiled for
+// two blocks per SM (FusedTraits::kMinBlocksPerSm), so its shared memory must allow two as well;
+// the strict kernels' small accumulators keep their stores on chip.
+void planner_case(const char* name, int64_t dim, int elts, bool backward, bool strict,
+                  bool scale_grad, const FusedTuning& tuning, int want_chunks, int want_rows) {
   ++g_cases;
   FusedVariant variants[kMaxFusedVariants];
   for (int i = 0; i < num_fused_variants(backward); ++i) {
@@ -481,12 +520,17 @@ void planner_case(const char* name, int64_t dim, int elts, bool backward, const 
     variants[i].max_threads = backward ? 512 : 1024;
   }
   FusedLayout l;
-  const bool fused = choose_fused_layout(dim, elts, 4, backward, false, variants,
+  const bool fused = choose_fused_layout(dim, elts, 4, backward, strict, scale_grad, variants,
                                          num_fused_variants(backward), 227 * 1024, &l, tuning);
-  if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows) {
+  const int want_blocks = strict && l.chunks == 1 ? 2 : 1;
+  const bool blocks_fit = want_blocks * (l.smem_bytes + 1024) <= 228 * 1024;
+  if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows || l.strict != strict ||
+      !blocks_fit || (strict && !fused_on_chip(l, backward))) {
     ++g_failures;
-    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d, want chunks=%d rows=%d\n", name,
-                fused, l.chunks, l.rows_per_group, want_chunks, want_rows);
+    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d strict=%d smem=%lld on_chip=%d, "
+                "want chunks=%d rows=%d, %d block(s) per SM\n",
+                name, fused, l.chunks, l.rows_per_group, l.strict, (long long)l.smem_bytes,
+                fused_on_chip(l, backward), want_chunks, want_rows, want_blocks);
   }
 }
 
@@ -495,13 +539,17 @@ void run_planner() {
   one_row.rows_per_group = 1;
   two_chunks.chunks = 2;
   // bf16 (8 elements per vector): d = 4096 is 512 vectors, one chunk of 512 threads.
-  planner_case("bf16 d=4096 forward", 4096, 8, false, any, 1, 2);
-  planner_case("bf16 d=4096 backward", 4096, 8, true, any, 1, 1);
-  planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, one_row, 1, 1);
-  planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, two_chunks, 2, 1);
+  planner_case("bf16 d=4096 forward", 4096, 8, false, false, false, any, 1, 2);
+  planner_case("bf16 d=4096 backward", 4096, 8, true, false, false, any, 1, 1);
+  planner_case("bf16 d=4096 backward strict", 4096, 8, true, true, false, any, 1, 1);
+  planner_case("bf16 d=4096 backward strict, scale", 4096, 8, true, true, true, any, 1, 1);
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, false, false, one_row, 1, 1);
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, false, false, two_chunks, 2,
+               1);
   // float32 d = 8192: 2048 vectors need two chunks of 1024 threads (forward) or four of 512.
-  planner_case("f32 d=8192 forward", 8192, 4, false, any, 2, 1);
-  planner_case("f32 d=8192 backward", 8192, 4, true, any, 4, 1);
+  planner_case("f32 d=8192 forward", 8192, 4, false, false, false, any, 2, 1);
+  planner_case("f32 d=8192 backward", 8192, 4, true, false, false, any, 4, 1);
+  planner_case("f32 d=8192 backward strict", 8192, 4, true, true, false, any, 4, 1);
 }
 
 }  // namespace

@@ -46,6 +46,7 @@ struct FusedVariant {
 
 struct FusedLayout {
   int variant = -1;  // index into the variants given to choose_fused_layout
+  bool strict = false;  // a strict backward kernel (FusedTraits::kStrict): angle partials
   int chunks = 1;
   int rows_per_group = 1;
   int group_threads = 1;
@@ -86,8 +87,9 @@ struct FusedTuning {
 // Picks the fused kernel whose row capacity (G * chunks * elts) wastes the fewest threads for
 // width d, then the largest shared-memory placement that fits: blocks and gradients in shared
 // memory, else gradients only (read-only blocks still hit L1), else neither. Returns false when
-// no variant can hold the row on chip (the fallback kernel then runs).
-inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backward,
+// no variant can hold the row on chip (the fallback kernel then runs). strict: the variants are
+// the strict backward kernels (backward only).
+inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backward, bool strict,
                                 bool scale_grad, const FusedVariant* variants, int num_variants,
                                 int64_t smem_limit_bytes, FusedLayout* out,
                                 const FusedTuning& tuning = FusedTuning()) {
@@ -120,6 +122,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   const FusedVariant& fv = variants[best];
   FusedLayout l;
   l.variant = best;
+  l.strict = strict && backward;
   l.chunks = fv.chunks;
   l.rows_per_group = fv.rows_per_group;
   l.group_threads = best_group;
@@ -132,11 +135,14 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   const PairSchedule s = make_schedule(dim);
   l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
 
+  auto smem_layout = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
+    return fused_smem_layout(l.chunks, fused_exchange_values(l.rows_per_group, l.strict),
+                             l.group_threads, rows_per_cta, l.num_slots,
+                             fused_grad_entries(l.strict, l.num_slots, ilog2(elts), l.vcap), dim,
+                             backward, scale_grad, store_smem, grads_smem);
+  };
   auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
-    return acc_bytes * fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, rows_per_cta,
-                                         l.num_slots, dim, backward, scale_grad, store_smem,
-                                         grads_smem)
-                           .total;
+    return acc_bytes * smem_layout(rows_per_cta, store_smem, grads_smem).total;
   };
   // Fewer row groups per block before giving up shared-memory placement, down to one warp: the
   // lane layers shuffle with a full mask, which needs every lane of the warp present.
@@ -160,9 +166,7 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   if (!placed) return false;
   l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem);
   if (backward && !l.grads_in_smem) {
-    const FusedSmemLayout sl =
-        fused_smem_layout(l.chunks, l.rows_per_group, l.group_threads, l.rows_per_cta,
-                          l.num_slots, dim, true, scale_grad, false, false);
+    const FusedSmemLayout sl = smem_layout(l.rows_per_cta, false, false);
     l.grad_workspace_per_cta = (sl.grads_per_group + sl.scale_grads_per_group) * l.rows_per_cta;
   }
   *out = l;

@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_kernel(co
 }
 
 template <class K, bool kTransposed, bool kOnChip>
-__global__ void __launch_bounds__(K::kLaunchBoundThreads) fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
+__global__ void __launch_bounds__(K::kLaunchBoundThreads, K::kMinBlocksPerSm)
+    fused_rotate_backward_kernel(const FusedParams<typename K::T, typename K::Acc> p) {
   fused_rotate_backward_rows<K, kTransposed, kOnChip>(p, CudaThreads{},
                                                       dynamic_smem<typename K::Acc>());
 }
@@ -130,12 +131,14 @@ __global__ void finish_block_grads_kernel(const Acc* sums, int64_t count, int64_
   }
 }
 
-template <typename Acc, typename Scale>
-__global__ void finish_scale_grads_kernel(const Acc* sums, int64_t count, int64_t dim,
-                                          Scale* grad_scale) {
-  const int64_t f = global_index();
-  if (f >= dim) return;
-  grad_scale[f] = static_cast<Scale>(sum_partials(sums, dim, 0, count, f));
+// Second level of a plain sum of partials, negated if asked (exact: a sign flip).
+template <typename Acc, typename Out>
+__global__ void finish_sums_kernel(const Acc* sums, int64_t count, int64_t length, bool negate,
+                                   Out* out) {
+  const int64_t i = global_index();
+  if (i >= length) return;
+  const Acc sum = sum_partials(sums, length, 0, count, i);
+  out[i] = static_cast<Out>(negate ? -sum : sum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,9 +205,9 @@ using FusedKernel = void (*)(FusedParams<T, typename AccOf<T>::type>);
 template <typename T>
 using FallbackKernel = void (*)(FallbackParams<T, typename AccOf<T>::type>);
 
-template <typename T, bool kBackward, int kChunks, int kRows, bool kOnChip>
+template <typename T, bool kBackward, int kChunks, int kRows, bool kStrict, bool kOnChip>
 FusedKernel<T> fused_kernel_for(bool transpose) {
-  using K = FusedTraits<T, kChunks, kBackward, kRows>;
+  using K = FusedTraits<T, kChunks, kBackward, kRows, kStrict>;
   if constexpr (kBackward) {
     return transpose ? &fused_rotate_backward_kernel<K, true, kOnChip>
                      : &fused_rotate_backward_kernel<K, false, kOnChip>;
@@ -214,42 +217,52 @@ FusedKernel<T> fused_kernel_for(bool transpose) {
   }
 }
 
-template <typename T, bool kBackward, int kChunks, int kRows>
+template <typename T, bool kBackward, int kChunks, int kRows, bool kStrict>
 FusedKernel<T> fused_kernel_for(bool transpose, bool on_chip) {
-  return on_chip ? fused_kernel_for<T, kBackward, kChunks, kRows, true>(transpose)
-                 : fused_kernel_for<T, kBackward, kChunks, kRows, false>(transpose);
+  return on_chip ? fused_kernel_for<T, kBackward, kChunks, kRows, kStrict, true>(transpose)
+                 : fused_kernel_for<T, kBackward, kChunks, kRows, kStrict, false>(transpose);
 }
 
-// The kernel of a variant's shape (fused_variant_shape) for a transpose and store placement.
+template <typename T, bool kBackward, int kChunks, int kRows>
+FusedKernel<T> fused_kernel_for(bool strict, bool transpose, bool on_chip) {
+  if constexpr (kBackward) {
+    if (strict) return fused_kernel_for<T, true, kChunks, kRows, true>(transpose, on_chip);
+  }
+  return fused_kernel_for<T, kBackward, kChunks, kRows, false>(transpose, on_chip);
+}
+
+// The kernel of a variant's shape (fused_variant_shape) for a transpose and store placement;
+// strict picks the strict backward kernels (FusedTraits::kStrict).
 template <typename T, bool kBackward>
-FusedKernel<T> fused_kernel(int chunks, int rows_per_group, bool transpose, bool on_chip) {
+FusedKernel<T> fused_kernel(int chunks, int rows_per_group, bool strict, bool transpose,
+                            bool on_chip) {
   if constexpr (!kBackward) {
-    if (rows_per_group == 2) return fused_kernel_for<T, false, 1, 2>(transpose, on_chip);
+    if (rows_per_group == 2) return fused_kernel_for<T, false, 1, 2>(false, transpose, on_chip);
   }
   switch (chunks) {
-    case 1: return fused_kernel_for<T, kBackward, 1, 1>(transpose, on_chip);
-    case 2: return fused_kernel_for<T, kBackward, 2, 1>(transpose, on_chip);
-    case 3: return fused_kernel_for<T, kBackward, 3, 1>(transpose, on_chip);
-    default: return fused_kernel_for<T, kBackward, 4, 1>(transpose, on_chip);
+    case 1: return fused_kernel_for<T, kBackward, 1, 1>(strict, transpose, on_chip);
+    case 2: return fused_kernel_for<T, kBackward, 2, 1>(strict, transpose, on_chip);
+    case 3: return fused_kernel_for<T, kBackward, 3, 1>(strict, transpose, on_chip);
+    default: return fused_kernel_for<T, kBackward, 4, 1>(strict, transpose, on_chip);
   }
 }
 
 // The kernel a fused layout runs.
 template <typename T, bool kBackward>
 FusedKernel<T> fused_kernel(const FusedLayout& l, bool transpose) {
-  return fused_kernel<T, kBackward>(l.chunks, l.rows_per_group, transpose,
+  return fused_kernel<T, kBackward>(l.chunks, l.rows_per_group, l.strict, transpose,
                                     fused_on_chip(l, kBackward));
 }
 
 template <typename T, bool kBackward>
-cudaError_t fused_variants(bool transpose, int device,
+cudaError_t fused_variants(bool strict, bool transpose, int device,
                            FusedVariant (&variants)[kMaxFusedVariants]) {
   for (int i = 0; i < num_fused_variants(kBackward); ++i) {
     FusedVariant& v = variants[i];
     v = fused_variant_shape(i);
     const cudaError_t err = max_threads_per_block(
         reinterpret_cast<const void*>(
-            fused_kernel<T, kBackward>(v.chunks, v.rows_per_group, transpose, true)),
+            fused_kernel<T, kBackward>(v.chunks, v.rows_per_group, strict, transpose, true)),
         device,
         &v.max_threads);
     if (err != cudaSuccess) return err;
@@ -268,19 +281,22 @@ FallbackKernel<T> fallback_kernel(bool backward, bool transpose) {
 }
 
 // Shared parts of both plans: the fused layout or the fallback's threads and scratch placement.
+// strict (backward): the parameters are angles, so the strict kernels may run.
 template <typename T, typename Plan>
-cudaError_t plan_common(int64_t dim, bool backward, bool transpose, bool scale_grad, int device,
-                        const DeviceInfo& info, Plan* plan, const void** kernel) {
+cudaError_t plan_common(int64_t dim, bool backward, bool strict, bool transpose, bool scale_grad,
+                        int device, const DeviceInfo& info, Plan* plan, const void** kernel) {
   using Acc = typename AccOf<T>::type;
   constexpr int kElts = FusedTraits<T, 1, false>::kElts;
   plan->fused = false;
+  strict = strict && backward && strict_kernels_enabled();
   if (!fallback_forced()) {
     FusedVariant variants[kMaxFusedVariants];
-    const cudaError_t err = backward ? fused_variants<T, true>(transpose, device, variants)
-                                     : fused_variants<T, false>(transpose, device, variants);
+    const cudaError_t err =
+        backward ? fused_variants<T, true>(strict, transpose, device, variants)
+                 : fused_variants<T, false>(false, transpose, device, variants);
     if (err != cudaSuccess) return err;
     FusedLayout layout;
-    if (choose_fused_layout(dim, kElts, sizeof(Acc), backward, scale_grad, variants,
+    if (choose_fused_layout(dim, kElts, sizeof(Acc), backward, strict, scale_grad, variants,
                             num_fused_variants(backward), info.smem_optin, &layout,
                             tuning_from_env())) {
       plan->fused = true;
@@ -311,7 +327,7 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
   if (err != cudaSuccess) return err;
   RotatePlan pl;
   const void* kernel = nullptr;
-  err = plan_common<T>(dim, false, transpose, false, device, info, &pl, &kernel);
+  err = plan_common<T>(dim, false, false, transpose, false, device, info, &pl, &kernel);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
   err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
@@ -336,14 +352,14 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
 
 template <typename T>
 cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
-                                 int device, RotateBackwardPlan* plan) {
+                                 bool strict, int device, RotateBackwardPlan* plan) {
   using Acc = typename AccOf<T>::type;
   DeviceInfo info;
   cudaError_t err = device_info(device, &info);
   if (err != cudaSuccess) return err;
   RotateBackwardPlan pl;
   const void* kernel = nullptr;
-  err = plan_common<T>(dim, true, transpose, scale_grad, device, info, &pl, &kernel);
+  err = plan_common<T>(dim, true, strict, transpose, scale_grad, device, info, &pl, &kernel);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
   err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
@@ -352,6 +368,7 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   const int rows_per_cta = pl.fused ? pl.layout.rows_per_cta : 1;
   pl.num_chunks = backward_chunk_count(rows, dim, rows_per_cta, resident);
   pl.num_partials = pl.num_chunks * rows_per_cta;
+  pl.angle_partials = pl.fused && pl.layout.strict;
   pl.grid = static_cast<int>(std::min(pl.num_chunks, resident));
   if (pl.fused) {
     pl.workspace.store_offset = 0;
@@ -532,15 +549,17 @@ cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_p
   return cudaGetLastError();
 }
 
-template <typename Acc, typename Scale>
-cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_t dim,
-                               Scale* grad_scale, Acc* workspace, cudaStream_t stream) {
+template <typename Acc, typename Out>
+cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64_t length,
+                                bool negate, Out* out, Acc* workspace, cudaStream_t stream) {
+  if (length == 0) return cudaSuccess;
   const Acc* sums = nullptr;
   int64_t count = 0;
-  const cudaError_t err = reduce_first_level(partials, num_partials, dim, workspace, stream, &sums, &count);
+  const cudaError_t err =
+      reduce_first_level(partials, num_partials, length, workspace, stream, &sums, &count);
   if (err != cudaSuccess) return err;
-  finish_scale_grads_kernel<Acc, Scale><<<elementwise_blocks(dim), kElementwiseThreads, 0, stream>>>(
-      sums, count, dim, grad_scale);
+  finish_sums_kernel<Acc, Out><<<elementwise_blocks(length), kElementwiseThreads, 0, stream>>>(
+      sums, count, length, negate, out);
   return cudaGetLastError();
 }
 
@@ -554,8 +573,8 @@ cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_
   template cudaError_t goft::cuda::launch_rotate<T>(                                             \
       const goft::RotateArgs<T, goft::cuda::AccOf<T>::type>&, const goft::cuda::RotatePlan&,     \
       void*, cudaStream_t);                                                                      \
-  template cudaError_t goft::cuda::plan_rotate_backward<T>(int64_t, int64_t, bool, bool, int,    \
-                                                           goft::cuda::RotateBackwardPlan*);     \
+  template cudaError_t goft::cuda::plan_rotate_backward<T>(                                      \
+      int64_t, int64_t, bool, bool, bool, int, goft::cuda::RotateBackwardPlan*);                 \
   template cudaError_t goft::cuda::launch_rotate_backward<T>(                                    \
       const goft::RotateBackwardArgs<T, goft::cuda::AccOf<T>::type>&,                            \
       const goft::cuda::RotateBackwardPlan&, void*, cudaStream_t);
@@ -572,7 +591,7 @@ cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_
       const Acc*, int64_t, int64_t, bool, const float*, bool, float*, Acc*, cudaStream_t);       \
   template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, double>(               \
       const Acc*, int64_t, int64_t, bool, const double*, bool, double*, Acc*, cudaStream_t);     \
-  template cudaError_t goft::cuda::launch_scale_grads<Acc, float>(const Acc*, int64_t, int64_t,  \
-                                                                  float*, Acc*, cudaStream_t);   \
-  template cudaError_t goft::cuda::launch_scale_grads<Acc, double>(const Acc*, int64_t, int64_t, \
-                                                                   double*, Acc*, cudaStream_t);
+  template cudaError_t goft::cuda::launch_partial_sums<Acc, float>(                              \
+      const Acc*, int64_t, int64_t, bool, float*, Acc*, cudaStream_t);                           \
+  template cudaError_t goft::cuda::launch_partial_sums<Acc, double>(                             \
+      const Acc*, int64_t, int64_t, bool, double*, Acc*, cudaStream_t);

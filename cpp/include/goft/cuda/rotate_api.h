@@ -40,6 +40,10 @@ struct RotateBackwardPlan {
   bool scratch_in_smem = true;
   int64_t num_chunks = 0;    // row chunks
   int64_t num_partials = 0;  // partial gradients written: RotateBackwardArgs::num_chunks
+  // The partials hold one angle gradient per pair (strict fused kernels, FusedTraits::kStrict),
+  // not four block-gradient entries: RotateBackwardArgs::block_grad_partials is then
+  // (num_partials, d - 1), summed by launch_partial_sums.
+  bool angle_partials = false;
   Workspace workspace;
 };
 
@@ -55,11 +59,12 @@ template <typename T>
 cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
                           const RotatePlan& plan, void* workspace, cudaStream_t stream);
 
-// Gradients of rotate: grad_x (if args.grad_x) and per-partial block and scale gradients
-// (args.num_chunks must be plan.num_partials).
+// Gradients of rotate: grad_x (if args.grad_x) and per-partial block (or angle, see
+// RotateBackwardPlan::angle_partials) and scale gradients (args.num_chunks must be
+// plan.num_partials). strict: the blocks come from angles, which allows the strict kernels.
 template <typename T>
 cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
-                                 int device, RotateBackwardPlan* plan);
+                                 bool strict, int device, RotateBackwardPlan* plan);
 template <typename T>
 cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
                                    const RotateBackwardPlan& plan, void* workspace,
@@ -86,15 +91,24 @@ cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_p
                                               bool params_are_blocks, Param* grad_params,
                                               Acc* workspace, cudaStream_t stream);
 
-// Sums the scale-gradient partials (num_partials, d) in a fixed order into grad_scale.
-template <typename Acc, typename Scale>
-cudaError_t launch_scale_grads(const Acc* partials, int64_t num_partials, int64_t dim,
-                               Scale* grad_scale, Acc* workspace, cudaStream_t stream);
+// Sums partials (num_partials, length) in a fixed order into out, negated if asked: the scale
+// gradient from its partials, and the angle gradients from angle partials (negated for the
+// transposed op, whose applied blocks turn by -t).
+template <typename Acc, typename Out>
+cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64_t length,
+                                bool negate, Out* out, Acc* workspace, cudaStream_t stream);
 
 // GOFT_CUDA_FALLBACK=1 forces the fallback kernels, so that tests can compare the two paths.
 inline bool fallback_forced() {
   const char* v = std::getenv("GOFT_CUDA_FALLBACK");
   return v != nullptr && v[0] == '1';
+}
+
+// GOFT_CUDA_STRICT=0 runs the backward of angle parameters on the quasi kernels (four block
+// gradients per pair, then the chain rule) instead of the strict ones, to compare the two.
+inline bool strict_kernels_enabled() {
+  const char* v = std::getenv("GOFT_CUDA_STRICT");
+  return v == nullptr || v[0] != '0';
 }
 
 // GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS (rows per group) and GOFT_CUDA_CTA_THREADS override the fused

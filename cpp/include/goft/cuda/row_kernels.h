@@ -138,11 +138,23 @@ constexpr int ceil_log2(int n) { return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2);
 // ---------------------------------------------------------------------------------------------
 // Kernel traits of the fused kernels.
 
-template <typename T_, int kChunks_, bool kBackward_, int kRowsPerGroup_ = 1>
+template <typename T_, int kChunks_, bool kBackward_, int kRowsPerGroup_ = 1,
+          bool kStrict_ = false>
 struct FusedTraits {
   using T = T_;
   using Acc = typename AccOf<T>::type;
   static constexpr bool kBackward = kBackward_;
+
+  // Strict GOFT's backward (blocks from angles, so every block is a rotation). A rotation's
+  // inverse is its transpose, the same map that takes a gradient back through the pair, so the
+  // backward rebuilds each layer's input from its output instead of keeping it (GOFT_SPEC.md
+  // section 4), and a pair's angle gradient needs only its output y and the gradient g there:
+  // section 4's dt, with y_a = c u_a + s u_b and y_b = c u_b - s u_a, is g_a y_b - g_b y_a per
+  // row (for the block as applied; the transposed op's angle gets the opposite sign). One
+  // accumulator per pair instead of four and no saved inputs: about half the registers. The
+  // partials (FusedParams::block_partials) then hold one angle gradient per pair.
+  static constexpr bool kStrict = kStrict_;
+  static_assert(!kStrict || kBackward, "strict: a backward variant");
 
   // One 16-byte vector per chunk: the widest global access, and what keeps loads coalesced.
   static constexpr int kVecBytes = 16;
@@ -187,11 +199,15 @@ struct FusedTraits {
   // kernel, which removes half of the shared-memory read-modify-writes per row. They cost
   // 4 * kElts / 2 registers per chunk: only one or two chunks can afford them.
   static constexpr bool kLayer0GradsInRegisters =
-      kBackward && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32;
+      kBackward && !kStrict && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32;
+  // Strict: the angle gradients of all thread layers' pairs (kElts - 1 per vector) stay in their
+  // owner's registers, those of the coarser layers in the group's accumulators (RowCtx::grads).
+  static constexpr bool kThreadAngleGradsInRegisters = kStrict;
   // The group's next rows are loaded while the current ones are transformed. The backward holds
   // about four values per feature, so only its one-chunk kernels have the registers for the next
-  // row's x and grad_out.
-  static constexpr bool kPrefetch = kBackward ? kChunks == 1 : kChunks <= 2;
+  // row's x and grad_out; the strict one spends them on a second block per SM instead
+  // (kMinBlocksPerSm), which hides the loads as well.
+  static constexpr bool kPrefetch = kBackward ? kChunks == 1 && !kStrict : kChunks <= 2;
 
   // Block size the compiler must allow (__launch_bounds__), which caps registers per thread at
   // 65536 / kLaunchBoundThreads. Without a cap the compiler spends registers freely and the wide
@@ -199,6 +215,11 @@ struct FusedTraits {
   // (64 registers; the 1- and 2-chunk kernels need fewer anyway). Backward holds about four
   // values per feature: 512 threads (128 registers).
   static constexpr int kLaunchBoundThreads = kBackward ? 512 : 1024;
+  // Blocks of kLaunchBoundThreads that must fit on one SM together (__launch_bounds__' second
+  // argument), which caps registers at 65536 / (kLaunchBoundThreads * kMinBlocksPerSm). The
+  // strict one-chunk backward keeps a row in about the forward's registers: two blocks of 512
+  // threads (64 registers) let one block's barrier waits and loads overlap the other's work.
+  static constexpr int kMinBlocksPerSm = kStrict && kChunks == 1 ? 2 : 1;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -241,10 +262,12 @@ struct FusedParams {
   // chunk c takes rows begin + g, begin + g + rows_per_cta, ... and writes partial
   // c * rows_per_cta + g. Which block owns a chunk changes no result.
   int64_t num_chunks = 0;
-  Acc* block_partials = nullptr;  // (num_chunks * rows_per_cta, d - 1, 4)
+  // (num_chunks * rows_per_cta, d - 1, 4) block gradients, or (..., d - 1) angle gradients of
+  // the blocks as applied when K::kStrict.
+  Acc* block_partials = nullptr;
   Acc* scale_partials = nullptr;  // (num_chunks * rows_per_cta, d) or nullptr
   bool grads_in_smem = true;      // accumulators in shared memory, else in grad_workspace
-  Acc* grad_workspace = nullptr;  // per block: rows_per_cta * (4 * num_slots + padded d)
+  Acc* grad_workspace = nullptr;  // per block: rows_per_cta * (grad entries + padded d)
 };
 
 GOFT_HOST_DEVICE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -259,21 +282,24 @@ struct FusedSmemLayout {
   int64_t total = 0;
 };
 
-GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int rows_per_group,
+// exchange_values: values per chunk that each warp of a group exchanges in the warp layers (its
+// rows, and in the strict backward the outputs beside the gradients, fused_exchange_values);
+// grad_entries: gradient accumulators per group in backward (fused_grad_entries).
+GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_values,
                                                    int group_threads, int rows_per_cta,
-                                                   int64_t num_slots, int64_t dim, bool backward,
-                                                   bool scale_grad, bool store_in_smem,
-                                                   bool grads_in_smem) {
+                                                   int64_t num_slots, int64_t grad_entries,
+                                                   int64_t dim, bool backward, bool scale_grad,
+                                                   bool store_in_smem, bool grads_in_smem) {
   FusedSmemLayout l;
   // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers);
-  // each holds one value per row of the group, chunk and warp.
+  // each holds one value per exchanged value of the group, chunk and warp.
   const int64_t warps = group_threads > 32 ? group_threads / 32 : 0;
-  l.exchange_per_group = round_up(2 * rows_per_group * chunks * warps, 4);
+  l.exchange_per_group = round_up(2 * exchange_values * chunks * warps, 4);
   l.exchange = 0;
   int64_t at = l.exchange_per_group * rows_per_cta;
   l.blocks = at;
   if (store_in_smem) at += 4 * num_slots;
-  l.grads_per_group = 4 * num_slots;
+  l.grads_per_group = round_up(grad_entries, 4);
   l.scale_grads_per_group = scale_grad ? round_up(dim, 4) : 0;
   l.grads = at;
   if (backward && grads_in_smem) at += l.grads_per_group * rows_per_cta;
@@ -296,13 +322,18 @@ GOFT_HOST_DEVICE int64_t thread_layer_slot(int elts, int r, int kk, int64_t j) {
   return j * (elts - 1) + (elts - (elts >> r)) + kk;
 }
 
+// The thread layers' slots come first (kElts - 1 per vector position), then the coarse ones.
+GOFT_HOST_DEVICE int64_t first_coarse_slot(int log_elts, int64_t vcap) {
+  return ((int64_t{1} << log_elts) - 1) * vcap;
+}
+
 GOFT_HOST_DEVICE int64_t coarse_layer_base(const PairSchedule& s, int log_elts, int64_t vcap, int r) {
-  return ((int64_t{1} << log_elts) - 1) * vcap + s.offset[r] - s.offset[log_elts];
+  return first_coarse_slot(log_elts, vcap) + s.offset[r] - s.offset[log_elts];
 }
 
 GOFT_HOST_DEVICE int64_t fused_num_slots(const PairSchedule& s, int log_elts, int64_t vcap) {
   const int64_t coarse = s.num_layers > log_elts ? s.num_pairs() - s.offset[log_elts] : 0;
-  return ((int64_t{1} << log_elts) - 1) * vcap + coarse;
+  return first_coarse_slot(log_elts, vcap) + coarse;
 }
 
 // Slot of the pair stored at flat index p (schedule order).
@@ -315,6 +346,19 @@ GOFT_HOST_DEVICE int64_t block_slot(const PairSchedule& s, int log_elts, int64_t
     return thread_layer_slot(elts, r, static_cast<int>((a & (elts - 1)) >> (r + 1)), a >> log_elts);
   }
   return coarse_layer_base(s, log_elts, vcap, r) + (p - s.offset[r]);
+}
+
+// Gradient accumulators per row group: the four entries of every block's gradient, or for the
+// strict kernels one angle gradient per coarse slot.
+GOFT_HOST_DEVICE int64_t fused_grad_entries(bool strict, int64_t num_slots, int log_elts,
+                                            int64_t vcap) {
+  return strict ? num_slots - first_coarse_slot(log_elts, vcap) : 4 * num_slots;
+}
+
+// Values per chunk a warp exchanges in the warp layers: one per row of the group, and in the
+// strict backward also the row's output beside its gradient.
+GOFT_HOST_DEVICE int fused_exchange_values(int rows_per_group, bool strict_backward) {
+  return rows_per_group + (strict_backward ? 1 : 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +441,10 @@ struct RowCtx {
   int group = 0;                // group within the block
   int num_layers = 0;
   const Acc* blocks = nullptr;  // block store, slot order (shared or global memory)
-  Acc* grads = nullptr;         // this group's gradient accumulators, slot order (backward)
+  // This group's gradient accumulators (backward): block gradients in slot order, or for the
+  // strict kernels the angle gradients of the coarse slots, slot - coarse_first.
+  Acc* grads = nullptr;
+  int coarse_first = 0;         // first_coarse_slot
   Acc* scale_grads = nullptr;   // this group's (d,) scale gradient, or nullptr
   Acc* exchange = nullptr;      // this group's two exchange buffers (G > 32)
 
@@ -429,6 +476,15 @@ struct Layer0Grads {
   static constexpr int kChunks = kUsed ? K::kChunks : 1;
   static constexpr int kPairs = kUsed ? K::kElts / 2 : 1;
   Acc g[kChunks][kPairs][4];
+};
+
+// Angle-gradient accumulators of a thread's thread-layer pairs (strict backward), indexed like
+// a vector's block slots: [chunk][kElts - (kElts >> r) + kk].
+template <class K>
+struct ThreadAngleGrads {
+  using Acc = typename K::Acc;
+  static constexpr bool kUsed = K::kThreadAngleGradsInRegisters;
+  Acc g[kUsed ? K::kChunks : 1][kUsed ? K::kElts - 1 : 1];
 };
 
 // The rows a group transforms together, in the accumulation type: [row][chunk][element].
@@ -552,9 +608,20 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows
   }
 }
 
+// One row's term of a pair's angle gradient (FusedTraits::kStrict): y is the pair's output and
+// g the gradient there.
+template <typename Acc>
+GOFT_HOST_DEVICE Acc angle_grad_term(Acc ya, Acc yb, Acc ga, Acc gb) {
+  return ga * yb - gb * ya;
+}
+
+// Gradient through the thread layers. Quasi: each pair's input comes from sv. Strict: y holds
+// the layers' outputs and is taken back through them alongside g (FusedTraits::kStrict).
 template <class K, bool kCoarseFirst, class Threads>
 GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                           ThreadAngleGrads<K>& tg,
                                            typename K::Acc (&g)[K::kChunks][K::kElts],
+                                           typename K::Acc (&y)[K::kChunks][K::kElts],
                                            const SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts;
@@ -572,14 +639,20 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
         const int a = kk << (r + 1), b = a + (1 << r);
         if (f0 + b >= x.d) continue;
         Acc blk[4];
-        const int off = 4 * (E - (E >> r) + kk);
-        load_block(vb + off, blk);
-        const Acc ua = sv.thread[c][r][a], ub = sv.thread[c][r][b];
-        if (Layer0Grads<K>::kUsed && r == 0) {
-          add_block_grad(l0.g[Layer0Grads<K>::kUsed ? c : 0][Layer0Grads<K>::kUsed ? kk : 0],
-                         ua, ub, g[c][a], g[c][b]);
+        const int in_vector = E - (E >> r) + kk;  // slot, from the vector's first
+        load_block(vb + 4 * in_vector, blk);
+        if constexpr (K::kStrict) {
+          tg.g[ThreadAngleGrads<K>::kUsed ? c : 0][ThreadAngleGrads<K>::kUsed ? in_vector : 0] +=
+              angle_grad_term(y[c][a], y[c][b], g[c][a], g[c][b]);
+          pair_input_grad(blk, y[c][a], y[c][b]);
         } else {
-          accumulate_block(vg + off, ua, ub, g[c][a], g[c][b]);
+          const Acc ua = sv.thread[c][r][a], ub = sv.thread[c][r][b];
+          if (Layer0Grads<K>::kUsed && r == 0) {
+            add_block_grad(l0.g[Layer0Grads<K>::kUsed ? c : 0][Layer0Grads<K>::kUsed ? kk : 0],
+                           ua, ub, g[c][a], g[c][b]);
+          } else {
+            accumulate_block(vg + 4 * in_vector, ua, ub, g[c][a], g[c][b]);
+          }
         }
         pair_input_grad(blk, g[c][a], g[c][b]);
       }
@@ -625,9 +698,12 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
   }
 }
 
+// The partner's value is shuffled alongside the gradient: the pair's saved input (quasi) or its
+// output (strict, which then also takes y back through the pair on both lanes).
 template <class K, bool kCoarseFirst, class Threads>
 GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
                                          typename K::Acc (&g)[K::kChunks][K::kElts],
+                                         typename K::Acc (&y)[K::kChunks][K::kElts],
                                          const SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts;
@@ -642,7 +718,7 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
     const int base = x.p.layer_base[r];
     GOFT_UNROLL
     for (int c = 0; c < K::kChunks; ++c) {
-      const Acc gv = g[c][0], uv = sv.lane[c][q];
+      const Acc gv = g[c][0], uv = K::kStrict ? y[c][0] : sv.lane[c][q];
       const Acc og = x.th.shfl_xor(gv, bit);
       const Acc ou = x.th.shfl_xor(uv, bit);
       const int fa = (c * x.G + (x.t & ~bit)) * E;
@@ -650,12 +726,14 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
         Acc blk[4];
         const int slot = base + (fa >> (r + 1));
         load_block(x.blocks + 4 * slot, blk);
-        if (a_side) {
-          accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);  // the a lane owns the pair
-          g[c][0] = blk[0] * gv + blk[1] * og;
-        } else {
-          g[c][0] = blk[2] * og + blk[3] * gv;
+        // The a lane owns the pair's gradient.
+        if constexpr (K::kStrict) {
+          if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
+          y[c][0] = a_side ? blk[0] * uv + blk[1] * ou : blk[2] * ou + blk[3] * uv;
+        } else if (a_side) {
+          accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
         }
+        g[c][0] = a_side ? blk[0] * gv + blk[1] * og : blk[2] * og + blk[3] * gv;
       }
     }
   }
@@ -665,28 +743,34 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 // memory, the group's first warp applies the layers with lane w standing for warp w, and the
 // results go back. The exchange buffer alternates between two halves, so a buffer is written
 // again only after the next exchange's barriers, which every reader of it has passed. In the
-// backward pass (one row per group) w holds the gradient and sv the saved inputs.
+// backward pass (one row per group) w holds the gradient, and the pairs' inputs come from sv
+// (quasi) or are rebuilt from their outputs y, which travel with the gradient (strict; y is
+// unused otherwise).
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
-GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
+GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
+                                typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
                                 int& parity) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
+  constexpr bool kStrictPass = kBackwardPass && K::kStrict;
+  constexpr int V = R + (kStrictPass ? 1 : 0);  // fused_exchange_values; y is value R
   if (x.LG <= 5) return;  // the same for the whole block
   const int warps = x.G >> 5, wg = x.t >> 5, lane = x.t & 31;
-  Acc* buf = x.exchange + parity * R * C * warps;
+  Acc* buf = x.exchange + parity * V * C * warps;
   parity ^= 1;
   if (lane == 0) {
     GOFT_UNROLL
-    for (int rr = 0; rr < R; ++rr) {
+    for (int c = 0; c < C; ++c) {
       GOFT_UNROLL
-      for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+      for (int rr = 0; rr < R; ++rr) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+      if (kStrictPass) buf[(R * C + c) * warps + wg] = y[c][0];
     }
   }
   x.th.sync();
   if (wg == 0) {
-    Acc v[R][C];
+    Acc v[V][C];
     GOFT_UNROLL
-    for (int rr = 0; rr < R; ++rr) {
+    for (int rr = 0; rr < V; ++rr) {
       GOFT_UNROLL
       for (int c = 0; c < C; ++c) {
         v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
@@ -703,24 +787,26 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, Sa
       const int base = x.p.layer_base[r];
       GOFT_UNROLL
       for (int c = 0; c < C; ++c) {
-        Acc o[R];
+        Acc o[V];
         GOFT_UNROLL
-        for (int rr = 0; rr < R; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
+        for (int rr = 0; rr < V; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
         Acc ou = 0;
-        if (kBackwardPass) ou = x.th.shfl_xor(sv.warp[c][q], bit);
+        if (kBackwardPass && !K::kStrict) ou = x.th.shfl_xor(sv.warp[c][q], bit);
         const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
         if (active && fa + ((32 * E) << q) < x.d) {
           Acc blk[4];
           const int slot = base + (fa >> (r + 1));
           load_block(x.blocks + 4 * slot, blk);
           if (kBackwardPass) {
-            const Acc gv = v[0][c], uv = sv.warp[c][q];
-            if (a_side) {
-              accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
-              v[0][c] = blk[0] * gv + blk[1] * o[0];
-            } else {
-              v[0][c] = blk[2] * o[0] + blk[3] * gv;
+            const Acc gv = v[0][c];
+            if constexpr (kStrictPass) {
+              const Acc yv = v[R][c];
+              if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(yv, o[R], gv, o[0]);
+              v[R][c] = a_side ? blk[0] * yv + blk[1] * o[R] : blk[2] * o[R] + blk[3] * yv;
+            } else if (a_side) {
+              accumulate_block(x.grads + 4 * slot, sv.warp[c][q], ou, gv, o[0]);
             }
+            v[0][c] = a_side ? blk[0] * gv + blk[1] * o[0] : blk[2] * o[0] + blk[3] * gv;
           } else {
             if (kSave) sv.warp[c][q] = v[0][c];
             GOFT_UNROLL
@@ -734,7 +820,7 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, Sa
     }
     if (lane < warps) {
       GOFT_UNROLL
-      for (int rr = 0; rr < R; ++rr) {
+      for (int rr = 0; rr < V; ++rr) {
         GOFT_UNROLL
         for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + lane] = v[rr][c];
       }
@@ -743,9 +829,10 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w, Sa
   x.th.sync();
   if (lane == 0) {
     GOFT_UNROLL
-    for (int rr = 0; rr < R; ++rr) {
+    for (int c = 0; c < C; ++c) {
       GOFT_UNROLL
-      for (int c = 0; c < C; ++c) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
+      for (int rr = 0; rr < R; ++rr) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
+      if (kStrictPass) y[c][0] = buf[(R * C + c) * warps + wg];
     }
   }
 }
@@ -784,6 +871,7 @@ GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x, GroupRows<
 template <class K, bool kCoarseFirst, class Threads>
 GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
                                           typename K::Acc (&g)[K::kChunks][K::kElts],
+                                          typename K::Acc (&y)[K::kChunks][K::kElts],
                                           const SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks;
@@ -803,8 +891,14 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
       Acc blk[4];
       const int slot = base + (fa >> (r + 1));
       load_block(x.blocks + 4 * slot, blk);
-      accumulate_block(x.grads + 4 * slot, sv.chunk[m][c], sv.chunk[m][c + mu], g[c][0],
-                       g[c + mu][0]);
+      if constexpr (K::kStrict) {
+        x.grads[slot - x.coarse_first] +=
+            angle_grad_term(y[c][0], y[c + mu][0], g[c][0], g[c + mu][0]);
+        pair_input_grad(blk, y[c][0], y[c + mu][0]);
+      } else {
+        accumulate_block(x.grads + 4 * slot, sv.chunk[m][c], sv.chunk[m][c + mu], g[c][0],
+                         g[c + mu][0]);
+      }
       pair_input_grad(blk, g[c][0], g[c + mu][0]);
     }
   }
@@ -814,33 +908,37 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
 template <class K, bool kTransposed, bool kSave, class Threads>
 GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
                                    int& parity) {
+  // warp_layers' y is for the strict backward only.
   if (kTransposed) {
     thread_layers_forward<K, false, kSave>(x, w, sv);
     lane_layers_forward<K, false, kSave>(x, w, sv);
-    warp_layers<K, false, kSave, false>(x, w, sv, parity);
+    warp_layers<K, false, kSave, false>(x, w, w[0], sv, parity);
     chunk_layers_forward<K, false, kSave>(x, w, sv);
   } else {
     chunk_layers_forward<K, true, kSave>(x, w, sv);
-    warp_layers<K, true, kSave, false>(x, w, sv, parity);
+    warp_layers<K, true, kSave, false>(x, w, w[0], sv, parity);
     lane_layers_forward<K, true, kSave>(x, w, sv);
     thread_layers_forward<K, true, kSave>(x, w, sv);
   }
 }
 
-// Gradient through all layers, in the reverse order of layers_forward (one row per group).
+// Gradient through all layers, in the reverse order of layers_forward (one row per group). y:
+// the forward's output, which the strict kernels take back through the layers (else unused).
 template <class K, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
-                                    GroupRows<K>& g, SavedInputs<K>& sv, int& parity) {
+                                    ThreadAngleGrads<K>& tg, GroupRows<K>& g,
+                                    typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
+                                    int& parity) {
   if (kTransposed) {
-    chunk_layers_backward<K, true>(x, g[0], sv);
-    warp_layers<K, true, false, true>(x, g, sv, parity);
-    lane_layers_backward<K, true>(x, g[0], sv);
-    thread_layers_backward<K, true>(x, l0, g[0], sv);
+    chunk_layers_backward<K, true>(x, g[0], y, sv);
+    warp_layers<K, true, false, true>(x, g, y, sv, parity);
+    lane_layers_backward<K, true>(x, g[0], y, sv);
+    thread_layers_backward<K, true>(x, l0, tg, g[0], y, sv);
   } else {
-    thread_layers_backward<K, false>(x, l0, g[0], sv);
-    lane_layers_backward<K, false>(x, g[0], sv);
-    warp_layers<K, false, false, true>(x, g, sv, parity);
-    chunk_layers_backward<K, false>(x, g[0], sv);
+    thread_layers_backward<K, false>(x, l0, tg, g[0], y, sv);
+    lane_layers_backward<K, false>(x, g[0], y, sv);
+    warp_layers<K, false, false, true>(x, g, y, sv, parity);
+    chunk_layers_backward<K, false>(x, g[0], y, sv);
   }
 }
 
@@ -855,8 +953,10 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
                                                const Threads& th, typename K::Acc* smem) {
   using Acc = typename K::Acc;
   const FusedSmemLayout l = fused_smem_layout(
-      K::kChunks, K::kRowsPerGroup, p.group_threads, p.rows_per_cta, p.num_slots, p.dim,
-      K::kBackward, p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
+      K::kChunks, fused_exchange_values(K::kRowsPerGroup, K::kStrict), p.group_threads,
+      p.rows_per_cta, p.num_slots,
+      fused_grad_entries(K::kStrict, p.num_slots, K::kLogElts, p.vcap), p.dim, K::kBackward,
+      p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
   const int tid = th.thread();
   RowCtx<K, Threads> x{p, th};
   x.d = p.dim;
@@ -866,6 +966,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   x.t = tid & (x.G - 1);
   x.group = tid >> x.LG;
   x.num_layers = p.schedule.num_layers;
+  x.coarse_first = static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap));
   x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
   if (kOnChip || p.store_in_smem) {
     Acc* dst = smem + l.blocks;
@@ -964,23 +1065,47 @@ GOFT_DEVICE_FN void fused_rotate(const FusedParams<typename K::T, typename K::Ac
   }
 }
 
-// Writes a group's accumulated gradients to its partial and clears the accumulators.
+// Strict: writes a group's angle gradients to its partial (one per pair, schedule order) and
+// clears the accumulators: the coarse slots' from memory (they are in schedule order, from the
+// first coarse layer's first pair on), the thread layers' from their owners' registers.
 template <class K, class Threads>
-GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
-                                   int64_t partial) {
+GOFT_DEVICE_FN void flush_angle_partials(const RowCtx<K, Threads>& x, ThreadAngleGrads<K>& tg,
+                                         typename K::Acc* ap) {
+  using Acc = typename K::Acc;
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  const PairSchedule& s = x.p.schedule;
+  if (s.num_layers > LE) {
+    const int64_t first_pair = s.offset[LE];
+    const int64_t coarse = s.num_pairs() - first_pair;
+    for (int64_t k = x.t; k < coarse; k += x.G) {
+      ap[first_pair + k] = x.grads[k];
+      x.grads[k] = Acc(0);
+    }
+  }
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    GOFT_UNROLL
+    for (int r = 0; r < LE; ++r) {
+      GOFT_UNROLL
+      for (int kk = 0; kk < E / 2; ++kk) {
+        if (kk >= (E >> (r + 1))) continue;
+        const int a = kk << (r + 1), b = a + (1 << r);
+        Acc& acc = tg.g[ThreadAngleGrads<K>::kUsed ? c : 0]
+                       [ThreadAngleGrads<K>::kUsed ? E - (E >> r) + kk : 0];
+        if (f0 + b < x.d) ap[s.offset[r] + ((f0 + a) >> (r + 1))] = acc;
+        acc = Acc(0);
+      }
+    }
+  }
+}
+
+// Quasi: the layer-0 block gradients a thread keeps in registers (kLayer0GradsInRegisters).
+template <class K, class Threads>
+GOFT_DEVICE_FN void flush_layer0_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                          typename K::Acc* bp) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts;
-  const auto& p = x.p;
-  const int64_t pairs = x.d - 1;
-  Acc* bp = p.block_partials + partial * pairs * 4;
-  x.th.sync();
-  // Layer 0's pairs are the first ones; in registers, their owners write them below.
-  const int64_t first = Layer0Grads<K>::kUsed ? p.schedule.pairs[0] : 0;
-  for (int64_t k = first + x.t; k < pairs; k += x.G) {
-    Acc* src = x.grads + 4 * block_slot(p.schedule, K::kLogElts, p.vcap, k);
-    *reinterpret_cast<Vec<Acc, 4>*>(bp + 4 * k) = *reinterpret_cast<const Vec<Acc, 4>*>(src);
-    *reinterpret_cast<Vec<Acc, 4>*>(src) = Vec<Acc, 4>{{Acc(0), Acc(0), Acc(0), Acc(0)}};
-  }
   if (Layer0Grads<K>::kUsed) {
     GOFT_UNROLL
     for (int c = 0; c < Layer0Grads<K>::kChunks; ++c) {
@@ -995,6 +1120,29 @@ GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& 
         for (int i = 0; i < 4; ++i) gr[i] = Acc(0);
       }
     }
+  }
+}
+
+// Writes a group's accumulated gradients to its partial and clears the accumulators.
+template <class K, class Threads>
+GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
+                                   ThreadAngleGrads<K>& tg, int64_t partial) {
+  using Acc = typename K::Acc;
+  const auto& p = x.p;
+  const int64_t pairs = x.d - 1;
+  x.th.sync();
+  if constexpr (K::kStrict) {
+    flush_angle_partials(x, tg, p.block_partials + partial * pairs);
+  } else {
+    Acc* bp = p.block_partials + partial * pairs * 4;
+    // Layer 0's pairs are the first ones; in registers, their owners write them.
+    const int64_t first = Layer0Grads<K>::kUsed ? p.schedule.pairs[0] : 0;
+    for (int64_t k = first + x.t; k < pairs; k += x.G) {
+      Acc* src = x.grads + 4 * block_slot(p.schedule, K::kLogElts, p.vcap, k);
+      *reinterpret_cast<Vec<Acc, 4>*>(bp + 4 * k) = *reinterpret_cast<const Vec<Acc, 4>*>(src);
+      *reinterpret_cast<Vec<Acc, 4>*>(src) = Vec<Acc, 4>{{Acc(0), Acc(0), Acc(0), Acc(0)}};
+    }
+    flush_layer0_partials(x, l0, bp);
   }
   if (x.scale_grads != nullptr) {
     Acc* sp = p.scale_partials + partial * x.d;
@@ -1022,13 +1170,15 @@ GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
 }
 
 // Backward with parameter gradients: per row, recompute the forward keeping each layer's inputs
-// on chip, then run the gradient back through the layers (GOFT_SPEC.md section 4).
+// on chip (quasi) or only its output (strict), then run the gradient back through the layers
+// (GOFT_SPEC.md section 4).
 template <class K, bool kTransposed, bool kOnChip, class Threads>
 GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, typename K::Acc>& p,
                                                const Threads& th, typename K::Acc* smem) {
   using T = typename K::T;
   using Acc = typename K::Acc;
   constexpr int C = K::kChunks, E = K::kElts;
+  constexpr bool kSave = !K::kStrict;  // the strict kernels rebuild the inputs instead
   const RowCtx<K, Threads> ctx = make_row_ctx<K, kOnChip>(p, th, smem);
   Layer0Grads<K> l0;
   GOFT_UNROLL
@@ -1038,6 +1188,10 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       GOFT_UNROLL
       for (int i = 0; i < 4; ++i) l0.g[c][kk][i] = Acc(0);
     }
+  }
+  ThreadAngleGrads<K> tg;
+  for (auto& chunk_grads : tg.g) {
+    for (Acc& v : chunk_grads) v = Acc(0);
   }
   int parity = 0;
   const int64_t rp = p.rows_per_cta;
@@ -1072,23 +1226,25 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         raw_to_acc<K>(raw, g[0]);
       }
       SavedInputs<K> sv;
-      GOFT_UNROLL
-      for (int c = 0; c < C; ++c) {
+      if constexpr (kSave) {
         GOFT_UNROLL
-        for (int q = 0; q < 5; ++q) sv.lane[c][q] = sv.warp[c][q] = Acc(0);
+        for (int c = 0; c < C; ++c) {
+          GOFT_UNROLL
+          for (int q = 0; q < 5; ++q) sv.lane[c][q] = sv.warp[c][q] = Acc(0);
+        }
       }
       if (!kTransposed) {
-        layers_forward<K, false, true>(x, w, sv, parity);
+        layers_forward<K, false, kSave>(x, w, sv, parity);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
           if (x.scale_grads != nullptr && valid) add_scale_grads(x, g[0], w[0]);
           apply_scale(x, g);
         }
-        layers_backward<K, false>(x, l0, g, sv, parity);
+        layers_backward<K, false>(x, l0, tg, g, w[0], sv, parity);
       } else {
         if (p.scale != nullptr) apply_scale(x, w);
-        layers_forward<K, true, true>(x, w, sv, parity);
-        layers_backward<K, true>(x, l0, g, sv, parity);
+        layers_forward<K, true, kSave>(x, w, sv, parity);
+        layers_backward<K, true>(x, l0, tg, g, w[0], sv, parity);
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
           if (x.scale_grads != nullptr && valid) {
@@ -1102,7 +1258,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       }
       if (valid && p.out != nullptr) store_row(x, p.out + row * p.out_stride, p.out_vec, g[0]);
     }
-    flush_partials(ctx, l0, chunk * rp + ctx.group);
+    flush_partials(ctx, l0, tg, chunk * rp + ctx.group);
   }
 }
 
