@@ -162,8 +162,9 @@ def test_backward_output_mask(dtype, d):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [3, 768, 3072, 11008])
-def test_gradients_bitwise_reproducible(dtype, d):
-    x, params, scale = make_inputs(d, dtype, True, True, rows=517)
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+def test_gradients_bitwise_reproducible(dtype, d, quasi):
+    x, params, scale = make_inputs(d, dtype, quasi, True, rows=517)
     grad_out = torch.randn(x.shape, device="cuda").to(dtype)
     runs = []
     for _ in range(2):
@@ -222,6 +223,31 @@ def test_layout_overrides_match_the_reference(dtype, monkeypatch):
                 what = f"d={d} chunks={chunks} rows={rows_per_group} cta={cta}"
                 assert_rows_close(goft.rotate(x, params, scale), want, OUT_RTOL[dtype], what)
                 assert_rows_close(goft.rotate(x, params, scale, True), want_t, OUT_RTOL[dtype], what + " T")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_strict_backward_kernels_match_the_reference(dtype, monkeypatch):
+    """Angle parameters take the strict backward kernels, which rebuild each layer's input from
+    its output; GOFT_CUDA_STRICT=0 puts the same gradients on the quasi kernels. Both against the
+    float64 CPU op, in every backward layout (GOFT_CUDA_CHUNKS), transposed or not."""
+    for d in (5, 768, 1000, 4096):
+        x, params, scale = make_inputs(d, dtype, False, True, rows=37)
+        grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+        for transpose in (False, True):
+            want = torch.ops.goft.rotate_backward.default(
+                grad_out.double().cpu(), x.double().cpu(), params.double().cpu(), scale.double().cpu(),
+                transpose, [True, True, True])
+            for strict in ("1", "0"):
+                for chunks in (0, 1, 2, 4):
+                    monkeypatch.setenv("GOFT_CUDA_STRICT", strict)
+                    monkeypatch.setenv("GOFT_CUDA_CHUNKS", str(chunks))
+                    got = torch.ops.goft.rotate_backward.default(grad_out, x, params, scale, transpose,
+                                                                 [True, True, True])
+                    what = f"d={d} transpose={transpose} strict={strict} chunks={chunks}"
+                    assert_rows_close(got[0].cpu(), want[0], OUT_RTOL[dtype], what + " grad_x")
+                    for i, name in ((1, "grad_params"), (2, "grad_scale")):
+                        assert_rows_close(got[i].cpu().reshape(1, -1), want[i].reshape(1, -1), GRAD_RTOL[dtype],
+                                          f"{what} {name}")
 
 
 def test_wide_rows_take_the_fallback_and_work():
