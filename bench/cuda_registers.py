@@ -29,9 +29,10 @@ ENTRY = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'")
 STATS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 REGS = re.compile(r"Used (\d+) registers")
 # Demangled fused kernels:
-# goft::cuda::fused_rotate[_backward]_kernel<goft::cuda::FusedTraits<T, chunks, bwd, rows>, transposed, on_chip>
-FUSED = re.compile(r"(fused_rotate(?:_backward)?_kernel)<goft::cuda::FusedTraits<(\w+), (\d), (?:true|false), (\d)>, "
-                   r"(true|false), (true|false)>")
+# goft::cuda::fused_rotate[_backward]_kernel<goft::cuda::FusedTraits<T, chunks, bwd, rows, strict>, transposed,
+# on_chip>
+FUSED = re.compile(r"(fused_rotate(?:_backward)?_kernel)<goft::cuda::FusedTraits<(\w+), (\d), (?:true|false), (\d), "
+                   r"(true|false)>, (true|false), (true|false)>")
 ELEMENT_BYTES = {"float": 4, "double": 8, "__nv_bfloat16": 2, "__half": 2}
 TYPE_NAMES = {"float": "float32", "double": "float64", "__nv_bfloat16": "bfloat16", "__half": "float16"}
 
@@ -66,9 +67,10 @@ def parse(report: str) -> list[dict]:
         m = FUSED.search(name)
         if m is None:
             continue  # staging, reduction and fallback kernels: they hold no row in registers
-        kernel, element, chunks, rows, transposed, on_chip = m.groups()
+        kernel, element, chunks, rows, strict, transposed, on_chip = m.groups()
         elts = 16 // ELEMENT_BYTES[element]
-        records.append(dict(dtype=TYPE_NAMES[element], pass_="backward" if "backward" in kernel else "forward",
+        pass_ = ("backward strict" if strict == "true" else "backward") if "backward" in kernel else "forward"
+        records.append(dict(dtype=TYPE_NAMES[element], pass_=pass_,
                             chunks=int(chunks), rows=int(rows), transposed=transposed == "true",
                             on_chip=on_chip == "true", features=int(rows) * int(chunks) * elts, registers=regs, spill_stores=spill_st,
                             spill_loads=spill_ld, stack=stack))
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
             records += parse(ptxas_report(source, args.arch, workdir))
     if not records:
         sys.exit("cuda_registers.py: found no fused kernels in ptxas's report (did the kernel names change?)")
-    records.sort(key=lambda r: (r["dtype"], r["pass_"] != "forward", r["chunks"], r["rows"], r["transposed"],
+    passes = ["forward", "backward", "backward strict"]
+    records.sort(key=lambda r: (r["dtype"], passes.index(r["pass_"]), r["chunks"], r["rows"], r["transposed"],
                                 not r["on_chip"]))
     nvcc_version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     rows = [[r["dtype"], r["pass_"], r["chunks"], r["rows"], "yes" if r["transposed"] else "no",
@@ -102,7 +105,9 @@ def main(argv=None) -> int:
         f"`python bench/cuda_registers.py --arch {args.arch}`, {common.machine_info()['date']}: nvcc "
         f"{' '.join(NVCC_FLAGS)} -arch=sm_{args.arch} ({nvcc_version}), {time.perf_counter() - t0:.0f} s. Static resource use from ptxas, not a GPU "
         "measurement. Forward kernels are bounded to 64 registers per thread (1024-thread blocks), "
-        "backward ones to 128 (512 threads). `features` is the row slice a thread holds: chunks x "
+        "backward ones to 128 (512 threads). `backward strict` kernels run for angle parameters: they rebuild "
+        "each layer's input from its output instead of keeping it (FusedTraits::kStrict). "
+        "`features` is the row slice a thread holds: chunks x "
         "16-byte vectors for each of the `rows` a thread group transforms together; plan.h picks the "
         "variant per row width at run time. `store` is where the "
         "kernel variant keeps the blocks (and backward's gradient accumulators): shared memory, or "

@@ -7,7 +7,8 @@ The breakdown lists every kernel one forward and one backward launch (planning k
 fused kernel, the gradient reductions) with its GPU time. The sweep times the fused forward and
 backward on x of shape (rows, d) bfloat16 for each layout override the planner accepts
 (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h
-FusedTuning), beside a device-to-device copy of x, with the timing of gpu_bench.py.
+FusedTuning), the backward on the strict and on the quasi kernels (GOFT_CUDA_STRICT), beside a
+device-to-device copy of x, with the timing of gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
     y = torch.empty_like(x)
     copy_us = 1000 * cuda_time_ms(lambda: y.copy_(x), repeats)
     print(f"== layout sweep, x ({rows}, {d}) {dtype}; copy of x {copy_us:.1f} us")
-    print("| chunks | rows per group | cta threads | forward, us | x copy | backward, us | x copy |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("backward: the strict kernels (angle parameters, the default); quasi: the same gradients with "
+          "GOFT_CUDA_STRICT=0")
+    print("| chunks | rows per group | cta threads | forward, us | x copy | backward, us | x copy "
+          "| quasi backward, us | x copy |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fns = dict(fns, quasi=fns["backward"])
     # Two rows per group exist for the one-chunk forward only (FusedTraits::kRowsPerGroup).
     shapes = [(0, 0), (1, 1), (1, 2), (2, 1), (3, 1), (4, 1)]
     for chunks, group_rows in shapes:
@@ -77,16 +82,17 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
             os.environ["GOFT_CUDA_CTA_THREADS"] = str(cta)
             cells = []
             for name, fn in fns.items():
-                if name == "backward" and group_rows > 1:
+                if name != "forward" and group_rows > 1:
                     cells += ["", ""]
                     continue
+                os.environ["GOFT_CUDA_STRICT"] = "0" if name == "quasi" else "1"
                 try:
                     us = 1000 * cuda_time_ms(fn, repeats)
                     cells += [f"{us:.1f}", f"{us / copy_us:.2f}"]
                 except RuntimeError as e:  # a layout this variant cannot take
                     cells += [f"error: {str(e).splitlines()[0][:40]}", ""]
             print(f"| {chunks or 'auto'} | {group_rows or 'auto'} | {cta} | " + " | ".join(cells) + " |", flush=True)
-    for name in ("GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS"):
+    for name in ("GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS", "GOFT_CUDA_STRICT"):
         os.environ.pop(name, None)
 
 
