@@ -219,7 +219,8 @@ struct FusedTraits {
   // argument), which caps registers at 65536 / (kLaunchBoundThreads * kMinBlocksPerSm). The
   // strict one-chunk backward keeps a row in about the forward's registers: two blocks of 512
   // threads (64 registers) let one block's barrier waits and loads overlap the other's work.
-  static constexpr int kMinBlocksPerSm = kStrict && kChunks == 1 ? 2 : 1;
+  // 0 states no minimum; even 1 would change ptxas's register allocation (.minnctapersm).
+  static constexpr int kMinBlocksPerSm = kStrict && kChunks == 1 ? 2 : 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_valu
   int64_t at = l.exchange_per_group * rows_per_cta;
   l.blocks = at;
   if (store_in_smem) at += 4 * num_slots;
-  l.grads_per_group = round_up(grad_entries, 4);
+  l.grads_per_group = grad_entries;
   l.scale_grads_per_group = scale_grad ? round_up(dim, 4) : 0;
   l.grads = at;
   if (backward && grads_in_smem) at += l.grads_per_group * rows_per_cta;
@@ -352,7 +353,8 @@ GOFT_HOST_DEVICE int64_t block_slot(const PairSchedule& s, int log_elts, int64_t
 // strict kernels one angle gradient per coarse slot.
 GOFT_HOST_DEVICE int64_t fused_grad_entries(bool strict, int64_t num_slots, int log_elts,
                                             int64_t vcap) {
-  return strict ? num_slots - first_coarse_slot(log_elts, vcap) : 4 * num_slots;
+  // A multiple of 4 entries, so that the next region stays 16-byte aligned.
+  return strict ? round_up(num_slots - first_coarse_slot(log_elts, vcap), 4) : 4 * num_slots;
 }
 
 // Values per chunk a warp exchanges in the warp layers: one per row of the group, and in the
@@ -726,14 +728,18 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
         Acc blk[4];
         const int slot = base + (fa >> (r + 1));
         load_block(x.blocks + 4 * slot, blk);
-        // The a lane owns the pair's gradient.
-        if constexpr (K::kStrict) {
-          if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
-          y[c][0] = a_side ? blk[0] * uv + blk[1] * ou : blk[2] * ou + blk[3] * uv;
-        } else if (a_side) {
-          accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
+        if (a_side) {  // the a lane owns the pair's gradient
+          if constexpr (K::kStrict) {
+            x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
+            y[c][0] = blk[0] * uv + blk[1] * ou;
+          } else {
+            accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
+          }
+          g[c][0] = blk[0] * gv + blk[1] * og;
+        } else {
+          if constexpr (K::kStrict) y[c][0] = blk[2] * ou + blk[3] * uv;
+          g[c][0] = blk[2] * og + blk[3] * gv;
         }
-        g[c][0] = a_side ? blk[0] * gv + blk[1] * og : blk[2] * og + blk[3] * gv;
       }
     }
   }
@@ -760,9 +766,12 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
   parity ^= 1;
   if (lane == 0) {
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) {
+    for (int rr = 0; rr < R; ++rr) {
       GOFT_UNROLL
-      for (int rr = 0; rr < R; ++rr) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+      for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+    }
+    GOFT_UNROLL
+    for (int c = 0; c < C; ++c) {
       if (kStrictPass) buf[(R * C + c) * warps + wg] = y[c][0];
     }
   }
@@ -798,15 +807,20 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
           const int slot = base + (fa >> (r + 1));
           load_block(x.blocks + 4 * slot, blk);
           if (kBackwardPass) {
-            const Acc gv = v[0][c];
-            if constexpr (kStrictPass) {
-              const Acc yv = v[R][c];
-              if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(yv, o[R], gv, o[0]);
-              v[R][c] = a_side ? blk[0] * yv + blk[1] * o[R] : blk[2] * o[R] + blk[3] * yv;
-            } else if (a_side) {
-              accumulate_block(x.grads + 4 * slot, sv.warp[c][q], ou, gv, o[0]);
+            const Acc gv = v[0][c], uv = kStrictPass ? v[V - 1][c] : sv.warp[c][q];
+            if (kStrictPass) ou = o[V - 1];
+            if (a_side) {
+              if constexpr (kStrictPass) {
+                x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, o[0]);
+                v[V - 1][c] = blk[0] * uv + blk[1] * ou;
+              } else {
+                accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
+              }
+              v[0][c] = blk[0] * gv + blk[1] * o[0];
+            } else {
+              if constexpr (kStrictPass) v[V - 1][c] = blk[2] * ou + blk[3] * uv;
+              v[0][c] = blk[2] * o[0] + blk[3] * gv;
             }
-            v[0][c] = a_side ? blk[0] * gv + blk[1] * o[0] : blk[2] * o[0] + blk[3] * gv;
           } else {
             if (kSave) sv.warp[c][q] = v[0][c];
             GOFT_UNROLL
@@ -829,9 +843,12 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
   x.th.sync();
   if (lane == 0) {
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) {
+    for (int rr = 0; rr < R; ++rr) {
       GOFT_UNROLL
-      for (int rr = 0; rr < R; ++rr) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
+      for (int c = 0; c < C; ++c) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
+    }
+    GOFT_UNROLL
+    for (int c = 0; c < C; ++c) {
       if (kStrictPass) y[c][0] = buf[(R * C + c) * warps + wg];
     }
   }
@@ -966,7 +983,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   x.t = tid & (x.G - 1);
   x.group = tid >> x.LG;
   x.num_layers = p.schedule.num_layers;
-  x.coarse_first = static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap));
+  if (K::kStrict) x.coarse_first = static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap));
   x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
   if (kOnChip || p.store_in_smem) {
     Acc* dst = smem + l.blocks;
