@@ -32,19 +32,17 @@ at::Tensor workspace_tensor(int64_t bytes, const at::Tensor& like) {
   return at::empty({bytes}, like.options().dtype(at::kByte));
 }
 
-// The d-1 blocks as the kernels apply them (natural form, not transposed), in Acc.
-template <typename Acc>
-at::Tensor make_blocks_cuda(const at::Tensor& params, bool params_are_blocks, int64_t pairs,
-                            cudaStream_t stream) {
-  at::Tensor blocks =
-      at::empty({pairs, kBlockSize}, params.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-  const at::Tensor p = params.contiguous();
-  dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
-    using Param = decltype(tag);
-    C10_CUDA_CHECK((cuda::launch_params_to_blocks<Param, Acc>(
-        p.const_data_ptr<Param>(), params_are_blocks, pairs, blocks.mutable_data_ptr<Acc>(), stream)));
-  });
-  return blocks;
+// The op's parameters for the launchers, which build the blocks on the device themselves.
+// `contiguous` keeps a contiguous copy alive (if one was needed) until the launches are queued;
+// the caching allocator orders its reuse on the stream.
+cuda::ParamSource param_source(const at::Tensor& params, bool params_are_blocks,
+                               at::Tensor* contiguous) {
+  *contiguous = params.contiguous();
+  cuda::ParamSource source;
+  source.data = contiguous->const_data_ptr();
+  source.is_double = contiguous->scalar_type() == at::kDouble;
+  source.are_blocks = params_are_blocks;
+  return source;
 }
 
 template <typename S>
@@ -55,7 +53,8 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   static_assert(std::is_same<Acc, typename cuda::AccOf<T>::type>::value, "accumulation types differ");
   const int64_t rows = x2.size(0), d = x2.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor blocks = make_blocks_cuda<Acc>(params, params_are_blocks, d - 1, stream);
+  at::Tensor params_c;
+  const cuda::ParamSource source = param_source(params, params_are_blocks, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   cuda::RotatePlan plan;
   C10_CUDA_CHECK((cuda::plan_rotate<T>(rows, d, transpose, x2.get_device(), &plan)));
@@ -67,10 +66,10 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   args.x_row_stride = x2.stride(0);
   args.out = mutable_data_as<T, S>(out2);
   args.out_row_stride = out2.stride(0);
-  args.blocks = blocks.const_data_ptr<Acc>();
   args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
   args.transpose = transpose;
-  C10_CUDA_CHECK((cuda::launch_rotate<T>(args, plan, workspace.mutable_data_ptr(), stream)));
+  C10_CUDA_CHECK(
+      (cuda::launch_rotate<T>(args, source, plan, workspace.mutable_data_ptr(), stream)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -97,7 +96,8 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   using Acc = at::opmath_type<S>;
   const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor blocks = make_blocks_cuda<Acc>(params, params_are_blocks, pairs, stream);
+  at::Tensor params_c;
+  const cuda::ParamSource source = param_source(params, params_are_blocks, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   cuda::RotateBackwardPlan plan;
   C10_CUDA_CHECK((cuda::plan_rotate_backward<T>(rows, d, transpose, grad_scale != nullptr,
@@ -120,13 +120,13 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
     args.grad_x = mutable_data_as<T, S>(*grad_x2);
     args.grad_x_row_stride = grad_x2->stride(0);
   }
-  args.blocks = blocks.const_data_ptr<Acc>();
   args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
   args.transpose = transpose;
   args.num_chunks = plan.num_partials;
   args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
   args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
-  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, plan, workspace.mutable_data_ptr(), stream)));
+  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, source, plan,
+                                                  workspace.mutable_data_ptr(), stream)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Fixed-order sums over the partials, then the chain rule into the params' own form.
@@ -135,7 +135,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
                grad_scale != nullptr ? cuda::reduce_workspace_elements(plan.num_partials, d) : 0);
   at::Tensor reduce_workspace = at::empty({reduce_elements}, acc_options);
   if (grad_params != nullptr) {
-    const at::Tensor p = params.contiguous();
+    const at::Tensor& p = params_c;
     dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
       using Param = decltype(tag);
       if (plan.angle_partials) {

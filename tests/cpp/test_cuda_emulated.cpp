@@ -229,10 +229,17 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   Results<T> r;
   r.out.assign(p.rows * p.stride, from_double<T>(0));
   FusedParams<T, Acc> fp = make_fused_params<T, Acc>(p.rows, p.dim, p.transpose, l);
-  // The store as stage_store_kernel builds it.
-  std::vector<Acc> store(4 * l.num_slots + 8, Acc(0));
-  for (int64_t k = 0; k < p.dim - 1; ++k) {
-    stage_block(p.blocks.data(), p.transpose, fp.schedule, log_elts, l.vcap, k, store.data());
+  // The store as stage_store_kernel builds it, from angles (in double, as the op may get them)
+  // or from blocks; NaN where it must not write.
+  std::vector<Acc> store(4 * l.num_slots + 8, std::numeric_limits<Acc>::quiet_NaN());
+  for (int64_t slot = 0; slot < l.num_slots; ++slot) {
+    if (p.strict) {
+      stage_slot(p.angles.data(), false, p.transpose, fp.schedule, log_elts, l.vcap, slot,
+                 store.data());
+    } else {
+      stage_slot(p.blocks.data(), true, p.transpose, fp.schedule, log_elts, l.vcap, slot,
+                 store.data());
+    }
   }
   fp.x = p.x.data();
   fp.x_stride = p.stride;
@@ -552,10 +559,37 @@ void run_planner() {
   planner_case("f32 d=8192 backward strict", 8192, 4, true, true, false, any, 4, 1);
 }
 
+// slot_pair (the staging kernel's map from a store slot to its pair) inverts block_slot, and
+// every slot no pair uses maps to -1, for each vector width and widths around the boundaries.
+void run_slots() {
+  for (int log_elts = 1; log_elts <= 3; ++log_elts) {
+    for (int64_t d = 1; d <= 300; d += (d < 70 ? 1 : 37)) {
+      ++g_cases;
+      const PairSchedule s = goft::make_schedule(d);
+      const int64_t elts = int64_t{1} << log_elts;
+      const int64_t vcap = pow2_ceil((d + elts - 1) / elts) * (d % 3 == 0 ? 2 : 1);
+      const int64_t slots = fused_num_slots(s, log_elts, vcap);
+      std::vector<int64_t> owner(slots, -1);
+      bool ok = true;
+      for (int64_t k = 0; k < s.num_pairs(); ++k) owner[block_slot(s, log_elts, vcap, k)] = k;
+      for (int64_t slot = 0; slot < slots && ok; ++slot) {
+        if (slot_pair(s, log_elts, vcap, slot) != owner[slot]) {
+          ok = false;
+          ++g_failures;
+          std::printf("FAIL slot_pair d=%lld elts=%lld vcap=%lld slot=%lld: %lld, want %lld\n",
+                      (long long)d, (long long)elts, (long long)vcap, (long long)slot,
+                      (long long)slot_pair(s, log_elts, vcap, slot), (long long)owner[slot]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  run_slots();
   run_planner();
   // --quick (CI): fewer widths, each layout still covered (sub-warp, one warp, several warps,
   // chunk layers, odd widths, padding in the last vector).

@@ -34,18 +34,23 @@ GOFT_HOST_DEVICE Param block_grad_to_angle_grad(Param angle, const Acc* block_gr
   return static_cast<Param>(-s * (g00 + g11) + c * (g10 - g01));
 }
 
+// The block of pair p from the op's parameters: (d-1,) angles or (d-1, 2, 2) blocks.
+template <typename Param, typename Acc>
+GOFT_HOST_DEVICE void param_block(const Param* params, bool params_are_blocks, int64_t p,
+                                  Acc* block) {
+  if (params_are_blocks) {
+    for (int i = 0; i < kBlockSize; ++i) block[i] = static_cast<Acc>(params[kBlockSize * p + i]);
+  } else {
+    angle_to_block(params[p], block);
+  }
+}
+
 // Host helpers over all d-1 parameters; the CUDA path runs the same per-pair functions in a kernel.
 template <typename Param, typename Acc>
 inline void params_to_blocks(const Param* params, bool params_are_blocks, int64_t num_pairs,
                              Acc* blocks) {
   for (int64_t p = 0; p < num_pairs; ++p) {
-    if (params_are_blocks) {
-      for (int i = 0; i < kBlockSize; ++i) {
-        blocks[kBlockSize * p + i] = static_cast<Acc>(params[kBlockSize * p + i]);
-      }
-    } else {
-      angle_to_block(params[p], blocks + kBlockSize * p);
-    }
+    param_block(params, params_are_blocks, p, blocks + kBlockSize * p);
   }
 }
 

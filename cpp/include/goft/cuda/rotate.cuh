@@ -4,8 +4,9 @@
 // (GOFT_CUDA_INSTANTIATE_ROTATE below; see cpp/cuda/rotate_<type>.cu).
 //
 // Forward: fused_rotate_kernel, one pass per row with the row in registers (row_kernels.h). The
-// applied blocks are first staged into a slot-ordered buffer (stage_store_kernel) that each
-// thread block copies to shared memory once and reuses for all the rows it processes.
+// applied blocks are first staged from the op's parameters into a slot-ordered buffer
+// (stage_store_kernel) that each thread block copies to shared memory once and reuses for all the
+// rows it processes.
 // Backward: fused_rotate_backward_kernel writes per-chunk partial gradients without atomics; two
 // fixed-order reductions (reduce_segments_kernel, finish_*_kernel) sum them, so gradients are
 // bitwise identical run to run. Rows too wide for registers take fallback_*_kernel.
@@ -82,24 +83,23 @@ __device__ __forceinline__ int64_t global_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
+// The fallback kernels' (d-1, 4) blocks, in the op's natural form.
 template <typename Param, typename Acc>
 __global__ void params_to_blocks_kernel(const Param* params, bool params_are_blocks, int64_t pairs,
                                         Acc* blocks) {
   const int64_t p = global_index();
   if (p >= pairs) return;
-  if (params_are_blocks) {
-    for (int i = 0; i < kBlockSize; ++i) blocks[kBlockSize * p + i] = static_cast<Acc>(params[kBlockSize * p + i]);
-  } else {
-    angle_to_block(params[p], blocks + kBlockSize * p);
-  }
+  param_block(params, params_are_blocks, p, blocks + kBlockSize * p);
 }
 
-template <typename Acc>
-__global__ void stage_store_kernel(const Acc* blocks, bool transpose, const PairSchedule schedule,
-                                   int log_elts, int64_t vcap, Acc* store) {
-  const int64_t p = global_index();
-  if (p >= schedule.num_pairs()) return;
-  stage_block(blocks, transpose, schedule, log_elts, vcap, p, store);
+// The fused kernels' block store, every slot written (stage_slot).
+template <typename Param, typename Acc>
+__global__ void stage_store_kernel(const Param* params, bool params_are_blocks, bool transpose,
+                                   const PairSchedule schedule, int log_elts, int64_t vcap,
+                                   int64_t num_slots, Acc* store) {
+  const int64_t slot = global_index();
+  if (slot >= num_slots) return;
+  stage_slot(params, params_are_blocks, transpose, schedule, log_elts, vcap, slot, store);
 }
 
 // First level of the partial sums: segment blockIdx.y of kReduceSegment partials.
@@ -319,6 +319,16 @@ cudaError_t plan_common(int64_t dim, bool backward, bool strict, bool transpose,
   return cudaSuccess;
 }
 
+// A workspace of `blocks` 2x2 blocks (the fused kernels' store, or the fallback's (d-1, 4)
+// blocks) and `scratch` further elements, of acc_bytes each.
+inline Workspace make_workspace(int64_t blocks, int64_t scratch, int64_t acc_bytes) {
+  Workspace w;
+  w.blocks_offset = 0;
+  w.scratch_offset = align256(4 * std::max<int64_t>(blocks, 0) * acc_bytes);
+  w.bytes = w.scratch_offset + align256(scratch * acc_bytes);
+  return w;
+}
+
 template <typename T>
 cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, RotatePlan* plan) {
   using Acc = typename AccOf<T>::type;
@@ -338,13 +348,11 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
         static_cast<int64_t>(pl.layout.rows_per_cta) * pl.layout.rows_per_group;
     const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
     pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(tiles, resident)));
-    pl.workspace.store_offset = 0;
-    pl.workspace.bytes = align256(4 * pl.layout.num_slots * static_cast<int64_t>(sizeof(Acc)));
+    pl.workspace = make_workspace(pl.layout.num_slots, 0, sizeof(Acc));
   } else {
     pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
-    pl.workspace.scratch_offset = 0;
-    pl.workspace.bytes =
-        pl.scratch_in_smem ? 0 : align256(pl.grid * dim * static_cast<int64_t>(sizeof(Acc)));
+    const int64_t scratch = pl.scratch_in_smem ? 0 : pl.grid * dim;
+    pl.workspace = make_workspace(dim - 1, scratch, sizeof(Acc));
   }
   *plan = pl;
   return cudaSuccess;
@@ -371,50 +379,64 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   pl.angle_partials = pl.fused && pl.layout.strict;
   pl.grid = static_cast<int>(std::min(pl.num_chunks, resident));
   if (pl.fused) {
-    pl.workspace.store_offset = 0;
-    pl.workspace.scratch_offset = align256(4 * pl.layout.num_slots * static_cast<int64_t>(sizeof(Acc)));
-    const int64_t grads = pl.layout.grads_in_smem
-                              ? 0
-                              : pl.grid * pl.layout.grad_workspace_per_cta * static_cast<int64_t>(sizeof(Acc));
-    pl.workspace.bytes = pl.workspace.scratch_offset + align256(grads);
+    const int64_t grads = pl.layout.grads_in_smem ? 0 : pl.grid * pl.layout.grad_workspace_per_cta;
+    pl.workspace = make_workspace(pl.layout.num_slots, grads, sizeof(Acc));
   } else {
-    pl.workspace.scratch_offset = 0;
-    pl.workspace.bytes =
-        pl.scratch_in_smem
-            ? 0
-            : align256(pl.grid * fallback_scratch_size(dim, true) * static_cast<int64_t>(sizeof(Acc)));
+    const int64_t scratch = pl.scratch_in_smem ? 0 : pl.grid * fallback_scratch_size(dim, true);
+    pl.workspace = make_workspace(dim - 1, scratch, sizeof(Acc));
   }
   *plan = pl;
   return cudaSuccess;
 }
 
-// Clears the block store and fills it with the applied blocks in slot order.
+// Fills the fused kernels' block store from the op's parameters: one launch.
 template <typename Acc>
-cudaError_t stage_store(const Acc* blocks, bool transpose, const PairSchedule& schedule,
+cudaError_t stage_store(const ParamSource& params, bool transpose, const PairSchedule& schedule,
                         int log_elts, const FusedLayout& layout, Acc* store, cudaStream_t stream) {
-  // Slots of pairs past d are never read; clearing them keeps the shared-memory copy defined.
-  cudaError_t err = cudaMemsetAsync(store, 0, 4 * layout.num_slots * sizeof(Acc), stream);
-  if (err != cudaSuccess) return err;
-  const int64_t pairs = schedule.num_pairs();
-  if (pairs > 0) {
-    stage_store_kernel<Acc><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
-        blocks, transpose, schedule, log_elts, layout.vcap, store);
+  const int64_t slots = layout.num_slots;
+  if (slots == 0) return cudaSuccess;
+  const unsigned grid = elementwise_blocks(slots);
+  if (params.is_double) {
+    stage_store_kernel<double, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const double*>(params.data), params.are_blocks, transpose, schedule, log_elts,
+        layout.vcap, slots, store);
+  } else {
+    stage_store_kernel<float, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const float*>(params.data), params.are_blocks, transpose, schedule, log_elts,
+        layout.vcap, slots, store);
+  }
+  return cudaGetLastError();
+}
+
+// The fallback kernels' (d-1, 4) blocks from the op's parameters.
+template <typename Acc>
+cudaError_t make_blocks(const ParamSource& params, int64_t pairs, Acc* blocks,
+                        cudaStream_t stream) {
+  if (pairs == 0) return cudaSuccess;
+  const unsigned grid = elementwise_blocks(pairs);
+  if (params.is_double) {
+    params_to_blocks_kernel<double, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const double*>(params.data), params.are_blocks, pairs, blocks);
+  } else {
+    params_to_blocks_kernel<float, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const float*>(params.data), params.are_blocks, pairs, blocks);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
-                          const RotatePlan& plan, void* workspace, cudaStream_t stream) {
+                          const ParamSource& params, const RotatePlan& plan, void* workspace,
+                          cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   if (args.rows == 0) return cudaSuccess;
   char* ws = static_cast<char*>(workspace);
+  Acc* blocks = reinterpret_cast<Acc*>(ws + plan.workspace.blocks_offset);
   if (plan.fused) {
     const FusedLayout& l = plan.layout;
     FusedParams<T, Acc> p = make_fused_params<T, Acc>(args.rows, args.dim, args.transpose, l);
-    Acc* store = reinterpret_cast<Acc*>(ws + plan.workspace.store_offset);
-    cudaError_t err = stage_store(args.blocks, args.transpose, p.schedule,
-                                  FusedTraits<T, 1, false>::kLogElts, l, store, stream);
+    cudaError_t err = stage_store(params, args.transpose, p.schedule,
+                                  FusedTraits<T, 1, false>::kLogElts, l, blocks, stream);
     if (err != cudaSuccess) return err;
     p.x = args.x;
     p.x_stride = args.x_row_stride;
@@ -422,13 +444,15 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
     p.out = args.out;
     p.out_stride = args.out_row_stride;
     p.out_vec = rows_vectorizable<T>(args.out, args.out_row_stride, args.rows, args.dim);
-    p.store = store;
+    p.store = blocks;
     p.scale = args.scale;
     p.scale_vec = scale_vectorizable(args.scale);
     const FusedKernel<T> kernel = fused_kernel<T, false>(l, args.transpose);
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
+  const cudaError_t err = make_blocks(params, args.dim - 1, blocks, stream);
+  if (err != cudaSuccess) return err;
   FallbackParams<T, Acc> p;
   p.rows = args.rows;
   p.dim = args.dim;
@@ -438,7 +462,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
   p.x_stride = args.x_row_stride;
   p.out = args.out;
   p.out_stride = args.out_row_stride;
-  p.blocks = args.blocks;
+  p.blocks = blocks;
   p.scale = args.scale;
   p.scratch_in_smem = plan.scratch_in_smem;
   p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
@@ -449,18 +473,18 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
 
 template <typename T>
 cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
-                                   const RotateBackwardPlan& plan, void* workspace,
-                                   cudaStream_t stream) {
+                                   const ParamSource& params, const RotateBackwardPlan& plan,
+                                   void* workspace, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   if (args.rows == 0) return cudaSuccess;
   if (args.num_chunks != plan.num_partials) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
+  Acc* blocks = reinterpret_cast<Acc*>(ws + plan.workspace.blocks_offset);
   if (plan.fused) {
     const FusedLayout& l = plan.layout;
     FusedParams<T, Acc> p = make_fused_params<T, Acc>(args.rows, args.dim, args.transpose, l);
-    Acc* store = reinterpret_cast<Acc*>(ws + plan.workspace.store_offset);
-    cudaError_t err = stage_store(args.blocks, args.transpose, p.schedule,
-                                  FusedTraits<T, 1, true>::kLogElts, l, store, stream);
+    cudaError_t err = stage_store(params, args.transpose, p.schedule,
+                                  FusedTraits<T, 1, true>::kLogElts, l, blocks, stream);
     if (err != cudaSuccess) return err;
     p.x = args.x;
     p.x_stride = args.x_row_stride;
@@ -472,7 +496,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     p.out_stride = args.grad_x_row_stride;
     p.out_vec = args.grad_x != nullptr &&
                 rows_vectorizable<T>(args.grad_x, args.grad_x_row_stride, args.rows, args.dim);
-    p.store = store;
+    p.store = blocks;
     p.scale = args.scale;
     p.scale_vec = scale_vectorizable(args.scale);
     p.num_chunks = plan.num_chunks;
@@ -483,6 +507,8 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
+  const cudaError_t err = make_blocks(params, args.dim - 1, blocks, stream);
+  if (err != cudaSuccess) return err;
   FallbackParams<T, Acc> p;
   p.rows = args.rows;
   p.dim = args.dim;
@@ -494,7 +520,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
   p.grad_out_stride = args.grad_out_row_stride;
   p.out = args.grad_x;
   p.out_stride = args.grad_x_row_stride;
-  p.blocks = args.blocks;
+  p.blocks = blocks;
   p.scale = args.scale;
   p.scratch_in_smem = plan.scratch_in_smem;
   p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
@@ -503,15 +529,6 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
   p.scale_partials = args.scale_grad_partials;
   const FallbackKernel<T> kernel = fallback_kernel<T>(true, args.transpose);
   kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename Param, typename Acc>
-cudaError_t launch_params_to_blocks(const Param* params, bool params_are_blocks, int64_t pairs,
-                                    Acc* blocks, cudaStream_t stream) {
-  if (pairs == 0) return cudaSuccess;
-  params_to_blocks_kernel<Param, Acc><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
-      params, params_are_blocks, pairs, blocks);
   return cudaGetLastError();
 }
 
@@ -571,22 +588,17 @@ cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64
   template cudaError_t goft::cuda::plan_rotate<T>(int64_t, int64_t, bool, int,                   \
                                                   goft::cuda::RotatePlan*);                      \
   template cudaError_t goft::cuda::launch_rotate<T>(                                             \
-      const goft::RotateArgs<T, goft::cuda::AccOf<T>::type>&, const goft::cuda::RotatePlan&,     \
-      void*, cudaStream_t);                                                                      \
+      const goft::RotateArgs<T, goft::cuda::AccOf<T>::type>&, const goft::cuda::ParamSource&,    \
+      const goft::cuda::RotatePlan&, void*, cudaStream_t);                                       \
   template cudaError_t goft::cuda::plan_rotate_backward<T>(                                      \
       int64_t, int64_t, bool, bool, bool, int, goft::cuda::RotateBackwardPlan*);                 \
   template cudaError_t goft::cuda::launch_rotate_backward<T>(                                    \
       const goft::RotateBackwardArgs<T, goft::cuda::AccOf<T>::type>&,                            \
-      const goft::cuda::RotateBackwardPlan&, void*, cudaStream_t);
+      const goft::cuda::ParamSource&, const goft::cuda::RotateBackwardPlan&, void*,              \
+      cudaStream_t);
 
 // The element-type-independent launchers, for one accumulation type Acc (float or double).
 #define GOFT_CUDA_INSTANTIATE_PARAMS(Acc)                                                         \
-  template cudaError_t goft::cuda::launch_params_to_blocks<float, Acc>(const float*, bool,       \
-                                                                       int64_t, Acc*,            \
-                                                                       cudaStream_t);            \
-  template cudaError_t goft::cuda::launch_params_to_blocks<double, Acc>(const double*, bool,     \
-                                                                        int64_t, Acc*,           \
-                                                                        cudaStream_t);           \
   template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, float>(                \
       const Acc*, int64_t, int64_t, bool, const float*, bool, float*, Acc*, cudaStream_t);       \
   template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, double>(               \

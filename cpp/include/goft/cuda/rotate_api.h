@@ -16,9 +16,19 @@ namespace cuda {
 
 // Bytes of workspace a call needs, with the offsets of its parts (each 256-byte aligned).
 struct Workspace {
-  int64_t store_offset = 0;    // fused: (num_slots, 4) staged blocks
+  int64_t blocks_offset = 0;   // fused: (num_slots, 4) staged store; fallback: (d-1, 4) blocks
   int64_t scratch_offset = 0;  // fused backward: gradient accumulators; fallback: row scratch
   int64_t bytes = 0;
+};
+
+// The op's parameters as the launchers read them: (d-1,) angles or (d-1, 2, 2) blocks, float or
+// double, on the device. The launchers turn them into what their kernels read (the fused
+// kernels' slot-ordered store, or the fallback's (d-1, 4) blocks) in one small kernel, so
+// RotateArgs::blocks is not used on the GPU.
+struct ParamSource {
+  const void* data = nullptr;
+  bool is_double = false;
+  bool are_blocks = false;
 };
 
 struct RotatePlan {
@@ -51,13 +61,14 @@ struct RotateBackwardPlan {
 // and launches on the same device. Errors are CUDA's, e.g. cudaErrorNoKernelImageForDevice on a
 // GPU the build has no code for.
 //
-// y = x @ T (x @ T^T) on `stream`. args.blocks: (d-1, 4) blocks in the op's natural form (not
-// transposed), as on the CPU path; `workspace` holds plan.workspace.bytes bytes of device memory.
+// y = x @ T (x @ T^T) on `stream`, T from `params`; `workspace` holds plan.workspace.bytes bytes
+// of device memory.
 template <typename T>
 cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, RotatePlan* plan);
 template <typename T>
 cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
-                          const RotatePlan& plan, void* workspace, cudaStream_t stream);
+                          const ParamSource& params, const RotatePlan& plan, void* workspace,
+                          cudaStream_t stream);
 
 // Gradients of rotate: grad_x (if args.grad_x) and per-partial block (or angle, see
 // RotateBackwardPlan::angle_partials) and scale gradients (args.num_chunks must be
@@ -67,13 +78,8 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
                                  bool strict, int device, RotateBackwardPlan* plan);
 template <typename T>
 cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
-                                   const RotateBackwardPlan& plan, void* workspace,
-                                   cudaStream_t stream);
-
-// (d-1,) angles or (d-1, 2, 2) blocks -> (d-1, 4) blocks in Acc (blocks.h angle_to_block).
-template <typename Param, typename Acc>
-cudaError_t launch_params_to_blocks(const Param* params, bool params_are_blocks, int64_t pairs,
-                                    Acc* blocks, cudaStream_t stream);
+                                   const ParamSource& params, const RotateBackwardPlan& plan,
+                                   void* workspace, cudaStream_t stream);
 
 // Elements of Acc workspace the two reductions below need for `num_partials` partials of
 // `length` entries: the segment sums of the first level (none when one segment suffices).

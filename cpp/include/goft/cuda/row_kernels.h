@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "goft/blocks.h"
 #include "goft/params.h"
 #include "goft/schedule.h"
 
@@ -1453,11 +1454,39 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
 // ---------------------------------------------------------------------------------------------
 // Staging and reduction steps, one element (pair, entry or feature) per call.
 
-// Block store entry of pair p: the applied block (transposed when the op is) at its slot.
-template <typename Acc>
-GOFT_HOST_DEVICE void stage_block(const Acc* blocks, bool transpose, const PairSchedule& s,
-                                  int log_elts, int64_t vcap, int64_t p, Acc* store) {
-  applied_block(blocks + 4 * p, transpose, store + 4 * block_slot(s, log_elts, vcap, p));
+// The pair whose block a slot holds (the inverse of block_slot), or -1 for the slots of
+// thread-layer pairs past d, which no pair uses.
+GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t vcap,
+                                   int64_t slot) {
+  const int elts = 1 << log_elts;
+  const int64_t coarse = first_coarse_slot(log_elts, vcap);
+  if (slot >= coarse) return s.offset[log_elts] + (slot - coarse);  // coarse: schedule order
+  const int64_t j = slot / (elts - 1);
+  const int in_vector = static_cast<int>(slot % (elts - 1));
+  int r = 0;  // layer r's slots are [elts - (elts >> r), elts - (elts >> (r + 1))) of a vector's
+  while (in_vector >= elts - (elts >> (r + 1))) ++r;
+  const int kk = in_vector - (elts - (elts >> r));
+  const int64_t a = j * elts + (int64_t{kk} << (r + 1));  // the pair's first feature
+  if (r >= s.num_layers || a + (int64_t{1} << r) >= s.dim) return -1;
+  return s.offset[r] + (a >> (r + 1));
+}
+
+// Block store entry `slot` (stage_store_kernel): the block of its pair as applied (transposed
+// when the op is), from the op's parameters; zeros for an unused slot, so that the whole store
+// is defined when a thread block copies it to shared memory.
+template <typename Param, typename Acc>
+GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bool transpose,
+                                 const PairSchedule& s, int log_elts, int64_t vcap, int64_t slot,
+                                 Acc* store) {
+  const int64_t p = slot_pair(s, log_elts, vcap, slot);
+  Acc* out = store + 4 * slot;
+  if (p < 0) {
+    for (int i = 0; i < 4; ++i) out[i] = Acc(0);
+    return;
+  }
+  Acc block[4];
+  param_block(params, params_are_blocks, p, block);
+  applied_block(block, transpose, out);
 }
 
 // Sum of entry i over partials [first, first + count), in partial order.
