@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "goft/blocks.h"
@@ -187,16 +188,34 @@ inline cudaError_t max_threads_per_block(const void* kernel, int device, int* ou
   return cudaSuccess;
 }
 
-// Opts the kernel in to `smem` bytes of dynamic shared memory and returns how many of its blocks
-// fit on one SM.
-inline cudaError_t prepare_kernel(const void* kernel, int threads, int64_t smem, int* blocks_per_sm) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, threads,
-                                                      static_cast<size_t>(smem));
+// Opts the kernel in to `smem` bytes of dynamic shared memory on the current device and returns
+// how many of its blocks fit on one SM. Both are remembered, so that a call repeating a shape
+// makes no runtime calls here: the opt-in only ever rises (another shape may launch the same
+// kernel with more), and the occupancy is cached per kernel, device, block size and memory.
+inline cudaError_t prepare_kernel(const void* kernel, int device, int threads, int64_t smem,
+                                  int* blocks_per_sm) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> opted_in;
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> occupancy;
+  std::lock_guard<std::mutex> lock(mutex);
+  int64_t& limit = opted_in[std::make_pair(kernel, device)];
+  if (smem > limit) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    limit = smem;
+  }
+  const auto key = std::make_tuple(kernel, device, threads, smem);
+  const auto it = occupancy.find(key);
+  if (it != occupancy.end()) {
+    *blocks_per_sm = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks_per_sm, kernel, threads, static_cast<size_t>(smem));
   if (err != cudaSuccess) return err;
   *blocks_per_sm = std::max(*blocks_per_sm, 1);
+  occupancy[key] = *blocks_per_sm;
   return cudaSuccess;
 }
 
@@ -340,7 +359,7 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
   err = plan_common<T>(dim, false, false, transpose, false, device, info, &pl, &kernel);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
-  err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
+  err = prepare_kernel(kernel, device, pl.cta_threads, pl.smem_bytes, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
   if (pl.fused) {
@@ -370,7 +389,7 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   err = plan_common<T>(dim, true, strict, transpose, scale_grad, device, info, &pl, &kernel);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
-  err = prepare_kernel(kernel, pl.cta_threads, pl.smem_bytes, &per_sm);
+  err = prepare_kernel(kernel, device, pl.cta_threads, pl.smem_bytes, &per_sm);
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm) * info.sms;
   const int rows_per_cta = pl.fused ? pl.layout.rows_per_cta : 1;
