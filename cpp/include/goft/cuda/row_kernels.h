@@ -1172,17 +1172,33 @@ GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& 
   x.th.sync();
 }
 
+// scale_grads += g * v over a thread's features: in 16-byte read-modify-writes for whole vectors
+// (the group's scale gradient starts 16-byte aligned, fused_smem_layout), else one by one.
 template <class K, class Threads>
 GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
                                     const typename K::Acc (&g)[K::kChunks][K::kElts],
                                     const typename K::Acc (&v)[K::kChunks][K::kElts]) {
+  using Acc = typename K::Acc;
   constexpr int E = K::kElts;
+  constexpr int kPerAccess = 16 / static_cast<int>(sizeof(Acc));
+  static_assert(E % kPerAccess == 0, "a vector's scale gradients must be whole 16-byte accesses");
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
     const int f0 = x.vpos(c) * E;
-    GOFT_UNROLL
-    for (int i = 0; i < E; ++i) {
-      if (f0 + i < x.d) x.scale_grads[f0 + i] += g[c][i] * v[c][i];
+    if (f0 + E <= x.d) {
+      GOFT_UNROLL
+      for (int i = 0; i < E; i += kPerAccess) {
+        auto* p = reinterpret_cast<Vec<Acc, kPerAccess>*>(x.scale_grads + f0 + i);
+        Vec<Acc, kPerAccess> acc = *p;
+        GOFT_UNROLL
+        for (int k = 0; k < kPerAccess; ++k) acc.v[k] += g[c][i + k] * v[c][i + k];
+        *p = acc;
+      }
+    } else {
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) {
+        if (f0 + i < x.d) x.scale_grads[f0 + i] += g[c][i] * v[c][i];
+      }
     }
   }
 }
