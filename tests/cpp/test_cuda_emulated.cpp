@@ -297,11 +297,15 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
     if (!std::isnan(static_cast<double>(bp[partials * pairs]))) r.angle_grads.clear();
   } else {
     r.block_grads.resize(4 * pairs);
-    for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+    for (int64_t i = 0; i < 4 * pairs; ++i) {
+      r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+    }
   }
   if (p.with_scale) {
     r.scale_grads.resize(p.dim);
-    for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
+    for (int64_t i = 0; i < p.dim; ++i) {
+      r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
+    }
   }
   return r;
 }
@@ -550,9 +554,10 @@ void run_planner() {
   planner_case("bf16 d=4096 backward", 4096, 8, true, false, false, any, 1, 1);
   planner_case("bf16 d=4096 backward strict", 4096, 8, true, true, false, any, 1, 1);
   planner_case("bf16 d=4096 backward strict, scale", 4096, 8, true, true, true, any, 1, 1);
-  planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, false, false, one_row, 1, 1);
-  planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, false, false, two_chunks, 2,
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, false, false, one_row, 1,
                1);
+  planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, false, false,
+               two_chunks, 2, 1);
   // float32 d = 8192: 2048 vectors need two chunks of 1024 threads (forward) or four of 512.
   planner_case("f32 d=8192 forward", 8192, 4, false, false, false, any, 2, 1);
   planner_case("f32 d=8192 backward", 8192, 4, true, false, false, any, 4, 1);
