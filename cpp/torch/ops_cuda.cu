@@ -129,7 +129,8 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
                                                   workspace.mutable_data_ptr(), stream)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Fixed-order sums over the partials, then the chain rule into the params' own form.
+  // Fixed-order sums over the partials, then the chain rule into the params' own form (angle
+  // partials are already angle gradients).
   const int64_t reduce_elements =
       std::max(cuda::reduce_workspace_elements(plan.num_partials, per_pair * pairs),
                grad_scale != nullptr ? cuda::reduce_workspace_elements(plan.num_partials, d) : 0);
