@@ -207,6 +207,32 @@ def test_fast_path_matches_fallback(monkeypatch):
         assert_rows_close(gs0.reshape(1, -1), gs1.reshape(1, -1), 1e-4, f"grad_scale d={d}")
 
 
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+def test_parameters_of_any_float_type_and_layout(quasi, monkeypatch):
+    """The kernels read the parameters themselves (float32 or float64, made contiguous first), in
+    the fused kernels' staging and in the fallback's blocks alike."""
+    d = 768
+    x, params, scale = make_inputs(d, torch.bfloat16, quasi, True, rows=19)
+    grad_out = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
+    want = torch.ops.goft.rotate_backward.default(
+        grad_out.double().cpu(), x.double().cpu(), params.double().cpu(), scale.double().cpu(), False,
+        [True, True, True])
+    want_y = reference(x, params, scale)
+    for param_dtype in (torch.float32, torch.float64):
+        # Every other entry of a tensor twice as long: a view with stride 2 along the pairs.
+        wide = torch.stack([params, torch.full_like(params, float("nan"))], dim=1).to(param_dtype)
+        strided = wide[:, 0]
+        assert not strided.is_contiguous()
+        for fallback in ("0", "1"):
+            monkeypatch.setenv("GOFT_CUDA_FALLBACK", fallback)
+            what = f"params {param_dtype} strided, fallback={fallback}"
+            assert_rows_close(goft.rotate(x, strided, scale), want_y, OUT_RTOL[torch.bfloat16], what)
+            got = torch.ops.goft.rotate_backward.default(grad_out, x, strided, scale, False, [True, True, True])
+            assert_rows_close(got[0].cpu(), want[0], OUT_RTOL[torch.bfloat16], what + " grad_x")
+            assert_rows_close(got[1].cpu().reshape(1, -1), want[1].reshape(1, -1), GRAD_RTOL[torch.bfloat16],
+                              what + " grad_params")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layout_overrides_match_the_reference(dtype, monkeypatch):
     """Every fused variant the planner may pick, forced in turn (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS,
