@@ -61,6 +61,29 @@ inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const 
   return RotateShape{d, d == 0 ? 0 : x.numel() / d, is_blocks};
 }
 
+// The linear layer's arguments of rotated_linear, after check_rotate_args has checked x.
+inline void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.defined(), op, ": expected weight to be a tensor of shape (out, ", d,
+              "), got None");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": expected weight of shape (out, ", d,
+              ") for x of shape ", shape_string(x.sizes()), ", got ", shape_string(weight.sizes()));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": expected weight of x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), op, ": expected weight on x's device ", x.device(),
+              ", got ", weight.device());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), op, ": expected bias of shape (",
+                weight.size(0), ",), got ", shape_string(b.sizes()));
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": expected bias of x's dtype ",
+                x.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), op, ": expected bias on x's device ", x.device(),
+                ", got ", b.device());
+  }
+}
+
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": expected grad_out of x's shape ",
               shape_string(x.sizes()), ", got ", shape_string(grad_out.sizes()));

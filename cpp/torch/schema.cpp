@@ -8,4 +8,9 @@ TORCH_LIBRARY(goft, m) {
   m.def(
       "rotate_backward(Tensor grad_out, Tensor x, Tensor params, Tensor? scale, bool transpose, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_params, Tensor grad_scale)");
+  // linear(rotate(x, params, scale), weight, bias), computed as linear(x, weight @ T^T, bias): the
+  // transform applied to the weight's rows instead of x's (ops_composite.cpp).
+  m.def(
+      "rotated_linear(Tensor x, Tensor weight, Tensor? bias, Tensor params, Tensor? scale=None) "
+      "-> Tensor");
 }

@@ -4,7 +4,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 __version__ = "0.1.0"
 
-from goft.ops import rotate  # noqa: E402
+from goft.ops import rotate, rotated_linear  # noqa: E402
 from goft.config import GOFTConfig  # noqa: E402
 from goft.layers import GivensLinear  # noqa: E402
 from goft.presets import DEFAULT_TARGET_MODULES  # noqa: E402
@@ -28,6 +28,7 @@ from goft.io import load_adapter, save_adapter  # noqa: E402
 
 __all__ = [
     "rotate",
+    "rotated_linear",
     "GOFTConfig",
     "GivensLinear",
     "DEFAULT_TARGET_MODULES",

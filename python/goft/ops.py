@@ -8,7 +8,7 @@ import torch
 
 from goft import _C  # noqa: F401  (loading the extension registers torch.ops.goft.*)
 
-__all__ = ["rotate"]
+__all__ = ["rotate", "rotated_linear"]
 
 
 def rotate(
@@ -34,6 +34,34 @@ def rotate(
         and scale; backward saves x only.
     """
     return torch.ops.goft.rotate.default(x, params, scale, transpose)
+
+
+def rotated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    params: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``F.linear(rotate(x, params, scale), weight, bias)``, with the transform applied to the weight.
+
+    (x T) W^T = x (W T^T)^T: the op rotates the weight's ``out`` rows (``rotate(weight, params,
+    scale, transpose=True)``) and runs the linear layer on x itself, so x is never rotated in the
+    forward. That costs less than rotating x whenever x has more rows than the layer has outputs.
+    The backward is the one of ``rotate`` then ``linear``: grad_y @ weight, then the fused
+    rotation backward on x (which is what is saved: x, as for ``rotate``, never the rotated
+    weight); gradients reach x, params, scale, and weight and bias if they require them.
+
+    Args:
+        x: (..., d) float32, float64, bfloat16 or float16.
+        weight: (out, d) of x's dtype and device; bias: (out,) or None, likewise.
+        params, scale: as for :func:`rotate`.
+
+    Returns:
+        (..., out) tensor of x's dtype. It equals the two-step form up to rounding: the product
+        is formed with the rotated weight (rounded to x's dtype) instead of the rotated input.
+    """
+    return torch.ops.goft.rotated_linear.default(x, weight, bias, params, scale)
 
 
 def _check_args(op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
@@ -104,3 +132,63 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("goft::rotate", _backward, setup_context=_setup_context)
+
+
+def _check_linear_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    # The same checks as checks.h check_linear_args, for tracing.
+    d = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise RuntimeError(f"{op}: expected weight of shape (out, {d}) for x of shape {tuple(x.shape)}, "
+                           f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"{op}: expected weight of x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.device != x.device:
+        raise RuntimeError(f"{op}: expected weight on x's device {x.device}, got {weight.device}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise RuntimeError(f"{op}: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise RuntimeError(f"{op}: expected bias of x's dtype {x.dtype}, got {bias.dtype}")
+        if bias.device != x.device:
+            raise RuntimeError(f"{op}: expected bias on x's device {x.device}, got {bias.device}")
+
+
+@torch.library.register_fake("goft::rotated_linear")
+def _rotated_linear_fake(x, weight, bias, params, scale=None):
+    _check_args("goft.rotated_linear", x, params, scale)
+    _check_linear_args("goft.rotated_linear", x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _rotated_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, params, scale = inputs
+    ctx.save_for_backward(x, weight, params, scale)
+    ctx.has_bias = bias is not None
+
+
+def _rotated_linear_backward(ctx, grad_y):
+    x, weight, params, scale = ctx.saved_tensors
+    # A trailing scale=None is not among the op's inputs here: pad the flags to all five.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (5 - len(ctx.needs_input_grad))
+    need_x, need_weight, need_bias, need_params, need_scale = needs
+    need_scale = need_scale and scale is not None
+    grad_x = grad_weight = grad_bias = grad_params = grad_scale = None
+    if need_x or need_params or need_scale:
+        # The gradient at the rotated input x T, then the rotation's fused backward on x.
+        grad_rotated = torch.matmul(grad_y, weight).contiguous()
+        mask = [need_x, need_params, need_scale]
+        gx, gp, gs = torch.ops.goft.rotate_backward.default(grad_rotated, x, params, scale, False, mask)
+        grad_x, grad_params, grad_scale = (g if want else None for g, want in zip((gx, gp, gs), mask))
+    if need_weight:
+        # W' = W T^T, so dL/dW = (dL/dW') T with dL/dW' = grad_y^T x over all rows.
+        rows_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_rotated_weight = rows_grad.t().matmul(x.reshape(-1, x.shape[-1]))
+        grad_weight = torch.ops.goft.rotate.default(grad_rotated_weight, params, scale, False)
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_weight, grad_bias, grad_params, grad_scale
+
+
+torch.library.register_autograd(
+    "goft::rotated_linear", _rotated_linear_backward, setup_context=_rotated_linear_setup_context
+)

@@ -1,0 +1,131 @@
+"""goft.rotated_linear (the transform applied to a linear layer's weight) against the two-step
+form F.linear(goft.rotate(x), W, b) and a dense float64 reference: values, gradients to every
+input, what backward saves, errors, opcheck and torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import goft
+from goft.reference import dense_transform
+
+
+def make_case(rows_shape, d, out, quasi, with_scale, bias, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows_shape, d, generator=g, dtype=dtype)
+    weight = torch.randn(out, d, generator=g, dtype=dtype)
+    b = torch.randn(out, generator=g, dtype=dtype) if bias else None
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if quasi:
+        params = torch.eye(2, dtype=pdt).expand(d - 1, 2, 2) + 0.3 * torch.randn(d - 1, 2, 2, generator=g, dtype=pdt)
+    else:
+        params = torch.randn(d - 1, generator=g, dtype=pdt)
+    scale = (1 + 0.2 * torch.randn(d, generator=g, dtype=pdt)) if with_scale else None
+    return x, weight, b, params.contiguous(), scale
+
+
+def grads(fn, inputs):
+    """Gradients of a fixed random projection of fn(*inputs) to every input that requires grad."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    (y * probe).sum().backward()
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def two_step(x, weight, b, params, scale):
+    return F.linear(goft.rotate(x, params, scale), weight, b)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 12, 33])
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_matches_dense_float64_with_all_gradients(d, quasi, with_scale, bias):
+    x, weight, b, params, scale = make_case((3, 4), d, 7, quasi, with_scale, bias)
+    inputs = (x, weight, b, params, scale)
+    y, got = grads(goft.rotated_linear, inputs)
+
+    def dense(x, weight, b, params, scale):
+        return F.linear(x @ dense_transform(params, d, scale), weight, b)
+
+    y_want, want = grads(dense, inputs)
+    torch.testing.assert_close(y, y_want, rtol=1e-12, atol=1e-12)
+    for name, t, g, w in zip(("x", "weight", "bias", "params", "scale"), inputs, got, want):
+        if t is None:
+            assert g is None and w is None, name
+            continue
+        # At d = 1 there are no parameters, and the dense reference leaves their grad unset.
+        w = torch.zeros_like(t) if w is None else w
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+def test_matches_the_two_step_form(dtype, quasi):
+    # 256 rows, 64 outputs: the rows-heavy shape the op is for. The two forms round differently
+    # (the rotated weight instead of the rotated input), so the tolerance is the dtype's.
+    x, weight, b, params, scale = make_case((256,), 96, 64, quasi, True, True, dtype)
+    y, got = grads(goft.rotated_linear, (x, weight, b, params, scale))
+    y_want, want = grads(two_step, (x, weight, b, params, scale))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale_of = lambda t: t.double().abs().max().item()  # noqa: E731
+    assert (y.double() - y_want.double()).abs().max().item() <= tol * scale_of(y_want)
+    for name, g, w in zip(("x", "weight", "bias", "params", "scale"), got, want):
+        err = (g.double() - w.double()).abs().max().item()
+        assert err <= tol * scale_of(w), f"grad {name}: max error {err:.3g} vs scale {scale_of(w):.3g}"
+
+
+def test_backward_saves_x_not_the_rotated_weight():
+    x = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(16, 32)
+    params = torch.zeros(31, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        goft.rotated_linear(x, weight, None, params)
+    assert sum(t.numel() for t in saved) <= x.numel() + weight.numel() + params.numel()
+    assert any(t is x or t.data_ptr() == x.data_ptr() for t in saved)
+
+
+ERRORS = [
+    ("weight width", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 4), None, torch.zeros(4)),
+     r"expected weight of shape \(out, 5\)"),
+    ("weight 1-d", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(5), None, torch.zeros(4)),
+     r"expected weight of shape \(out, 5\)"),
+    ("weight dtype", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 5, dtype=torch.float64), None,
+                                                 torch.zeros(4)), "expected weight of x's dtype"),
+    ("bias length", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 5), torch.zeros(4), torch.zeros(4)),
+     r"expected bias of shape \(3,\)"),
+    ("params length", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 5), None, torch.zeros(5)),
+     r"expected params of shape \(4,\)"),
+]
+
+
+@pytest.mark.parametrize("name,call,message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_name_the_argument(name, call, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        call()
+    assert "goft.rotated_linear" in str(info.value)
+
+
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+def test_opcheck(quasi):
+    x, weight, b, params, scale = make_case((3, 4), 11, 6, quasi, not quasi, True, torch.float32)
+    for t in (x, weight, b, params) + ((scale,) if scale is not None else ()):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.goft.rotated_linear.default, (x, weight, b, params, scale))
+
+
+def test_torch_compile_fullgraph_with_backward():
+    torch._dynamo.reset()
+
+    def f(x, weight, b, params, scale):
+        return goft.rotated_linear(x, weight, b, params, scale).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x, weight, b, params, scale = make_case((40,), 16, 8, False, True, True, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (x, params, scale)]
+    got = torch.autograd.grad(compiled(x, weight, b, params, scale), leaves)
+    want = torch.autograd.grad(f(x, weight, b, params, scale), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
