@@ -5,8 +5,9 @@ parameter gradients), timed with CUDA events (warmup, then the median of repeats
 achieved bandwidth: bytes the pass must move (forward: read x, write y; backward: read x and
 grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run.
 Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
-and of the adapter), alone, with goft (GivensLinear, strict GOFT) and with PEFT LoRA r=8 when
-peft is importable. Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1)
+and of the adapter), alone, with goft (GivensLinear, strict GOFT), with goft.rotated_linear (the
+same transform applied to the weight's rows, which GivensLinear does not use yet) and with PEFT
+LoRA r=8 when peft is importable; the targets are checked on the GivensLinear row. Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1)
 at d in WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
 (bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
 
@@ -144,6 +145,21 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
         layers["with goft (GivensLinear, strict)"] = g
     except Exception as e:  # the layer API is not what this script expects: say so, go on
         print(f"gpu_bench.py: GivensLinear unavailable ({e!r}); goft layer row skipped", file=sys.stderr)
+    if hasattr(goft, "rotated_linear"):
+
+        class WeightRotated(nn.Module):
+            """GivensLinear's strict transform (pi * tanh(p)) applied to the weight's rows instead."""
+
+            def __init__(self, lin):
+                super().__init__()
+                self.lin = lin
+                self.p = nn.Parameter(torch.zeros(d - 1, device=dev))
+
+            def forward(self, inp):
+                angles = torch.pi * torch.tanh(self.p)
+                return goft.rotated_linear(inp, self.lin.weight, self.lin.bias, angles)
+
+        layers["with goft.rotated_linear (weight rotated, strict)"] = WeightRotated(base)
     try:
         from peft import LoraConfig, get_peft_model
 
@@ -226,6 +242,9 @@ def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: 
         if lora_row is not None:
             faster = "holds" if goft_row["ms"] < lora_row["ms"] else "missed"
             lines.append(f"Target goft faster than LoRA r=8: {faster} ({goft_row['ms']:.3f} vs {lora_row['ms']:.3f} ms).")
+        lines.append("The targets are checked on GivensLinear, what goft.inject builds; the "
+                     "goft.rotated_linear row applies the same transform to the weight's rows instead "
+                     "(bench/GPU_NOTES.md, Next).")
     lines += [
         "",
         f"## Wide rows: fused kernels against the fallback kernels, {wide_row_count} rows",

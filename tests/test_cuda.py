@@ -276,6 +276,35 @@ def test_strict_backward_kernels_match_the_reference(dtype, monkeypatch):
                                           f"{what} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+def test_rotated_linear_matches_the_two_step_form(dtype, quasi):
+    """goft.rotated_linear (the transform applied to the weight) against rotate-then-linear in
+    float64 on the CPU: output and the gradients to x, weight, bias, params and scale."""
+    d, out = 768, 256
+    x, params, scale = make_inputs(d, dtype, quasi, not quasi, rows=300)
+    weight = torch.randn(out, d, device="cuda").to(dtype)
+    bias = torch.randn(out, device="cuda").to(dtype)
+    grad_y = torch.randn(300, out, device="cuda").to(dtype)
+    inputs = [t for t in (x, weight, bias, params, scale)]
+
+    def run(fn, tensors):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+        y = fn(*leaves)
+        y.backward(grad_y.to(device=y.device, dtype=y.dtype))
+        return y.detach(), [None if t is None else t.grad for t in leaves]
+
+    y, got = run(goft.rotated_linear, inputs)
+    cpu64 = [None if t is None else t.detach().double().cpu() for t in inputs]
+    y_want, want = run(lambda x, w, b, p, s: torch.nn.functional.linear(goft.rotate(x, p, s), w, b), cpu64)
+    # The rotated weight is rounded to the dtype where the two-step form rounds the rotated input.
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert_rows_close(y.cpu(), y_want, tol, "output")
+    for name, g, w in zip(("x", "weight", "bias", "params", "scale"), got, want):
+        if w is not None:
+            assert_rows_close(g.cpu().reshape(1, -1), w.reshape(1, -1), tol, f"grad {name}")
+
+
 def test_wide_rows_take_the_fallback_and_work():
     for d in (16384, 65536):
         x, params, scale = make_inputs(d, torch.bfloat16, False, True, rows=3)
