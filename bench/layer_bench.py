@@ -6,9 +6,10 @@ Every variant wraps a copy of the same frozen nn.Linear(d, d) (with bias) and ru
 below). The frozen layer alone is the baseline; its time is measured in the same interleaved rounds.
 
 Variants: goft (strict, angles pi*tanh(p)), goft+scale (GOFT*), qgoft (free 2x2 blocks), all via
-goft.inject; PEFT LoRA r=8 (lora_alpha 8, no dropout), OFT (PEFT defaults: oft_block_size 32,
-Cayley-Neumann with 5 terms, no COFT, no block sharing), BOFT (PEFT defaults: boft_block_size 4,
-boft_n_butterfly_factor 1).
+goft.inject; goft weight-rotated (goft's strict transform applied to the weight's rows by
+goft.rotated_linear, which GivensLinear does not use yet); PEFT LoRA r=8 (lora_alpha 8, no
+dropout), OFT (PEFT defaults: oft_block_size 32, Cayley-Neumann with 5 terms, no COFT, no block
+sharing), BOFT (PEFT defaults: boft_block_size 4, boft_n_butterfly_factor 1).
 
 Each step's minor page faults are counted too: glibc returns freed heap memory to the kernel once
 the free space at the heap top passes a threshold it adapts at run time, and a step whose large
@@ -42,7 +43,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 STEM = "40-layer"
-VARIANTS = ["frozen", "goft", "goft+scale", "qgoft", "lora r=8", "oft", "boft"]
+VARIANTS = ["frozen", "goft", "goft+scale", "qgoft", "goft weight-rotated", "lora r=8", "oft", "boft"]
 # Issue 5 targets: goft fwd+bwd time over the frozen layer's, per d.
 TIME_TARGETS = {4096: 1.10, 768: 1.20}
 # glibc's malloc tunables (mallopt(3)) that stop it adapting its mmap and trim thresholds: large
@@ -62,6 +63,20 @@ class OneLinear(nn.Module):
         return self.lin(x)
 
 
+class WeightRotated(nn.Module):
+    """goft's strict transform (angles pi * tanh(p), as GivensLinear) applied to the frozen
+    layer's weight rows by goft.rotated_linear instead of to x (GivensLinear does not do this yet)."""
+
+    def __init__(self, base: OneLinear):
+        super().__init__()
+        self.lin = base.lin.requires_grad_(False)
+        self.p = nn.Parameter(torch.zeros(base.lin.in_features - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import goft
+
+        angles = torch.pi * torch.tanh(self.p)
+        return goft.rotated_linear(x, self.lin.weight, self.lin.bias, angles)
 
 
 def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
@@ -84,6 +99,8 @@ def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
         m = copy.deepcopy(base)
         if name == "frozen":
             m.requires_grad_(False)
+        elif name == "goft weight-rotated":
+            m = WeightRotated(m)
         elif name in goft_configs:
             m = goft.inject(m, goft.GOFTConfig(target_modules=["lin"], **goft_configs[name]))
         else:
@@ -154,7 +171,7 @@ def targets(records: List[dict], pinned: List[dict] = ()) -> List[List[str]]:
             rows.append([f"goft fwd+bwd / frozen, d={d}, {r['rows']} rows{where}", f"{r['ratio']:.3f}x{extra}",
                          f"<= {target:.2f}x", "holds" if r["ratio"] <= target else "missed"])
     for (d, v), r in sorted(by.items()):
-        if v not in ("goft", "goft+scale", "qgoft"):
+        if v not in ("goft", "goft+scale", "qgoft", "goft weight-rotated"):
             continue
         f = by.get((d, "frozen"))
         if f is None:
@@ -177,7 +194,9 @@ def render(records: List[dict], pinned: List[dict], info, load_after, wall, comm
         "forward + `torch.autograd.grad` to x and the trainable parameters; median over interleaved "
         "repeats, ratio to the frozen layer alone measured in the same rounds. goft variants via "
         "`goft.inject` (strict: angles pi*tanh(p); goft+scale: GOFT* per-feature scale; qgoft: free "
-        "2x2 blocks). PEFT: LoRA r=8 (alpha 8, no dropout); OFT defaults (oft_block_size=32, "
+        "2x2 blocks); goft weight-rotated: the strict transform applied to the weight's rows by "
+        "`goft.rotated_linear` (not what `goft.inject` builds yet). PEFT: LoRA r=8 (alpha 8, no "
+        "dropout); OFT defaults (oft_block_size=32, "
         "Cayley-Neumann 5 terms); BOFT defaults (boft_block_size=4, boft_n_butterfly_factor=1). "
         "Saved for backward: unique storages packed by `saved_tensors_hooks` during the forward "
         "(total, and activations = excluding the layer's own parameters and buffers). Peak RSS "
