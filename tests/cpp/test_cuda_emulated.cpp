@@ -519,9 +519,10 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
 
 // The planner's choice among the compiled variants (fused_variant_shape) on an H100/H200-like
 // device: 227 KB of shared memory per block (228 KB per SM, 1 KB of it reserved per block), the
-// kernels' launch bounds as their thread limits. The one-chunk strict backward is compiled for
-// two blocks per SM (FusedTraits::kMinBlocksPerSm), so its shared memory must allow two as well;
-// the strict kernels' small accumulators keep their stores on chip.
+// kernels' launch bounds as their thread limits. A strict backward holding at most 32 bytes of
+// the row per thread is compiled for two blocks per SM (FusedTraits::kMinBlocksPerSm), so its
+// shared memory must allow two as well; the strict kernels' small accumulators keep their stores
+// on chip.
 void planner_case(const char* name, int64_t dim, int elts, bool backward, bool strict,
                   bool scale_grad, const FusedTuning& tuning, int want_chunks, int want_rows) {
   ++g_cases;
@@ -533,7 +534,7 @@ void planner_case(const char* name, int64_t dim, int elts, bool backward, bool s
   FusedLayout l;
   const bool fused = choose_fused_layout(dim, elts, 4, backward, strict, scale_grad, variants,
                                          num_fused_variants(backward), 227 * 1024, &l, tuning);
-  const int want_blocks = strict && l.chunks == 1 ? 2 : 1;
+  const int want_blocks = strict && l.chunks * elts * 4 <= 32 ? 2 : 1;
   const bool blocks_fit = want_blocks * (l.smem_bytes + 1024) <= 228 * 1024;
   if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows || l.strict != strict ||
       !blocks_fit || (strict && !fused_on_chip(l, backward))) {
@@ -562,6 +563,8 @@ void run_planner() {
   planner_case("f32 d=8192 forward", 8192, 4, false, false, false, any, 2, 1);
   planner_case("f32 d=8192 backward", 8192, 4, true, false, false, any, 4, 1);
   planner_case("f32 d=8192 backward strict", 8192, 4, true, true, false, any, 4, 1);
+  // float32 d = 4096: 1024 vectors, two chunks of 512 threads; 32 bytes of row per thread.
+  planner_case("f32 d=4096 backward strict, scale", 4096, 4, true, true, true, any, 2, 1);
 }
 
 // slot_pair (the staging kernel's map from a store slot to its pair) inverts block_slot, and

@@ -217,11 +217,14 @@ struct FusedTraits {
   // values per feature: 512 threads (128 registers).
   static constexpr int kLaunchBoundThreads = kBackward ? 512 : 1024;
   // Blocks of kLaunchBoundThreads that must fit on one SM together (__launch_bounds__' second
-  // argument), which caps registers at 65536 / (kLaunchBoundThreads * kMinBlocksPerSm). The
-  // strict one-chunk backward keeps a row in about the forward's registers: two blocks of 512
-  // threads (64 registers) let one block's barrier waits and loads overlap the other's work.
-  // 0 states no minimum; even 1 would change ptxas's register allocation (.minnctapersm).
-  static constexpr int kMinBlocksPerSm = kStrict && kChunks == 1 ? 2 : 0;
+  // argument), which caps registers at 65536 / (kLaunchBoundThreads * kMinBlocksPerSm). A strict
+  // backward whose thread holds at most 32 bytes of the row in Acc (one bf16/fp16 chunk, up to
+  // two float32 or float64 ones) keeps it in about the forward's registers: two blocks of 512
+  // threads (64 registers; ptxas: no spills in the shared-memory kernels that are not
+  // transposed) let one block's barrier waits and loads overlap the other's work. 0 states no
+  // minimum; even 1 would change ptxas's register allocation (.minnctapersm).
+  static constexpr int kMinBlocksPerSm =
+      kStrict && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32 ? 2 : 0;
 };
 
 // ---------------------------------------------------------------------------------------------
