@@ -7,9 +7,10 @@ grad_out, write grad_x) over time, next to a device-to-device copy of x timed in
 Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
 and of the adapter), alone, with goft (GivensLinear, strict GOFT), with goft.rotated_linear (the
 same transform applied to the weight's rows, which GivensLinear does not use yet) and with PEFT
-LoRA r=8 when peft is importable; the targets are checked on the GivensLinear row. Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1)
-at d in WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
-(bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
+LoRA r=8 when peft is importable; the targets are checked on the GivensLinear row. Wide rows: the
+fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in WIDE_DIMS, bfloat16 and
+float32, where the fused variants spill registers (bench/cuda_registers.py): the numbers that
+decide which kernel such widths should take.
 
     python bench/gpu_bench.py [--rows 16384] [--dim 4096] [--repeats 50] [--out bench/RESULTS_GPU.md]
 
