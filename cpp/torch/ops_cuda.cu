@@ -103,7 +103,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   C10_CUDA_CHECK((cuda::plan_rotate_backward<T>(rows, d, transpose, grad_scale != nullptr,
                                                !params_are_blocks, x2.get_device(), &plan)));
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
-  const int64_t per_pair = plan.angle_partials ? 1 : kBlockSize;
+  const int64_t per_pair = plan.angle_partials() ? 1 : kBlockSize;
   at::Tensor block_partials = at::empty({plan.num_partials, pairs, per_pair}, acc_options);
   at::Tensor scale_partials;
   if (grad_scale != nullptr) scale_partials = at::empty({plan.num_partials, d}, acc_options);
@@ -139,7 +139,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
     const at::Tensor& p = params_c;
     dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
       using Param = decltype(tag);
-      if (plan.angle_partials) {
+      if (plan.angle_partials()) {
         // Angle gradients of the blocks as applied; the transposed op applies angle -t.
         C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,

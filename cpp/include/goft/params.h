@@ -41,7 +41,7 @@ struct RotateBackwardArgs {
   bool transpose = false;
   int64_t num_chunks = 0;              // grad_chunk_count(rows, dim)
   // (num_chunks, dim - 1, 4) gradient of the applied blocks (the CUDA strict kernels write one
-  // angle gradient per pair instead: RotateBackwardPlan::angle_partials)
+  // angle gradient per pair instead: RotateBackwardPlan::angle_partials())
   Acc* block_grad_partials = nullptr;
   Acc* scale_grad_partials = nullptr;  // (num_chunks, dim) or nullptr when no scale gradient
 };

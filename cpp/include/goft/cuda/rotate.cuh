@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "goft/blocks.h"
@@ -395,7 +396,6 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   const int rows_per_cta = pl.fused ? pl.layout.rows_per_cta : 1;
   pl.num_chunks = backward_chunk_count(rows, dim, rows_per_cta, resident);
   pl.num_partials = pl.num_chunks * rows_per_cta;
-  pl.angle_partials = pl.fused && pl.layout.strict;
   pl.grid = static_cast<int>(std::min(pl.num_chunks, resident));
   if (pl.fused) {
     const int64_t grads = pl.layout.grads_in_smem ? 0 : pl.grid * pl.layout.grad_workspace_per_cta;
@@ -408,23 +408,28 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   return cudaSuccess;
 }
 
+// Calls fn with the parameters as a typed pointer (float or double).
+template <typename Fn>
+cudaError_t with_typed_params(const ParamSource& params, Fn&& fn) {
+  if (params.is_double) {
+    fn(static_cast<const double*>(params.data));
+  } else {
+    fn(static_cast<const float*>(params.data));
+  }
+  return cudaGetLastError();
+}
+
 // Fills the fused kernels' block store from the op's parameters: one launch.
 template <typename Acc>
 cudaError_t stage_store(const ParamSource& params, bool transpose, const PairSchedule& schedule,
                         int log_elts, const FusedLayout& layout, Acc* store, cudaStream_t stream) {
   const int64_t slots = layout.num_slots;
   if (slots == 0) return cudaSuccess;
-  const unsigned grid = elementwise_blocks(slots);
-  if (params.is_double) {
-    stage_store_kernel<double, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
-        static_cast<const double*>(params.data), params.are_blocks, transpose, schedule, log_elts,
-        layout.vcap, slots, store);
-  } else {
-    stage_store_kernel<float, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
-        static_cast<const float*>(params.data), params.are_blocks, transpose, schedule, log_elts,
-        layout.vcap, slots, store);
-  }
-  return cudaGetLastError();
+  return with_typed_params(params, [&](auto typed) {
+    using Param = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    stage_store_kernel<Param, Acc><<<elementwise_blocks(slots), kElementwiseThreads, 0, stream>>>(
+        typed, params.are_blocks, transpose, schedule, log_elts, layout.vcap, slots, store);
+  });
 }
 
 // The fallback kernels' (d-1, 4) blocks from the op's parameters.
@@ -432,15 +437,12 @@ template <typename Acc>
 cudaError_t make_blocks(const ParamSource& params, int64_t pairs, Acc* blocks,
                         cudaStream_t stream) {
   if (pairs == 0) return cudaSuccess;
-  const unsigned grid = elementwise_blocks(pairs);
-  if (params.is_double) {
-    params_to_blocks_kernel<double, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
-        static_cast<const double*>(params.data), params.are_blocks, pairs, blocks);
-  } else {
-    params_to_blocks_kernel<float, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
-        static_cast<const float*>(params.data), params.are_blocks, pairs, blocks);
-  }
-  return cudaGetLastError();
+  return with_typed_params(params, [&](auto typed) {
+    using Param = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    const unsigned grid = elementwise_blocks(pairs);
+    params_to_blocks_kernel<Param, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
+        typed, params.are_blocks, pairs, blocks);
+  });
 }
 
 template <typename T>

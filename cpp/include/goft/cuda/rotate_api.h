@@ -50,11 +50,12 @@ struct RotateBackwardPlan {
   bool scratch_in_smem = true;
   int64_t num_chunks = 0;    // row chunks
   int64_t num_partials = 0;  // partial gradients written: RotateBackwardArgs::num_chunks
+  Workspace workspace;
+
   // The partials hold one angle gradient per pair (strict fused kernels, FusedTraits::kStrict),
   // not four block-gradient entries: RotateBackwardArgs::block_grad_partials is then
   // (num_partials, d - 1), summed by launch_partial_sums.
-  bool angle_partials = false;
-  Workspace workspace;
+  bool angle_partials() const { return fused && layout.strict; }
 };
 
 // Plans query the current device (kernel register counts, shared memory, SM count); a call plans
@@ -71,7 +72,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
                           cudaStream_t stream);
 
 // Gradients of rotate: grad_x (if args.grad_x) and per-partial block (or angle, see
-// RotateBackwardPlan::angle_partials) and scale gradients (args.num_chunks must be
+// RotateBackwardPlan::angle_partials()) and scale gradients (args.num_chunks must be
 // plan.num_partials). strict: the blocks come from angles, which allows the strict kernels.
 template <typename T>
 cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
