@@ -115,20 +115,18 @@ def _setup_context(ctx, inputs, output):
     ctx.transpose = transpose
 
 
+def _rotate_grads(grad_out, x, params, scale, transpose, mask):
+    """(grad_x, grad_params, grad_scale) of rotate, None for those mask does not ask for."""
+    if not any(mask):
+        return None, None, None
+    grads = torch.ops.goft.rotate_backward.default(grad_out.contiguous(), x, params, scale, transpose, mask)
+    return tuple(g if want else None for g, want in zip(grads, mask))
+
+
 def _backward(ctx, grad_out):
     x, params, scale = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale is not None and ctx.needs_input_grad[2]]
-    if not any(mask):
-        return None, None, None, None
-    grad_x, grad_params, grad_scale = torch.ops.goft.rotate_backward.default(
-        grad_out.contiguous(), x, params, scale, ctx.transpose, mask
-    )
-    return (
-        grad_x if mask[0] else None,
-        grad_params if mask[1] else None,
-        grad_scale if mask[2] else None,
-        None,
-    )
+    return (*_rotate_grads(grad_out, x, params, scale, ctx.transpose, mask), None)
 
 
 torch.library.register_autograd("goft::rotate", _backward, setup_context=_setup_context)
@@ -171,21 +169,18 @@ def _rotated_linear_backward(ctx, grad_y):
     # A trailing scale=None is not among the op's inputs here: pad the flags to all five.
     needs = tuple(ctx.needs_input_grad) + (False,) * (5 - len(ctx.needs_input_grad))
     need_x, need_weight, need_bias, need_params, need_scale = needs
-    need_scale = need_scale and scale is not None
-    grad_x = grad_weight = grad_bias = grad_params = grad_scale = None
-    if need_x or need_params or need_scale:
+    mask = [need_x, need_params, need_scale and scale is not None]
+    grad_x = grad_params = grad_scale = grad_weight = grad_bias = None
+    if any(mask):
         # The gradient at the rotated input x T, then the rotation's fused backward on x.
-        grad_rotated = torch.matmul(grad_y, weight).contiguous()
-        mask = [need_x, need_params, need_scale]
-        gx, gp, gs = torch.ops.goft.rotate_backward.default(grad_rotated, x, params, scale, False, mask)
-        grad_x, grad_params, grad_scale = (g if want else None for g, want in zip((gx, gp, gs), mask))
+        grad_x, grad_params, grad_scale = _rotate_grads(grad_y.matmul(weight), x, params, scale, False, mask)
+    rows_grad = grad_y.reshape(-1, grad_y.shape[-1])
     if need_weight:
         # W' = W T^T, so dL/dW = (dL/dW') T with dL/dW' = grad_y^T x over all rows.
-        rows_grad = grad_y.reshape(-1, grad_y.shape[-1])
         grad_rotated_weight = rows_grad.t().matmul(x.reshape(-1, x.shape[-1]))
         grad_weight = torch.ops.goft.rotate.default(grad_rotated_weight, params, scale, False)
     if need_bias and ctx.has_bias:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        grad_bias = rows_grad.sum(0)
     return grad_x, grad_weight, grad_bias, grad_params, grad_scale
 
 
