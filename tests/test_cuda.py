@@ -276,13 +276,41 @@ def test_strict_backward_kernels_match_the_reference(dtype, monkeypatch):
                                           f"{what} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_angle_grads_match_the_reference(dtype, monkeypatch):
+    """goft::rotate_angle_grads (angle gradients from x and the gradient at x) against the float64
+    CPU op: the strict kernels from the output in every backward layout (GOFT_CUDA_CHUNKS), the
+    two-pass form where they do not apply (GOFT_CUDA_STRICT=0, and 16384-wide rows), both
+    transposes; bitwise the same when repeated."""
+    for d in (1, 5, 768, 1000, 4096, 16384):
+        x, params, _ = make_inputs(d, dtype, False, False, rows=37 if d < 16384 else 5)
+        grad_x = torch.randn(x.shape, device="cuda").to(dtype)
+        for transpose in (False, True):
+            want = torch.ops.goft.rotate_angle_grads.default(
+                x.double().cpu(), grad_x.double().cpu(), params.double().cpu(), transpose)
+            for strict in ("1", "0"):
+                for chunks in (0, 1, 2, 4):
+                    monkeypatch.setenv("GOFT_CUDA_STRICT", strict)
+                    monkeypatch.setenv("GOFT_CUDA_CHUNKS", str(chunks))
+                    got = torch.ops.goft.rotate_angle_grads.default(x, grad_x, params, transpose)
+                    again = torch.ops.goft.rotate_angle_grads.default(x, grad_x, params, transpose)
+                    what = f"d={d} transpose={transpose} strict={strict} chunks={chunks}"
+                    assert torch.equal(got, again), what + ": not reproducible"
+                    # The two-pass form rounds the gradient at the output to the dtype first.
+                    two_pass = strict == "0" or d == 16384
+                    rtol = 2e-2 if two_pass and dtype == torch.bfloat16 else GRAD_RTOL[dtype]
+                    assert_rows_close(got.cpu().reshape(1, -1), want.reshape(1, -1), rtol, what)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
-def test_rotated_linear_matches_the_two_step_form(dtype, quasi):
+@pytest.mark.parametrize("quasi,with_scale", [(False, False), (False, True), (True, False)],
+                         ids=["strict", "strict-scale", "quasi"])
+def test_rotated_linear_matches_the_two_step_form(dtype, quasi, with_scale):
     """goft.rotated_linear (the transform applied to the weight) against rotate-then-linear in
-    float64 on the CPU: output and the gradients to x, weight, bias, params and scale."""
+    float64 on the CPU: output and the gradients to x, weight, bias, params and scale (strict
+    without a scale: the backward through rotate_angle_grads)."""
     d, out = 768, 256
-    x, params, scale = make_inputs(d, dtype, quasi, not quasi, rows=300)
+    x, params, scale = make_inputs(d, dtype, quasi, with_scale, rows=300)
     weight = torch.randn(out, d, device="cuda").to(dtype)
     bias = torch.randn(out, device="cuda").to(dtype)
     grad_y = torch.randn(300, out, device="cuda").to(dtype)

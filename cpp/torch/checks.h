@@ -84,13 +84,31 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
   }
 }
 
-inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x) {
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": expected grad_out of x's shape ",
-              shape_string(x.sizes()), ", got ", shape_string(grad_out.sizes()));
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": expected grad_out of x's dtype ",
-              x.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device(), op, ": expected grad_out on x's device ", x.device(),
-              ", got ", grad_out.device());
+// A gradient the op takes beside x (grad_out of rotate_backward, grad_x of rotate_angle_grads):
+// x's shape, dtype and device; `name` is the argument's name.
+inline void check_grad_like_x(const char* op, const char* name, const at::Tensor& grad,
+                              const at::Tensor& x) {
+  TORCH_CHECK(grad.defined(), op, ": expected ", name, " to be a tensor of x's shape ",
+              shape_string(x.sizes()), ", got None");
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": expected ", name, " of x's shape ",
+              shape_string(x.sizes()), ", got ", shape_string(grad.sizes()));
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": expected ", name, " of x's dtype ",
+              x.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == x.device(), op, ": expected ", name, " on x's device ", x.device(),
+              ", got ", grad.device());
+}
+
+// rotate_angle_grads: the gradient at x determines the parameter gradients only when T is
+// orthogonal, that is for angles without a scale.
+inline RotateShape check_angle_grads_args(const char* op, const at::Tensor& x,
+                                          const at::Tensor& grad_x, const at::Tensor& params) {
+  const RotateShape shape = check_rotate_args(op, x, params, std::nullopt);
+  TORCH_CHECK(!shape.params_are_blocks, op, ": expected params of shape (", shape.dim - 1,
+              ",) (angles): free 2x2 blocks (qGOFT) do not make an orthogonal transform, so the "
+              "gradient at x does not determine theirs; got ", shape_string(params.sizes()),
+              ". Use torch.ops.goft.rotate_backward with the gradient at the output instead");
+  check_grad_like_x(op, "grad_x", grad_x, x);
+  return shape;
 }
 
 // A (rows, d) view of t with contiguous features, copying only when no such view exists.

@@ -1,16 +1,30 @@
-// goft::rotated_linear for every device: goft::rotate on the weight's rows, then at::linear,
-// both through the dispatcher, so each device's rotate kernel serves it. Its autograd (which
-// saves x, not the rotated weight) and fake kernel are in python/goft/ops.py.
+// The goft ops defined for every device in terms of goft::rotate and goft::rotate_backward (called
+// through the dispatcher, so each device's kernels serve them):
+// - rotated_linear: rotate on the weight's rows, then at::linear. Its autograd (which saves x,
+//   not the rotated weight) and fake kernel are in python/goft/ops.py.
+// - rotate_angle_grads: the reference form, two passes; ops_cuda.cu has a one-pass kernel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
+#include "composite.h"
 
 namespace goft {
 namespace {
+
+const auto& rotate_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("goft::rotate", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            bool)>();
+  return op;
+}
 
 at::Tensor rotated_linear(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& params,
@@ -18,20 +32,37 @@ at::Tensor rotated_linear(const at::Tensor& x, const at::Tensor& weight,
   const char* op = "goft.rotated_linear";
   check_rotate_args(op, x, params, scale);
   check_linear_args(op, x, weight, bias);
-  static const auto rotate =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("goft::rotate", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            bool)>();
   // (x T) W^T = x (W T^T)^T, and W T^T is rotate(W) with the transpose.
-  const at::Tensor rotated_weight = rotate.call(weight, params, scale, true);
+  const at::Tensor rotated_weight = rotate_op().call(weight, params, scale, true);
   return at::linear(x, rotated_weight, bias);
+}
+
+at::Tensor rotate_angle_grads(const at::Tensor& x, const at::Tensor& grad_x,
+                              const at::Tensor& params, bool transpose) {
+  check_angle_grads_args("goft.rotate_angle_grads", x, grad_x, params);
+  return rotate_angle_grads_two_pass(x, grad_x, params, transpose);
 }
 
 }  // namespace
 
+at::Tensor rotate_angle_grads_two_pass(const at::Tensor& x, const at::Tensor& grad_x,
+                                       const at::Tensor& params, bool transpose) {
+  static const auto rotate_backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("goft::rotate_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
+  // grad_x = grad_y T^T (grad_y T when transposed) with T orthogonal: grad_y = grad_x T (T^T),
+  // which is rotate with the same transpose.
+  const at::Tensor grad_y = rotate_op().call(grad_x, params, std::nullopt, transpose);
+  return std::get<1>(
+      rotate_backward.call(grad_y, x, params, std::nullopt, transpose, {false, true, false}));
+}
+
 TORCH_LIBRARY_IMPL(goft, CompositeExplicitAutograd, m) {
   m.impl("rotated_linear", &rotated_linear);
+  m.impl("rotate_angle_grads", &rotate_angle_grads);
 }
 
 }  // namespace goft

@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
     const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
   const char* op = "goft.rotate_backward";
   const RotateShape shape = check_rotate_args(op, x, params, scale);
-  check_grad_out(op, grad_out, x);
+  check_grad_like_x(op, "grad_out", grad_out, x);
   BackwardOutputs outputs = make_backward_outputs(x, params, scale, output_mask);
   const bool want_x = outputs.want_x, want_params = outputs.want_params;
   const bool want_scale = outputs.want_scale;

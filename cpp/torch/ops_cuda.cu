@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "composite.h"
 #include "goft/blocks.h"
 #include "goft/cuda/rotate_api.h"
 #include "goft/params.h"
@@ -88,20 +89,29 @@ at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& params,
 }
 
 template <typename S>
-void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const at::Tensor& params,
+cuda::RotateBackwardPlan plan_backward(const at::Tensor& x2, bool transpose, bool scale_grad,
+                                       bool strict) {
+  cuda::RotateBackwardPlan plan;
+  C10_CUDA_CHECK((cuda::plan_rotate_backward<kernel_t<S>>(x2.size(0), x2.size(1), transpose,
+                                                          scale_grad, strict, x2.get_device(),
+                                                          &plan)));
+  return plan;
+}
+
+// x_is_output: x2 holds rotate(x) (strict fused plans, no scale; launch_rotate_backward).
+template <typename S>
+void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor& grad2,
+                          const at::Tensor& x2, bool x_is_output, const at::Tensor& params,
                           bool params_are_blocks, const std::optional<at::Tensor>& scale,
                           bool transpose, at::Tensor* grad_x2, at::Tensor* grad_params,
                           at::Tensor* grad_scale) {
   using T = kernel_t<S>;
   using Acc = at::opmath_type<S>;
-  const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
+  const int64_t d = x2.size(1), pairs = d - 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor params_c;
   const cuda::ParamSource source = param_source(params, params_are_blocks, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
-  cuda::RotateBackwardPlan plan;
-  C10_CUDA_CHECK((cuda::plan_rotate_backward<T>(rows, d, transpose, grad_scale != nullptr,
-                                               !params_are_blocks, x2.get_device(), &plan)));
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t per_pair = plan.angle_partials() ? 1 : kBlockSize;
   at::Tensor block_partials = at::empty({plan.num_partials, pairs, per_pair}, acc_options);
@@ -110,7 +120,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   at::Tensor workspace = workspace_tensor(plan.workspace.bytes, x2);
 
   RotateBackwardArgs<T, Acc> args;
-  args.rows = rows;
+  args.rows = x2.size(0);
   args.dim = d;
   args.grad_out = data_as<T, S>(grad2);
   args.grad_out_row_stride = grad2.stride(0);
@@ -125,7 +135,7 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   args.num_chunks = plan.num_partials;
   args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
   args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
-  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, source, plan,
+  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, source, plan, x_is_output,
                                                   workspace.mutable_data_ptr(), stream)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -140,9 +150,13 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
     dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
       using Param = decltype(tag);
       if (plan.angle_partials()) {
-        // Angle gradients of the blocks as applied; the transposed op applies angle -t.
+        // Angle gradients of the blocks as applied; the transposed op applies angle -t. From
+        // the output, the kernel walked the other op's layers (angles -t of the same pairs, in
+        // the other order); a pair's term is the same from either side, since 2x2 rotations
+        // commute, so the sign flips back.
         C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Param>(
-            block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
+            block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs,
+            transpose != x_is_output,
             grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
             stream)));
       } else {
@@ -170,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
     const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
   const char* op = "goft.rotate_backward";
   const RotateShape shape = check_rotate_args(op, x, params, scale);
-  check_grad_out(op, grad_out, x);
+  check_grad_like_x(op, "grad_out", grad_out, x);
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardOutputs o = make_backward_outputs(x, params, scale, output_mask);
   if (o.trivial(shape.rows)) {
@@ -189,12 +203,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   at::Tensor grad_x2 = o.want_x ? o.grad_x.view({shape.rows, shape.dim}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
-    rotate_backward_into<scalar_t>(grad2, x2, params, shape.params_are_blocks, scale, transpose,
-                                   o.want_x ? &grad_x2 : nullptr,
+    const cuda::RotateBackwardPlan plan =
+        plan_backward<scalar_t>(x2, transpose, o.want_scale, !shape.params_are_blocks);
+    rotate_backward_into<scalar_t>(plan, grad2, x2, false, params, shape.params_are_blocks, scale,
+                                   transpose, o.want_x ? &grad_x2 : nullptr,
                                    o.want_params ? &o.grad_params : nullptr,
                                    o.want_scale ? &o.grad_scale : nullptr);
   });
   return {o.grad_x, o.grad_params, o.grad_scale};
+}
+
+// The angle gradients of rotate(x, transpose) from x and grad_x in one pass: x is the output of
+// the op with the other transpose, and grad_x the gradient there, which the strict kernels take
+// back through that op's layers without a recompute and without writing a gradient. Where no
+// strict fused kernel holds the row (wide rows; GOFT_CUDA_STRICT=0), the two passes of the
+// composite form (ops_composite.cpp).
+at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x,
+                                   const at::Tensor& params, bool transpose) {
+  const char* op = "goft.rotate_angle_grads";
+  const RotateShape shape = check_angle_grads_args(op, x, grad_x, params);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_params = at::zeros(params.sizes(), params.options());
+  if (shape.rows == 0 || shape.dim == 1) return grad_params;  // nothing to sum, or no pairs
+  const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
+  const at::Tensor grad2 = as_rows(grad_x, shape.rows, shape.dim);
+  bool fused = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "goft.rotate_angle_grads", [&] {
+    const cuda::RotateBackwardPlan plan = plan_backward<scalar_t>(x2, !transpose, false, true);
+    fused = plan.angle_partials();
+    if (fused) {
+      rotate_backward_into<scalar_t>(plan, grad2, x2, true, params, false, std::nullopt,
+                                     !transpose, nullptr, &grad_params, nullptr);
+    }
+  });
+  if (!fused) return rotate_angle_grads_two_pass(x, grad_x, params, transpose);
+  return grad_params;
 }
 
 }  // namespace
@@ -202,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
 TORCH_LIBRARY_IMPL(goft, CUDA, m) {
   m.impl("rotate", &rotate_cuda);
   m.impl("rotate_backward", &rotate_backward_cuda);
+  m.impl("rotate_angle_grads", &rotate_angle_grads_cuda);
 }
 
 }  // namespace goft

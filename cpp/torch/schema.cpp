@@ -8,6 +8,11 @@ TORCH_LIBRARY(goft, m) {
   m.def(
       "rotate_backward(Tensor grad_out, Tensor x, Tensor params, Tensor? scale, bool transpose, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_params, Tensor grad_scale)");
+  // The angle gradients of rotate(x, params, transpose=transpose), no scale, from x and the
+  // gradient at x: T is orthogonal, so the gradient at the output is grad_x @ T (@ T^T) and is
+  // never formed (rotated_linear's backward, ops_composite.cpp).
+  m.def(
+      "rotate_angle_grads(Tensor x, Tensor grad_x, Tensor params, bool transpose=False) -> Tensor");
   // linear(rotate(x, params, scale), weight, bias), computed as linear(x, weight @ T^T, bias): the
   // transform applied to the weight's rows instead of x's (ops_composite.cpp).
   m.def(

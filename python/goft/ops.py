@@ -109,6 +109,23 @@ def _rotate_backward_fake(grad_out, x, params, scale, transpose, output_mask):
     return grad_x, grad_params, grad_scale
 
 
+@torch.library.register_fake("goft::rotate_angle_grads")
+def _rotate_angle_grads_fake(x, grad_x, params, transpose=False):
+    _check_args("goft.rotate_angle_grads", x, params, None)
+    if params.dim() != 1:
+        raise RuntimeError(
+            f"goft.rotate_angle_grads: expected params of shape ({x.shape[-1] - 1},) (angles): free 2x2 blocks "
+            f"(qGOFT) do not make an orthogonal transform, so the gradient at x does not determine theirs; "
+            f"got {tuple(params.shape)}. Use torch.ops.goft.rotate_backward with the gradient at the output instead"
+        )
+    if grad_x.shape != x.shape or grad_x.dtype != x.dtype or grad_x.device != x.device:
+        raise RuntimeError(
+            f"goft.rotate_angle_grads: expected grad_x of x's shape, dtype and device {tuple(x.shape)}, "
+            f"{x.dtype}, {x.device}; got {tuple(grad_x.shape)}, {grad_x.dtype}, {grad_x.device}"
+        )
+    return params.new_empty(params.shape)
+
+
 def _setup_context(ctx, inputs, output):
     x, params, scale, transpose = inputs
     ctx.save_for_backward(x, params, scale)

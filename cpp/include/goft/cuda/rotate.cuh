@@ -495,10 +495,13 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
 template <typename T>
 cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
                                    const ParamSource& params, const RotateBackwardPlan& plan,
-                                   void* workspace, cudaStream_t stream) {
+                                   bool x_is_output, void* workspace, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   if (args.rows == 0) return cudaSuccess;
   if (args.num_chunks != plan.num_partials) return cudaErrorInvalidValue;
+  if (x_is_output && (!plan.angle_partials() || args.scale != nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   char* ws = static_cast<char*>(workspace);
   Acc* blocks = reinterpret_cast<Acc*>(ws + plan.workspace.blocks_offset);
   if (plan.fused) {
@@ -510,6 +513,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     p.x = args.x;
     p.x_stride = args.x_row_stride;
     p.x_vec = rows_vectorizable(args.x, args.x_row_stride, args.rows, args.dim);
+    p.x_is_output = x_is_output;
     p.grad_out = args.grad_out;
     p.grad_out_stride = args.grad_out_row_stride;
     p.grad_out_vec = rows_vectorizable(args.grad_out, args.grad_out_row_stride, args.rows, args.dim);
@@ -615,7 +619,7 @@ cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64
       int64_t, int64_t, bool, bool, bool, int, goft::cuda::RotateBackwardPlan*);                 \
   template cudaError_t goft::cuda::launch_rotate_backward<T>(                                    \
       const goft::RotateBackwardArgs<T, goft::cuda::AccOf<T>::type>&,                            \
-      const goft::cuda::ParamSource&, const goft::cuda::RotateBackwardPlan&, void*,              \
+      const goft::cuda::ParamSource&, const goft::cuda::RotateBackwardPlan&, bool, void*,        \
       cudaStream_t);
 
 // The element-type-independent launchers, for one accumulation type Acc (float or double).

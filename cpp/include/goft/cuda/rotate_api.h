@@ -74,13 +74,16 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
 // Gradients of rotate: grad_x (if args.grad_x) and per-partial block (or angle, see
 // RotateBackwardPlan::angle_partials()) and scale gradients (args.num_chunks must be
 // plan.num_partials). strict: the blocks come from angles, which allows the strict kernels.
+// x_is_output: args.x holds the op's output y = rotate(x) instead of x, which the strict kernels
+// take back through the layers without recomputing it; it needs plan.angle_partials() and no
+// scale (cudaErrorInvalidValue otherwise).
 template <typename T>
 cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
                                  bool strict, int device, RotateBackwardPlan* plan);
 template <typename T>
 cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>::type>& args,
                                    const ParamSource& params, const RotateBackwardPlan& plan,
-                                   void* workspace, cudaStream_t stream);
+                                   bool x_is_output, void* workspace, cudaStream_t stream);
 
 // Elements of Acc workspace the two reductions below need for `num_partials` partials of
 // `length` entries: the segment sums of the first level (none when one segment suffices).

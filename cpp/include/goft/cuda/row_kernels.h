@@ -251,6 +251,9 @@ struct FusedParams {
   const T* x = nullptr;
   int64_t x_stride = 0;
   bool x_vec = false;         // 16-byte aligned rows and d % kElts == 0: vector accesses
+  // Strict backward, no scale: x holds the op's output, so the recomputed forward is skipped
+  // (the kernels rebuild every layer's input from the output anyway).
+  bool x_is_output = false;
   T* out = nullptr;
   int64_t out_stride = 0;
   bool out_vec = false;
@@ -1270,8 +1273,10 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
           for (int q = 0; q < 5; ++q) sv.lane[c][q] = sv.warp[c][q] = Acc(0);
         }
       }
+      // x_is_output (strict kernels only): w already holds what the recompute would give.
+      const bool recompute = !K::kStrict || !p.x_is_output;
       if (!kTransposed) {
-        layers_forward<K, false, kSave>(x, w, sv, parity);
+        if (recompute) layers_forward<K, false, kSave>(x, w, sv, parity);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
           if (x.scale_grads != nullptr && valid) add_scale_grads(x, g[0], w[0]);
@@ -1280,7 +1285,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         layers_backward<K, false>(x, l0, tg, g, w[0], sv, parity);
       } else {
         if (p.scale != nullptr) apply_scale(x, w);
-        layers_forward<K, true, kSave>(x, w, sv, parity);
+        if (recompute) layers_forward<K, true, kSave>(x, w, sv, parity);
         layers_backward<K, true>(x, l0, tg, g, w[0], sv, parity);
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
