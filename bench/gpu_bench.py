@@ -3,8 +3,9 @@
 Op: goft.rotate on x of shape (16384, 4096) bfloat16, forward and backward (grad_x and the
 parameter gradients), timed with CUDA events (warmup, then the median of repeats) and turned into
 achieved bandwidth: bytes the pass must move (forward: read x, write y; backward: read x and
-grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run.
-Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
+grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run;
+also goft::rotate_angle_grads (reads x and grad_x, writes nothing row-sized), which
+goft.rotated_linear's backward runs for angles without a scale. Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
 and of the adapter), alone, with goft (GivensLinear, strict GOFT), with goft.rotated_linear (the
 same transform applied to the weight's rows, which GivensLinear does not use yet) and with PEFT
 LoRA r=8 when peft is importable; the targets are checked on the GivensLinear row. Wide rows: the
@@ -82,6 +83,8 @@ def op_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
         ("backward, strict + scale", 3, lambda: backward(grad, x, angles, scale, False, [True, True, True]), 0.70),
         ("backward, quasi", 3, lambda: backward(grad, x, blocks, None, False, [True, True, False]), 0.70),
         ("backward, grad_x only", 2, lambda: backward(grad, x, angles, None, False, [True, False, False]), None),
+        ("angle gradients from x and grad_x (rotate_angle_grads)", 2,
+         lambda: torch.ops.goft.rotate_angle_grads.default(x, grad, angles, False), None),
     ]
     out = []
     for name, tensors, fn, target in cases:

@@ -62,16 +62,21 @@ def test_matches_dense_float64_with_all_gradients(d, quasi, with_scale, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
-def test_matches_the_two_step_form(dtype, quasi):
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+def test_matches_the_two_step_form(dtype, quasi, with_scale):
     # 256 rows, 64 outputs: the rows-heavy shape the op is for. The two forms round differently
-    # (the rotated weight instead of the rotated input), so the tolerance is the dtype's.
-    x, weight, b, params, scale = make_case((256,), 96, 64, quasi, True, True, dtype)
+    # (the rotated weight instead of the rotated input; without a scale, angles get their
+    # gradients from grad_x), so the tolerance is the dtype's.
+    x, weight, b, params, scale = make_case((256,), 96, 64, quasi, with_scale, True, dtype)
     y, got = grads(goft.rotated_linear, (x, weight, b, params, scale))
     y_want, want = grads(two_step, (x, weight, b, params, scale))
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     scale_of = lambda t: t.double().abs().max().item()  # noqa: E731
     assert (y.double() - y_want.double()).abs().max().item() <= tol * scale_of(y_want)
     for name, g, w in zip(("x", "weight", "bias", "params", "scale"), got, want):
+        if w is None:
+            assert g is None, name
+            continue
         err = (g.double() - w.double()).abs().max().item()
         assert err <= tol * scale_of(w), f"grad {name}: max error {err:.3g} vs scale {scale_of(w):.3g}"
 
@@ -116,15 +121,16 @@ def test_opcheck(quasi):
     torch.library.opcheck(torch.ops.goft.rotated_linear.default, (x, weight, b, params, scale))
 
 
-def test_torch_compile_fullgraph_with_backward():
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+def test_torch_compile_fullgraph_with_backward(with_scale):
     torch._dynamo.reset()
 
     def f(x, weight, b, params, scale):
         return goft.rotated_linear(x, weight, b, params, scale).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    x, weight, b, params, scale = make_case((40,), 16, 8, False, True, True, torch.float32)
-    leaves = [t.requires_grad_(True) for t in (x, params, scale)]
+    x, weight, b, params, scale = make_case((40,), 16, 8, False, with_scale, True, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (x, params, scale) if t is not None]
     got = torch.autograd.grad(compiled(x, weight, b, params, scale), leaves)
     want = torch.autograd.grad(f(x, weight, b, params, scale), leaves)
     for g, w in zip(got, want):

@@ -48,9 +48,11 @@ def rotated_linear(
     (x T) W^T = x (W T^T)^T: the op rotates the weight's ``out`` rows (``rotate(weight, params,
     scale, transpose=True)``) and runs the linear layer on x itself, so x is never rotated in the
     forward. That costs less than rotating x whenever x has more rows than the layer has outputs.
-    The backward is the one of ``rotate`` then ``linear``: grad_y @ weight, then the fused
-    rotation backward on x (which is what is saved: x, as for ``rotate``, never the rotated
-    weight); gradients reach x, params, scale, and weight and bias if they require them.
+    The backward saves x, as ``rotate`` does, never the rotated weight. With angles and no
+    scale (T orthogonal) it computes grad_x = grad_y @ (weight T^T), rotating the weight again,
+    and the angle gradients from x and grad_x in one pass (``goft::rotate_angle_grads``);
+    otherwise grad_y @ weight, then the fused rotation backward on x. Gradients reach x, params,
+    scale, and weight and bias if they require them.
 
     Args:
         x: (..., d) float32, float64, bfloat16 or float16.
@@ -188,7 +190,16 @@ def _rotated_linear_backward(ctx, grad_y):
     need_x, need_weight, need_bias, need_params, need_scale = needs
     mask = [need_x, need_params, need_scale and scale is not None]
     grad_x = grad_params = grad_scale = grad_weight = grad_bias = None
-    if any(mask):
+    if scale is None and params.dim() == 1 and (need_x or need_params):
+        # Angles without a scale: T is orthogonal, so grad_x = grad_y W T^T is one matmul with
+        # the rotated weight (rotated again here rather than saved), and the angle gradients
+        # follow from x and grad_x. No activation-sized rotation runs in the backward either.
+        grad_x = grad_y.matmul(torch.ops.goft.rotate.default(weight, params, None, True))
+        if need_params:
+            grad_params = torch.ops.goft.rotate_angle_grads.default(x, grad_x, params, False)
+        if not need_x:
+            grad_x = None
+    elif any(mask):
         # The gradient at the rotated input x T, then the rotation's fused backward on x.
         grad_x, grad_params, grad_scale = _rotate_grads(grad_y.matmul(weight), x, params, scale, False, mask)
     rows_grad = grad_y.reshape(-1, grad_y.shape[-1])
