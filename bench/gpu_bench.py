@@ -6,9 +6,10 @@ achieved bandwidth: bytes the pass must move (forward: read x, write y; backward
 grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run;
 also goft::rotate_angle_grads (reads x and grad_x, writes nothing row-sized), which
 goft.rotated_linear's backward runs for angles without a scale. Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
-and of the adapter), alone, with goft (GivensLinear, strict GOFT), with goft.rotated_linear (the
-same transform applied to the weight's rows, which GivensLinear does not use yet) and with PEFT
-LoRA r=8 when peft is importable; the targets are checked on the GivensLinear row. Wide rows: the
+and of the adapter), alone, with goft (GivensLinear, strict GOFT: at this shape it applies the
+transform to the weight's rows, goft.layers.WEIGHT_SIDE), the same layer with the transform on x
+(GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, and PEFT LoRA r=8 when peft is
+importable; the targets are checked on the GivensLinear row. Wide rows: the
 fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in WIDE_DIMS, bfloat16 and
 float32, where the fused variants spill registers (bench/cuda_registers.py): the numbers that
 decide which kernel such widths should take.
@@ -147,6 +148,24 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
         g.add_adapter("default", goft.GOFTConfig())
         g.set_adapter("default")
         layers["with goft (GivensLinear, strict)"] = g
+
+        class ActivationSide(nn.Module):
+            """The same layer with the transform applied to x (goft.layers.WEIGHT_SIDE = False)."""
+
+            def __init__(self, layer):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, inp):
+                saved = goft.layers.WEIGHT_SIDE
+                goft.layers.WEIGHT_SIDE = False
+                try:
+                    return self.layer(inp)
+                finally:
+                    goft.layers.WEIGHT_SIDE = saved
+
+        if hasattr(goft.layers, "WEIGHT_SIDE"):
+            layers["with goft (GivensLinear, x rotated: GOFT_WEIGHT_SIDE=0)"] = ActivationSide(g)
     except Exception as e:  # the layer API is not what this script expects: say so, go on
         print(f"gpu_bench.py: GivensLinear unavailable ({e!r}); goft layer row skipped", file=sys.stderr)
     if hasattr(goft, "rotated_linear"):
@@ -246,9 +265,10 @@ def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: 
         if lora_row is not None:
             faster = "holds" if goft_row["ms"] < lora_row["ms"] else "missed"
             lines.append(f"Target goft faster than LoRA r=8: {faster} ({goft_row['ms']:.3f} vs {lora_row['ms']:.3f} ms).")
-        lines.append("The targets are checked on GivensLinear, what goft.inject builds; the "
-                     "goft.rotated_linear row applies the same transform to the weight's rows instead "
-                     "(bench/GPU_NOTES.md, Next).")
+        lines.append("The targets are checked on GivensLinear, what goft.inject builds. With at least "
+                     "as many rows as outputs on CUDA it applies the transform to the weight's rows "
+                     "(goft.rotated_linear; bench/GPU_NOTES.md, v8); the `x rotated` row is the same "
+                     "layer with the transform on the activations.")
     lines += [
         "",
         f"## Wide rows: fused kernels against the fallback kernels, {wide_row_count} rows",

@@ -96,16 +96,21 @@ import test_cuda as m
 
 class MonkeyPatch:
     def __init__(self):
-        self.saved = {}
+        self.saved, self.attrs = {}, []
     def setenv(self, k, v):
         self.saved.setdefault(k, os.environ.get(k))
         os.environ[k] = v
+    def setattr(self, obj, name, value):
+        self.attrs.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
     def undo(self):
         for k, v in self.saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for obj, name, value in reversed(self.attrs):
+            setattr(obj, name, value)
 
 for mark in m.pytestmark:
     if mark[0] == "skipif" and mark[1]:

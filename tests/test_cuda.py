@@ -10,6 +10,7 @@ reference to within the rounding of the output dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -331,6 +332,43 @@ def test_rotated_linear_matches_the_two_step_form(dtype, quasi, with_scale):
     for name, g, w in zip(("x", "weight", "bias", "params", "scale"), got, want):
         if w is not None:
             assert_rows_close(g.cpu().reshape(1, -1), w.reshape(1, -1), tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("variant", ["strict", "scale", "quasi"])
+def test_givens_linear_rotates_the_weight_for_many_rows(variant, monkeypatch):
+    """GivensLinear's automatic choice on CUDA: the weight's rows (goft.rotated_linear) when x has
+    at least as many rows as the layer has outputs, else x; both against the float64 CPU layer."""
+    calls = []
+    real = goft.layers.rotated_linear
+    monkeypatch.setattr(goft.layers, "rotated_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", None)
+    config = {"strict": goft.GOFTConfig(), "scale": goft.GOFTConfig(scale=True),
+              "quasi": goft.GOFTConfig(variant="qgoft")}[variant]
+    torch.manual_seed(0)
+    layer = goft.GivensLinear(torch.nn.Linear(768, 256))
+    layer.add_adapter("default", config)
+    layer.set_adapter("default")
+    with torch.no_grad():
+        for p in layer.adapter_parameters("default").values():
+            p.add_(0.3 * torch.randn_like(p))
+    cpu64 = copy.deepcopy(layer).double()
+    layer.cuda().base_layer.to(torch.bfloat16)  # the adapter's parameters stay float32
+    for rows, weight_side in ((300, True), (100, False)):
+        calls.clear()
+        x = torch.randn(rows, 768)
+        grad_y = torch.randn(rows, 256)
+        results = []
+        runs = ((layer, x.cuda().bfloat16(), grad_y.cuda().bfloat16()), (cpu64, x.double(), grad_y.double()))
+        for lay, xx, gg in runs:
+            xx.requires_grad_(True)
+            for p in lay.parameters():
+                p.grad = None
+            y = lay(xx)
+            y.backward(gg)
+            results.append([y.detach(), xx.grad] + [p.grad for p in lay.adapter_parameters("default").values()])
+        assert bool(calls) == weight_side, f"rows={rows}"
+        for i, (g, w) in enumerate(zip(*results)):
+            assert_rows_close(g.cpu().reshape(1, -1), w.reshape(1, -1), 3e-2, f"rows={rows} output/grad {i}")
 
 
 def test_wide_rows_take_the_fallback_and_work():

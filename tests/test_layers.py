@@ -254,3 +254,102 @@ def test_pass_through_attributes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         repr(layer)
+
+
+# ---- the weight-side forward (goft.layers.WEIGHT_SIDE: rotated_linear instead of rotate) ----
+
+
+@pytest.fixture
+def rotated_linear_calls(monkeypatch):
+    """Counts GivensLinear's calls of rotated_linear."""
+    calls = []
+    real = goft.layers.rotated_linear
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(goft.layers, "rotated_linear", counting)
+    return calls
+
+
+def _adapted(base: nn.Module, variant: str) -> GivensLinear:
+    layer = GivensLinear(base)
+    layer.add_adapter("default", CONFIGS[variant])
+    layer.set_adapter("default")
+    _randomise(layer)
+    return layer
+
+
+def _step(layer: GivensLinear, x: torch.Tensor):
+    """Output and the gradients of x and the adapter's parameters for a fixed probe."""
+    x = x.detach().clone().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    y = layer(x)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
+    (y * probe).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in layer.adapter_parameters("default").values()]
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("d", [1, 7, 16])
+def test_weight_side_forward_matches_the_activation_side(variant, d, monkeypatch, rotated_linear_calls):
+    layer = _adapted(nn.Linear(d, 5).double(), variant)
+    x = torch.randn(3, 4, d, dtype=torch.float64)
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", False)
+    want = _step(layer, x)
+    assert not rotated_linear_calls
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", True)
+    got = _step(layer, x)
+    assert len(rotated_linear_calls) == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_side_is_only_taken_where_it_computes_the_same(monkeypatch, rotated_linear_calls):
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", True)
+    x = torch.randn(6, 8)
+    conv = _adapted(transformers.pytorch_utils.Conv1D(5, 8), "strict")
+    conv(x)
+    assert not rotated_linear_calls, "Conv1D is not an nn.Linear"
+
+    layer = _adapted(nn.Linear(8, 5), "strict")
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    y = layer(x)
+    handle.remove()
+    assert not rotated_linear_calls and len(seen) == 1, "a hooked base layer must see its call"
+    torch.testing.assert_close(y, layer.base_layer(seen[0]))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert not rotated_linear_calls, "autocast picks the matmul's dtype"
+
+    layer(x)
+    assert len(rotated_linear_calls) == 1
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", None)  # automatic: CUDA inputs only
+    layer(x)
+    assert len(rotated_linear_calls) == 1
+
+
+def test_weight_side_env_values(monkeypatch):
+    for value, mode in (("", None), ("auto", None), ("0", False), ("1", True)):
+        monkeypatch.setenv("GOFT_WEIGHT_SIDE", value)
+        assert goft.layers._weight_side_from_env() is mode
+    monkeypatch.setenv("GOFT_WEIGHT_SIDE", "yes")
+    with pytest.raises(ValueError, match="GOFT_WEIGHT_SIDE must be 0, 1 or auto, got 'yes'"):
+        goft.layers._weight_side_from_env()
+
+
+def test_weight_side_under_torch_compile(monkeypatch, rotated_linear_calls):
+    torch._dynamo.reset()
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", True)
+    layer = _adapted(nn.Linear(16, 8), "strict")
+    x = torch.randn(40, 16)
+    want = _step(layer, x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = _step(compiled, x)
+    assert len(rotated_linear_calls) == 2, "eager and traced calls"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -11,12 +12,31 @@ import torch
 from torch import nn
 
 from goft.config import GOFTConfig
-from goft.ops import rotate
+from goft.ops import rotate, rotated_linear
 
 __all__ = ["GivensLinear", "ADAPTER_PREFIX", "input_width", "is_adaptable", "is_conv1d"]
 
 # Every adapter parameter's name starts with this, so freezing and saving select them by name.
 ADAPTER_PREFIX = "goft_"
+
+
+def _weight_side_from_env() -> Optional[bool]:
+    value = os.environ.get("GOFT_WEIGHT_SIDE", "").strip()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise ValueError(f"goft: GOFT_WEIGHT_SIDE must be 0, 1 or auto, got {value!r}")
+
+
+# Where GivensLinear applies the transform when its base layer is a plain nn.Linear: to the
+# weight's rows (goft.rotated_linear: x @ (W T^T)^T) or to x. None (GOFT_WEIGHT_SIDE unset or
+# "auto"): to the weight for CUDA inputs with at least as many rows as the layer has outputs,
+# where the GPU kernels then rotate fewer rows (bench/GPU_NOTES.md, v8), and to x on the CPU,
+# where the rotation is a small part of the layer's time and the measured results were taken
+# that way. True / False (GOFT_WEIGHT_SIDE=1 / 0): to the weight wherever it can / never; read
+# once at import, so set the module attribute to change it at run time.
+WEIGHT_SIDE: Optional[bool] = _weight_side_from_env()
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -175,9 +195,33 @@ class GivensLinear(nn.Module):
         if not x.is_floating_point():
             raise RuntimeError(f"{self._where()}: expected a floating-point input, got {x.dtype}")
         params, scale = self.transform(name)
+        if not args and not kwargs and self._rotates_weight(x):
+            base = self.base_layer
+            return rotated_linear(x, base.weight, base.bias, params, scale)
         # rotate keeps x's dtype (bf16/fp16/fp32, float32 accumulation), so the base layer sees
         # the dtype it would have seen without goft, under autocast or with bf16 weights alike.
         return self.base_layer(rotate(x, params, scale), *args, **kwargs)
+
+    def _rotates_weight(self, x: torch.Tensor) -> bool:
+        """Whether forward computes base_layer(rotate(x)) as rotated_linear (see WEIGHT_SIDE).
+
+        Only where that is the same computation: a plain nn.Linear with x's dtype and no hooks
+        (which would miss the call), outside autocast (which would pick the matmul's dtype)."""
+        if WEIGHT_SIDE is False:
+            return False
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            return False
+        module_hooks = torch.nn.modules.module
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks"):
+            if getattr(module_hooks, name, None):
+                return False
+        if WEIGHT_SIDE is None:
+            return x.is_cuda and x.numel() >= x.shape[-1] * base.out_features
+        return True
 
     def orthogonality_penalty(self) -> Optional[torch.Tensor]:
         """lambda * sum_i <A_i[:,0], A_i[:,1]>^2 for an active qGOFT adapter; None otherwise."""
