@@ -281,8 +281,9 @@ def test_strict_backward_kernels_match_the_reference(dtype, monkeypatch):
 def test_angle_grads_match_the_reference(dtype, monkeypatch):
     """goft::rotate_angle_grads (angle gradients from x and the gradient at x) against the float64
     CPU op: the strict kernels from the output in every backward layout (GOFT_CUDA_CHUNKS), the
-    two-pass form where they do not apply (GOFT_CUDA_STRICT=0, and 16384-wide rows), both
-    transposes; bitwise the same when repeated."""
+    two-pass form where they do not apply (GOFT_CUDA_STRICT=0; float32 rows of 16384, and bf16
+    ones in the forced layouts that cannot hold them), both transposes; bitwise the same when
+    repeated."""
     for d in (1, 5, 768, 1000, 4096, 16384):
         x, params, _ = make_inputs(d, dtype, False, False, rows=37 if d < 16384 else 5)
         grad_x = torch.randn(x.shape, device="cuda").to(dtype)
@@ -298,7 +299,7 @@ def test_angle_grads_match_the_reference(dtype, monkeypatch):
                     what = f"d={d} transpose={transpose} strict={strict} chunks={chunks}"
                     assert torch.equal(got, again), what + ": not reproducible"
                     # The two-pass form rounds the gradient at the output to the dtype first.
-                    two_pass = strict == "0" or d == 16384
+                    two_pass = strict == "0" or d == 16384  # d = 16384: may be, by layout
                     rtol = 2e-2 if two_pass and dtype == torch.bfloat16 else GRAD_RTOL[dtype]
                     assert_rows_close(got.cpu().reshape(1, -1), want.reshape(1, -1), rtol, what)
 
