@@ -435,7 +435,7 @@ def test_torch_compile_fullgraph():
 
 def test_cuda_graph_capture_and_replay():
     """The ops inside a captured CUDA graph (as torch.compile's reduce-overhead mode runs them),
-    replayed on new inputs: bitwise what eager calls give for the same inputs."""
+    replayed on new inputs: bitwise what eager calls give for the same inputs (goft's kernels)."""
     x, params, scale = make_inputs(768, torch.bfloat16, False, True, rows=64)
     static_x, static_g = x.clone(), torch.randn_like(x)
     weight = torch.randn(256, 768, device="cuda").to(torch.bfloat16)
@@ -459,8 +459,10 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     eager = run()
     torch.cuda.synchronize()
-    for i, (a, b) in enumerate(zip(captured, eager)):
+    for i, (a, b) in enumerate(zip(captured[:-1], eager[:-1])):
         assert torch.equal(a, b), f"output {i}"
+    # rotated_linear's matmul is cuBLAS's, which promises no bitwise equality across captures.
+    torch.testing.assert_close(captured[-1], eager[-1])
 
 
 def test_givens_linear_under_compile_reduce_overhead():
