@@ -5,14 +5,15 @@ parameter gradients), timed with CUDA events (warmup, then the median of repeats
 achieved bandwidth: bytes the pass must move (forward: read x, write y; backward: read x and
 grad_out, write grad_x) over time, next to a device-to-device copy of x timed in the same run;
 also goft::rotate_angle_grads (reads x and grad_x, writes nothing row-sized), which
-goft.rotated_linear's backward runs for angles without a scale. Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
+goft.rotated_linear's backward runs for angles without a scale.
+Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
 and of the adapter), alone, with goft (GivensLinear, strict GOFT: at this shape it applies the
 transform to the weight's rows, goft.layers.WEIGHT_SIDE), the same layer with the transform on x
 (GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, and PEFT LoRA r=8 when peft is
-importable; the targets are checked on the GivensLinear row. Wide rows: the
-fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in WIDE_DIMS, bfloat16 and
-float32, where the fused variants spill registers (bench/cuda_registers.py): the numbers that
-decide which kernel such widths should take.
+importable; the targets are checked on the GivensLinear row.
+Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in
+WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
+(bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
 
     python bench/gpu_bench.py [--rows 16384] [--dim 4096] [--repeats 50] [--out bench/RESULTS_GPU.md]
 

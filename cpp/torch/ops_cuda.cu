@@ -150,10 +150,9 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
     dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
       using Param = decltype(tag);
       if (plan.angle_partials()) {
-        // Angle gradients of the blocks as applied; the transposed op applies angle -t. From
-        // the output, the kernel walked the other op's layers (angles -t of the same pairs, in
-        // the other order); a pair's term is the same from either side, since 2x2 rotations
-        // commute, so the sign flips back.
+        // Angle gradients of the blocks as applied; the transposed op applies angle -t, so its
+        // sums are negated. rotate_angle_grads (x_is_output) runs the op with the other
+        // transpose, whose angle gradients are the negation of those it returns: one more flip.
         C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs,
             transpose != x_is_output,

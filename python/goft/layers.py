@@ -210,9 +210,13 @@ class GivensLinear(nn.Module):
         if WEIGHT_SIDE is False:
             return False
         base = self.base_layer
-        if type(base) is not nn.Linear or base.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+        if type(base) is not nn.Linear or base.weight.dtype != x.dtype:
             return False
-        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:
+            return False
+        if base._backward_pre_hooks:
             return False
         module_hooks = torch.nn.modules.module
         for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
