@@ -7,8 +7,9 @@ The breakdown lists every kernel one forward and one backward launch (planning k
 fused kernel, the gradient reductions) with its GPU time. The sweep times the fused forward and
 backward on x of shape (rows, d) bfloat16 for each layout override the planner accepts
 (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h
-FusedTuning), the backward on the strict and on the quasi kernels (GOFT_CUDA_STRICT), beside a
-device-to-device copy of x, with the timing of gpu_bench.py.
+FusedTuning), the backward on the strict and on the quasi kernels (GOFT_CUDA_STRICT) and
+rotate_angle_grads (the strict kernels from the op's output), beside a device-to-device copy of
+x, with the timing of gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def passes(x, grad, angles):
     return {
         "forward": lambda: goft.rotate(x, angles),
         "backward": lambda: backward(grad, x, angles, None, False, [True, True, False]),
+        # What goft.rotated_linear's backward runs: the strict kernels from the output.
+        "angle grads": lambda: torch.ops.goft.rotate_angle_grads.default(x, grad, angles, False),
     }
 
 
@@ -57,7 +60,7 @@ def breakdown(rows: int, d: int, dtype: torch.dtype) -> None:
             for _ in range(5):
                 fn()
         torch.cuda.synchronize()
-    print(f"== kernels of 5 forward + 5 backward calls, x ({rows}, {d}) {dtype}")
+    print(f"== kernels of 5 calls of each pass ({', '.join(fns)}), x ({rows}, {d}) {dtype}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
 
 
@@ -70,8 +73,8 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
     print("backward: the strict kernels (angle parameters, the default); quasi: the same gradients with "
           "GOFT_CUDA_STRICT=0")
     print("| chunks | rows per group | cta threads | forward, us | x copy | backward, us | x copy "
-          "| quasi backward, us | x copy |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| angle grads, us | x copy | quasi backward, us | x copy |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fns = dict(fns, quasi=fns["backward"])
     # Two rows per group exist for the one-chunk forward only (FusedTraits::kRowsPerGroup).
     shapes = [(0, 0), (1, 1), (1, 2), (2, 1), (3, 1), (4, 1)]
