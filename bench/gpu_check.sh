@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network needed): build goft with its CUDA kernels, run the GPU benchmark
-# (twice, to show its run-to-run spread), the CUDA tests and the layout sweep of
-# bench/gpu_profile.py; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
+# (twice, to show its run-to-run spread), the CUDA tests, the layout sweep of
+# bench/gpu_profile.py and, where ncu is installed, an Nsight Compute pass over one call of each
+# fused kernel; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
 # in well under 8 minutes (about 4 on an H200): the build compiles for this GPU's architecture
 # only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
 #
-#   bash bench/gpu_check.sh            # build + benchmark + tests + sweep
+#   bash bench/gpu_check.sh            # build + benchmark + tests + sweep + ncu
 #   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
+#   GOFT_SKIP_NCU=1 bash bench/gpu_check.sh     # without the Nsight Compute pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -154,6 +156,19 @@ timeout 120 "$PY" bench/gpu_bench.py --out bench/RESULTS_GPU.md > "$LOGS/bench.r
 bench2_rc=$?
 cp bench/RESULTS_GPU.md "$LOGS/" 2> /dev/null
 cat "$LOGS/bench.run2.log"
+
+# Where the fused kernels' time goes (forward, backward, rotate_angle_grads at the target shape):
+# Nsight Compute's throughput, occupancy, scheduler and stall sections, when ncu is installed.
+# Last, and its exit status does not count: the results above stand without it.
+NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
+if [[ -x "$NCU" && "${GOFT_SKIP_NCU:-0}" != "1" ]]; then
+  stamp "ncu of one call of each pass (full report in $LOGS/ncu.txt)"
+  timeout 150 "$NCU" --clock-control none -k regex:fused_rotate --section SpeedOfLight \
+    --section Occupancy --section SchedulerStats --section WarpStateStats --section LaunchStats \
+    "$PY" bench/gpu_profile.py --once > "$LOGS/ncu.txt" 2>&1
+  grep -E "fused_rotate|Duration|Registers Per|Achieved Occupancy|Issued Warp Per|Eligible Warps|DRAM Throughput" \
+    "$LOGS/ncu.txt" | head -n 40
+fi
 set -e
 
 stamp "done: benchmark exit status ${bench1_rc}, ${bench2_rc}; tests exit status ${tests_rc}"
