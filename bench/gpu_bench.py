@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
+# Where the tensors live; tests/test_gpu_scripts.py runs this script's logic on the CPU.
+DEVICE = "cuda"
 
 
 def fail(message: str) -> None:
@@ -64,7 +66,7 @@ def op_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     import goft
 
     torch.manual_seed(0)
-    dev = "cuda"
+    dev = DEVICE
     x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
     grad = torch.randn_like(x)
     y = torch.empty_like(x)
@@ -112,9 +114,9 @@ def wide_rows(rows: int, repeats: int) -> List[Dict[str, object]]:
     for dt in (torch.bfloat16, torch.float32):
         for d in WIDE_DIMS:
             torch.manual_seed(0)
-            x = torch.randn(rows, d, device="cuda", dtype=dt)
+            x = torch.randn(rows, d, device=DEVICE, dtype=dt)
             grad = torch.randn_like(x)
-            angles = 0.1 * torch.randn(d - 1, device="cuda")
+            angles = 0.1 * torch.randn(d - 1, device=DEVICE)
             passes = {
                 "forward": lambda: goft.rotate(x, angles),
                 "backward": lambda: backward(grad, x, angles, None, False, [True, True, False]),
@@ -137,7 +139,7 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     import goft
 
     torch.manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEVICE, torch.bfloat16
     base = nn.Linear(d, d, device=dev, dtype=dt).requires_grad_(False)
     x = torch.randn(rows, d, device=dev, dtype=dt, requires_grad=True)
     grad_y = torch.randn(rows, d, device=dev, dtype=dt)

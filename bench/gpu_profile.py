@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from gpu_bench import cuda_time_ms  # noqa: E402
+import gpu_bench  # noqa: E402
 
 
 def make_case(rows: int, d: int, dtype: torch.dtype):
     torch.manual_seed(0)
-    x = torch.randn(rows, d, device="cuda", dtype=dtype)
+    x = torch.randn(rows, d, device=gpu_bench.DEVICE, dtype=dtype)
     grad = torch.randn_like(x)
-    angles = 0.1 * torch.randn(d - 1, device="cuda")
+    angles = 0.1 * torch.randn(d - 1, device=gpu_bench.DEVICE)
     return x, grad, angles
 
 
@@ -68,7 +68,7 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
     x, grad, angles = make_case(rows, d, dtype)
     fns = passes(x, grad, angles)
     y = torch.empty_like(x)
-    copy_us = 1000 * cuda_time_ms(lambda: y.copy_(x), repeats)
+    copy_us = 1000 * gpu_bench.cuda_time_ms(lambda: y.copy_(x), repeats)
     print(f"== layout sweep, x ({rows}, {d}) {dtype}; copy of x {copy_us:.1f} us")
     print("backward: the strict kernels (angle parameters, the default); quasi: the same gradients with "
           "GOFT_CUDA_STRICT=0")
@@ -90,7 +90,7 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
                     continue
                 os.environ["GOFT_CUDA_STRICT"] = "0" if name == "quasi" else "1"
                 try:
-                    us = 1000 * cuda_time_ms(fn, repeats)
+                    us = 1000 * gpu_bench.cuda_time_ms(fn, repeats)
                     cells += [f"{us:.1f}", f"{us / copy_us:.2f}"]
                 except RuntimeError as e:  # a layout this variant cannot take
                     cells += [f"error: {str(e).splitlines()[0][:40]}", ""]

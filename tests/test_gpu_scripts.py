@@ -1,0 +1,81 @@
+"""The GPU scripts' Python (bench/gpu_bench.py, bench/gpu_profile.py) run on the CPU at small
+sizes, with a wall-clock timer standing in for CUDA events, so that a broken script shows here
+and not in a GPU session's few minutes. The times mean nothing on the CPU; the tables' shape
+and the rows they must have are what is checked."""
+
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+import torch
+
+import goft
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+
+import gpu_bench  # noqa: E402
+import gpu_profile  # noqa: E402
+
+OVERRIDES = ("GOFT_CUDA_FALLBACK", "GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS",
+             "GOFT_CUDA_STRICT")
+
+
+def wall_ms(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_bench, "cuda_time_ms", wall_ms)
+    for name in OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def table_rows(text, first_cell):
+    header = next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+    lines = text.splitlines()
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    columns = header.count("|")
+    assert all(row.count("|") == columns for row in rows), f"ragged table under {header!r}"
+    return rows
+
+
+def test_gpu_bench_tables(on_cpu):
+    op = gpu_bench.op_rows(32, 64, 1)
+    layer = gpu_bench.layer_rows(128, 64, 1)
+    wide = gpu_bench.wide_rows(1, 1)
+    text = gpu_bench.markdown(op, layer, wide, 32, 64, 1, "CPU test")
+    op_names = [row.split(" | ")[0][2:] for row in table_rows(text, "pass")]
+    assert "angle gradients from x and grad_x (rotate_angle_grads)" in op_names
+    assert len(op_names) == 9  # the copy and eight passes
+    layer_names = [row.split(" | ")[0][2:] for row in table_rows(text, "layer")]
+    assert layer_names[:2] == ["frozen nn.Linear alone", "with goft (GivensLinear, strict)"]
+    assert "with goft (GivensLinear, x rotated: GOFT_WEIGHT_SIDE=0)" in layer_names
+    assert "with goft.rotated_linear (weight rotated, strict)" in layer_names
+    assert "Target goft <= 1.10x frozen:" in text
+    assert len(table_rows(text, "dtype")) == 2 * 2 * len(gpu_bench.WIDE_DIMS)
+    assert goft.layers.WEIGHT_SIDE is None, "the x-rotated row must restore the switch"
+    assert "GOFT_CUDA_FALLBACK" not in os.environ
+
+
+def test_gpu_profile_sweep(on_cpu, capsys):
+    gpu_profile.sweep(16, 64, torch.bfloat16, 1)
+    text = capsys.readouterr().out
+    rows = table_rows(text, "chunks")
+    assert len(rows) == 6 * 4
+    assert not any("error" in row for row in rows)
+    assert "angle grads, us" in text
+    assert not any(name in os.environ for name in OVERRIDES)
