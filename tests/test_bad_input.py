@@ -81,6 +81,22 @@ OP_ERRORS = [
         RuntimeError,
         r"goft.rotate_backward: expected grad_out of x's dtype Float, got Double",
     ),
+    # rotate_angle_grads called directly
+    ("rotate_angle_grads blocks", lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), _rand(2, 5), torch.randn(4, 2, 2)),
+     RuntimeError, r"goft.rotate_angle_grads: expected params of shape \(4,\) \(angles\): free 2x2 blocks \(qGOFT\)"),
+    ("rotate_angle_grads params length", lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), _rand(2, 5), torch.randn(5)),
+     RuntimeError, r"goft.rotate_angle_grads: expected params of shape \(4,\) or \(4, 2, 2\)"),
+    ("rotate_angle_grads grad_x shape", lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), _rand(3, 5), torch.randn(4)),
+     RuntimeError, r"goft.rotate_angle_grads: expected grad_x of x's shape \(2, 5\), got \(3, 5\)"),
+    ("rotate_angle_grads grad_x dtype",
+     lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), _rand(2, 5, dtype=torch.float64), torch.randn(4)),
+     RuntimeError, r"goft.rotate_angle_grads: expected grad_x of x's dtype Float, got Double"),
+    ("rotate_angle_grads grad_x None", lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), None, torch.randn(4)),
+     RuntimeError, r"goft.rotate_angle_grads: expected grad_x to be a tensor of x's shape \(2, 5\), got None"),
+    ("rotate_angle_grads x dtype",
+     lambda: torch.ops.goft.rotate_angle_grads(torch.zeros(2, 5, dtype=torch.int32), torch.zeros(2, 5, dtype=torch.int32),
+                                               torch.randn(4)),
+     RuntimeError, r"goft.rotate_angle_grads: expected x of dtype float32, float64, bfloat16 or float16"),
 ]
 
 
