@@ -458,12 +458,13 @@ void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int6
   char name[256];
   std::snprintf(name, sizeof(name),
                 "fused %s%s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
-                "grads_smem=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
+                "grads_smem=%d stage=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
                 backward ? "backward" : "forward",
                 x_is_output ? " strict from output" : kStrict ? " strict" : "", type_name<T>(),
                 (long long)p.dim, (long long)p.rows, (long long)p.stride, l.chunks,
                 l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
-                l.grads_in_smem, p.transpose, p.with_scale, grid, (long long)num_chunks, label);
+                l.grads_in_smem, l.stage_rows, p.transpose, p.with_scale, grid,
+                (long long)num_chunks, label);
   const Results<T> got =
       fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks, x_is_output);
   const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);

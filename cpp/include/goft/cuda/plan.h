@@ -21,6 +21,10 @@ constexpr int kWarpThreads = 32;
 // has enough threads to stream the partials at memory speed.
 constexpr int64_t kReduceSegment = 16;
 
+// Shared memory an SM reserves per resident block (sm_80 to sm_90): an SM holds the per-block
+// limit plus this much, so two blocks of the same kernel fit when each uses at most half of it.
+constexpr int64_t kReservedSmemPerBlock = 1024;
+
 // Bound on the memory for per-chunk partial gradients, in elements (as on the CPU path).
 constexpr int64_t kMaxPartialEntries = int64_t{1} << 24;
 
@@ -57,6 +61,7 @@ struct FusedLayout {
   int64_t num_slots = 0;
   bool store_in_smem = true;
   bool grads_in_smem = true;
+  bool stage_rows = false;  // the strict two-block kernels stage their next rows (kStageRows)
   int64_t smem_bytes = 0;
   // Per-block global workspace for gradient accumulators when they are not in shared memory.
   int64_t grad_workspace_per_cta = 0;  // elements
@@ -76,12 +81,13 @@ inline FusedVariant fused_variant_shape(int i) {
 
 // Overrides of the layout choice, for tuning experiments on a GPU (rotate_api.h reads them from
 // the environment): only variants with `chunks` vectors per thread and `rows_per_group` rows
-// per group (0: any), and thread blocks of at least `cta_threads` threads (several row groups
-// per block) where the variant allows.
+// per group (0: any), thread blocks of at least `cta_threads` threads (several row groups per
+// block) where the variant allows, and whether the strict kernels may stage their next rows.
 struct FusedTuning {
   int chunks = 0;
   int rows_per_group = 0;
   int cta_threads = kMinCtaThreads;
+  bool stage_rows = true;  // false: the strict kernels do not stage their next rows
 };
 
 // Picks the fused kernel whose row capacity (G * chunks * elts) wastes the fewest threads for
@@ -135,14 +141,15 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   const PairSchedule s = make_schedule(dim);
   l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
 
-  auto smem_layout = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
+  auto smem_layout = [&](int rows_per_cta, bool store_smem, bool grads_smem, bool stage = false) {
     return fused_smem_layout(l.chunks, fused_exchange_values(l.rows_per_group, l.strict),
                              l.group_threads, rows_per_cta, l.num_slots,
                              fused_grad_entries(l.strict, l.num_slots, ilog2(elts), l.vcap), dim,
-                             backward, scale_grad, store_smem, grads_smem);
+                             backward, scale_grad, store_smem, grads_smem,
+                             fused_stage_per_group(stage, l.chunks, l.group_threads, acc_bytes));
   };
-  auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem) {
-    return acc_bytes * smem_layout(rows_per_cta, store_smem, grads_smem).total;
+  auto bytes = [&](int rows_per_cta, bool store_smem, bool grads_smem, bool stage = false) {
+    return acc_bytes * smem_layout(rows_per_cta, store_smem, grads_smem, stage).total;
   };
   // Fewer row groups per block before giving up shared-memory placement, down to one warp: the
   // lane layers shuffle with a full mask, which needs every lane of the warp present.
@@ -164,7 +171,13 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
     }
   }
   if (!placed) return false;
-  l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem);
+  // Staging the next rows costs shared memory, spent only where the kernel's two blocks per SM
+  // still fit with it: an SM has the per-block limit plus the 1 KB it reserves per block.
+  if (backward && tuning.stage_rows && strict_fits_two_blocks(l.strict, l.chunks, elts, acc_bytes)) {
+    const int64_t staged = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem, true);
+    l.stage_rows = 2 * (staged + kReservedSmemPerBlock) <= smem_limit_bytes + kReservedSmemPerBlock;
+  }
+  l.smem_bytes = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem, l.stage_rows);
   if (backward && !l.grads_in_smem) {
     const FusedSmemLayout sl = smem_layout(l.rows_per_cta, false, false);
     l.grad_workspace_per_cta = (sl.grads_per_group + sl.scale_grads_per_group) * l.rows_per_cta;
@@ -226,6 +239,7 @@ FusedParams<T, Acc> make_fused_params(int64_t rows, int64_t dim, bool transpose,
   }
   p.store_in_smem = l.store_in_smem;
   p.grads_in_smem = l.grads_in_smem;
+  p.stage_rows = l.stage_rows;
   return p;
 }
 

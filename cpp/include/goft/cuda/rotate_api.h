@@ -121,13 +121,15 @@ inline bool strict_kernels_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
-// GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS (rows per group) and GOFT_CUDA_CTA_THREADS override the fused
-// layout choice (plan.h FusedTuning), for tuning experiments; unset, the planner's defaults apply.
+// GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS (rows per group), GOFT_CUDA_CTA_THREADS and GOFT_CUDA_STAGE=0
+// (no staged rows) override the fused layout choice (plan.h FusedTuning), for tuning
+// experiments; unset, the planner's defaults apply.
 inline FusedTuning tuning_from_env() {
   FusedTuning t;
   if (const char* v = std::getenv("GOFT_CUDA_CHUNKS")) t.chunks = std::atoi(v);
   if (const char* v = std::getenv("GOFT_CUDA_ROWS")) t.rows_per_group = std::atoi(v);
   if (const char* v = std::getenv("GOFT_CUDA_CTA_THREADS")) t.cta_threads = std::atoi(v);
+  if (const char* v = std::getenv("GOFT_CUDA_STAGE")) t.stage_rows = v[0] != '0';
   return t;
 }
 

@@ -92,10 +92,24 @@ struct alignas(sizeof(T) * N) Vec {
 // 16-byte access. A Vec of __nv_bfloat16 or __half copies member by member (their assignment
 // operators are user-provided), which compiles to eight 2-byte accesses, each spanning a warp's
 // whole 512 bytes; plain aligned stores of four words still get split into 4-byte stores.
+//
+// Loaded rows stay in this packed form until they are converted (RawChunk): unpacked into a Vec
+// of 2-byte elements at the load, the PRMTs that split the words follow the LDG at once and wait
+// for it, so a load meant to be in flight during the previous row's work stalls its warp instead
+// (ncu on v8's forward: 6.4 of 17.1 cycles per instruction waiting on L1TEX results).
+using RawChunk = uint4;
+
 template <typename T, int N>
-GOFT_HOST_DEVICE Vec<T, N> load_vec16(const T* p) {
-  static_assert(sizeof(Vec<T, N>) == sizeof(uint4), "a vector must be exactly 16 bytes");
-  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+GOFT_HOST_DEVICE RawChunk pack_vec16(const Vec<T, N>& v) {
+  static_assert(sizeof(Vec<T, N>) == sizeof(RawChunk), "a vector must be exactly 16 bytes");
+  RawChunk bits;
+  memcpy(&bits, static_cast<const void*>(&v), sizeof(bits));
+  return bits;
+}
+
+template <typename T, int N>
+GOFT_HOST_DEVICE Vec<T, N> unpack_vec16(const RawChunk& bits) {
+  static_assert(sizeof(Vec<T, N>) == sizeof(RawChunk), "a vector must be exactly 16 bytes");
   Vec<T, N> v;
   memcpy(static_cast<void*>(&v), &bits, sizeof(bits));
   return v;
@@ -133,11 +147,43 @@ GOFT_HOST_DEVICE void store_vec16(T* p, const Vec<T, N>& v) {
 #endif
 }
 
+// cp.async of one 16-byte chunk from global to shared memory (sm_80 and later; a plain copy
+// elsewhere and in the host emulator, where it is complete at once). The copies a thread issued
+// are complete and visible to it after async_copy_wait_all.
+GOFT_DEVICE_FN void async_copy16(RawChunk* smem_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+#else
+  *smem_dst = *static_cast<const RawChunk*>(global_src);
+#endif
+}
+
+GOFT_DEVICE_FN void async_copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+GOFT_DEVICE_FN void async_copy_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 constexpr int ilog2(int n) { return n <= 1 ? 0 : 1 + ilog2(n / 2); }
 constexpr int ceil_log2(int n) { return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2); }
 
 // ---------------------------------------------------------------------------------------------
 // Kernel traits of the fused kernels.
+
+// Whether a strict backward kernel's thread holds at most 32 bytes of the row in the accumulation
+// type (one bf16/fp16 chunk, up to two float32 or float64 ones): such kernels are compiled for two
+// blocks per SM (FusedTraits::kMinBlocksPerSm) and stage their next rows (kStageRows). The
+// planner sizes their shared memory with it (plan.h).
+constexpr bool strict_fits_two_blocks(bool strict, int chunks, int elts, int acc_bytes) {
+  return strict && chunks * elts * acc_bytes <= 32;
+}
 
 template <typename T_, int kChunks_, bool kBackward_, int kRowsPerGroup_ = 1,
           bool kStrict_ = false>
@@ -207,7 +253,7 @@ struct FusedTraits {
   // The group's next rows are loaded while the current ones are transformed. The backward holds
   // about four values per feature, so only its one-chunk kernels have the registers for the next
   // row's x and grad_out; the strict one spends them on a second block per SM instead
-  // (kMinBlocksPerSm), which hides the loads as well.
+  // (kMinBlocksPerSm) and stages its next row in shared memory (kStageRows).
   static constexpr bool kPrefetch = kBackward ? kChunks == 1 && !kStrict : kChunks <= 2;
 
   // Block size the compiler must allow (__launch_bounds__), which caps registers per thread at
@@ -223,8 +269,17 @@ struct FusedTraits {
   // threads (64 registers; ptxas: no spills in the shared-memory kernels that are not
   // transposed) let one block's barrier waits and loads overlap the other's work. 0 states no
   // minimum; even 1 would change ptxas's register allocation (.minnctapersm).
-  static constexpr int kMinBlocksPerSm =
-      kStrict && kChunks * kElts * static_cast<int>(sizeof(Acc)) <= 32 ? 2 : 0;
+  static constexpr bool kTwoBlocksPerSm =
+      strict_fits_two_blocks(kStrict, kChunks, kElts, static_cast<int>(sizeof(Acc)));
+  static constexpr int kMinBlocksPerSm = kTwoBlocksPerSm ? 2 : 0;
+
+  // The strict two-block kernels have no registers left for the next row (kPrefetch), so they
+  // stage it in shared memory instead where two blocks per SM still fit with it
+  // (FusedParams::stage_rows, plan.h): each thread copies its own 16-byte chunks of the group's
+  // next row of x and grad_out with cp.async while the current row is transformed
+  // (FusedSmemLayout::stage), and reads them back at the next row; no barrier, as no thread
+  // reads another's chunks. Without it each row's loads were waited for in full.
+  static constexpr bool kStageRows = kTwoBlocksPerSm;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -275,6 +330,7 @@ struct FusedParams {
   Acc* block_partials = nullptr;
   Acc* scale_partials = nullptr;  // (num_chunks * rows_per_cta, d) or nullptr
   bool grads_in_smem = true;      // accumulators in shared memory, else in grad_workspace
+  bool stage_rows = false;        // K::kStageRows kernels: stage the next rows (plan.h)
   Acc* grad_workspace = nullptr;  // per block: rows_per_cta * (grad entries + padded d)
 };
 
@@ -287,17 +343,28 @@ struct FusedSmemLayout {
   int64_t blocks = 0;
   int64_t grads = 0, grads_per_group = 0;
   int64_t scale_grads = 0, scale_grads_per_group = 0;
+  // Staged next rows (FusedTraits::kStageRows): per group, x's chunks then grad_out's, each
+  // chunk-major ([c][t]: consecutive threads, consecutive 16 bytes).
+  int64_t stage = 0, stage_per_group = 0;
   int64_t total = 0;
 };
 
+// Acc elements a group needs to stage its next row of x and grad_out (0 when it does not).
+GOFT_HOST_DEVICE int64_t fused_stage_per_group(bool stages, int chunks, int group_threads,
+                                               int acc_bytes) {
+  return stages ? 2 * int64_t{chunks} * group_threads * (16 / acc_bytes) : 0;
+}
+
 // exchange_values: values per chunk that each warp of a group exchanges in the warp layers (its
 // rows, and in the strict backward the outputs beside the gradients, fused_exchange_values);
-// grad_entries: gradient accumulators per group in backward (fused_grad_entries).
+// grad_entries: gradient accumulators per group in backward (fused_grad_entries); stage_per_group:
+// fused_stage_per_group.
 GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_values,
                                                    int group_threads, int rows_per_cta,
                                                    int64_t num_slots, int64_t grad_entries,
                                                    int64_t dim, bool backward, bool scale_grad,
-                                                   bool store_in_smem, bool grads_in_smem) {
+                                                   bool store_in_smem, bool grads_in_smem,
+                                                   int64_t stage_per_group) {
   FusedSmemLayout l;
   // Two exchange buffers alternate so that one barrier per exchange is enough (see warp_layers);
   // each holds one value per exchanged value of the group, chunk and warp.
@@ -313,6 +380,9 @@ GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_valu
   if (backward && grads_in_smem) at += l.grads_per_group * rows_per_cta;
   l.scale_grads = at;
   if (backward && grads_in_smem) at += l.scale_grads_per_group * rows_per_cta;
+  l.stage_per_group = stage_per_group;  // a multiple of 4 elements: 16-byte chunks
+  l.stage = at;
+  at += l.stage_per_group * rows_per_cta;
   l.total = at;
   return l;
 }
@@ -456,6 +526,7 @@ struct RowCtx {
   int coarse_first = 0;         // first_coarse_slot
   Acc* scale_grads = nullptr;   // this group's (d,) scale gradient, or nullptr
   Acc* exchange = nullptr;      // this group's two exchange buffers (G > 32)
+  RawChunk* stage = nullptr;    // this group's staged next row (K::kStageRows)
 
   GOFT_DEVICE_FN int vpos(int c) const { return c * G + t; }
   // The same context with the thread index hidden from the optimiser (see opaque).
@@ -500,32 +571,68 @@ struct ThreadAngleGrads {
 template <class K>
 using GroupRows = typename K::Acc[K::kRowsPerGroup][K::kChunks][K::kElts];
 
+// A thread's chunks of one row, packed (RawChunk); zeros past the row's end or for an invalid row.
 template <class K, class Threads>
 GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
-                             bool valid, Vec<typename K::T, K::kElts> (&raw)[K::kChunks]) {
+                             bool valid, RawChunk (&raw)[K::kChunks]) {
   using T = typename K::T;
   constexpr int E = K::kElts;
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
     const int f0 = x.vpos(c) * E;
     if (valid && vec && f0 < x.d) {
-      raw[c] = load_vec16<T, E>(row + f0);
+      raw[c] = *reinterpret_cast<const RawChunk*>(row + f0);
     } else {
+      Vec<T, E> v;
       GOFT_UNROLL
       for (int i = 0; i < E; ++i) {
-        raw[c].v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
+        v.v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
       }
+      raw[c] = pack_vec16(v);
     }
   }
 }
 
+// Stages a thread's chunks of one row (FusedTraits::kStageRows) at dst[c * G]: cp.async for whole
+// 16-byte vectors, plain stores of the packed scalars (zeros past the row's end or for an invalid
+// row) elsewhere. Read back with read_staged after async_copy_wait_all.
+template <class K, class Threads>
+GOFT_DEVICE_FN void stage_row(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
+                              bool valid, RawChunk* dst) {
+  using T = typename K::T;
+  constexpr int E = K::kElts;
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) {
+    const int f0 = x.vpos(c) * E;
+    RawChunk* slot = dst + c * x.G + x.t;
+    if (valid && vec && f0 < x.d) {
+      async_copy16(slot, row + f0);
+    } else {
+      Vec<T, E> v;
+      GOFT_UNROLL
+      for (int i = 0; i < E; ++i) {
+        v.v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
+      }
+      *slot = pack_vec16(v);
+    }
+  }
+}
+
+template <class K, class Threads>
+GOFT_DEVICE_FN void read_staged(const RowCtx<K, Threads>& x, const RawChunk* src,
+                                RawChunk (&raw)[K::kChunks]) {
+  GOFT_UNROLL
+  for (int c = 0; c < K::kChunks; ++c) raw[c] = src[c * x.G + x.t];
+}
+
 template <class K>
-GOFT_DEVICE_FN void raw_to_acc(const Vec<typename K::T, K::kElts> (&raw)[K::kChunks],
+GOFT_DEVICE_FN void raw_to_acc(const RawChunk (&raw)[K::kChunks],
                                typename K::Acc (&w)[K::kChunks][K::kElts]) {
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
+    const Vec<typename K::T, K::kElts> v = unpack_vec16<typename K::T, K::kElts>(raw[c]);
     GOFT_UNROLL
-    for (int i = 0; i < K::kElts; ++i) w[c][i] = to_acc(raw[c].v[i]);
+    for (int i = 0; i < K::kElts; ++i) w[c][i] = to_acc(v.v[i]);
   }
 }
 
@@ -594,7 +701,7 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows
   constexpr int E = K::kElts, LE = K::kLogElts;
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int j = x.vpos(c), f0 = j * E;
+    const int j = x.vpos(c);
     const Acc* vb = x.blocks + 4 * (E - 1) * j;
     GOFT_UNROLL
     for (int i = 0; i < LE; ++i) {
@@ -602,8 +709,8 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows
       GOFT_UNROLL
       for (int kk = 0; kk < E / 2; ++kk) {
         if (kk >= (E >> (r + 1))) continue;
+        // A pair past d has an identity block (stage_slot), so no pair needs a bounds check.
         const int a = kk << (r + 1), b = a + (1 << r);
-        if (f0 + b >= x.d) continue;
         Acc blk[4];
         load_block(vb + 4 * (E - (E >> r) + kk), blk);
         if (kSave) {  // backward: one row per group
@@ -636,7 +743,7 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
   constexpr int E = K::kElts, LE = K::kLogElts;
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int j = x.vpos(c), f0 = j * E;
+    const int j = x.vpos(c);
     const Acc* vb = x.blocks + 4 * (E - 1) * j;
     Acc* vg = x.grads + 4 * (E - 1) * j;
     GOFT_UNROLL
@@ -645,8 +752,8 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
       GOFT_UNROLL
       for (int kk = 0; kk < E / 2; ++kk) {
         if (kk >= (E >> (r + 1))) continue;
+        // Pairs past d: identity blocks (stage_slot); their gradients are never flushed.
         const int a = kk << (r + 1), b = a + (1 << r);
-        if (f0 + b >= x.d) continue;
         Acc blk[4];
         const int in_vector = E - (E >> r) + kk;  // slot, from the vector's first
         load_block(vb + 4 * in_vector, blk);
@@ -980,7 +1087,9 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
       K::kChunks, fused_exchange_values(K::kRowsPerGroup, K::kStrict), p.group_threads,
       p.rows_per_cta, p.num_slots,
       fused_grad_entries(K::kStrict, p.num_slots, K::kLogElts, p.vcap), p.dim, K::kBackward,
-      p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem);
+      p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem,
+      fused_stage_per_group(K::kStageRows && p.stage_rows, K::kChunks, p.group_threads,
+                            sizeof(Acc)));
   const int tid = th.thread();
   RowCtx<K, Threads> x{p, th};
   x.d = p.dim;
@@ -992,6 +1101,7 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   x.num_layers = p.schedule.num_layers;
   if (K::kStrict) x.coarse_first = static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap));
   x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
+  x.stage = reinterpret_cast<RawChunk*>(smem + l.stage + x.group * l.stage_per_group);
   if (kOnChip || p.store_in_smem) {
     Acc* dst = smem + l.blocks;
     for (int s = tid; s < p.num_slots; s += p.cta_threads) {
@@ -1038,7 +1148,7 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
   int parity = 0;
   const int64_t tile_rows = static_cast<int64_t>(p.rows_per_cta) * R;
   const int64_t num_tiles = (p.rows + tile_rows - 1) / tile_rows;
-  Vec<T, E> raw[R][C];
+  RawChunk raw[R][C];
   int64_t tile = th.cta();
   if (K::kPrefetch) {
     GOFT_UNROLL
@@ -1237,15 +1347,23 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   const int64_t rp = p.rows_per_cta;
   // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row.
   constexpr int kNextChunks = K::kPrefetch ? C : 1;
-  Vec<T, E> next_x[kNextChunks], next_g[kNextChunks];
+  RawChunk next_x[kNextChunks], next_g[kNextChunks];
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
     const int64_t tiles = (end - begin + rp - 1) / rp;
+    // The staged rows: x's chunks, then grad_out's (FusedSmemLayout::stage).
+    RawChunk* const staged_x = ctx.stage;
+    RawChunk* const staged_g = ctx.stage + C * ctx.G;
     if constexpr (K::kPrefetch) {
       const int64_t row = begin + ctx.group;
       load_raw(ctx, p.x + row * p.x_stride, p.x_vec, row < end, next_x);
       load_raw(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, next_g);
+    } else if (K::kStageRows && p.stage_rows) {
+      const int64_t row = begin + ctx.group;
+      stage_row(ctx, p.x + row * p.x_stride, p.x_vec, row < end, staged_x);
+      stage_row(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, staged_g);
+      async_copy_commit();
     }
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const RowCtx<K, Threads> x = ctx.refreshed();
@@ -1258,8 +1376,25 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         const int64_t next = row + rp;  // the group's next row of this chunk
         load_raw(x, p.x + next * p.x_stride, p.x_vec, next < end, next_x);
         load_raw(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end, next_g);
+      } else if (K::kStageRows && p.stage_rows) {
+        async_copy_wait_all();
+        RawChunk raw[C];
+        read_staged(x, staged_x, raw);
+        raw_to_acc<K>(raw, w[0]);
+        read_staged(x, staged_g, raw);
+        raw_to_acc<K>(raw, g[0]);
+        // The group's next tile, if the chunk has one; zeros past the chunk's last row, as an
+        // invalid row must add nothing to the gradients. Only this thread's own later copies
+        // overwrite its slots, after the reads above in program order.
+        const int64_t next = row + rp;
+        if (tile + 1 < tiles) {
+          stage_row(x, p.x + next * p.x_stride, p.x_vec, next < end, staged_x);
+          stage_row(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end,
+                    staged_g);
+          async_copy_commit();
+        }
       } else {
-        Vec<T, E> raw[C];
+        RawChunk raw[C];
         load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
         raw_to_acc<K>(raw, w[0]);
         load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
@@ -1290,7 +1425,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
           if (x.scale_grads != nullptr && valid) {
-            Vec<T, E> raw[C];
+            RawChunk raw[C];
             load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
             raw_to_acc<K>(raw, w[0]);
             add_scale_grads(x, g[0], w[0]);
@@ -1479,7 +1614,7 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
 // Staging and reduction steps, one element (pair, entry or feature) per call.
 
 // The pair whose block a slot holds (the inverse of block_slot), or -1 for the slots of
-// thread-layer pairs past d, which no pair uses.
+// thread-layer pairs past d, which no pair uses (they hold identity blocks).
 GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t vcap,
                                    int64_t slot) {
   const int elts = 1 << log_elts;
@@ -1496,8 +1631,9 @@ GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t 
 }
 
 // Block store entry `slot` (stage_store_kernel): the block of its pair as applied (transposed
-// when the op is), from the op's parameters; zeros for an unused slot, so that the whole store
-// is defined when a thread block copies it to shared memory.
+// when the op is), from the op's parameters; the identity for an unused slot, so that the thread
+// layers can apply every in-vector pair without a bounds check (a pair past d then leaves its
+// features, and the gradient through them, as they are).
 template <typename Param, typename Acc>
 GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bool transpose,
                                  const PairSchedule& s, int log_elts, int64_t vcap, int64_t slot,
@@ -1505,7 +1641,8 @@ GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bo
   const int64_t p = slot_pair(s, log_elts, vcap, slot);
   Acc* out = store + 4 * slot;
   if (p < 0) {
-    for (int i = 0; i < 4; ++i) out[i] = Acc(0);
+    out[0] = out[3] = Acc(1);
+    out[1] = out[2] = Acc(0);
     return;
   }
   Acc block[4];
