@@ -149,6 +149,7 @@ tail -n 40 "$LOGS/tests.log"
 # of one forward and backward (not a results file; its exit status does not count).
 stamp "layout sweep (bench/gpu_profile.py, full output in $LOGS/profile.txt)"
 timeout 150 "$PY" bench/gpu_profile.py > "$LOGS/profile.txt" 2>&1
+grep -A 4 "staged next rows" "$LOGS/profile.txt"
 grep -A 27 "layout sweep" "$LOGS/profile.txt" | head -n 56
 
 stamp "GPU benchmark, run 2 of 2"
@@ -168,6 +169,14 @@ if [[ -x "$NCU" && "${GOFT_SKIP_NCU:-0}" != "1" ]]; then
     "$PY" bench/gpu_profile.py --once > "$LOGS/ncu.txt" 2>&1
   grep -E "fused_rotate|Duration|Registers Per|Achieved Occupancy|Issued Warp Per|Eligible Warps|DRAM Throughput" \
     "$LOGS/ncu.txt" | head -n 40
+  # What the warps wait on, per issued instruction (the Warp State section's breakdown), and the
+  # instructions executed: a second pass, so that a metric this ncu lacks loses only this part.
+  stamp "ncu stall reasons (full report in $LOGS/ncu_stalls.txt)"
+  timeout 150 "$NCU" --clock-control none -k regex:fused_rotate --metrics \
+    'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum' \
+    "$PY" bench/gpu_profile.py --once > "$LOGS/ncu_stalls.txt" 2>&1
+  grep -E "fused_rotate|inst_executed|stalled_(long_scoreboard|short_scoreboard|barrier|mio_throttle|wait|lg_throttle|not_selected|math|branch|no_instruction|dispatch)" \
+    "$LOGS/ncu_stalls.txt" | sed -E 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//' | head -n 45
 fi
 set -e
 

@@ -9,7 +9,8 @@ backward on x of shape (rows, d) bfloat16 for each layout override the planner a
 (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h
 FusedTuning), the backward on the strict and on the quasi kernels (GOFT_CUDA_STRICT) and
 rotate_angle_grads (the strict kernels from the op's output), beside a device-to-device copy of
-x, with the timing of gpu_bench.py.
+x, with the timing of gpu_bench.py; a short table first compares the strict kernels with and
+without their staged next rows (GOFT_CUDA_STAGE=0).
 """
 
 from __future__ import annotations
@@ -99,6 +100,22 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
         os.environ.pop(name, None)
 
 
+def staging(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
+    """The strict kernels with and without their staged next rows (GOFT_CUDA_STAGE=0)."""
+    x, grad, angles = make_case(rows, d, dtype)
+    fns = passes(x, grad, angles)
+    print(f"== staged next rows, x ({rows}, {d}) {dtype}: the strict kernels' cp.async of the next row")
+    print("| pass | staged, us | GOFT_CUDA_STAGE=0, us | staged / not |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in ("backward", "angle grads"):
+        times = []
+        for stage in ("1", "0"):
+            os.environ["GOFT_CUDA_STAGE"] = stage
+            times.append(1000 * gpu_bench.cuda_time_ms(fns[name], repeats))
+        print(f"| {name} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f} |", flush=True)
+    os.environ.pop("GOFT_CUDA_STAGE", None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=16384)
@@ -115,6 +132,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     breakdown(args.rows, args.dim, torch.bfloat16)
+    staging(args.rows, args.dim, torch.bfloat16, args.repeats)
     sweep(args.rows, args.dim, torch.bfloat16, args.repeats)
     sweep(args.rows // 2, 2 * args.dim, torch.float32, args.repeats)
 

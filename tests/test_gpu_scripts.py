@@ -19,7 +19,7 @@ import gpu_bench  # noqa: E402
 import gpu_profile  # noqa: E402
 
 OVERRIDES = ("GOFT_CUDA_FALLBACK", "GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS",
-             "GOFT_CUDA_STRICT")
+             "GOFT_CUDA_STRICT", "GOFT_CUDA_STAGE")
 
 
 def wall_ms(fn, repeats, warmup=1):
@@ -78,4 +78,11 @@ def test_gpu_profile_sweep(on_cpu, capsys):
     assert len(rows) == 6 * 4
     assert not any("error" in row for row in rows)
     assert "angle grads, us" in text
+    assert not any(name in os.environ for name in OVERRIDES)
+
+
+def test_gpu_profile_staging(on_cpu, capsys):
+    gpu_profile.staging(16, 64, torch.bfloat16, 1)
+    rows = table_rows(capsys.readouterr().out, "pass")
+    assert [row.split(" | ")[0][2:] for row in rows] == ["backward", "angle grads"]
     assert not any(name in os.environ for name in OVERRIDES)
