@@ -278,6 +278,31 @@ def test_strict_backward_kernels_match_the_reference(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_staged_rows_change_no_bit(dtype, monkeypatch):
+    """The strict kernels' staged next rows (cp.async into shared memory) move the same bytes as
+    plain loads: gradients and rotate_angle_grads are bitwise those of GOFT_CUDA_STAGE=0, with and
+    without a scale, for row counts that leave a block's last tile partly empty."""
+    for d in (6, 1000, 4096):
+        for rows in (1, 37, 301):
+            for with_scale in (False, True):
+                x, params, scale = make_inputs(d, dtype, False, with_scale, rows=rows)
+                grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+                for transpose in (False, True):
+                    got = {}
+                    for stage in ("1", "0"):
+                        monkeypatch.setenv("GOFT_CUDA_STAGE", stage)
+                        got[stage] = torch.ops.goft.rotate_backward.default(
+                            grad_out, x, params, scale, transpose, [True, True, with_scale])
+                        if not with_scale:
+                            got[stage] = (*got[stage][:2],
+                                          torch.ops.goft.rotate_angle_grads.default(x, grad_out, params, transpose))
+                    what = f"d={d} rows={rows} scale={with_scale} transpose={transpose}"
+                    for a, b in zip(got["1"], got["0"]):
+                        if a is not None:
+                            assert torch.equal(a, b), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_angle_grads_match_the_reference(dtype, monkeypatch):
     """goft::rotate_angle_grads (angle gradients from x and the gradient at x) against the float64
     CPU op: the strict kernels from the output in every backward layout (GOFT_CUDA_CHUNKS), the
