@@ -9,8 +9,9 @@ backward on x of shape (rows, d) bfloat16 for each layout override the planner a
 (GOFT_CUDA_CHUNKS, GOFT_CUDA_ROWS, GOFT_CUDA_CTA_THREADS; cpp/include/goft/cuda/plan.h
 FusedTuning), the backward on the strict and on the quasi kernels (GOFT_CUDA_STRICT) and
 rotate_angle_grads (the strict kernels from the op's output), beside a device-to-device copy of
-x, with the timing of gpu_bench.py; a short table first compares the strict kernels with and
-without their staged next rows (GOFT_CUDA_STAGE=0).
+x, with the timing of gpu_bench.py. A second breakdown lists the kernels of the bf16 layer,
+frozen and with GivensLinear, as gpu_bench.py times it. A short table then compares the strict
+kernels with and without their staged next rows (GOFT_CUDA_STAGE=0).
 """
 
 from __future__ import annotations
@@ -100,6 +101,42 @@ def sweep(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
         os.environ.pop(name, None)
 
 
+def layer_breakdown(rows: int, d: int) -> None:
+    """Every kernel of 5 forward + backward steps of a bf16 nn.Linear(d, d) on `rows` rows, frozen
+    and with GivensLinear: where the layer's time beyond the frozen one's goes."""
+    import torch.nn as nn
+    from torch.profiler import ProfilerActivity, profile
+
+    import goft
+
+    torch.manual_seed(0)
+    dev, dt = gpu_bench.DEVICE, torch.bfloat16
+    base = nn.Linear(d, d, device=dev, dtype=dt).requires_grad_(False)
+    adapted = goft.GivensLinear(nn.Linear(d, d, device=dev, dtype=dt))
+    adapted.base_layer.load_state_dict(base.state_dict())
+    adapted.add_adapter("default", goft.GOFTConfig())
+    adapted.set_adapter("default")
+    x = torch.randn(rows, d, device=dev, dtype=dt, requires_grad=True)
+    grad_y = torch.randn(rows, d, device=dev, dtype=dt)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    for name, layer in (("frozen nn.Linear", base), ("GivensLinear", adapted)):
+        def step():
+            layer(x).backward(grad_y)
+
+        for _ in range(3):
+            step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+        print(f"== kernels of 5 forward + backward steps: {name}, bf16 ({rows}, {d}) x ({d}, {d})")
+        print(prof.key_averages().table(sort_by=sort, row_limit=24, max_name_column_width=70))
+
+
 def staging(rows: int, d: int, dtype: torch.dtype, repeats: int) -> None:
     """The strict kernels with and without their staged next rows (GOFT_CUDA_STAGE=0)."""
     x, grad, angles = make_case(rows, d, dtype)
@@ -132,6 +169,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     breakdown(args.rows, args.dim, torch.bfloat16)
+    layer_breakdown(args.rows, args.dim)
     staging(args.rows, args.dim, torch.bfloat16, args.repeats)
     sweep(args.rows, args.dim, torch.bfloat16, args.repeats)
     sweep(args.rows // 2, 2 * args.dim, torch.float32, args.repeats)

@@ -86,3 +86,9 @@ def test_gpu_profile_staging(on_cpu, capsys):
     rows = table_rows(capsys.readouterr().out, "pass")
     assert [row.split(" | ")[0][2:] for row in rows] == ["backward", "angle grads"]
     assert not any(name in os.environ for name in OVERRIDES)
+
+
+def test_gpu_profile_layer_breakdown(on_cpu, capsys):
+    gpu_profile.layer_breakdown(32, 64)
+    text = capsys.readouterr().out
+    assert "steps: frozen nn.Linear" in text and "steps: GivensLinear" in text
