@@ -10,7 +10,8 @@ Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (
 and of the adapter), alone, with goft (GivensLinear, strict GOFT: at this shape it applies the
 transform to the weight's rows, goft.layers.WEIGHT_SIDE), the same layer with the transform on x
 (GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, and PEFT LoRA r=8 when peft is
-importable; the targets are checked on the GivensLinear row.
+importable, interleaved over LAYER_ROUNDS rounds (the median ratio to the frozen layer, with the
+rounds' range); the targets are checked on the GivensLinear row.
 Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in
 WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
 (bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
@@ -208,23 +209,38 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     except ImportError:
         layers["with PEFT LoRA r=8"] = None
 
-    out = []
-    base_ms = None
-    for name, layer in layers.items():
-        if layer is None:
-            out.append(dict(name=name + " (peft not installed)", ms=None, ratio=None))
-            continue
-
-        def step(layer=layer):
+    def make_step(layer):
+        def step():
             x.grad = None
             for p in layer.parameters():
                 p.grad = None
             layer(x).backward(grad_y)
 
-        ms = cuda_time_ms(step, repeats)
-        base_ms = ms if base_ms is None else base_ms
-        out.append(dict(name=name, ms=ms, ratio=ms / base_ms))
+        return step
+
+    # Every round times each layer in turn, so that drift in clocks, temperature or host load
+    # touches all layers alike; one block of steps per layer let two runs minutes apart differ by
+    # 15% (bench/GPU_NOTES.md, v9 on the H100). Each row reports the median over rounds of its
+    # time and of its ratio to the frozen layer's time in the same round, with the ratios' range.
+    steps = {name: make_step(layer) for name, layer in layers.items() if layer is not None}
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for round_index in range(LAYER_ROUNDS):
+        for name, step in steps.items():
+            times[name].append(cuda_time_ms(step, repeats, warmup=10 if round_index == 0 else 3))
+    base = next(iter(steps))
+    out = []
+    for name, layer in layers.items():
+        if layer is None:
+            out.append(dict(name=name + " (peft not installed)", ms=None, ratio=None, spread=None))
+            continue
+        ratios = [t / b for t, b in zip(times[name], times[base])]
+        out.append(dict(name=name, ms=statistics.median(times[name]), ratio=statistics.median(ratios),
+                        spread=(min(ratios), max(ratios))))
     return out
+
+
+# Rounds of the layer table (layer_rows).
+LAYER_ROUNDS = 5
 
 
 def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: List[Dict[str, object]],
@@ -250,16 +266,20 @@ def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: 
         "",
         f"## One frozen bf16 nn.Linear({d}, {d}) on {rows} rows, forward + backward",
         "",
-        "Backward computes the input's gradient and the adapter's; the frozen weight gets none.",
+        "Backward computes the input's gradient and the adapter's; the frozen weight gets none. "
+        f"{LAYER_ROUNDS} rounds, each timing every layer in turn (the median of back-to-back "
+        "steps); a row gives the median over rounds of its time and of its ratio to the frozen "
+        "layer's time in the same round, and the range of those ratios.",
         "",
-        "| layer | time, ms | vs frozen |",
-        "| --- | ---: | ---: |",
+        "| layer | time, ms | vs frozen | rounds' range |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for r in layer:
         if r["ms"] is None:
-            lines.append(f"| {r['name']} | | |")
+            lines.append(f"| {r['name']} | | | |")
         else:
-            lines.append(f"| {r['name']} | {r['ms']:.3f} | {r['ratio']:.3f}x |")
+            low, high = r["spread"]
+            lines.append(f"| {r['name']} | {r['ms']:.3f} | {r['ratio']:.3f}x | {low:.3f}-{high:.3f}x |")
     goft_row = next((r for r in layer if r["name"].startswith("with goft") and r["ms"] is not None), None)
     lora_row = next((r for r in layer if r["name"].startswith("with PEFT") and r["ms"] is not None), None)
     if goft_row is not None:
@@ -313,7 +333,7 @@ def main() -> None:
         f"goft {goft.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
     op = op_rows(args.rows, args.dim, args.repeats)
-    layer = layer_rows(args.rows, args.dim, max(10, args.repeats // 2))
+    layer = layer_rows(args.rows, args.dim, max(5, args.repeats // 5))
     wide_row_count = max(1, args.rows // 2)
     wide = wide_rows(wide_row_count, max(10, args.repeats // 2))
     text = markdown(op, layer, wide, args.rows, args.dim, wide_row_count, facts)

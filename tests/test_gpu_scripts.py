@@ -66,6 +66,8 @@ def test_gpu_bench_tables(on_cpu):
     assert "with goft (GivensLinear, x rotated: GOFT_WEIGHT_SIDE=0)" in layer_names
     assert "with goft.rotated_linear (weight rotated, strict)" in layer_names
     assert "Target goft <= 1.10x frozen:" in text
+    frozen = table_rows(text, "layer")[0].split(" | ")
+    assert frozen[2] == "1.000x" and frozen[3] == "1.000-1.000x |", "the frozen row's ratio is 1 in every round"
     assert len(table_rows(text, "dtype")) == 2 * 2 * len(gpu_bench.WIDE_DIMS)
     assert goft.layers.WEIGHT_SIDE is None, "the x-rotated row must restore the switch"
     assert "GOFT_CUDA_FALLBACK" not in os.environ
