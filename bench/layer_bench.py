@@ -7,7 +7,7 @@ below). The frozen layer alone is the baseline; its time is measured in the same
 
 Variants: goft (strict, angles pi*tanh(p)), goft+scale (GOFT*), qgoft (free 2x2 blocks), all via
 goft.inject; goft weight-rotated (goft's strict transform applied to the weight's rows by
-goft.rotated_linear, which GivensLinear does not use yet); PEFT LoRA r=8 (lora_alpha 8, no
+goft.rotated_linear, which GivensLinear uses on CUDA for many rows and not on the CPU); PEFT LoRA r=8 (lora_alpha 8, no
 dropout), OFT (PEFT defaults: oft_block_size 32, Cayley-Neumann with 5 terms, no COFT, no block
 sharing), BOFT (PEFT defaults: boft_block_size 4, boft_n_butterfly_factor 1).
 
@@ -65,7 +65,7 @@ class OneLinear(nn.Module):
 
 class WeightRotated(nn.Module):
     """goft's strict transform (angles pi * tanh(p), as GivensLinear) applied to the frozen
-    layer's weight rows by goft.rotated_linear instead of to x (GivensLinear does not do this yet)."""
+    layer's weight rows by goft.rotated_linear instead of to x (what GivensLinear does on CUDA)."""
 
     def __init__(self, base: OneLinear):
         super().__init__()

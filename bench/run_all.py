@@ -1,4 +1,4 @@
-"""Runs every benchmark (core op targets, op, layer, training step, op profile, CUDA register use) and rebuilds bench/RESULTS.md.
+"""Runs every benchmark (core op targets, op, layer, host time, training step, op profile, CUDA register use) and rebuilds bench/RESULTS.md.
 
     python bench/run_all.py            # the full run, about 13-15 minutes on an idle 2-core CPU
     python bench/run_all.py --quick    # small sizes, a minute or two: checks that everything runs
@@ -23,6 +23,7 @@ BENCHES = {
     "core": "core_bench.py",
     "ops": "ops_bench.py",
     "layer": "layer_bench.py",
+    "host": "host_bench.py",
     "train": "train_bench.py",
     "profile": "profile_op.py",
     "cuda-registers": "cuda_registers.py",

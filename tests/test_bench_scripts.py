@@ -1,0 +1,20 @@
+"""The CPU benchmarks' own code at tiny sizes: a broken script shows here, not in a benchmark run.
+The times mean nothing at these sizes; the records and the restored switches are checked."""
+
+import pathlib
+import sys
+
+import goft
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+
+import host_bench  # noqa: E402
+
+
+def test_host_bench_records_every_variant():
+    records = host_bench.measure(d=8, rows=4, steps=2, repeats=1)
+    names = [r["variant"] for r in records]
+    assert names[0] == "frozen" and records[0]["ratio"] == 1.0
+    assert {"goft", "goft+scale", "qgoft", "lora r=8", "oft", "boft", host_bench.WEIGHT_SIDE} <= set(names)
+    assert all(r["us_per_step"] > 0 for r in records)
+    assert goft.layers.WEIGHT_SIDE is None, "the weight-side variant must restore the switch"
