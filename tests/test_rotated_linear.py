@@ -60,6 +60,39 @@ def test_matches_dense_float64_with_all_gradients(d, quasi, with_scale, bias):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
 
 
+NAMES = ("x", "weight", "bias", "params", "scale")
+
+
+@pytest.mark.parametrize("trainable", ["x params", "params", "x", "weight bias", "x bias scale", "params scale",
+                                       "weight params", "x weight bias params scale"])
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+def test_gradients_reach_exactly_the_inputs_that_require_them(trainable, quasi, with_scale):
+    """The autograd kernel numbers its tensor inputs (the optional bias and scale only when
+    given): each subset of inputs that require grad gets the dense float64 gradients, the others
+    none, as a frozen layer's weight and bias in GivensLinear."""
+    if not with_scale and "scale" in trainable.split():
+        pytest.skip("no scale to train")
+    x, weight, b, params, scale = make_case((5,), 9, 4, quasi, with_scale, True)
+    inputs = (x, weight, b, params, scale)
+    def leaf(name, t):
+        return None if t is None else t.detach().clone().requires_grad_(name in trainable.split())
+
+    leaves = [leaf(name, t) for name, t in zip(NAMES, inputs)]
+    dense_leaves = [leaf(name, t) for name, t in zip(NAMES, inputs)]
+    probe = torch.randn(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (goft.rotated_linear(*leaves) * probe).sum().backward()
+    xd, wd, bd, pd, sd = dense_leaves
+    (F.linear(xd @ dense_transform(pd, 9, sd), wd, bd) * probe).sum().backward()
+    for name, got, want in zip(NAMES, leaves, dense_leaves):
+        if got is None:
+            continue
+        if name in trainable.split():
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        else:
+            assert got.grad is None, f"{name} does not require grad but got one"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
 @pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])

@@ -29,11 +29,16 @@ struct RotateShape {
   bool params_are_blocks;   // (d-1, 2, 2) quasi blocks rather than (d-1,) angles
 };
 
-inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const at::Tensor& params,
-                                     const std::optional<at::Tensor>& scale) {
-  // None passed from Python arrives as an undefined tensor.
+// None passed from Python arrives as an undefined tensor. Checked first, and by the autograd
+// kernels too (ops_autograd.cpp), which run before the device kernels' checks.
+inline void check_x_and_params_given(const char* op, const at::Tensor& x, const at::Tensor& params) {
   TORCH_CHECK(x.defined(), op, ": expected x to be a tensor of shape (..., d), got None");
   TORCH_CHECK(params.defined(), op, ": expected params to be a tensor of angles (d-1,) or blocks (d-1, 2, 2), got None");
+}
+
+inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const at::Tensor& params,
+                                     const std::optional<at::Tensor>& scale) {
+  check_x_and_params_given(op, x, params);
   TORCH_CHECK(x.dim() >= 1, op, ": expected x of shape (..., d) with at least one dimension, got a 0-d tensor");
   TORCH_CHECK(is_supported_x_dtype(x.scalar_type()), op,
               ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());

@@ -1,7 +1,7 @@
 // The goft ops defined for every device in terms of goft::rotate and goft::rotate_backward (called
 // through the dispatcher, so each device's kernels serve them):
 // - rotated_linear: rotate on the weight's rows, then at::linear. Its autograd (which saves x,
-//   not the rotated weight) and fake kernel are in python/goft/ops.py.
+//   not the rotated weight) is in ops_autograd.cpp, its fake kernel in python/goft/ops.py.
 // - rotate_angle_grads: the reference form, two passes; ops_cuda.cu has a one-pass kernel.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -13,18 +13,10 @@
 
 #include "checks.h"
 #include "composite.h"
+#include "dispatch.h"
 
 namespace goft {
 namespace {
-
-const auto& rotate_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("goft::rotate", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            bool)>();
-  return op;
-}
 
 at::Tensor rotated_linear(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& params,
@@ -47,17 +39,11 @@ at::Tensor rotate_angle_grads(const at::Tensor& x, const at::Tensor& grad_x,
 
 at::Tensor rotate_angle_grads_two_pass(const at::Tensor& x, const at::Tensor& grad_x,
                                        const at::Tensor& params, bool transpose) {
-  static const auto rotate_backward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("goft::rotate_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
   // grad_x = grad_y T^T (grad_y T when transposed) with T orthogonal: grad_y = grad_x T (T^T),
   // which is rotate with the same transpose.
   const at::Tensor grad_y = rotate_op().call(grad_x, params, std::nullopt, transpose);
   return std::get<1>(
-      rotate_backward.call(grad_y, x, params, std::nullopt, transpose, {false, true, false}));
+      rotate_backward_op().call(grad_y, x, params, std::nullopt, transpose, {false, true, false}));
 }
 
 TORCH_LIBRARY_IMPL(goft, CompositeExplicitAutograd, m) {

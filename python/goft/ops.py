@@ -1,4 +1,5 @@
-"""The typed public wrappers of goft's ATen ops, with their fake kernels and autograd."""
+"""The typed public wrappers of goft's ATen ops, with their fake kernels (the autograd of rotate
+and rotated_linear is in C++: cpp/torch/ops_autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -128,29 +129,6 @@ def _rotate_angle_grads_fake(x, grad_x, params, transpose=False):
     return params.new_empty(params.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, params, scale, transpose = inputs
-    ctx.save_for_backward(x, params, scale)
-    ctx.transpose = transpose
-
-
-def _rotate_grads(grad_out, x, params, scale, transpose, mask):
-    """(grad_x, grad_params, grad_scale) of rotate, None for those mask does not ask for."""
-    if not any(mask):
-        return None, None, None
-    grads = torch.ops.goft.rotate_backward.default(grad_out.contiguous(), x, params, scale, transpose, mask)
-    return tuple(g if want else None for g, want in zip(grads, mask))
-
-
-def _backward(ctx, grad_out):
-    x, params, scale = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale is not None and ctx.needs_input_grad[2]]
-    return (*_rotate_grads(grad_out, x, params, scale, ctx.transpose, mask), None)
-
-
-torch.library.register_autograd("goft::rotate", _backward, setup_context=_setup_context)
-
-
 def _check_linear_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     # The same checks as checks.h check_linear_args, for tracing.
     d = x.shape[-1]
@@ -175,43 +153,3 @@ def _rotated_linear_fake(x, weight, bias, params, scale=None):
     _check_args("goft.rotated_linear", x, params, scale)
     _check_linear_args("goft.rotated_linear", x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _rotated_linear_setup_context(ctx, inputs, output):
-    x, weight, bias, params, scale = inputs
-    ctx.save_for_backward(x, weight, params, scale)
-    ctx.has_bias = bias is not None
-
-
-def _rotated_linear_backward(ctx, grad_y):
-    x, weight, params, scale = ctx.saved_tensors
-    # A trailing scale=None is not among the op's inputs here: pad the flags to all five.
-    needs = tuple(ctx.needs_input_grad) + (False,) * (5 - len(ctx.needs_input_grad))
-    need_x, need_weight, need_bias, need_params, need_scale = needs
-    mask = [need_x, need_params, need_scale and scale is not None]
-    grad_x = grad_params = grad_scale = grad_weight = grad_bias = None
-    if scale is None and params.dim() == 1 and (need_x or need_params):
-        # Angles without a scale: T is orthogonal, so grad_x = grad_y W T^T is one matmul with
-        # the rotated weight (rotated again here rather than saved), and the angle gradients
-        # follow from x and grad_x. No activation-sized rotation runs in the backward either.
-        grad_x = grad_y.matmul(torch.ops.goft.rotate.default(weight, params, None, True))
-        if need_params:
-            grad_params = torch.ops.goft.rotate_angle_grads.default(x, grad_x, params, False)
-        if not need_x:
-            grad_x = None
-    elif any(mask):
-        # The gradient at the rotated input x T, then the rotation's fused backward on x.
-        grad_x, grad_params, grad_scale = _rotate_grads(grad_y.matmul(weight), x, params, scale, False, mask)
-    rows_grad = grad_y.reshape(-1, grad_y.shape[-1])
-    if need_weight:
-        # W' = W T^T, so dL/dW = (dL/dW') T with dL/dW' = grad_y^T x over all rows.
-        grad_rotated_weight = rows_grad.t().matmul(x.reshape(-1, x.shape[-1]))
-        grad_weight = torch.ops.goft.rotate.default(grad_rotated_weight, params, scale, False)
-    if need_bias and ctx.has_bias:
-        grad_bias = rows_grad.sum(0)
-    return grad_x, grad_weight, grad_bias, grad_params, grad_scale
-
-
-torch.library.register_autograd(
-    "goft::rotated_linear", _rotated_linear_backward, setup_context=_rotated_linear_setup_context
-)
