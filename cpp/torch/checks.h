@@ -31,7 +31,8 @@ struct RotateShape {
 
 // None passed from Python arrives as an undefined tensor. Checked first, and by the autograd
 // kernels too (ops_autograd.cpp), which run before the device kernels' checks.
-inline void check_x_and_params_given(const char* op, const at::Tensor& x, const at::Tensor& params) {
+inline void check_x_and_params_given(const char* op, const at::Tensor& x,
+                                     const at::Tensor& params) {
   TORCH_CHECK(x.defined(), op, ": expected x to be a tensor of shape (..., d), got None");
   TORCH_CHECK(params.defined(), op, ": expected params to be a tensor of angles (d-1,) or blocks (d-1, 2, 2), got None");
 }

@@ -119,7 +119,8 @@ at::Tensor rotated_linear_autograd(const at::Tensor& x, const at::Tensor& weight
                                    const std::optional<at::Tensor>& bias, const at::Tensor& params,
                                    const std::optional<at::Tensor>& scale) {
   check_x_and_params_given("goft.rotated_linear", x, params);
-  TORCH_CHECK(weight.defined(), "goft.rotated_linear: expected weight to be a tensor of shape (out, d), got None");
+  TORCH_CHECK(weight.defined(),
+              "goft.rotated_linear: expected weight to be a tensor of shape (out, d), got None");
   return RotatedLinearFunction::apply(x, weight, bias, params, scale);
 }
 

@@ -173,7 +173,8 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   if (!placed) return false;
   // Staging the next rows costs shared memory, spent only where the kernel's two blocks per SM
   // still fit with it: an SM has the per-block limit plus the 1 KB it reserves per block.
-  if (backward && tuning.stage_rows && strict_fits_two_blocks(l.strict, l.chunks, elts, acc_bytes)) {
+  if (backward && tuning.stage_rows &&
+      strict_fits_two_blocks(l.strict, l.chunks, elts, acc_bytes)) {
     const int64_t staged = bytes(l.rows_per_cta, l.store_in_smem, l.grads_in_smem, true);
     l.stage_rows = 2 * (staged + kReservedSmemPerBlock) <= smem_limit_bytes + kReservedSmemPerBlock;
   }

@@ -153,7 +153,8 @@ GOFT_HOST_DEVICE void store_vec16(T* p, const Vec<T, N>& v) {
 GOFT_DEVICE_FN void async_copy16(RawChunk* smem_dst, const void* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+               : "memory");
 #else
   *smem_dst = *static_cast<const RawChunk*>(global_src);
 #endif
