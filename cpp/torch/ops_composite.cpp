@@ -4,12 +4,9 @@
 //   not the rotated weight) is in ops_autograd.cpp, its fake kernel in python/goft/ops.py.
 // - rotate_angle_grads: the reference form, two passes; ops_cuda.cu has a one-pass kernel.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <array>
 #include <optional>
-#include <tuple>
 
 #include "checks.h"
 #include "composite.h"

@@ -572,25 +572,28 @@ struct ThreadAngleGrads {
 template <class K>
 using GroupRows = typename K::Acc[K::kRowsPerGroup][K::kChunks][K::kElts];
 
+// The chunk of features [f0, f0 + kElts) read one by one and packed: the path for rows that are
+// not 16-byte vectors, with zeros past the row's end or for an invalid row.
+template <class K>
+GOFT_DEVICE_FN RawChunk load_chunk_scalars(const typename K::T* row, int f0, int d, bool valid) {
+  using T = typename K::T;
+  Vec<T, K::kElts> v;
+  GOFT_UNROLL
+  for (int i = 0; i < K::kElts; ++i) {
+    v.v[i] = valid && f0 + i < d ? row[f0 + i] : FromAcc<T>::convert(0);
+  }
+  return pack_vec16(v);
+}
+
 // A thread's chunks of one row, packed (RawChunk); zeros past the row's end or for an invalid row.
 template <class K, class Threads>
 GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
                              bool valid, RawChunk (&raw)[K::kChunks]) {
-  using T = typename K::T;
-  constexpr int E = K::kElts;
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int f0 = x.vpos(c) * E;
-    if (valid && vec && f0 < x.d) {
-      raw[c] = *reinterpret_cast<const RawChunk*>(row + f0);
-    } else {
-      Vec<T, E> v;
-      GOFT_UNROLL
-      for (int i = 0; i < E; ++i) {
-        v.v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
-      }
-      raw[c] = pack_vec16(v);
-    }
+    const int f0 = x.vpos(c) * K::kElts;
+    raw[c] = valid && vec && f0 < x.d ? *reinterpret_cast<const RawChunk*>(row + f0)
+                                      : load_chunk_scalars<K>(row, f0, x.d, valid);
   }
 }
 
@@ -600,21 +603,14 @@ GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* r
 template <class K, class Threads>
 GOFT_DEVICE_FN void stage_row(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
                               bool valid, RawChunk* dst) {
-  using T = typename K::T;
-  constexpr int E = K::kElts;
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int f0 = x.vpos(c) * E;
+    const int f0 = x.vpos(c) * K::kElts;
     RawChunk* slot = dst + c * x.G + x.t;
     if (valid && vec && f0 < x.d) {
       async_copy16(slot, row + f0);
     } else {
-      Vec<T, E> v;
-      GOFT_UNROLL
-      for (int i = 0; i < E; ++i) {
-        v.v[i] = valid && f0 + i < x.d ? row[f0 + i] : FromAcc<T>::convert(0);
-      }
-      *slot = pack_vec16(v);
+      *slot = load_chunk_scalars<K>(row, f0, x.d, valid);
     }
   }
 }
@@ -1349,13 +1345,14 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row.
   constexpr int kNextChunks = K::kPrefetch ? C : 1;
   RawChunk next_x[kNextChunks], next_g[kNextChunks];
+  // With staging, the group's next row in shared memory: x's chunks, then grad_out's
+  // (FusedSmemLayout::stage).
+  RawChunk* const staged_x = ctx.stage;
+  RawChunk* const staged_g = ctx.stage + C * ctx.G;
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
     const int64_t tiles = (end - begin + rp - 1) / rp;
-    // The staged rows: x's chunks, then grad_out's (FusedSmemLayout::stage).
-    RawChunk* const staged_x = ctx.stage;
-    RawChunk* const staged_g = ctx.stage + C * ctx.G;
     if constexpr (K::kPrefetch) {
       const int64_t row = begin + ctx.group;
       load_raw(ctx, p.x + row * p.x_stride, p.x_vec, row < end, next_x);
