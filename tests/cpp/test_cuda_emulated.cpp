@@ -60,10 +60,14 @@ struct EmuThreads {
   void sync() const { shared->cta.arrive_and_wait(); }
   template <typename V>
   V shfl_xor(V v, int mask) const {
-    const int warp = tid / 32, lane = tid % 32;
+    return shfl(v, (tid % 32) ^ mask);
+  }
+  template <typename V>
+  V shfl(V v, int src_lane) const {
+    const int warp = tid / 32;
     shared->slots[tid] = static_cast<double>(v);
     shared->warps[warp]->arrive_and_wait();
-    const V r = static_cast<V>(shared->slots[warp * 32 + (lane ^ mask)]);
+    const V r = static_cast<V>(shared->slots[warp * 32 + src_lane]);
     shared->warps[warp]->arrive_and_wait();
     return r;
   }

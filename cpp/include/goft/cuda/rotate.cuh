@@ -44,6 +44,10 @@ struct CudaThreads {
   __device__ __forceinline__ V shfl_xor(V v, int mask) const {
     return __shfl_xor_sync(0xffffffffu, v, mask);
   }
+  template <typename V>
+  __device__ __forceinline__ V shfl(V v, int src_lane) const {
+    return __shfl_sync(0xffffffffu, v, src_lane);
+  }
 };
 
 template <typename Acc>

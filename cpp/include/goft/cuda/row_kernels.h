@@ -857,12 +857,17 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 }
 
 // Warp layers (G > 32): lane 0 of each warp of the group puts element 0 of its vectors in shared
-// memory, the group's first warp applies the layers with lane w standing for warp w, and the
-// results go back. The exchange buffer alternates between two halves, so a buffer is written
-// again only after the next exchange's barriers, which every reader of it has passed. In the
-// backward pass (one row per group) w holds the gradient, and the pairs' inputs come from sv
-// (quasi) or are rebuilt from their outputs y, which travel with the gradient (strict; y is
-// unused otherwise).
+// memory; after one barrier every warp applies the layers to all of them, lane w standing for
+// warp w, and takes its own results from lane wg by a shuffle. The layers act on one value per
+// warp (15 pairs at G = 512), so repeating them in every warp costs a few dozen instructions per
+// warp and row; until v9 the group's first warp applied them alone and wrote the results back
+// while the other warps waited at a second barrier (v9 on the H100: barrier waits were the
+// largest stall of every pass, 3.8-4.8 cycles per issued instruction).
+// The exchange buffer alternates between two halves, so a half is written again only after the
+// next exchange's barrier, which every reader of it has passed. Only the first warp adds to the
+// gradient accumulators. In the backward pass (one row per group) w holds the gradient, and the
+// pairs' inputs come from sv (quasi) or are rebuilt from their outputs y, which travel with the
+// gradient (strict; y is unused otherwise).
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
 GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                 typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
@@ -887,80 +892,76 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
     }
   }
   x.th.sync();
-  if (wg == 0) {
-    Acc v[V][C];
+  const bool accumulates = wg == 0;  // one warp adds each row's terms
+  Acc v[V][C];
+  GOFT_UNROLL
+  for (int rr = 0; rr < V; ++rr) {
     GOFT_UNROLL
-    for (int rr = 0; rr < V; ++rr) {
-      GOFT_UNROLL
-      for (int c = 0; c < C; ++c) {
-        v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
-      }
+    for (int c = 0; c < C; ++c) {
+      v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
     }
+  }
+  GOFT_UNROLL
+  for (int i = 0; i < 5; ++i) {
+    const int q = kCoarseFirst ? 4 - i : i;
+    const int r = LE + 5 + q;
+    if (q >= x.LG - 5 || r >= x.num_layers) continue;
+    const int bit = 1 << q;
+    const bool active = lane < warps && (lane & (bit - 1)) == 0;
+    const bool a_side = (lane & bit) == 0;
+    const int base = x.p.layer_base[r];
     GOFT_UNROLL
-    for (int i = 0; i < 5; ++i) {
-      const int q = kCoarseFirst ? 4 - i : i;
-      const int r = LE + 5 + q;
-      if (q >= x.LG - 5 || r >= x.num_layers) continue;
-      const int bit = 1 << q;
-      const bool active = lane < warps && (lane & (bit - 1)) == 0;
-      const bool a_side = (lane & bit) == 0;
-      const int base = x.p.layer_base[r];
+    for (int c = 0; c < C; ++c) {
+      Acc o[V];
       GOFT_UNROLL
-      for (int c = 0; c < C; ++c) {
-        Acc o[V];
-        GOFT_UNROLL
-        for (int rr = 0; rr < V; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
-        Acc ou = 0;
-        if (kBackwardPass && !K::kStrict) ou = x.th.shfl_xor(sv.warp[c][q], bit);
-        const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
-        if (active && fa + ((32 * E) << q) < x.d) {
-          Acc blk[4];
-          const int slot = base + (fa >> (r + 1));
-          load_block(x.blocks + 4 * slot, blk);
-          if (kBackwardPass) {
-            const Acc gv = v[0][c], uv = kStrictPass ? v[V - 1][c] : sv.warp[c][q];
-            if (kStrictPass) ou = o[V - 1];
-            if (a_side) {
-              if constexpr (kStrictPass) {
+      for (int rr = 0; rr < V; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
+      Acc ou = 0;
+      if (kBackwardPass && !K::kStrict) ou = x.th.shfl_xor(sv.warp[c][q], bit);
+      const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
+      if (active && fa + ((32 * E) << q) < x.d) {
+        Acc blk[4];
+        const int slot = base + (fa >> (r + 1));
+        load_block(x.blocks + 4 * slot, blk);
+        if (kBackwardPass) {
+          const Acc gv = v[0][c], uv = kStrictPass ? v[V - 1][c] : sv.warp[c][q];
+          if (kStrictPass) ou = o[V - 1];
+          if (a_side) {
+            if constexpr (kStrictPass) {
+              if (accumulates) {
                 x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, o[0]);
-                v[V - 1][c] = blk[0] * uv + blk[1] * ou;
-              } else {
-                accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
               }
-              v[0][c] = blk[0] * gv + blk[1] * o[0];
+              v[V - 1][c] = blk[0] * uv + blk[1] * ou;
             } else {
-              if constexpr (kStrictPass) v[V - 1][c] = blk[2] * ou + blk[3] * uv;
-              v[0][c] = blk[2] * o[0] + blk[3] * gv;
+              if (accumulates) accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
             }
+            v[0][c] = blk[0] * gv + blk[1] * o[0];
           } else {
-            if (kSave) sv.warp[c][q] = v[0][c];
-            GOFT_UNROLL
-            for (int rr = 0; rr < R; ++rr) {
-              v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr]
-                                : blk[1] * o[rr] + blk[3] * v[rr][c];
-            }
+            if constexpr (kStrictPass) v[V - 1][c] = blk[2] * ou + blk[3] * uv;
+            v[0][c] = blk[2] * o[0] + blk[3] * gv;
+          }
+        } else {
+          if (kSave) sv.warp[c][q] = v[0][c];
+          GOFT_UNROLL
+          for (int rr = 0; rr < R; ++rr) {
+            v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr]
+                              : blk[1] * o[rr] + blk[3] * v[rr][c];
           }
         }
       }
     }
-    if (lane < warps) {
-      GOFT_UNROLL
-      for (int rr = 0; rr < V; ++rr) {
-        GOFT_UNROLL
-        for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + lane] = v[rr][c];
-      }
-    }
   }
-  x.th.sync();
-  if (lane == 0) {
-    GOFT_UNROLL
-    for (int rr = 0; rr < R; ++rr) {
-      GOFT_UNROLL
-      for (int c = 0; c < C; ++c) w[rr][c][0] = buf[(rr * C + c) * warps + wg];
-    }
+  // Lane wg holds this warp's results.
+  GOFT_UNROLL
+  for (int rr = 0; rr < V; ++rr) {
     GOFT_UNROLL
     for (int c = 0; c < C; ++c) {
-      if (kStrictPass) y[c][0] = buf[(R * C + c) * warps + wg];
+      const Acc mine = x.th.shfl(v[rr][c], wg);
+      if (lane != 0) continue;
+      if (rr < R) {
+        w[rr][c][0] = mine;
+      } else {
+        y[c][0] = mine;
+      }
     }
   }
 }
