@@ -459,22 +459,28 @@ void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int6
                            kStrict, p.with_scale, &v, 1, smem_limit, &l)) {
     return;  // this variant cannot hold the row
   }
-  char name[256];
-  std::snprintf(name, sizeof(name),
-                "fused %s%s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
-                "grads_smem=%d stage=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
-                backward ? "backward" : "forward",
-                x_is_output ? " strict from output" : kStrict ? " strict" : "", type_name<T>(),
-                (long long)p.dim, (long long)p.rows, (long long)p.stride, l.chunks,
-                l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
-                l.grads_in_smem, l.stage_rows, p.transpose, p.with_scale, grid,
-                (long long)num_chunks, label);
-  const Results<T> got =
-      fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks, x_is_output);
-  const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
-  double tol = 0;
-  if (x_is_output) tol = sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
-  check(name, p, got, want, backward, kStrict, tol);
+  // Kernels that stage their next rows also run without (GOFT_CUDA_STAGE=0), which loads the
+  // rows and the warp layers' lead values (FusedTraits::kLeads) directly.
+  const bool staged = l.stage_rows;
+  for (int stage = staged ? 1 : 0; stage >= 0; --stage) {
+    l.stage_rows = stage == 1;
+    char name[256];
+    std::snprintf(name, sizeof(name),
+                  "fused %s%s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
+                  "grads_smem=%d stage=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
+                  backward ? "backward" : "forward",
+                  x_is_output ? " strict from output" : kStrict ? " strict" : "", type_name<T>(),
+                  (long long)p.dim, (long long)p.rows, (long long)p.stride, l.chunks,
+                  l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
+                  l.grads_in_smem, l.stage_rows, p.transpose, p.with_scale, grid,
+                  (long long)num_chunks, label);
+    const Results<T> got =
+        fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks, x_is_output);
+    const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
+    double tol = 0;
+    if (x_is_output) tol = sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
+    check(name, p, got, want, backward, kStrict, tol);
+  }
 }
 
 // A layout case with the kernels the launcher could pick for this problem: in backward with

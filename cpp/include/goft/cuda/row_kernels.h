@@ -149,12 +149,20 @@ GOFT_HOST_DEVICE void store_vec16(T* p, const Vec<T, N>& v) {
 
 // cp.async of one 16-byte chunk from global to shared memory (sm_80 and later; a plain copy
 // elsewhere and in the host emulator, where it is complete at once). The copies a thread issued
-// are complete and visible to it after async_copy_wait_all.
+// are complete and visible to it after async_copy_wait_all. kViaL1: cache the line in L1 too
+// (.ca), for data that other warps of the block read soon after (the lead chunks); else L2 only
+// (.cg), as a row's own chunks are read once.
+template <bool kViaL1 = false>
 GOFT_DEVICE_FN void async_copy16(RawChunk* smem_dst, const void* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
-               : "memory");
+  if (kViaL1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
+                 : "memory");
+  }
 #else
   *smem_dst = *static_cast<const RawChunk*>(global_src);
 #endif
@@ -281,6 +289,15 @@ struct FusedTraits {
   // (FusedSmemLayout::stage), and reads them back at the next row; no barrier, as no thread
   // reads another's chunks. Without it each row's loads were waited for in full.
   static constexpr bool kStageRows = kTwoBlocksPerSm;
+
+  // Where the warp layers come first in a row's walk (the strict backward's recomputed forward
+  // when not transposed; the transposed walk from the output, FusedParams::x_is_output), their
+  // inputs are the row's own values at one feature per warp. Each warp then reads them itself:
+  // lane w < G / 32 fetches the first vector of warp w's lane 0 (its lead chunk) with the row,
+  // staged or loaded like it, and the exchange through shared memory and its barrier go
+  // (warp_layers). One chunk per thread only: with more, the chunk layers act on those features
+  // before the warp layers do.
+  static constexpr bool kLeads = kStageRows && kChunks == 1;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -345,15 +362,20 @@ struct FusedSmemLayout {
   int64_t grads = 0, grads_per_group = 0;
   int64_t scale_grads = 0, scale_grads_per_group = 0;
   // Staged next rows (FusedTraits::kStageRows): per group, x's chunks then grad_out's, each
-  // chunk-major ([c][t]: consecutive threads, consecutive 16 bytes).
+  // chunk-major ([c][t]: consecutive threads, consecutive 16 bytes), then the lead chunks of x
+  // and of grad_out (FusedTraits::kLeads), [warp][lead] each.
   int64_t stage = 0, stage_per_group = 0;
   int64_t total = 0;
 };
 
-// Acc elements a group needs to stage its next row of x and grad_out (0 when it does not).
+// Acc elements a group needs to stage its next row of x and grad_out (0 when it does not), and
+// with one chunk per thread (FusedTraits::kLeads) each warp's lead chunks of both: one per warp
+// of the group, [warp][lead].
 GOFT_HOST_DEVICE int64_t fused_stage_per_group(bool stages, int chunks, int group_threads,
                                                int acc_bytes) {
-  return stages ? 2 * int64_t{chunks} * group_threads * (16 / acc_bytes) : 0;
+  const int64_t warps = group_threads > 32 ? group_threads / 32 : 0;
+  const int64_t leads = chunks == 1 ? warps * warps : 0;
+  return stages ? 2 * (int64_t{chunks} * group_threads + leads) * (16 / acc_bytes) : 0;
 }
 
 // exchange_values: values per chunk that each warp of a group exchanges in the warp layers (its
@@ -585,33 +607,44 @@ GOFT_DEVICE_FN RawChunk load_chunk_scalars(const typename K::T* row, int f0, int
   return pack_vec16(v);
 }
 
+// The chunk of features [f0, f0 + kElts) of a row, packed: one 16-byte load where rows are
+// vectors (vec), else load_chunk_scalars.
+template <class K>
+GOFT_DEVICE_FN RawChunk load_chunk(const typename K::T* row, int f0, int d, bool vec, bool valid) {
+  return valid && vec && f0 < d ? *reinterpret_cast<const RawChunk*>(row + f0)
+                                : load_chunk_scalars<K>(row, f0, d, valid);
+}
+
+// The same into shared memory at slot: cp.async for whole 16-byte vectors, plain stores of the
+// packed scalars elsewhere. Complete and visible to this thread after async_copy_wait_all.
+template <class K, bool kViaL1 = false>
+GOFT_DEVICE_FN void stage_chunk(const typename K::T* row, int f0, int d, bool vec, bool valid,
+                                RawChunk* slot) {
+  if (valid && vec && f0 < d) {
+    async_copy16<kViaL1>(slot, row + f0);
+  } else {
+    *slot = load_chunk_scalars<K>(row, f0, d, valid);
+  }
+}
+
 // A thread's chunks of one row, packed (RawChunk); zeros past the row's end or for an invalid row.
 template <class K, class Threads>
 GOFT_DEVICE_FN void load_raw(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
                              bool valid, RawChunk (&raw)[K::kChunks]) {
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int f0 = x.vpos(c) * K::kElts;
-    raw[c] = valid && vec && f0 < x.d ? *reinterpret_cast<const RawChunk*>(row + f0)
-                                      : load_chunk_scalars<K>(row, f0, x.d, valid);
+    raw[c] = load_chunk<K>(row, x.vpos(c) * K::kElts, x.d, vec, valid);
   }
 }
 
-// Stages a thread's chunks of one row (FusedTraits::kStageRows) at dst[c * G]: cp.async for whole
-// 16-byte vectors, plain stores of the packed scalars (zeros past the row's end or for an invalid
-// row) elsewhere. Read back with read_staged after async_copy_wait_all.
+// Stages a thread's chunks of one row (FusedTraits::kStageRows) at dst[c * G]. Read back with
+// read_staged after async_copy_wait_all.
 template <class K, class Threads>
 GOFT_DEVICE_FN void stage_row(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
                               bool valid, RawChunk* dst) {
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
-    const int f0 = x.vpos(c) * K::kElts;
-    RawChunk* slot = dst + c * x.G + x.t;
-    if (valid && vec && f0 < x.d) {
-      async_copy16(slot, row + f0);
-    } else {
-      *slot = load_chunk_scalars<K>(row, f0, x.d, valid);
-    }
+    stage_chunk<K>(row, x.vpos(c) * K::kElts, x.d, vec, valid, dst + c * x.G + x.t);
   }
 }
 
@@ -620,6 +653,59 @@ GOFT_DEVICE_FN void read_staged(const RowCtx<K, Threads>& x, const RawChunk* src
                                 RawChunk (&raw)[K::kChunks]) {
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) raw[c] = src[c * x.G + x.t];
+}
+
+// Lead values (FusedTraits::kLeads): lane w < G / 32 of every warp holds element 0 of warp w's
+// lead chunk (the first vector of its lane 0) of x and of grad_out; the other lanes hold 0.
+// given: they are the inputs of the warp layers in this row's walk (the same for the whole block);
+// passed by value, so that they stay in registers.
+template <typename Acc>
+struct LeadValues {
+  Acc x = Acc(0), g = Acc(0);
+  bool given = false;
+};
+
+// The feature where the lead chunk this thread fetches starts, or -1 for lanes without one.
+template <class K, class Threads>
+GOFT_DEVICE_FN int lead_feature(const RowCtx<K, Threads>& x) {
+  const int lane = x.t & 31;
+  return lane < (x.G >> 5) ? 32 * lane * K::kElts : -1;
+}
+
+// This thread's staged lead chunk of x (tensor 0) or grad_out (1): after the group's staged
+// rows, [tensor][warp][lead] (fused_stage_per_group). Computed from the (refreshed) context where
+// it is used rather than held for the whole kernel.
+template <class K, class Threads>
+GOFT_DEVICE_FN RawChunk* lead_slot(const RowCtx<K, Threads>& x, int tensor) {
+  const int warps = x.G >> 5;
+  return x.stage + 2 * K::kChunks * x.G + (tensor * warps + (x.t >> 5)) * warps + (x.t & 31);
+}
+
+// Stages this thread's lead chunk of one row (lead_slot), through L1: every warp of the group
+// fetches the same chunks, and their owners the same sectors.
+template <class K, class Threads>
+GOFT_DEVICE_FN void stage_lead(const RowCtx<K, Threads>& x, const typename K::T* row, bool vec,
+                               bool valid, int tensor) {
+  const int f0 = lead_feature(x);
+  if (f0 >= 0) stage_chunk<K, true>(row, f0, x.d, vec, valid, lead_slot(x, tensor));
+}
+
+template <class K>
+GOFT_DEVICE_FN typename K::Acc first_element(const RawChunk& raw) {
+  return to_acc(unpack_vec16<typename K::T, K::kElts>(raw).v[0]);
+}
+
+// This thread's lead value of one row: staged (after async_copy_wait_all) or loaded.
+template <class K, class Threads>
+GOFT_DEVICE_FN typename K::Acc read_staged_lead(const RowCtx<K, Threads>& x, int tensor) {
+  return lead_feature(x) >= 0 ? first_element<K>(*lead_slot(x, tensor)) : typename K::Acc(0);
+}
+
+template <class K, class Threads>
+GOFT_DEVICE_FN typename K::Acc load_lead(const RowCtx<K, Threads>& x, const typename K::T* row,
+                                         bool valid) {
+  const int f0 = lead_feature(x);
+  return f0 >= 0 && valid && f0 < x.d ? to_acc(row[f0]) : typename K::Acc(0);
 }
 
 template <class K>
@@ -868,37 +954,47 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 // gradient accumulators. In the backward pass (one row per group) w holds the gradient, and the
 // pairs' inputs come from sv (quasi) or are rebuilt from their outputs y, which travel with the
 // gradient (strict; y is unused otherwise).
+// lead.given (FusedTraits::kLeads, where the warp layers come first in the row's walk): every
+// lane already holds its warp's inputs, so neither the exchange nor its barrier is needed.
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
 GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                 typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
-                                int& parity) {
+                                int& parity,
+                                LeadValues<typename K::Acc> lead = {}) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
   constexpr bool kStrictPass = kBackwardPass && K::kStrict;
   constexpr int V = R + (kStrictPass ? 1 : 0);  // fused_exchange_values; y is value R
   if (x.LG <= 5) return;  // the same for the whole block
   const int warps = x.G >> 5, wg = x.t >> 5, lane = x.t & 31;
-  Acc* buf = x.exchange + parity * V * C * warps;
-  parity ^= 1;
-  if (lane == 0) {
-    GOFT_UNROLL
-    for (int rr = 0; rr < R; ++rr) {
-      GOFT_UNROLL
-      for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
-    }
-    GOFT_UNROLL
-    for (int c = 0; c < C; ++c) {
-      if (kStrictPass) buf[(R * C + c) * warps + wg] = y[c][0];
-    }
-  }
-  x.th.sync();
   const bool accumulates = wg == 0;  // one warp adds each row's terms
   Acc v[V][C];
-  GOFT_UNROLL
-  for (int rr = 0; rr < V; ++rr) {
+  if (K::kLeads && lead.given) {
+    if constexpr (K::kLeads) {  // one chunk and one row per group
+      v[0][0] = kBackwardPass ? lead.g : lead.x;
+      if constexpr (kStrictPass) v[V - 1][0] = lead.x;
+    }
+  } else {
+    Acc* buf = x.exchange + parity * V * C * warps;
+    parity ^= 1;
+    if (lane == 0) {
+      GOFT_UNROLL
+      for (int rr = 0; rr < R; ++rr) {
+        GOFT_UNROLL
+        for (int c = 0; c < C; ++c) buf[(rr * C + c) * warps + wg] = w[rr][c][0];
+      }
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) {
+        if (kStrictPass) buf[(R * C + c) * warps + wg] = y[c][0];
+      }
+    }
+    x.th.sync();
     GOFT_UNROLL
-    for (int c = 0; c < C; ++c) {
-      v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
+    for (int rr = 0; rr < V; ++rr) {
+      GOFT_UNROLL
+      for (int c = 0; c < C; ++c) {
+        v[rr][c] = lane < warps ? buf[(rr * C + c) * warps + lane] : Acc(0);
+      }
     }
   }
   GOFT_UNROLL
@@ -1033,10 +1129,12 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
   }
 }
 
-// All layers of the forward (the scale excluded), coarsest first unless transposed.
+// All layers of the forward (the scale excluded), coarsest first unless transposed. lead: the
+// warp layers' inputs where they come first (not transposed; FusedTraits::kLeads).
 template <class K, bool kTransposed, bool kSave, class Threads>
 GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
-                                   int& parity) {
+                                   int& parity,
+                                   LeadValues<typename K::Acc> lead = {}) {
   // warp_layers' y is for the strict backward only.
   if (kTransposed) {
     thread_layers_forward<K, false, kSave>(x, w, sv);
@@ -1045,7 +1143,7 @@ GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
     chunk_layers_forward<K, false, kSave>(x, w, sv);
   } else {
     chunk_layers_forward<K, true, kSave>(x, w, sv);
-    warp_layers<K, true, kSave, false>(x, w, w[0], sv, parity);
+    warp_layers<K, true, kSave, false>(x, w, w[0], sv, parity, lead);
     lane_layers_forward<K, true, kSave>(x, w, sv);
     thread_layers_forward<K, true, kSave>(x, w, sv);
   }
@@ -1053,14 +1151,16 @@ GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
 
 // Gradient through all layers, in the reverse order of layers_forward (one row per group). y:
 // the forward's output, which the strict kernels take back through the layers (else unused).
+// lead: the warp layers' inputs where they come first (transposed; FusedTraits::kLeads).
 template <class K, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
                                     ThreadAngleGrads<K>& tg, GroupRows<K>& g,
                                     typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
-                                    int& parity) {
+                                    int& parity,
+                                    LeadValues<typename K::Acc> lead = {}) {
   if (kTransposed) {
     chunk_layers_backward<K, true>(x, g[0], y, sv);
-    warp_layers<K, true, false, true>(x, g, y, sv, parity);
+    warp_layers<K, true, false, true>(x, g, y, sv, parity, lead);
     lane_layers_backward<K, true>(x, g[0], y, sv);
     thread_layers_backward<K, true>(x, l0, tg, g[0], y, sv);
   } else {
@@ -1317,6 +1417,22 @@ GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
   }
 }
 
+// Stages a thread's part of one row of x and of grad_out (K::kStageRows; with their lead chunks,
+// K::kLeads) and commits the copies: x's chunks at x.stage, grad_out's after them
+// (FusedSmemLayout::stage).
+template <class K, class Threads>
+GOFT_DEVICE_FN void stage_backward_row(const RowCtx<K, Threads>& x, int64_t row, bool valid) {
+  const auto& p = x.p;
+  stage_row(x, p.x + row * p.x_stride, p.x_vec, valid, x.stage);
+  stage_row(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid,
+            x.stage + K::kChunks * x.G);
+  if constexpr (K::kLeads) {
+    stage_lead(x, p.x + row * p.x_stride, p.x_vec, valid, 0);
+    stage_lead(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, 1);
+  }
+  async_copy_commit();
+}
+
 // Backward with parameter gradients: per row, recompute the forward keeping each layer's inputs
 // on chip (quasi) or only its output (strict), then run the gradient back through the layers
 // (GOFT_SPEC.md section 4).
@@ -1346,10 +1462,6 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row.
   constexpr int kNextChunks = K::kPrefetch ? C : 1;
   RawChunk next_x[kNextChunks], next_g[kNextChunks];
-  // With staging, the group's next row in shared memory: x's chunks, then grad_out's
-  // (FusedSmemLayout::stage).
-  RawChunk* const staged_x = ctx.stage;
-  RawChunk* const staged_g = ctx.stage + C * ctx.G;
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
@@ -1360,15 +1472,14 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       load_raw(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, next_g);
     } else if (K::kStageRows && p.stage_rows) {
       const int64_t row = begin + ctx.group;
-      stage_row(ctx, p.x + row * p.x_stride, p.x_vec, row < end, staged_x);
-      stage_row(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, staged_g);
-      async_copy_commit();
+      stage_backward_row(ctx, row, row < end);
     }
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const RowCtx<K, Threads> x = ctx.refreshed();
       const int64_t row = begin + tile * rp + x.group;
       const bool valid = row < end;
       Acc w[1][C][E], g[1][C][E];  // one row per group (GroupRows)
+      LeadValues<Acc> lead;
       if constexpr (K::kPrefetch) {
         raw_to_acc<K>(next_x, w[0]);
         raw_to_acc<K>(next_g, g[0]);
@@ -1378,26 +1489,29 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       } else if (K::kStageRows && p.stage_rows) {
         async_copy_wait_all();
         RawChunk raw[C];
-        read_staged(x, staged_x, raw);
+        read_staged(x, x.stage, raw);
         raw_to_acc<K>(raw, w[0]);
-        read_staged(x, staged_g, raw);
+        read_staged(x, x.stage + C * x.G, raw);
         raw_to_acc<K>(raw, g[0]);
+        if constexpr (K::kLeads) {
+          lead.x = read_staged_lead(x, 0);
+          lead.g = read_staged_lead(x, 1);
+        }
         // The group's next tile, if the chunk has one; zeros past the chunk's last row, as an
         // invalid row must add nothing to the gradients. Only this thread's own later copies
         // overwrite its slots, after the reads above in program order.
         const int64_t next = row + rp;
-        if (tile + 1 < tiles) {
-          stage_row(x, p.x + next * p.x_stride, p.x_vec, next < end, staged_x);
-          stage_row(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end,
-                    staged_g);
-          async_copy_commit();
-        }
+        if (tile + 1 < tiles) stage_backward_row(x, next, next < end);
       } else {
         RawChunk raw[C];
         load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
         raw_to_acc<K>(raw, w[0]);
         load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
         raw_to_acc<K>(raw, g[0]);
+        if constexpr (K::kLeads) {
+          lead.x = load_lead(x, p.x + row * p.x_stride, valid);
+          lead.g = load_lead(x, p.grad_out + row * p.grad_out_stride, valid);
+        }
       }
       SavedInputs<K> sv;
       if constexpr (kSave) {
@@ -1409,8 +1523,11 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       }
       // x_is_output (strict kernels only): w already holds what the recompute would give.
       const bool recompute = !K::kStrict || !p.x_is_output;
+      // The warp layers come first in the walk of the recomputed forward when not transposed,
+      // and of the backward from the output when transposed: the lead values are their inputs.
+      lead.given = K::kLeads && (kTransposed ? !recompute && p.scale == nullptr : recompute);
       if (!kTransposed) {
-        if (recompute) layers_forward<K, false, kSave>(x, w, sv, parity);
+        if (recompute) layers_forward<K, false, kSave>(x, w, sv, parity, lead);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
           if (x.scale_grads != nullptr && valid) add_scale_grads(x, g[0], w[0]);
@@ -1420,7 +1537,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       } else {
         if (p.scale != nullptr) apply_scale(x, w);
         if (recompute) layers_forward<K, true, kSave>(x, w, sv, parity);
-        layers_backward<K, true>(x, l0, tg, g, w[0], sv, parity);
+        layers_backward<K, true>(x, l0, tg, g, w[0], sv, parity, lead);
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
           if (x.scale_grads != nullptr && valid) {
