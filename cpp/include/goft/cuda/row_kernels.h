@@ -290,14 +290,14 @@ struct FusedTraits {
   // reads another's chunks. Without it each row's loads were waited for in full.
   static constexpr bool kStageRows = kTwoBlocksPerSm;
 
-  // Where the warp layers come first in a row's walk (the strict backward's recomputed forward
-  // when not transposed; the transposed walk from the output, FusedParams::x_is_output), their
-  // inputs are the row's own values at one feature per warp. Each warp then reads them itself:
-  // lane w < G / 32 fetches the first vector of warp w's lane 0 (its lead chunk) with the row,
-  // staged or loaded like it, and the exchange through shared memory and its barrier go
-  // (warp_layers). One chunk per thread only: with more, the chunk layers act on those features
-  // before the warp layers do.
-  static constexpr bool kLeads = kStageRows && kChunks == 1;
+  // Where the warp layers come first in a row's walk (the forward and the strict backward's
+  // recomputed forward when not transposed; the transposed walk from the output,
+  // FusedParams::x_is_output), their inputs are the row's own values at one feature per warp.
+  // Each warp then reads them itself: lane w < G / 32 fetches element 0 of warp w's lead chunk
+  // (the first vector of its lane 0) with the row, prefetched, staged or loaded like it, and the
+  // exchange through shared memory and its barrier go (warp_layers). One chunk per thread only:
+  // with more, the chunk layers act on those features before the warp layers do.
+  static constexpr bool kLeads = kChunks == 1 && (kStageRows || !kBackward);
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -656,12 +656,12 @@ GOFT_DEVICE_FN void read_staged(const RowCtx<K, Threads>& x, const RawChunk* src
 }
 
 // Lead values (FusedTraits::kLeads): lane w < G / 32 of every warp holds element 0 of warp w's
-// lead chunk (the first vector of its lane 0) of x and of grad_out; the other lanes hold 0.
-// given: they are the inputs of the warp layers in this row's walk (the same for the whole block);
-// passed by value, so that they stay in registers.
-template <typename Acc>
+// lead chunk (the first vector of its lane 0) of x (each row of the group) and of grad_out; the
+// other lanes hold 0. given: they are the inputs of the warp layers in this row's walk (the same
+// for the whole block). Passed by value, so that they stay in registers.
+template <class K>
 struct LeadValues {
-  Acc x = Acc(0), g = Acc(0);
+  typename K::Acc x[K::kRowsPerGroup] = {}, g = 0;
   bool given = false;
 };
 
@@ -702,10 +702,10 @@ GOFT_DEVICE_FN typename K::Acc read_staged_lead(const RowCtx<K, Threads>& x, int
 }
 
 template <class K, class Threads>
-GOFT_DEVICE_FN typename K::Acc load_lead(const RowCtx<K, Threads>& x, const typename K::T* row,
-                                         bool valid) {
+GOFT_DEVICE_FN typename K::T load_lead(const RowCtx<K, Threads>& x, const typename K::T* row,
+                                       bool valid) {
   const int f0 = lead_feature(x);
-  return f0 >= 0 && valid && f0 < x.d ? to_acc(row[f0]) : typename K::Acc(0);
+  return f0 >= 0 && valid && f0 < x.d ? row[f0] : FromAcc<typename K::T>::convert(0);
 }
 
 template <class K>
@@ -960,7 +960,7 @@ template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Thre
 GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                 typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
                                 int& parity,
-                                LeadValues<typename K::Acc> lead = {}) {
+                                LeadValues<K> lead = {}) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
   constexpr bool kStrictPass = kBackwardPass && K::kStrict;
@@ -970,9 +970,14 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
   const bool accumulates = wg == 0;  // one warp adds each row's terms
   Acc v[V][C];
   if (K::kLeads && lead.given) {
-    if constexpr (K::kLeads) {  // one chunk and one row per group
-      v[0][0] = kBackwardPass ? lead.g : lead.x;
-      if constexpr (kStrictPass) v[V - 1][0] = lead.x;
+    if constexpr (K::kLeads) {  // one chunk
+      if (kBackwardPass) {
+        v[0][0] = lead.g;
+        if constexpr (kStrictPass) v[V - 1][0] = lead.x[0];
+      } else {
+        GOFT_UNROLL
+        for (int rr = 0; rr < R; ++rr) v[rr][0] = lead.x[rr];
+      }
     }
   } else {
     Acc* buf = x.exchange + parity * V * C * warps;
@@ -1134,7 +1139,7 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
 template <class K, bool kTransposed, bool kSave, class Threads>
 GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
                                    int& parity,
-                                   LeadValues<typename K::Acc> lead = {}) {
+                                   LeadValues<K> lead = {}) {
   // warp_layers' y is for the strict backward only.
   if (kTransposed) {
     thread_layers_forward<K, false, kSave>(x, w, sv);
@@ -1157,7 +1162,7 @@ GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>&
                                     ThreadAngleGrads<K>& tg, GroupRows<K>& g,
                                     typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
                                     int& parity,
-                                    LeadValues<typename K::Acc> lead = {}) {
+                                    LeadValues<K> lead = {}) {
   if (kTransposed) {
     chunk_layers_backward<K, true>(x, g[0], y, sv);
     warp_layers<K, true, false, true>(x, g, y, sv, parity, lead);
@@ -1247,12 +1252,17 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
   const int64_t tile_rows = static_cast<int64_t>(p.rows_per_cta) * R;
   const int64_t num_tiles = (p.rows + tile_rows - 1) / tile_rows;
   RawChunk raw[R][C];
+  // Not transposed, the warp layers come first: their inputs come with the rows (K::kLeads).
+  constexpr bool kLeads = K::kLeads && !kTransposed;
+  T raw_lead[kLeads ? R : 1];
   int64_t tile = th.cta();
   if (K::kPrefetch) {
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) {
       const int64_t row = tile * tile_rows + ctx.group * R + rr;
-      load_raw(ctx, p.x + row * p.x_stride, p.x_vec, tile < num_tiles && row < p.rows, raw[rr]);
+      const bool valid = tile < num_tiles && row < p.rows;
+      load_raw(ctx, p.x + row * p.x_stride, p.x_vec, valid, raw[rr]);
+      if constexpr (kLeads) raw_lead[rr] = load_lead(ctx, p.x + row * p.x_stride, valid);
     }
   }
   for (; tile < num_tiles; tile += th.num_ctas()) {
@@ -1267,16 +1277,25 @@ GOFT_DEVICE_FN void fused_rotate_rows(const FusedParams<typename K::T, typename 
     Acc w[R][C][E];
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) raw_to_acc<K>(raw[rr], w[rr]);
+    LeadValues<K> lead;
+    if constexpr (kLeads) {
+      lead.given = true;
+      GOFT_UNROLL
+      for (int rr = 0; rr < R; ++rr) lead.x[rr] = to_acc(raw_lead[rr]);
+    }
     if (K::kPrefetch) {
       const int64_t next = ((tile + th.num_ctas()) * p.rows_per_cta + x.group) * R;
       GOFT_UNROLL
       for (int rr = 0; rr < R; ++rr) {
         const bool next_valid = tile + th.num_ctas() < num_tiles && next + rr < p.rows;
         load_raw(x, p.x + (next + rr) * p.x_stride, p.x_vec, next_valid, raw[rr]);
+        if constexpr (kLeads) {
+          raw_lead[rr] = load_lead(x, p.x + (next + rr) * p.x_stride, next_valid);
+        }
       }
     }
     if (kTransposed && p.scale != nullptr) apply_scale(x, w);
-    layers_forward<K, kTransposed, false>(x, w, unused, parity);
+    layers_forward<K, kTransposed, false>(x, w, unused, parity, lead);
     if (!kTransposed && p.scale != nullptr) apply_scale(x, w);
     GOFT_UNROLL
     for (int rr = 0; rr < R; ++rr) {
@@ -1479,7 +1498,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       const int64_t row = begin + tile * rp + x.group;
       const bool valid = row < end;
       Acc w[1][C][E], g[1][C][E];  // one row per group (GroupRows)
-      LeadValues<Acc> lead;
+      LeadValues<K> lead;
       if constexpr (K::kPrefetch) {
         raw_to_acc<K>(next_x, w[0]);
         raw_to_acc<K>(next_g, g[0]);
@@ -1494,7 +1513,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         read_staged(x, x.stage + C * x.G, raw);
         raw_to_acc<K>(raw, g[0]);
         if constexpr (K::kLeads) {
-          lead.x = read_staged_lead(x, 0);
+          lead.x[0] = read_staged_lead(x, 0);
           lead.g = read_staged_lead(x, 1);
         }
         // The group's next tile, if the chunk has one; zeros past the chunk's last row, as an
@@ -1509,8 +1528,8 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
         raw_to_acc<K>(raw, g[0]);
         if constexpr (K::kLeads) {
-          lead.x = load_lead(x, p.x + row * p.x_stride, valid);
-          lead.g = load_lead(x, p.grad_out + row * p.grad_out_stride, valid);
+          lead.x[0] = to_acc(load_lead(x, p.x + row * p.x_stride, valid));
+          lead.g = to_acc(load_lead(x, p.grad_out + row * p.grad_out_stride, valid));
         }
       }
       SavedInputs<K> sv;
