@@ -556,7 +556,8 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
 // shared memory must allow two as well; the strict kernels' small accumulators keep their stores
 // on chip.
 void planner_case(const char* name, int64_t dim, int elts, bool backward, bool strict,
-                  bool scale_grad, const FusedTuning& tuning, int want_chunks, int want_rows) {
+                  bool scale_grad, const FusedTuning& tuning, int want_chunks, int want_rows,
+                  bool want_staged = false) {
   ++g_cases;
   FusedVariant variants[kMaxFusedVariants];
   for (int i = 0; i < num_fused_variants(backward); ++i) {
@@ -569,12 +570,13 @@ void planner_case(const char* name, int64_t dim, int elts, bool backward, bool s
   const int want_blocks = strict && l.chunks * elts * 4 <= 32 ? 2 : 1;
   const bool blocks_fit = want_blocks * (l.smem_bytes + 1024) <= 228 * 1024;
   if (!fused || l.chunks != want_chunks || l.rows_per_group != want_rows || l.strict != strict ||
-      !blocks_fit || (strict && !fused_on_chip(l, backward))) {
+      !blocks_fit || (strict && !fused_on_chip(l, backward)) || (want_staged && !l.stage_rows)) {
     ++g_failures;
-    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d strict=%d smem=%lld on_chip=%d, "
-                "want chunks=%d rows=%d, %d block(s) per SM\n",
+    std::printf("FAIL planner %s: fused=%d chunks=%d rows=%d strict=%d smem=%lld on_chip=%d "
+                "staged=%d, want chunks=%d rows=%d staged=%d, %d block(s) per SM\n",
                 name, fused, l.chunks, l.rows_per_group, l.strict, (long long)l.smem_bytes,
-                fused_on_chip(l, backward), want_chunks, want_rows, want_blocks);
+                fused_on_chip(l, backward), l.stage_rows, want_chunks, want_rows, want_staged,
+                want_blocks);
   }
 }
 
@@ -585,8 +587,10 @@ void run_planner() {
   // bf16 (8 elements per vector): d = 4096 is 512 vectors, one chunk of 512 threads.
   planner_case("bf16 d=4096 forward", 4096, 8, false, false, false, any, 1, 2);
   planner_case("bf16 d=4096 backward", 4096, 8, true, false, false, any, 1, 1);
-  planner_case("bf16 d=4096 backward strict", 4096, 8, true, true, false, any, 1, 1);
-  planner_case("bf16 d=4096 backward strict, scale", 4096, 8, true, true, true, any, 1, 1);
+  // The strict kernels stage their next rows and lead chunks at the target shape, with a scale
+  // gradient too.
+  planner_case("bf16 d=4096 backward strict", 4096, 8, true, true, false, any, 1, 1, true);
+  planner_case("bf16 d=4096 backward strict, scale", 4096, 8, true, true, true, any, 1, 1, true);
   planner_case("bf16 d=4096 forward, GOFT_CUDA_ROWS=1", 4096, 8, false, false, false, one_row, 1,
                1);
   planner_case("bf16 d=4096 forward, GOFT_CUDA_CHUNKS=2", 4096, 8, false, false, false,
