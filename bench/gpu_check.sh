@@ -177,6 +177,13 @@ if [[ -x "$NCU" && "${GOFT_SKIP_NCU:-0}" != "1" ]]; then
     "$PY" bench/gpu_profile.py --once > "$LOGS/ncu_stalls.txt" 2>&1
   grep -E "fused_rotate|inst_executed|stalled_(long_scoreboard|short_scoreboard|barrier|mio_throttle|wait|lg_throttle|not_selected|math|branch|no_instruction|dispatch)" \
     "$LOGS/ncu_stalls.txt" | sed -E 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//' | head -n 45
+  # Memory traffic per pass: DRAM bytes against the tensors' size, and the L2 sectors read, which
+  # also count the warps' own fetches of the warp layers' inputs (v10's lead values).
+  stamp "ncu memory traffic (full report in $LOGS/ncu_traffic.txt)"
+  timeout 120 "$NCU" --clock-control none -k regex:fused_rotate --metrics \
+    'dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_op_read.sum,lts__t_sectors_op_write.sum' \
+    "$PY" bench/gpu_profile.py --once > "$LOGS/ncu_traffic.txt" 2>&1
+  grep -E "fused_rotate|dram__bytes|lts__t_sectors" "$LOGS/ncu_traffic.txt" | head -n 30
 fi
 set -e
 
