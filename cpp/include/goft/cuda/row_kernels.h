@@ -297,7 +297,7 @@ struct FusedTraits {
   // (the first vector of its lane 0) with the row, prefetched, staged or loaded like it, and the
   // exchange through shared memory and its barrier go (warp_layers). One chunk per thread only:
   // with more, the chunk layers act on those features before the warp layers do.
-  static constexpr bool kLeads = kChunks == 1 && (kStageRows || !kBackward);
+  static constexpr bool kLeads = kChunks == 1;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1478,9 +1478,12 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   }
   int parity = 0;
   const int64_t rp = p.rows_per_cta;
-  // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row.
+  // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row,
+  // and when not transposed x's lead value (the recomputed forward's warp layers come first).
   constexpr int kNextChunks = K::kPrefetch ? C : 1;
   RawChunk next_x[kNextChunks], next_g[kNextChunks];
+  constexpr bool kPrefetchLead = K::kPrefetch && K::kLeads && !kTransposed;
+  T next_lead_x = FromAcc<T>::convert(0);
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
@@ -1489,6 +1492,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       const int64_t row = begin + ctx.group;
       load_raw(ctx, p.x + row * p.x_stride, p.x_vec, row < end, next_x);
       load_raw(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, next_g);
+      if constexpr (kPrefetchLead) next_lead_x = load_lead(ctx, p.x + row * p.x_stride, row < end);
     } else if (K::kStageRows && p.stage_rows) {
       const int64_t row = begin + ctx.group;
       stage_backward_row(ctx, row, row < end);
@@ -1502,9 +1506,13 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       if constexpr (K::kPrefetch) {
         raw_to_acc<K>(next_x, w[0]);
         raw_to_acc<K>(next_g, g[0]);
+        if constexpr (kPrefetchLead) lead.x[0] = to_acc(next_lead_x);
         const int64_t next = row + rp;  // the group's next row of this chunk
         load_raw(x, p.x + next * p.x_stride, p.x_vec, next < end, next_x);
         load_raw(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end, next_g);
+        if constexpr (kPrefetchLead) {
+          next_lead_x = load_lead(x, p.x + next * p.x_stride, next < end);
+        }
       } else if (K::kStageRows && p.stage_rows) {
         async_copy_wait_all();
         RawChunk raw[C];
