@@ -956,8 +956,10 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 // gradient (strict; y is unused otherwise).
 // lead.given (FusedTraits::kLeads, where the warp layers come first in the row's walk): every
 // lane already holds its warp's inputs, so neither the exchange nor its barrier is needed.
+// Returns this lane's first value after the layers: lane w < G / 32 holds warp w's (0 without
+// warp layers).
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
-GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
+GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                 typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
                                 int& parity,
                                 LeadValues<K> lead = {}) {
@@ -965,7 +967,7 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
   constexpr bool kStrictPass = kBackwardPass && K::kStrict;
   constexpr int V = R + (kStrictPass ? 1 : 0);  // fused_exchange_values; y is value R
-  if (x.LG <= 5) return;  // the same for the whole block
+  if (x.LG <= 5) return Acc(0);  // the same for the whole block
   const int warps = x.G >> 5, wg = x.t >> 5, lane = x.t & 31;
   const bool accumulates = wg == 0;  // one warp adds each row's terms
   Acc v[V][C];
@@ -1065,6 +1067,7 @@ GOFT_DEVICE_FN void warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
       }
     }
   }
+  return v[0][0];
 }
 
 // Chunk layers: element 0 of chunks c and c + 2^m of thread 0, m = r - log2(G * kElts).
@@ -1135,23 +1138,26 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
 }
 
 // All layers of the forward (the scale excluded), coarsest first unless transposed. lead: the
-// warp layers' inputs where they come first (not transposed; FusedTraits::kLeads).
+// warp layers' inputs where they come first (not transposed; FusedTraits::kLeads). Transposed,
+// returns what warp_layers returns, the outputs at the warp layers' features (one chunk: no
+// chunk layers follow).
 template <class K, bool kTransposed, bool kSave, class Threads>
-GOFT_DEVICE_FN void layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w, SavedInputs<K>& sv,
-                                   int& parity,
-                                   LeadValues<K> lead = {}) {
+GOFT_DEVICE_FN typename K::Acc layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
+                                              SavedInputs<K>& sv, int& parity,
+                                              LeadValues<K> lead = {}) {
   // warp_layers' y is for the strict backward only.
   if (kTransposed) {
     thread_layers_forward<K, false, kSave>(x, w, sv);
     lane_layers_forward<K, false, kSave>(x, w, sv);
-    warp_layers<K, false, kSave, false>(x, w, w[0], sv, parity);
+    const typename K::Acc outputs = warp_layers<K, false, kSave, false>(x, w, w[0], sv, parity);
     chunk_layers_forward<K, false, kSave>(x, w, sv);
-  } else {
-    chunk_layers_forward<K, true, kSave>(x, w, sv);
-    warp_layers<K, true, kSave, false>(x, w, w[0], sv, parity, lead);
-    lane_layers_forward<K, true, kSave>(x, w, sv);
-    thread_layers_forward<K, true, kSave>(x, w, sv);
+    return outputs;
   }
+  chunk_layers_forward<K, true, kSave>(x, w, sv);
+  warp_layers<K, true, kSave, false>(x, w, w[0], sv, parity, lead);
+  lane_layers_forward<K, true, kSave>(x, w, sv);
+  thread_layers_forward<K, true, kSave>(x, w, sv);
+  return typename K::Acc(0);
 }
 
 // Gradient through all layers, in the reverse order of layers_forward (one row per group). y:
@@ -1479,11 +1485,14 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   int parity = 0;
   const int64_t rp = p.rows_per_cta;
   // With K::kPrefetch, the group's next row of x and grad_out, loaded during the current row,
-  // and when not transposed x's lead value (the recomputed forward's warp layers come first).
+  // and the lead value of the walk whose warp layers come first: x's (the recomputed forward's)
+  // when not transposed, else grad_out's (the backward's).
   constexpr int kNextChunks = K::kPrefetch ? C : 1;
   RawChunk next_x[kNextChunks], next_g[kNextChunks];
-  constexpr bool kPrefetchLead = K::kPrefetch && K::kLeads && !kTransposed;
-  T next_lead_x = FromAcc<T>::convert(0);
+  constexpr bool kPrefetchLead = K::kPrefetch && K::kLeads;
+  const T* const lead_rows = kTransposed ? p.grad_out : p.x;
+  const int64_t lead_stride = kTransposed ? p.grad_out_stride : p.x_stride;
+  T next_lead = FromAcc<T>::convert(0);
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
@@ -1492,7 +1501,9 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       const int64_t row = begin + ctx.group;
       load_raw(ctx, p.x + row * p.x_stride, p.x_vec, row < end, next_x);
       load_raw(ctx, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, row < end, next_g);
-      if constexpr (kPrefetchLead) next_lead_x = load_lead(ctx, p.x + row * p.x_stride, row < end);
+      if constexpr (kPrefetchLead) {
+        next_lead = load_lead(ctx, lead_rows + row * lead_stride, row < end);
+      }
     } else if (K::kStageRows && p.stage_rows) {
       const int64_t row = begin + ctx.group;
       stage_backward_row(ctx, row, row < end);
@@ -1506,12 +1517,18 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       if constexpr (K::kPrefetch) {
         raw_to_acc<K>(next_x, w[0]);
         raw_to_acc<K>(next_g, g[0]);
-        if constexpr (kPrefetchLead) lead.x[0] = to_acc(next_lead_x);
+        if constexpr (kPrefetchLead) {
+          if (kTransposed) {
+            lead.g = to_acc(next_lead);
+          } else {
+            lead.x[0] = to_acc(next_lead);
+          }
+        }
         const int64_t next = row + rp;  // the group's next row of this chunk
         load_raw(x, p.x + next * p.x_stride, p.x_vec, next < end, next_x);
         load_raw(x, p.grad_out + next * p.grad_out_stride, p.grad_out_vec, next < end, next_g);
         if constexpr (kPrefetchLead) {
-          next_lead_x = load_lead(x, p.x + next * p.x_stride, next < end);
+          next_lead = load_lead(x, lead_rows + next * lead_stride, next < end);
         }
       } else if (K::kStageRows && p.stage_rows) {
         async_copy_wait_all();
@@ -1550,10 +1567,12 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       }
       // x_is_output (strict kernels only): w already holds what the recompute would give.
       const bool recompute = !K::kStrict || !p.x_is_output;
-      // The warp layers come first in the walk of the recomputed forward when not transposed,
-      // and of the backward from the output when transposed: the lead values are their inputs.
-      lead.given = K::kLeads && (kTransposed ? !recompute && p.scale == nullptr : recompute);
+      // The warp layers come first in the walk of the recomputed forward when not transposed, and
+      // of the backward when transposed: the lead values are their inputs (there, y is x itself
+      // from the output, or the outputs of the recomputed forward's warp layers, which it
+      // applied last).
       if (!kTransposed) {
+        lead.given = K::kLeads && recompute;
         if (recompute) layers_forward<K, false, kSave>(x, w, sv, parity, lead);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
@@ -1563,7 +1582,11 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         layers_backward<K, false>(x, l0, tg, g, w[0], sv, parity);
       } else {
         if (p.scale != nullptr) apply_scale(x, w);
-        if (recompute) layers_forward<K, true, kSave>(x, w, sv, parity);
+        if (recompute) {
+          const Acc outputs = layers_forward<K, true, kSave>(x, w, sv, parity);
+          if constexpr (K::kLeads) lead.x[0] = outputs;
+        }
+        lead.given = K::kLeads && (recompute || p.scale == nullptr);
         layers_backward<K, true>(x, l0, tg, g, w[0], sv, parity, lead);
         if (p.scale != nullptr) {
           // The scale acted first, on x itself (read again: it is in cache).
