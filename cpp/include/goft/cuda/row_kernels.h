@@ -290,9 +290,10 @@ struct FusedTraits {
   // reads another's chunks. Without it each row's loads were waited for in full.
   static constexpr bool kStageRows = kTwoBlocksPerSm;
 
-  // Where the warp layers come first in a row's walk (the forward and the strict backward's
-  // recomputed forward when not transposed; the transposed walk from the output,
-  // FusedParams::x_is_output), their inputs are the row's own values at one feature per warp.
+  // Where the warp layers come first in a row's walk (the forward and the backward's recomputed
+  // forward when not transposed; the backward's own walk when transposed), their inputs are the
+  // row's own values at one feature per warp (or, after a recomputed forward, that forward's
+  // outputs, which every lane already holds: warp_layers' return value).
   // Each warp then reads them itself: lane w < G / 32 fetches element 0 of warp w's lead chunk
   // (the first vector of its lane 0) with the row, prefetched, staged or loaded like it, and the
   // exchange through shared memory and its barrier go (warp_layers). One chunk per thread only:
@@ -695,7 +696,8 @@ GOFT_DEVICE_FN typename K::Acc first_element(const RawChunk& raw) {
   return to_acc(unpack_vec16<typename K::T, K::kElts>(raw).v[0]);
 }
 
-// This thread's lead value of one row: staged (after async_copy_wait_all) or loaded.
+// This thread's lead value of one row, staged (after async_copy_wait_all); load_lead reads it from
+// the row instead, unconverted.
 template <class K, class Threads>
 GOFT_DEVICE_FN typename K::Acc read_staged_lead(const RowCtx<K, Threads>& x, int tensor) {
   return lead_feature(x) >= 0 ? first_element<K>(*lead_slot(x, tensor)) : typename K::Acc(0);
@@ -960,9 +962,9 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
 // warp layers).
 template <class K, bool kCoarseFirst, bool kSave, bool kBackwardPass, class Threads>
 GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRows<K>& w,
-                                typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
-                                int& parity,
-                                LeadValues<K> lead = {}) {
+                                           typename K::Acc (&y)[K::kChunks][K::kElts],
+                                           SavedInputs<K>& sv, int& parity,
+                                           LeadValues<K> lead = {}) {
   using Acc = typename K::Acc;
   constexpr int E = K::kElts, LE = K::kLogElts, C = K::kChunks, R = K::kRowsPerGroup;
   constexpr bool kStrictPass = kBackwardPass && K::kStrict;
@@ -1167,8 +1169,7 @@ template <class K, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
                                     ThreadAngleGrads<K>& tg, GroupRows<K>& g,
                                     typename K::Acc (&y)[K::kChunks][K::kElts], SavedInputs<K>& sv,
-                                    int& parity,
-                                    LeadValues<K> lead = {}) {
+                                    int& parity, LeadValues<K> lead = {}) {
   if (kTransposed) {
     chunk_layers_backward<K, true>(x, g[0], y, sv);
     warp_layers<K, true, false, true>(x, g, y, sv, parity, lead);
@@ -1442,18 +1443,19 @@ GOFT_DEVICE_FN void add_scale_grads(const RowCtx<K, Threads>& x,
   }
 }
 
-// Stages a thread's part of one row of x and of grad_out (K::kStageRows; with their lead chunks,
-// K::kLeads) and commits the copies: x's chunks at x.stage, grad_out's after them
-// (FusedSmemLayout::stage).
+// Stages a thread's part of one row of x and of grad_out (K::kStageRows), and the lead chunks the
+// row's walk uses (lead_x, lead_g; K::kLeads), and commits the copies: x's chunks at x.stage,
+// grad_out's after them (FusedSmemLayout::stage).
 template <class K, class Threads>
-GOFT_DEVICE_FN void stage_backward_row(const RowCtx<K, Threads>& x, int64_t row, bool valid) {
+GOFT_DEVICE_FN void stage_backward_row(const RowCtx<K, Threads>& x, int64_t row, bool valid,
+                                       bool lead_x, bool lead_g) {
   const auto& p = x.p;
   stage_row(x, p.x + row * p.x_stride, p.x_vec, valid, x.stage);
   stage_row(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid,
             x.stage + K::kChunks * x.G);
   if constexpr (K::kLeads) {
-    stage_lead(x, p.x + row * p.x_stride, p.x_vec, valid, 0);
-    stage_lead(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, 1);
+    if (lead_x) stage_lead(x, p.x + row * p.x_stride, p.x_vec, valid, 0);
+    if (lead_g) stage_lead(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, 1);
   }
   async_copy_commit();
 }
@@ -1493,6 +1495,13 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   const T* const lead_rows = kTransposed ? p.grad_out : p.x;
   const int64_t lead_stride = kTransposed ? p.grad_out_stride : p.x_stride;
   T next_lead = FromAcc<T>::convert(0);
+  // x_is_output (strict kernels only): w already holds what the recompute would give.
+  const bool recompute = !K::kStrict || !p.x_is_output;
+  // The lead values a row's walk uses (K::kLeads): x's where the recomputed forward's warp layers
+  // come first (not transposed) or where x is the output (transposed, no recompute); grad_out's
+  // where the backward's come first (transposed).
+  const bool lead_x = K::kLeads && (kTransposed ? !recompute : recompute);
+  const bool lead_g = K::kLeads && kTransposed;
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
@@ -1506,7 +1515,7 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
       }
     } else if (K::kStageRows && p.stage_rows) {
       const int64_t row = begin + ctx.group;
-      stage_backward_row(ctx, row, row < end);
+      stage_backward_row(ctx, row, row < end, lead_x, lead_g);
     }
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const RowCtx<K, Threads> x = ctx.refreshed();
@@ -1538,14 +1547,14 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         read_staged(x, x.stage + C * x.G, raw);
         raw_to_acc<K>(raw, g[0]);
         if constexpr (K::kLeads) {
-          lead.x[0] = read_staged_lead(x, 0);
-          lead.g = read_staged_lead(x, 1);
+          if (lead_x) lead.x[0] = read_staged_lead(x, 0);
+          if (lead_g) lead.g = read_staged_lead(x, 1);
         }
         // The group's next tile, if the chunk has one; zeros past the chunk's last row, as an
         // invalid row must add nothing to the gradients. Only this thread's own later copies
         // overwrite its slots, after the reads above in program order.
         const int64_t next = row + rp;
-        if (tile + 1 < tiles) stage_backward_row(x, next, next < end);
+        if (tile + 1 < tiles) stage_backward_row(x, next, next < end, lead_x, lead_g);
       } else {
         RawChunk raw[C];
         load_raw(x, p.x + row * p.x_stride, p.x_vec, valid, raw);
@@ -1553,8 +1562,8 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
         load_raw(x, p.grad_out + row * p.grad_out_stride, p.grad_out_vec, valid, raw);
         raw_to_acc<K>(raw, g[0]);
         if constexpr (K::kLeads) {
-          lead.x[0] = to_acc(load_lead(x, p.x + row * p.x_stride, valid));
-          lead.g = to_acc(load_lead(x, p.grad_out + row * p.grad_out_stride, valid));
+          if (lead_x) lead.x[0] = to_acc(load_lead(x, p.x + row * p.x_stride, valid));
+          if (lead_g) lead.g = to_acc(load_lead(x, p.grad_out + row * p.grad_out_stride, valid));
         }
       }
       SavedInputs<K> sv;
@@ -1565,14 +1574,12 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
           for (int q = 0; q < 5; ++q) sv.lane[c][q] = sv.warp[c][q] = Acc(0);
         }
       }
-      // x_is_output (strict kernels only): w already holds what the recompute would give.
-      const bool recompute = !K::kStrict || !p.x_is_output;
       // The warp layers come first in the walk of the recomputed forward when not transposed, and
       // of the backward when transposed: the lead values are their inputs (there, y is x itself
       // from the output, or the outputs of the recomputed forward's warp layers, which it
       // applied last).
       if (!kTransposed) {
-        lead.given = K::kLeads && recompute;
+        lead.given = lead_x;
         if (recompute) layers_forward<K, false, kSave>(x, w, sv, parity, lead);
         if (p.scale != nullptr) {
           // The scale acted last, on the rotated row now in w.
