@@ -516,6 +516,40 @@ GOFT_HOST_DEVICE void applied_block(const Acc* a, bool transpose, Acc* c) {
   c[3] = a[3];
 }
 
+// Coarse slots (the lane, warp and chunk layers' pairs) hold their block in lane order,
+// (C00, C10, C11, C01): what the pair's a lane multiplies its own value and its partner's by in
+// the forward map (apply_pair), then the b lane's. A lane loads its two with one 8-byte access
+// at 2 * side, and its update is own * v + partner * o on either side; the backward's
+// multipliers (pair_input_grad) are the same own with the other side's partner, which for a
+// rotation (C01 = -C10) is -partner.
+template <typename Acc>
+GOFT_HOST_DEVICE void to_lane_order(const Acc* c, Acc* lane_order) {
+  lane_order[0] = c[0];
+  lane_order[1] = c[2];
+  lane_order[2] = c[3];
+  lane_order[3] = c[1];
+}
+
+// A coarse slot's block as applied, (C00, C01, C10, C11), from its lane order.
+template <typename Acc>
+GOFT_HOST_DEVICE void load_coarse_block(const Acc* slot, Acc* c) {
+  Acc lane_order[4];
+  load_block(slot, lane_order);
+  c[0] = lane_order[0];
+  c[1] = lane_order[3];
+  c[2] = lane_order[1];
+  c[3] = lane_order[2];
+}
+
+// A lane's forward multipliers (own, partner) in a layer of shuffles (lane or warp layers), whose
+// member m (a thread of the group, or the warp a lane stands for) pairs with m ^ 2^q: its pair is
+// slot m >> (q + 1) from `first`, the layer's first slot for the chunk, and its half of the slot
+// (the a side's first) is 8-byte unit m >> q from there. One shift, no side test.
+template <typename Acc>
+GOFT_HOST_DEVICE Vec<Acc, 2> load_lane_multipliers(const Acc* first, int member, int q) {
+  return *reinterpret_cast<const Vec<Acc, 2>*>(first + 2 * (member >> q));
+}
+
 // An integer the compiler cannot see through. The fused kernels pass the thread index through
 // it once per row, so per-layer addresses and predicates are recomputed from it (a few integer
 // instructions) instead of being hoisted out of the row loop, where dozens of them would each
@@ -875,7 +909,6 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
     if (q >= x.LW || r >= x.num_layers) continue;  // the same for the whole block
     const int bit = 1 << q;
     const bool active = (x.t & (bit - 1)) == 0;
-    const bool a_side = (x.t & bit) == 0;
     const int base = x.p.layer_base[r];
     GOFT_UNROLL
     for (int c = 0; c < K::kChunks; ++c) {
@@ -885,15 +918,12 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
         v[rr] = w[rr][c][0];
         o[rr] = x.th.shfl_xor(v[rr], bit);
       }
-      const int fa = (c * x.G + (x.t & ~bit)) * E;
-      if (active && fa + (E << q) < x.d) {
-        Acc blk[4];
-        load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
+      if (active && (c * x.G + (x.t & ~bit) + bit) * E < x.d) {
+        const int first = base + ((c * x.G) >> (q + 1));
+        const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, x.t, q);
         if (kSave) sv.lane[c][q] = v[0];
         GOFT_UNROLL
-        for (int rr = 0; rr < R; ++rr) {
-          w[rr][c][0] = a_side ? blk[0] * v[rr] + blk[2] * o[rr] : blk[1] * o[rr] + blk[3] * v[rr];
-        }
+        for (int rr = 0; rr < R; ++rr) w[rr][c][0] = k.v[0] * v[rr] + k.v[1] * o[rr];
       }
     }
   }
@@ -922,22 +952,24 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
       const Acc gv = g[c][0], uv = K::kStrict ? y[c][0] : sv.lane[c][q];
       const Acc og = x.th.shfl_xor(gv, bit);
       const Acc ou = x.th.shfl_xor(uv, bit);
-      const int fa = (c * x.G + (x.t & ~bit)) * E;
-      if (active && fa + (E << q) < x.d) {
-        Acc blk[4];
-        const int slot = base + (fa >> (r + 1));
-        load_block(x.blocks + 4 * slot, blk);
-        if (a_side) {  // the a lane owns the pair's gradient
-          if constexpr (K::kStrict) {
-            x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
-            y[c][0] = blk[0] * uv + blk[1] * ou;
-          } else {
-            accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
-          }
-          g[c][0] = blk[0] * gv + blk[1] * og;
+      if (active && (c * x.G + (x.t & ~bit) + bit) * E < x.d) {
+        const int first = base + ((c * x.G) >> (q + 1));
+        const int slot = first + (x.t >> (q + 1));
+        if constexpr (K::kStrict) {
+          // The a lane owns the pair's gradient; y and g go back by the transposed rotation.
+          if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
+          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, x.t, q);
+          y[c][0] = k.v[0] * uv - k.v[1] * ou;
+          g[c][0] = k.v[0] * gv - k.v[1] * og;
         } else {
-          if constexpr (K::kStrict) y[c][0] = blk[2] * ou + blk[3] * uv;
-          g[c][0] = blk[2] * og + blk[3] * gv;
+          Acc blk[4];
+          load_coarse_block(x.blocks + 4 * slot, blk);
+          if (a_side) {  // the a lane owns the pair's gradient
+            accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
+            g[c][0] = blk[0] * gv + blk[1] * og;
+          } else {
+            g[c][0] = blk[2] * og + blk[3] * gv;
+          }
         }
       }
     }
@@ -1022,35 +1054,33 @@ GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRow
       for (int rr = 0; rr < V; ++rr) o[rr] = x.th.shfl_xor(v[rr][c], bit);
       Acc ou = 0;
       if (kBackwardPass && !K::kStrict) ou = x.th.shfl_xor(sv.warp[c][q], bit);
-      const int fa = (c * x.G + 32 * (lane & ~bit)) * E;
-      if (active && fa + ((32 * E) << q) < x.d) {
-        Acc blk[4];
-        const int slot = base + (fa >> (r + 1));
-        load_block(x.blocks + 4 * slot, blk);
-        if (kBackwardPass) {
-          const Acc gv = v[0][c], uv = kStrictPass ? v[V - 1][c] : sv.warp[c][q];
-          if (kStrictPass) ou = o[V - 1];
+      if (active && 32 * (c * (x.G >> 5) + (lane & ~bit) + bit) * E < x.d) {
+        const int first = base + ((c * x.G) >> (q + 6));
+        const int slot = first + (lane >> (q + 1));
+        if constexpr (kStrictPass) {
+          const Acc gv = v[0][c], uv = v[V - 1][c];
+          ou = o[V - 1];
+          if (a_side && accumulates) {
+            x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, o[0]);
+          }
+          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, lane, q);
+          v[V - 1][c] = k.v[0] * uv - k.v[1] * ou;
+          v[0][c] = k.v[0] * gv - k.v[1] * o[0];
+        } else if (kBackwardPass) {
+          const Acc gv = v[0][c], uv = sv.warp[c][q];
+          Acc blk[4];
+          load_coarse_block(x.blocks + 4 * slot, blk);
           if (a_side) {
-            if constexpr (kStrictPass) {
-              if (accumulates) {
-                x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, o[0]);
-              }
-              v[V - 1][c] = blk[0] * uv + blk[1] * ou;
-            } else {
-              if (accumulates) accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
-            }
+            if (accumulates) accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
             v[0][c] = blk[0] * gv + blk[1] * o[0];
           } else {
-            if constexpr (kStrictPass) v[V - 1][c] = blk[2] * ou + blk[3] * uv;
             v[0][c] = blk[2] * o[0] + blk[3] * gv;
           }
         } else {
           if (kSave) sv.warp[c][q] = v[0][c];
+          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, lane, q);
           GOFT_UNROLL
-          for (int rr = 0; rr < R; ++rr) {
-            v[rr][c] = a_side ? blk[0] * v[rr][c] + blk[2] * o[rr]
-                              : blk[1] * o[rr] + blk[3] * v[rr][c];
-          }
+          for (int rr = 0; rr < R; ++rr) v[rr][c] = k.v[0] * v[rr][c] + k.v[1] * o[rr];
         }
       }
     }
@@ -1092,7 +1122,7 @@ GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x, GroupRows<
       const int fa = c * x.G * E, fb = (c + mu) * x.G * E;
       if (fb >= x.d) continue;
       Acc blk[4];
-      load_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
+      load_coarse_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
       if (kSave) {
         sv.chunk[m][c] = w[0][c][0];
         sv.chunk[m][c + mu] = w[0][c + mu][0];
@@ -1125,7 +1155,7 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
       if (fb >= x.d) continue;
       Acc blk[4];
       const int slot = base + (fa >> (r + 1));
-      load_block(x.blocks + 4 * slot, blk);
+      load_coarse_block(x.blocks + 4 * slot, blk);
       if constexpr (K::kStrict) {
         x.grads[slot - x.coarse_first] +=
             angle_grad_term(y[c][0], y[c + mu][0], g[c][0], g[c + mu][0]);
@@ -1804,7 +1834,8 @@ GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t 
 }
 
 // Block store entry `slot` (stage_store_kernel): the block of its pair as applied (transposed
-// when the op is), from the op's parameters; the identity for an unused slot, so that the thread
+// when the op is), in lane order for a coarse slot (to_lane_order), from the op's parameters;
+// the identity for an unused slot, so that the thread
 // layers can apply every in-vector pair without a bounds check (a pair past d then leaves its
 // features, and the gradient through them, as they are).
 template <typename Param, typename Acc>
@@ -1818,9 +1849,14 @@ GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bo
     out[1] = out[2] = Acc(0);
     return;
   }
-  Acc block[4];
+  Acc block[4], applied[4];
   param_block(params, params_are_blocks, p, block);
-  applied_block(block, transpose, out);
+  applied_block(block, transpose, applied);
+  if (slot >= first_coarse_slot(log_elts, vcap)) {
+    to_lane_order(applied, out);
+  } else {
+    for (int i = 0; i < 4; ++i) out[i] = applied[i];
+  }
 }
 
 // Sum of entry i over partials [first, first + count), in partial order.
