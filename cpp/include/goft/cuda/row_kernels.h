@@ -616,13 +616,18 @@ struct Layer0Grads {
   Acc g[kChunks][kPairs][4];
 };
 
-// Angle-gradient accumulators of a thread's thread-layer pairs (strict backward), indexed like
-// a vector's block slots: [chunk][kElts - (kElts >> r) + kk].
+// Angle-gradient accumulators a thread keeps in registers (strict backward): those of its
+// thread-layer pairs, indexed like a vector's block slots, [chunk][kElts - (kElts >> r) + kk],
+// and per chunk and lane layer q the sum of its lane's terms, [chunk][q]: a pair's a lane holds
+// the pair's, which store_lane_angle_grads moves to the group's accumulators before a flush;
+// a b lane's sum is never used. Every row's term then costs an add in a register instead of a
+// shared-memory read-modify-write at a computed address.
 template <class K>
 struct ThreadAngleGrads {
   using Acc = typename K::Acc;
   static constexpr bool kUsed = K::kThreadAngleGradsInRegisters;
   Acc g[kUsed ? K::kChunks : 1][kUsed ? K::kElts - 1 : 1];
+  Acc lane[kUsed ? K::kChunks : 1][kUsed ? 5 : 1];
 };
 
 // The rows a group transforms together, in the accumulation type: [row][chunk][element].
@@ -932,7 +937,7 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
 // The partner's value is shuffled alongside the gradient: the pair's saved input (quasi) or its
 // output (strict, which then also takes y back through the pair on both lanes).
 template <class K, bool kCoarseFirst, class Threads>
-GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
+GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngleGrads<K>& tg,
                                          typename K::Acc (&g)[K::kChunks][K::kElts],
                                          typename K::Acc (&y)[K::kChunks][K::kElts],
                                          const SavedInputs<K>& sv) {
@@ -956,8 +961,8 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x,
         const int first = base + ((c * x.G) >> (q + 1));
         const int slot = first + (x.t >> (q + 1));
         if constexpr (K::kStrict) {
-          // The a lane owns the pair's gradient; y and g go back by the transposed rotation.
-          if (a_side) x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
+          // The a lane's sum is the pair's gradient; y and g go back by the transposed rotation.
+          tg.lane[c][q] += angle_grad_term(uv, ou, gv, og);
           const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, x.t, q);
           y[c][0] = k.v[0] * uv - k.v[1] * ou;
           g[c][0] = k.v[0] * gv - k.v[1] * og;
@@ -1203,11 +1208,11 @@ GOFT_DEVICE_FN void layers_backward(const RowCtx<K, Threads>& x, Layer0Grads<K>&
   if (kTransposed) {
     chunk_layers_backward<K, true>(x, g[0], y, sv);
     warp_layers<K, true, false, true>(x, g, y, sv, parity, lead);
-    lane_layers_backward<K, true>(x, g[0], y, sv);
+    lane_layers_backward<K, true>(x, tg, g[0], y, sv);
     thread_layers_backward<K, true>(x, l0, tg, g[0], y, sv);
   } else {
     thread_layers_backward<K, false>(x, l0, tg, g[0], y, sv);
-    lane_layers_backward<K, false>(x, g[0], y, sv);
+    lane_layers_backward<K, false>(x, tg, g[0], y, sv);
     warp_layers<K, false, false, true>(x, g, y, sv, parity);
     chunk_layers_backward<K, false>(x, g[0], y, sv);
   }
@@ -1411,6 +1416,26 @@ GOFT_DEVICE_FN void flush_layer0_partials(const RowCtx<K, Threads>& x, Layer0Gra
   }
 }
 
+// Strict: each lane-layer pair's sum, held by its a lane (ThreadAngleGrads::lane), to the
+// group's accumulators, which hold no other terms of that pair; clears the registers.
+template <class K, class Threads>
+GOFT_DEVICE_FN void store_lane_angle_grads(const RowCtx<K, Threads>& x, ThreadAngleGrads<K>& tg) {
+  constexpr int E = K::kElts, LE = K::kLogElts;
+  GOFT_UNROLL
+  for (int q = 0; q < 5; ++q) {
+    const int bit = 1 << q;
+    const bool a_lane = (x.t & (2 * bit - 1)) == 0;
+    GOFT_UNROLL
+    for (int c = 0; c < K::kChunks; ++c) {
+      if (q < x.LW && LE + q < x.num_layers && a_lane && (c * x.G + x.t + bit) * E < x.d) {
+        const int slot = x.p.layer_base[LE + q] + ((c * x.G) >> (q + 1)) + (x.t >> (q + 1));
+        x.grads[slot - x.coarse_first] = tg.lane[c][q];
+      }
+      tg.lane[c][q] = typename K::Acc(0);
+    }
+  }
+}
+
 // Writes a group's accumulated gradients to its partial and clears the accumulators.
 template <class K, class Threads>
 GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& l0,
@@ -1418,6 +1443,7 @@ GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& 
   using Acc = typename K::Acc;
   const auto& p = x.p;
   const int64_t pairs = x.d - 1;
+  if constexpr (K::kStrict) store_lane_angle_grads(x, tg);
   x.th.sync();
   if constexpr (K::kStrict) {
     flush_angle_partials(x, tg, p.block_partials + partial * pairs);
@@ -1512,6 +1538,9 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, 
   }
   ThreadAngleGrads<K> tg;
   for (auto& chunk_grads : tg.g) {
+    for (Acc& v : chunk_grads) v = Acc(0);
+  }
+  for (auto& chunk_grads : tg.lane) {
     for (Acc& v : chunk_grads) v = Acc(0);
   }
   int parity = 0;
