@@ -142,8 +142,11 @@ inline bool choose_fused_layout(int64_t dim, int elts, int acc_bytes, bool backw
   l.num_slots = fused_num_slots(s, ilog2(elts), l.vcap);
 
   auto smem_layout = [&](int rows_per_cta, bool store_smem, bool grads_smem, bool stage = false) {
+    // The strict kernels on chip keep compact thread-layer slots (PlacedTraits).
+    const bool compact = l.strict && store_smem && grads_smem;
     return fused_smem_layout(l.chunks, fused_exchange_values(l.rows_per_group, l.strict),
-                             l.group_threads, rows_per_cta, l.num_slots,
+                             l.group_threads, rows_per_cta,
+                             fused_store_entries(compact, l.num_slots, ilog2(elts), l.vcap),
                              fused_grad_entries(l.strict, l.num_slots, ilog2(elts), l.vcap), dim,
                              backward, scale_grad, store_smem, grads_smem,
                              fused_stage_per_group(stage, l.chunks, l.group_threads, acc_bytes));

@@ -299,6 +299,20 @@ struct FusedTraits {
   // exchange through shared memory and its barrier go (warp_layers). One chunk per thread only:
   // with more, the chunk layers act on those features before the warp layers do.
   static constexpr bool kLeads = kChunks == 1;
+
+  // The store's thread-layer slots in shared memory: 4 entries each, or 2 (PlacedTraits).
+  static constexpr bool kCompactThreadSlots = false;
+};
+
+// A kernel's traits with its placement. kOnChip: the block store, and in backward the gradient
+// accumulators, are in shared memory (fused_on_chip, plan.h). The strict kernels' blocks are
+// rotations, (C00, C01, C10, C11) = (c, -s, s, c) as applied, so on chip they keep each
+// thread-layer slot as (C00, C10), half the bytes that every row loads from shared memory for the
+// thread layers, twice per row in the backward (fused_store_entries).
+template <class K, bool kOnChip_>
+struct PlacedTraits : K {
+  static constexpr bool kOnChip = kOnChip_;
+  static constexpr bool kCompactThreadSlots = K::kStrict && kOnChip_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -385,7 +399,7 @@ GOFT_HOST_DEVICE int64_t fused_stage_per_group(bool stages, int chunks, int grou
 // fused_stage_per_group.
 GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_values,
                                                    int group_threads, int rows_per_cta,
-                                                   int64_t num_slots, int64_t grad_entries,
+                                                   int64_t store_entries, int64_t grad_entries,
                                                    int64_t dim, bool backward, bool scale_grad,
                                                    bool store_in_smem, bool grads_in_smem,
                                                    int64_t stage_per_group) {
@@ -397,7 +411,7 @@ GOFT_HOST_DEVICE FusedSmemLayout fused_smem_layout(int chunks, int exchange_valu
   l.exchange = 0;
   int64_t at = l.exchange_per_group * rows_per_cta;
   l.blocks = at;
-  if (store_in_smem) at += 4 * num_slots;
+  if (store_in_smem) at += store_entries;
   l.grads_per_group = grad_entries;
   l.scale_grads_per_group = scale_grad ? round_up(dim, 4) : 0;
   l.grads = at;
@@ -436,6 +450,16 @@ GOFT_HOST_DEVICE int64_t coarse_layer_base(const PairSchedule& s, int log_elts, 
 GOFT_HOST_DEVICE int64_t fused_num_slots(const PairSchedule& s, int log_elts, int64_t vcap) {
   const int64_t coarse = s.num_layers > log_elts ? s.num_pairs() - s.offset[log_elts] : 0;
   return first_coarse_slot(log_elts, vcap) + coarse;
+}
+
+// Acc entries of the block store in shared memory: 4 per slot, or with compact thread-layer slots
+// (PlacedTraits) 2 per thread-layer slot, padded to a multiple of 4 so that the coarse slots that
+// follow stay 16-byte aligned.
+GOFT_HOST_DEVICE int64_t fused_store_entries(bool compact_thread_slots, int64_t num_slots,
+                                             int log_elts, int64_t vcap) {
+  const int64_t thread_slots = first_coarse_slot(log_elts, vcap);
+  return compact_thread_slots ? round_up(2 * thread_slots, 4) + 4 * (num_slots - thread_slots)
+                              : 4 * num_slots;
 }
 
 // Slot of the pair stored at flat index p (schedule order).
@@ -578,6 +602,9 @@ struct RowCtx {
   int group = 0;                // group within the block
   int num_layers = 0;
   const Acc* blocks = nullptr;  // block store, slot order (shared or global memory)
+  // The coarse slots, indexed by slot like blocks: blocks itself, or past the compact
+  // thread-layer slots (K::kCompactThreadSlots).
+  const Acc* coarse = nullptr;
   // This group's gradient accumulators (backward): block gradients in slot order, or for the
   // strict kernels the angle gradients of the coarse slots, slot - coarse_first.
   Acc* grads = nullptr;
@@ -816,6 +843,28 @@ GOFT_DEVICE_FN void apply_scale(const RowCtx<K, Threads>& x,
   }
 }
 
+// The first thread-layer slot of vector position j in the block store.
+template <class K, class Threads>
+GOFT_DEVICE_FN const typename K::Acc* vector_slots(const RowCtx<K, Threads>& x, int j) {
+  return x.blocks + (K::kCompactThreadSlots ? 2 : 4) * (K::kElts - 1) * j;
+}
+
+// The block as applied of a vector's in-vector slot i; compact slots (K::kCompactThreadSlots)
+// hold a rotation's (C00, C10).
+template <class K>
+GOFT_HOST_DEVICE void load_thread_block(const typename K::Acc* vector_first, int i,
+                                        typename K::Acc* c) {
+  if constexpr (K::kCompactThreadSlots) {
+    const auto cs = *reinterpret_cast<const Vec<typename K::Acc, 2>*>(vector_first + 2 * i);
+    c[0] = cs.v[0];
+    c[1] = -cs.v[1];
+    c[2] = cs.v[1];
+    c[3] = cs.v[0];
+  } else {
+    load_block(vector_first + 4 * i, c);
+  }
+}
+
 // Thread layers. Loops run over constant bounds with guards so that every register index is a
 // constant after unrolling; a vector's blocks sit at constant offsets from one address.
 template <class K, bool kCoarseFirst, bool kSave, class Threads>
@@ -826,7 +875,7 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
     const int j = x.vpos(c);
-    const Acc* vb = x.blocks + 4 * (E - 1) * j;
+    const Acc* vb = vector_slots(x, j);
     GOFT_UNROLL
     for (int i = 0; i < LE; ++i) {
       const int r = kCoarseFirst ? LE - 1 - i : i;
@@ -836,7 +885,7 @@ GOFT_DEVICE_FN void thread_layers_forward(const RowCtx<K, Threads>& x, GroupRows
         // A pair past d has an identity block (stage_slot), so no pair needs a bounds check.
         const int a = kk << (r + 1), b = a + (1 << r);
         Acc blk[4];
-        load_block(vb + 4 * (E - (E >> r) + kk), blk);
+        load_thread_block<K>(vb, E - (E >> r) + kk, blk);
         if (kSave) {  // backward: one row per group
           sv.thread[c][r][a] = w[0][c][a];
           sv.thread[c][r][b] = w[0][c][b];
@@ -868,7 +917,7 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
   GOFT_UNROLL
   for (int c = 0; c < K::kChunks; ++c) {
     const int j = x.vpos(c);
-    const Acc* vb = x.blocks + 4 * (E - 1) * j;
+    const Acc* vb = vector_slots(x, j);
     Acc* vg = x.grads + 4 * (E - 1) * j;
     GOFT_UNROLL
     for (int i = 0; i < LE; ++i) {
@@ -880,7 +929,7 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
         const int a = kk << (r + 1), b = a + (1 << r);
         Acc blk[4];
         const int in_vector = E - (E >> r) + kk;  // slot, from the vector's first
-        load_block(vb + 4 * in_vector, blk);
+        load_thread_block<K>(vb, in_vector, blk);
         if constexpr (K::kStrict) {
           tg.g[ThreadAngleGrads<K>::kUsed ? c : 0][ThreadAngleGrads<K>::kUsed ? in_vector : 0] +=
               angle_grad_term(y[c][a], y[c][b], g[c][a], g[c][b]);
@@ -925,7 +974,7 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
       }
       if (active && (c * x.G + (x.t & ~bit) + bit) * E < x.d) {
         const int first = base + ((c * x.G) >> (q + 1));
-        const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, x.t, q);
+        const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, x.t, q);
         if (kSave) sv.lane[c][q] = v[0];
         GOFT_UNROLL
         for (int rr = 0; rr < R; ++rr) w[rr][c][0] = k.v[0] * v[rr] + k.v[1] * o[rr];
@@ -963,12 +1012,12 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngl
         if constexpr (K::kStrict) {
           // The a lane's sum is the pair's gradient; y and g go back by the transposed rotation.
           tg.lane[c][q] += angle_grad_term(uv, ou, gv, og);
-          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, x.t, q);
+          const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, x.t, q);
           y[c][0] = k.v[0] * uv - k.v[1] * ou;
           g[c][0] = k.v[0] * gv - k.v[1] * og;
         } else {
           Acc blk[4];
-          load_coarse_block(x.blocks + 4 * slot, blk);
+          load_coarse_block(x.coarse + 4 * slot, blk);
           if (a_side) {  // the a lane owns the pair's gradient
             accumulate_block(x.grads + 4 * slot, uv, ou, gv, og);
             g[c][0] = blk[0] * gv + blk[1] * og;
@@ -1068,13 +1117,13 @@ GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRow
           if (a_side && accumulates) {
             x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, o[0]);
           }
-          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, lane, q);
+          const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, lane, q);
           v[V - 1][c] = k.v[0] * uv - k.v[1] * ou;
           v[0][c] = k.v[0] * gv - k.v[1] * o[0];
         } else if (kBackwardPass) {
           const Acc gv = v[0][c], uv = sv.warp[c][q];
           Acc blk[4];
-          load_coarse_block(x.blocks + 4 * slot, blk);
+          load_coarse_block(x.coarse + 4 * slot, blk);
           if (a_side) {
             if (accumulates) accumulate_block(x.grads + 4 * slot, uv, ou, gv, o[0]);
             v[0][c] = blk[0] * gv + blk[1] * o[0];
@@ -1083,7 +1132,7 @@ GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRow
           }
         } else {
           if (kSave) sv.warp[c][q] = v[0][c];
-          const Vec<Acc, 2> k = load_lane_multipliers(x.blocks + 4 * first, lane, q);
+          const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, lane, q);
           GOFT_UNROLL
           for (int rr = 0; rr < R; ++rr) v[rr][c] = k.v[0] * v[rr][c] + k.v[1] * o[rr];
         }
@@ -1127,7 +1176,7 @@ GOFT_DEVICE_FN void chunk_layers_forward(const RowCtx<K, Threads>& x, GroupRows<
       const int fa = c * x.G * E, fb = (c + mu) * x.G * E;
       if (fb >= x.d) continue;
       Acc blk[4];
-      load_coarse_block(x.blocks + 4 * (base + (fa >> (r + 1))), blk);
+      load_coarse_block(x.coarse + 4 * (base + (fa >> (r + 1))), blk);
       if (kSave) {
         sv.chunk[m][c] = w[0][c][0];
         sv.chunk[m][c + mu] = w[0][c + mu][0];
@@ -1160,7 +1209,7 @@ GOFT_DEVICE_FN void chunk_layers_backward(const RowCtx<K, Threads>& x,
       if (fb >= x.d) continue;
       Acc blk[4];
       const int slot = base + (fa >> (r + 1));
-      load_coarse_block(x.blocks + 4 * slot, blk);
+      load_coarse_block(x.coarse + 4 * slot, blk);
       if constexpr (K::kStrict) {
         x.grads[slot - x.coarse_first] +=
             angle_grad_term(y[c][0], y[c + mu][0], g[c][0], g[c + mu][0]);
@@ -1230,7 +1279,8 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   using Acc = typename K::Acc;
   const FusedSmemLayout l = fused_smem_layout(
       K::kChunks, fused_exchange_values(K::kRowsPerGroup, K::kStrict), p.group_threads,
-      p.rows_per_cta, p.num_slots,
+      p.rows_per_cta,
+      fused_store_entries(K::kCompactThreadSlots, p.num_slots, K::kLogElts, p.vcap),
       fused_grad_entries(K::kStrict, p.num_slots, K::kLogElts, p.vcap), p.dim, K::kBackward,
       p.scale_partials != nullptr, p.store_in_smem, p.grads_in_smem,
       fused_stage_per_group(K::kStageRows && p.stage_rows, K::kChunks, p.group_threads,
@@ -1247,15 +1297,26 @@ GOFT_DEVICE_FN RowCtx<K, Threads> make_row_ctx(const FusedParams<typename K::T, 
   if (K::kStrict) x.coarse_first = static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap));
   x.exchange = smem + l.exchange + x.group * l.exchange_per_group;
   x.stage = reinterpret_cast<RawChunk*>(smem + l.stage + x.group * l.stage_per_group);
+  static_assert(!K::kCompactThreadSlots || kOnChip, "compact thread-layer slots: on chip only");
   if (kOnChip || p.store_in_smem) {
     Acc* dst = smem + l.blocks;
+    // With compact thread-layer slots, (C00, C10) of each, then the coarse slots whole; coarse
+    // is biased by the thread-layer slots so that coarse + 4 * slot addresses a coarse slot.
+    const int thread_slots =
+        K::kCompactThreadSlots ? static_cast<int>(first_coarse_slot(K::kLogElts, p.vcap)) : 0;
+    Acc* const coarse = dst + round_up(2 * thread_slots, 4) - 4 * thread_slots;
     for (int s = tid; s < p.num_slots; s += p.cta_threads) {
-      *reinterpret_cast<Vec<Acc, 4>*>(dst + 4 * s) =
-          *reinterpret_cast<const Vec<Acc, 4>*>(p.store + 4 * s);
+      const Vec<Acc, 4> block = *reinterpret_cast<const Vec<Acc, 4>*>(p.store + 4 * s);
+      if (s < thread_slots) {
+        *reinterpret_cast<Vec<Acc, 2>*>(dst + 2 * s) = Vec<Acc, 2>{{block.v[0], block.v[2]}};
+      } else {
+        *reinterpret_cast<Vec<Acc, 4>*>(coarse + 4 * s) = block;
+      }
     }
     x.blocks = dst;
+    x.coarse = coarse;
   } else {
-    x.blocks = p.store;
+    x.blocks = x.coarse = p.store;
   }
   if (K::kBackward) {
     Acc* base;
@@ -1519,9 +1580,11 @@ GOFT_DEVICE_FN void stage_backward_row(const RowCtx<K, Threads>& x, int64_t row,
 // Backward with parameter gradients: per row, recompute the forward keeping each layer's inputs
 // on chip (quasi) or only its output (strict), then run the gradient back through the layers
 // (GOFT_SPEC.md section 4).
-template <class K, bool kTransposed, bool kOnChip, class Threads>
-GOFT_DEVICE_FN void fused_rotate_backward_rows(const FusedParams<typename K::T, typename K::Acc>& p,
-                                               const Threads& th, typename K::Acc* smem) {
+template <class KernelTraits, bool kTransposed, bool kOnChip, class Threads>
+GOFT_DEVICE_FN void fused_rotate_backward_rows(
+    const FusedParams<typename KernelTraits::T, typename KernelTraits::Acc>& p, const Threads& th,
+    typename KernelTraits::Acc* smem) {
+  using K = PlacedTraits<KernelTraits, kOnChip>;
   using T = typename K::T;
   using Acc = typename K::Acc;
   constexpr int C = K::kChunks, E = K::kElts;
