@@ -259,6 +259,10 @@ struct FusedTraits {
   // Strict: the angle gradients of all thread layers' pairs (kElts - 1 per vector) stay in their
   // owner's registers, those of the coarser layers in the group's accumulators (RowCtx::grads).
   static constexpr bool kThreadAngleGradsInRegisters = kStrict;
+  // And those of its lane-layer pairs (ThreadAngleGrads::lane): five registers per chunk, which
+  // only the one-chunk kernels have to spare (ptxas: the float32 two-chunk kernel spilled 44 B
+  // with them, 16 B without).
+  static constexpr bool kLaneAngleGradsInRegisters = kStrict && kChunks == 1;
   // The group's next rows are loaded while the current ones are transformed. The backward holds
   // about four values per feature, so only its one-chunk kernels have the registers for the next
   // row's x and grad_out; the strict one spends them on a second block per SM instead
@@ -645,16 +649,17 @@ struct Layer0Grads {
 
 // Angle-gradient accumulators a thread keeps in registers (strict backward): those of its
 // thread-layer pairs, indexed like a vector's block slots, [chunk][kElts - (kElts >> r) + kk],
-// and per chunk and lane layer q the sum of its lane's terms, [chunk][q]: a pair's a lane holds
-// the pair's, which store_lane_angle_grads moves to the group's accumulators before a flush;
-// a b lane's sum is never used. Every row's term then costs an add in a register instead of a
-// shared-memory read-modify-write at a computed address.
+// and (FusedTraits::kLaneAngleGradsInRegisters) per chunk and lane layer q the sum of its lane's
+// terms, [chunk][q]: a pair's a lane holds the pair's, which store_lane_angle_grads moves to the
+// group's accumulators before a flush; a b lane's sum is never used. Every row's term then costs
+// an add in a register instead of a shared-memory read-modify-write at a computed address.
 template <class K>
 struct ThreadAngleGrads {
   using Acc = typename K::Acc;
   static constexpr bool kUsed = K::kThreadAngleGradsInRegisters;
   Acc g[kUsed ? K::kChunks : 1][kUsed ? K::kElts - 1 : 1];
-  Acc lane[kUsed ? K::kChunks : 1][kUsed ? 5 : 1];
+  static constexpr bool kLaneUsed = K::kLaneAngleGradsInRegisters;
+  Acc lane[kLaneUsed ? K::kChunks : 1][kLaneUsed ? 5 : 1];
 };
 
 // The rows a group transforms together, in the accumulation type: [row][chunk][element].
@@ -1011,7 +1016,11 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngl
         const int slot = first + (x.t >> (q + 1));
         if constexpr (K::kStrict) {
           // The a lane's sum is the pair's gradient; y and g go back by the transposed rotation.
-          tg.lane[c][q] += angle_grad_term(uv, ou, gv, og);
+          if constexpr (ThreadAngleGrads<K>::kLaneUsed) {
+            tg.lane[c][q] += angle_grad_term(uv, ou, gv, og);
+          } else if (a_side) {
+            x.grads[slot - x.coarse_first] += angle_grad_term(uv, ou, gv, og);
+          }
           const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, x.t, q);
           y[c][0] = k.v[0] * uv - k.v[1] * ou;
           g[c][0] = k.v[0] * gv - k.v[1] * og;
@@ -1504,7 +1513,7 @@ GOFT_DEVICE_FN void flush_partials(const RowCtx<K, Threads>& x, Layer0Grads<K>& 
   using Acc = typename K::Acc;
   const auto& p = x.p;
   const int64_t pairs = x.d - 1;
-  if constexpr (K::kStrict) store_lane_angle_grads(x, tg);
+  if constexpr (ThreadAngleGrads<K>::kLaneUsed) store_lane_angle_grads(x, tg);
   x.th.sync();
   if constexpr (K::kStrict) {
     flush_angle_partials(x, tg, p.block_partials + partial * pairs);
