@@ -310,9 +310,9 @@ struct FusedTraits {
 
 // A kernel's traits with its placement. kOnChip: the block store, and in backward the gradient
 // accumulators, are in shared memory (fused_on_chip, plan.h). The strict kernels' blocks are
-// rotations, (C00, C01, C10, C11) = (c, -s, s, c) as applied, so on chip they keep each
-// thread-layer slot as (C00, C10), half the bytes that every row loads from shared memory for the
-// thread layers, twice per row in the backward (fused_store_entries).
+// rotations, (C00, C01, C10, C11) = (c, -s, s, c) for the angle as applied, so on chip they
+// keep each thread-layer slot as (C00, C10): half the bytes that every row loads from shared
+// memory for the thread layers, twice per row in the backward (fused_store_entries).
 template <class K, bool kOnChip_>
 struct PlacedTraits : K {
   static constexpr bool kOnChip = kOnChip_;
