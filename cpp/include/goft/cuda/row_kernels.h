@@ -737,11 +737,13 @@ struct LeadValues {
   bool given = false;
 };
 
-// The feature where the lead chunk this thread fetches starts, or -1 for lanes without one.
+// The feature where the lead chunk this thread fetches starts, or -1 for lanes without one and
+// for groups of at most one warp, which have no warp layers (and no staged lead chunks:
+// fused_stage_per_group).
 template <class K, class Threads>
 GOFT_DEVICE_FN int lead_feature(const RowCtx<K, Threads>& x) {
   const int lane = x.t & 31;
-  return lane < (x.G >> 5) ? 32 * lane * K::kElts : -1;
+  return x.G > 32 && lane < (x.G >> 5) ? 32 * lane * K::kElts : -1;
 }
 
 // This thread's staged lead chunk of x (tensor 0) or grad_out (1): after the group's staged
