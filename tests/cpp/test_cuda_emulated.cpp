@@ -82,9 +82,12 @@ void launch(int grid, int threads, int64_t smem_bytes, Body body) {
   }
   for (int b = 0; b < grid; ++b) {
     BlockShared shared(threads);
-    // Fill shared memory with NaN: a read before a write shows up in the results.
-    std::vector<Acc> smem(static_cast<size_t>(smem_bytes / sizeof(Acc)) + 8,
-                          std::numeric_limits<Acc>::quiet_NaN());
+    // Fill shared memory with NaN: a read before a write shows up in the results. Past the
+    // smem_bytes the launch gives (the planner's size), a guard band that must stay untouched:
+    // a kernel whose own layout outgrew the planner's would write there.
+    const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
+    const size_t given = static_cast<size_t>(smem_bytes / sizeof(Acc));
+    std::vector<Acc> smem(given + 64, nan);
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (int t = 0; t < threads; ++t) {
@@ -94,6 +97,13 @@ void launch(int grid, int threads, int64_t smem_bytes, Body body) {
       });
     }
     for (auto& th : pool) th.join();
+    for (size_t i = given; i < smem.size(); ++i) {
+      if (std::memcmp(&smem[i], &nan, sizeof(Acc)) != 0) {
+        std::fprintf(stderr, "emulator: block %d wrote shared memory past the %lld bytes given\n",
+                     b, static_cast<long long>(smem_bytes));
+        std::exit(3);
+      }
+    }
   }
 }
 
