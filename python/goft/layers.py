@@ -207,7 +207,7 @@ class GivensLinear(nn.Module):
 
         Only where that is the same computation: a plain nn.Linear with x's dtype and no hooks
         (which would miss the call), outside autocast (which would pick the matmul's dtype)."""
-        if WEIGHT_SIDE is False:
+        if WEIGHT_SIDE is False or (WEIGHT_SIDE is None and not x.is_cuda):
             return False
         base = self.base_layer
         if type(base) is not nn.Linear or base.weight.dtype != x.dtype:
@@ -224,7 +224,7 @@ class GivensLinear(nn.Module):
             if getattr(module_hooks, name, None):
                 return False
         if WEIGHT_SIDE is None:
-            return x.is_cuda and x.numel() >= x.shape[-1] * base.out_features
+            return x.numel() >= x.shape[-1] * base.out_features
         return True
 
     def orthogonality_penalty(self) -> Optional[torch.Tensor]:
