@@ -21,6 +21,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "goft/blocks.h"
@@ -168,7 +169,41 @@ struct Results {
   std::vector<Acc> block_grads;   // (d - 1, 4) summed (quasi kernels)
   std::vector<double> angle_grads;  // (d - 1,) (strict kernels; from block_grads for the CPU)
   std::vector<Acc> scale_grads;   // (d,)
+  std::string overrun;            // set when a kernel wrote outside the rows or its buffers
 };
+
+// Buffers the emulated kernels write get NaN past their end (kGuard elements) and, for rows,
+// in the padding between rows; all of it must be untouched after the launch.
+constexpr size_t kGuard = 64;
+
+template <typename V>
+bool holds_fill(const std::vector<V>& v, size_t from, size_t to, const V& fill) {
+  for (size_t i = from; i < to && i < v.size(); ++i) {
+    if (std::memcmp(&v[i], &fill, sizeof(V)) != 0) return false;
+  }
+  return true;
+}
+
+// Where a launch wrote outside what it owns: row padding, past the rows, past a buffer.
+template <typename T, typename Acc>
+std::string find_overrun(const Problem<T>& p, const std::vector<T>& out,
+                         const std::vector<std::pair<const char*, const std::vector<Acc>*>>& bufs,
+                         const std::vector<size_t>& used) {
+  const T fill_t = from_double<T>(std::nan(""));
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if (!holds_fill(out, r * p.stride + p.dim, (r + 1) * p.stride, fill_t)) {
+      return "wrote into the padding after row " + std::to_string(r);
+    }
+  }
+  if (!holds_fill(out, p.rows * p.stride, out.size(), fill_t)) return "wrote past the last row";
+  const Acc fill = std::numeric_limits<Acc>::quiet_NaN();
+  for (size_t b = 0; b < bufs.size(); ++b) {
+    if (!holds_fill(*bufs[b].second, used[b], bufs[b].second->size(), fill)) {
+      return std::string("wrote past the ") + bufs[b].first;
+    }
+  }
+  return "";
+}
 
 template <typename T>
 Results<T> cpu_forward(const Problem<T>& p) {
@@ -242,7 +277,7 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   using KB = FusedTraits<T, kChunks, true, 1, kStrict>;
   const int log_elts = K::kLogElts;
   Results<T> r;
-  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  r.out.assign(p.rows * p.stride + kGuard, from_double<T>(std::nan("")));
   FusedParams<T, Acc> fp = make_fused_params<T, Acc>(p.rows, p.dim, p.transpose, l);
   // The store as stage_store_kernel builds it, from angles (in double, as the op may get them)
   // or from blocks; NaN where it must not write.
@@ -277,13 +312,16 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
         fused_rotate<K, false>(fp, th, smem);
       }
     });
+    r.overrun = find_overrun<T, Acc>(p, r.out, {}, {});
     return r;
   }
   const int64_t partials = num_chunks * l.rows_per_cta;
   const int64_t pairs = p.dim - 1;
-  std::vector<Acc> bp(partials * pairs * 4 + 4, std::numeric_limits<Acc>::quiet_NaN());
-  std::vector<Acc> sp(partials * p.dim + 4, std::numeric_limits<Acc>::quiet_NaN());
-  std::vector<Acc> ws(grid * l.grad_workspace_per_cta + 8, std::numeric_limits<Acc>::quiet_NaN());
+  const size_t bp_used = partials * pairs * (kStrict ? 1 : 4), sp_used = partials * p.dim;
+  const size_t ws_used = grid * l.grad_workspace_per_cta;
+  std::vector<Acc> bp(bp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> sp(sp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> ws(ws_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   std::vector<T> y;
   if (x_is_output) {
     y = cpu_forward(p).out;
@@ -308,6 +346,9 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
       fused_rotate_backward<KB, false>(fp, th, smem);
     }
   });
+  r.overrun = find_overrun<T, Acc>(p, r.out, {{"partials", &bp}, {"scale partials", &sp},
+                                              {"gradient workspace", &ws}},
+                                   {bp_used, sp_used, ws_used});
   if (kStrict) {
     // Angle partials of the blocks as applied; the transposed op applies angle -t.
     r.angle_grads.resize(pairs);
@@ -315,8 +356,6 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
       const Acc sum = sum_partials(bp.data(), pairs, 0, partials, i);
       r.angle_grads[i] = p.transpose ? -sum : sum;
     }
-    // Past the angle partials, the buffer must be untouched.
-    if (!std::isnan(static_cast<double>(bp[partials * pairs]))) r.angle_grads.clear();
   } else {
     r.block_grads.resize(4 * pairs);
     for (int64_t i = 0; i < 4 * pairs; ++i) {
@@ -337,7 +376,7 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
                         int64_t num_chunks, bool scratch_in_smem) {
   using Acc = typename AccOf<T>::type;
   Results<T> r;
-  r.out.assign(p.rows * p.stride, from_double<T>(0));
+  r.out.assign(p.rows * p.stride + kGuard, from_double<T>(std::nan("")));
   FallbackParams<T, Acc> fp;
   fp.rows = p.rows;
   fp.dim = p.dim;
@@ -353,11 +392,14 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   fp.scale = p.with_scale ? p.scale.data() : nullptr;
   fp.scratch_in_smem = scratch_in_smem;
   const int64_t scratch = fallback_scratch_size(p.dim, backward);
-  std::vector<Acc> ws(scratch_in_smem ? 1 : grid * scratch, std::numeric_limits<Acc>::quiet_NaN());
+  const size_t ws_used = scratch_in_smem ? 0 : grid * scratch;
+  std::vector<Acc> ws(ws_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   fp.scratch_workspace = ws.data();
   const int64_t smem_bytes = scratch_in_smem ? scratch * static_cast<int64_t>(sizeof(Acc)) : 0;
   const int64_t pairs = p.dim - 1;
-  std::vector<Acc> bp(num_chunks * pairs * 4 + 4), sp(num_chunks * p.dim + 4);
+  const size_t bp_used = num_chunks * pairs * 4, sp_used = num_chunks * p.dim;
+  std::vector<Acc> bp(bp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
+  std::vector<Acc> sp(sp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   fp.num_chunks = num_chunks;
   fp.block_partials = bp.data();
   fp.scale_partials = p.with_scale ? sp.data() : nullptr;
@@ -374,6 +416,9 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
       fallback_rotate<T, Acc, false>(fp, th, smem);
     }
   });
+  r.overrun = find_overrun<T, Acc>(p, r.out, {{"partials", &bp}, {"scale partials", &sp},
+                                              {"scratch workspace", &ws}},
+                                   {bp_used, sp_used, ws_used});
   if (backward) {
     r.block_grads.resize(4 * pairs);
     for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, num_chunks, i);
@@ -432,8 +477,8 @@ void check(const std::string& name, const Problem<T>& p, const Results<T>& got,
            const Results<T>& want, bool backward, bool strict, double tol = 0) {
   using Acc = typename AccOf<T>::type;
   ++g_cases;
-  std::string why;
-  bool ok = same_rows(p, got.out, want.out, &why);
+  std::string why = got.overrun;
+  bool ok = why.empty() && same_rows(p, got.out, want.out, &why);
   if (ok && backward) {
     if (tol == 0) tol = sizeof(Acc) == 8 ? 1e-11 : 2e-5;
     ok = strict ? close(got.angle_grads, want.angle_grads, tol, &why)
