@@ -184,6 +184,13 @@ if [[ -x "$NCU" && "${GOFT_SKIP_NCU:-0}" != "1" ]]; then
     'dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_op_read.sum,lts__t_sectors_op_write.sum' \
     "$PY" bench/gpu_profile.py --once > "$LOGS/ncu_traffic.txt" 2>&1
   grep -E "fused_rotate|dram__bytes|lts__t_sectors" "$LOGS/ncu_traffic.txt" | head -n 30
+  # On-chip traffic per pass: local memory (the strict kernels' register spills, v11) and
+  # shared-memory wavefronts and bank conflicts (block loads, exchanges, accumulators).
+  stamp "ncu local and shared memory (full report in $LOGS/ncu_onchip.txt)"
+  timeout 90 "$NCU" --clock-control none -k regex:fused_rotate --metrics \
+    'l1tex__t_sectors_pipe_lsu_mem_local_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_local_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum' \
+    "$PY" bench/gpu_profile.py --once > "$LOGS/ncu_onchip.txt" 2>&1
+  grep -E "fused_rotate|l1tex__" "$LOGS/ncu_onchip.txt" | head -n 40
 fi
 set -e
 
