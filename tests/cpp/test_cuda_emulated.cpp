@@ -10,6 +10,7 @@
 // Exit status 0 when every case passes.
 #include <algorithm>
 #include <barrier>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -23,6 +24,9 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "goft/blocks.h"
 #include "goft/cpu/rotate.h"
@@ -266,6 +270,38 @@ Results<T> cpu_backward(const Problem<T>& p) {
   return r;
 }
 
+// A copy of a kernel's input whose end lies at most 15 bytes before a page that may not be read
+// or written, so that an access past the input stops the emulator at once (on a GPU it can fault
+// at the end of an allocation, or read another tensor). The copy starts 16-byte aligned, as the
+// original (std::vector's) storage is, so the kernels take the same vector or scalar paths.
+template <typename V>
+class GuardedCopy {
+ public:
+  GuardedCopy(const V* data, size_t count) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = (count * sizeof(V) + 15) / 16 * 16;
+    const size_t pages = (bytes + page - 1) / page * page;
+    size_ = pages + page;
+    void* base = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED || mprotect(static_cast<char*>(base) + pages, page, PROT_NONE) != 0) {
+      std::fprintf(stderr, "emulator: cannot map a guarded buffer of %zu bytes\n", bytes);
+      std::exit(2);
+    }
+    base_ = base;
+    copy_ = reinterpret_cast<V*>(static_cast<char*>(base) + pages - bytes);
+    if (count > 0) std::memcpy(copy_, data, count * sizeof(V));
+  }
+  GuardedCopy(const GuardedCopy&) = delete;
+  GuardedCopy& operator=(const GuardedCopy&) = delete;
+  ~GuardedCopy() { munmap(base_, size_); }
+  V* data() const { return copy_; }
+
+ private:
+  void* base_ = nullptr;
+  size_t size_ = 0;
+  V* copy_ = nullptr;
+};
+
 // The launch the CUDA launcher would make for this layout, run on the emulator (the strict
 // backward kernels when l.strict). x_is_output: the strict backward gets the forward's output
 // (as the CPU computes it, rounded to T) in place of x.
@@ -280,8 +316,8 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   r.out.assign(p.rows * p.stride + kGuard, from_double<T>(std::nan("")));
   FusedParams<T, Acc> fp = make_fused_params<T, Acc>(p.rows, p.dim, p.transpose, l);
   // The store as stage_store_kernel builds it, from angles (in double, as the op may get them)
-  // or from blocks; NaN where it must not write.
-  std::vector<Acc> store(4 * l.num_slots + 8, std::numeric_limits<Acc>::quiet_NaN());
+  // or from blocks.
+  std::vector<Acc> store(4 * l.num_slots);
   for (int64_t slot = 0; slot < l.num_slots; ++slot) {
     if (p.strict) {
       stage_slot(p.angles.data(), false, p.transpose, fp.schedule, log_elts, l.vcap, slot,
@@ -291,15 +327,19 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
                  store.data());
     }
   }
-  fp.x = p.x.data();
+  const GuardedCopy<T> x(p.x.data(), p.x.size()), grad_out(p.grad_out.data(), p.grad_out.size());
+  const GuardedCopy<Acc> guarded_store(store.data(), 4 * l.num_slots);
+  fp.x = x.data();
   fp.x_stride = p.stride;
-  fp.x_vec = rows_vectorizable(p.x.data(), p.stride, p.rows, p.dim);
-  fp.store = store.data();
+  fp.x_vec = rows_vectorizable(x.data(), p.stride, p.rows, p.dim);
+  fp.store = guarded_store.data();
   // Problems with padded rows also read the scale from a misaligned copy: the scalar path.
   std::vector<Acc> shifted_scale(p.scale.size() + 1);
   std::copy(p.scale.begin(), p.scale.end(), shifted_scale.begin() + 1);
-  const Acc* scale = p.stride != p.dim ? shifted_scale.data() + 1 : p.scale.data();
-  fp.scale = p.with_scale ? scale : nullptr;
+  const bool shifted = p.stride != p.dim;
+  const GuardedCopy<Acc> scale(shifted ? shifted_scale.data() : p.scale.data(),
+                               shifted ? shifted_scale.size() : p.scale.size());
+  fp.scale = p.with_scale ? scale.data() + (shifted ? 1 : 0) : nullptr;
   fp.scale_vec = scale_vectorizable(fp.scale);
   if (!backward) {
     fp.out = r.out.data();
@@ -322,16 +362,16 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   std::vector<Acc> bp(bp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   std::vector<Acc> sp(sp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   std::vector<Acc> ws(ws_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
-  std::vector<T> y;
+  const std::vector<T> forward_out = x_is_output ? cpu_forward(p).out : std::vector<T>();
+  const GuardedCopy<T> y(forward_out.data(), forward_out.size());
   if (x_is_output) {
-    y = cpu_forward(p).out;
     fp.x = y.data();
     fp.x_vec = rows_vectorizable(y.data(), p.stride, p.rows, p.dim);
     fp.x_is_output = true;
   }
-  fp.grad_out = p.grad_out.data();
+  fp.grad_out = grad_out.data();
   fp.grad_out_stride = p.stride;
-  fp.grad_out_vec = rows_vectorizable(p.grad_out.data(), p.stride, p.rows, p.dim);
+  fp.grad_out_vec = rows_vectorizable(grad_out.data(), p.stride, p.rows, p.dim);
   fp.out = r.out.data();
   fp.out_stride = p.stride;
   fp.out_vec = rows_vectorizable(r.out.data(), p.stride, p.rows, p.dim);
@@ -382,14 +422,17 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   fp.dim = p.dim;
   fp.schedule = goft::make_schedule(p.dim);
   fp.transpose = p.transpose;
-  fp.x = p.x.data();
+  const GuardedCopy<T> x(p.x.data(), p.x.size()), grad_out(p.grad_out.data(), p.grad_out.size());
+  const GuardedCopy<Acc> blocks(p.blocks.data(), p.blocks.size());
+  const GuardedCopy<Acc> scale(p.scale.data(), p.scale.size());
+  fp.x = x.data();
   fp.x_stride = p.stride;
   fp.out = r.out.data();
   fp.out_stride = p.stride;
-  fp.grad_out = p.grad_out.data();
+  fp.grad_out = grad_out.data();
   fp.grad_out_stride = p.stride;
-  fp.blocks = p.blocks.data();
-  fp.scale = p.with_scale ? p.scale.data() : nullptr;
+  fp.blocks = blocks.data();
+  fp.scale = p.with_scale ? scale.data() : nullptr;
   fp.scratch_in_smem = scratch_in_smem;
   const int64_t scratch = fallback_scratch_size(p.dim, backward);
   const size_t ws_used = scratch_in_smem ? 0 : grid * scratch;
@@ -686,7 +729,16 @@ void run_slots() {
 
 }  // namespace
 
+// A kernel that reads or writes past a guarded input (GuardedCopy) lands here.
+extern "C" void on_segfault(int) {
+  static const char message[] =
+      "emulator: segmentation fault: a kernel accessed memory past one of its buffers\n";
+  (void)!write(2, message, sizeof(message) - 1);
+  _exit(4);
+}
+
 int main(int argc, char** argv) {
+  std::signal(SIGSEGV, on_segfault);
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   run_slots();
   run_planner();
