@@ -737,13 +737,11 @@ struct LeadValues {
   bool given = false;
 };
 
-// The feature where the lead chunk this thread fetches starts, or -1 for lanes without one and
-// for groups of at most one warp, which have no warp layers (and no staged lead chunks:
-// fused_stage_per_group).
+// The feature where the lead chunk this thread fetches starts, or -1 for lanes without one.
 template <class K, class Threads>
 GOFT_DEVICE_FN int lead_feature(const RowCtx<K, Threads>& x) {
   const int lane = x.t & 31;
-  return x.G > 32 && lane < (x.G >> 5) ? 32 * lane * K::kElts : -1;
+  return lane < (x.G >> 5) ? 32 * lane * K::kElts : -1;
 }
 
 // This thread's staged lead chunk of x (tensor 0) or grad_out (1): after the group's staged
@@ -1633,8 +1631,11 @@ GOFT_DEVICE_FN void fused_rotate_backward_rows(
   // The lead values a row's walk uses (K::kLeads): x's where the recomputed forward's warp layers
   // come first (not transposed) or where x is the output (transposed, no recompute); grad_out's
   // where the backward's come first (transposed).
-  const bool lead_x = K::kLeads && (kTransposed ? !recompute : recompute);
-  const bool lead_g = K::kLeads && kTransposed;
+  // Groups of one warp or less have no warp layers, and no room for staged lead chunks
+  // (fused_stage_per_group).
+  const bool has_warp_layers = p.group_threads > 32;
+  const bool lead_x = K::kLeads && has_warp_layers && (kTransposed ? !recompute : recompute);
+  const bool lead_g = K::kLeads && has_warp_layers && kTransposed;
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
