@@ -315,7 +315,6 @@ struct FusedTraits {
 // memory for the thread layers, twice per row in the backward (fused_store_entries).
 template <class K, bool kOnChip_>
 struct PlacedTraits : K {
-  static constexpr bool kOnChip = kOnChip_;
   static constexpr bool kCompactThreadSlots = K::kStrict && kOnChip_;
 };
 
@@ -954,20 +953,27 @@ GOFT_DEVICE_FN void thread_layers_backward(const RowCtx<K, Threads>& x, Layer0Gr
   }
 }
 
+// Lane layer q, chunk c: whether this thread's element 0 is in one of the layer's pairs (its
+// thread index a multiple of 2^q, the pair's second feature within d).
+template <class K, class Threads>
+GOFT_DEVICE_FN bool in_lane_pair(const RowCtx<K, Threads>& x, int c, int q) {
+  const int bit = 1 << q;
+  return (x.t & (bit - 1)) == 0 && (c * x.G + (x.t & ~bit) + bit) * K::kElts < x.d;
+}
+
 // Lane layers: element 0 of the vectors of lanes t and t ^ 2^q (q = r - log2 kElts). Every lane
 // of the warp shuffles (full mask); only lanes at multiples of 2^q use the result.
 template <class K, bool kCoarseFirst, bool kSave, class Threads>
 GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K>& w,
                                         SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
-  constexpr int E = K::kElts, LE = K::kLogElts, R = K::kRowsPerGroup;
+  constexpr int LE = K::kLogElts, R = K::kRowsPerGroup;
   GOFT_UNROLL
   for (int i = 0; i < 5; ++i) {
     const int q = kCoarseFirst ? 4 - i : i;
     const int r = LE + q;
     if (q >= x.LW || r >= x.num_layers) continue;  // the same for the whole block
     const int bit = 1 << q;
-    const bool active = (x.t & (bit - 1)) == 0;
     const int base = x.p.layer_base[r];
     GOFT_UNROLL
     for (int c = 0; c < K::kChunks; ++c) {
@@ -977,7 +983,7 @@ GOFT_DEVICE_FN void lane_layers_forward(const RowCtx<K, Threads>& x, GroupRows<K
         v[rr] = w[rr][c][0];
         o[rr] = x.th.shfl_xor(v[rr], bit);
       }
-      if (active && (c * x.G + (x.t & ~bit) + bit) * E < x.d) {
+      if (in_lane_pair(x, c, q)) {
         const int first = base + ((c * x.G) >> (q + 1));
         const Vec<Acc, 2> k = load_lane_multipliers(x.coarse + 4 * first, x.t, q);
         if (kSave) sv.lane[c][q] = v[0];
@@ -996,14 +1002,13 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngl
                                          typename K::Acc (&y)[K::kChunks][K::kElts],
                                          const SavedInputs<K>& sv) {
   using Acc = typename K::Acc;
-  constexpr int E = K::kElts, LE = K::kLogElts;
+  constexpr int LE = K::kLogElts;
   GOFT_UNROLL
   for (int i = 0; i < 5; ++i) {
     const int q = kCoarseFirst ? 4 - i : i;
     const int r = LE + q;
     if (q >= x.LW || r >= x.num_layers) continue;
     const int bit = 1 << q;
-    const bool active = (x.t & (bit - 1)) == 0;
     const bool a_side = (x.t & bit) == 0;
     const int base = x.p.layer_base[r];
     GOFT_UNROLL
@@ -1011,7 +1016,7 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngl
       const Acc gv = g[c][0], uv = K::kStrict ? y[c][0] : sv.lane[c][q];
       const Acc og = x.th.shfl_xor(gv, bit);
       const Acc ou = x.th.shfl_xor(uv, bit);
-      if (active && (c * x.G + (x.t & ~bit) + bit) * E < x.d) {
+      if (in_lane_pair(x, c, q)) {
         const int first = base + ((c * x.G) >> (q + 1));
         const int slot = first + (x.t >> (q + 1));
         if constexpr (K::kStrict) {
@@ -1939,9 +1944,9 @@ GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t 
 
 // Block store entry `slot` (stage_store_kernel): the block of its pair as applied (transposed
 // when the op is), in lane order for a coarse slot (to_lane_order), from the op's parameters;
-// the identity for an unused slot, so that the thread
-// layers can apply every in-vector pair without a bounds check (a pair past d then leaves its
-// features, and the gradient through them, as they are).
+// the identity for an unused slot, so that the thread layers can apply every in-vector pair
+// without a bounds check (a pair past d then leaves its features, and the gradient through
+// them, as they are).
 template <typename Param, typename Acc>
 GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bool transpose,
                                  const PairSchedule& s, int log_elts, int64_t vcap, int64_t slot,
