@@ -331,6 +331,44 @@ def test_angle_grads_match_the_reference(dtype, monkeypatch):
                     assert_rows_close(got.cpu().reshape(1, -1), want.reshape(1, -1), rtol, what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("d", [1, 5, 768, 4096, 11008])
+def test_tanh_parameterisation_matches_the_cpu_op(dtype, d, monkeypatch):
+    """angle_parameterisation="tanh" (angles pi * tanh(p), mapped by the staging kernels and the
+    gradient sums) against the float64 CPU op (itself checked against the dense reference in
+    test_ops.py): forward and gradients with and without a scale, both transposes, on the strict
+    kernels, the quasi kernels (GOFT_CUDA_STRICT=0) and the fallback; and rotate_angle_grads."""
+    x, p, scale = make_inputs(d, dtype, False, True, rows=29)
+    p = 2 * p
+    grad_out = torch.randn(x.shape, device="cuda").to(dtype)
+    cpu = [t.detach().double().cpu() for t in (x, p, scale, grad_out)]
+    for transpose in (False, True):
+        for with_scale in (False, True):
+            s, s_cpu = (scale, cpu[2]) if with_scale else (None, None)
+            mask = [True, True, with_scale]
+            want_y = goft.rotate(cpu[0], cpu[1], s_cpu, transpose, "tanh")
+            want = torch.ops.goft.rotate_backward.default(cpu[3], cpu[0], cpu[1], s_cpu, transpose, mask, "tanh")
+            for strict, fallback in (("1", "0"), ("0", "0"), ("1", "1")):
+                monkeypatch.setenv("GOFT_CUDA_STRICT", strict)
+                monkeypatch.setenv("GOFT_CUDA_FALLBACK", fallback)
+                what = f"transpose={transpose} scale={with_scale} strict={strict} fallback={fallback}"
+                y = goft.rotate(x, p, s, transpose, "tanh")
+                assert_rows_close(y.cpu(), want_y, 2 * OUT_RTOL[dtype], "output, " + what)
+                got = torch.ops.goft.rotate_backward.default(grad_out, x, p, s, transpose, mask, "tanh")
+                assert_rows_close(got[0].cpu(), want[0], 2 * OUT_RTOL[dtype], "grad_x, " + what)
+                for i, name in ((1, "grad_params"), (2, "grad_scale")):
+                    if mask[i]:
+                        assert_rows_close(got[i].cpu().reshape(1, -1), want[i].reshape(1, -1), GRAD_RTOL[dtype],
+                                          f"{name}, {what}")
+            monkeypatch.delenv("GOFT_CUDA_STRICT")
+            monkeypatch.delenv("GOFT_CUDA_FALLBACK")
+        want_angles = torch.ops.goft.rotate_angle_grads.default(cpu[0], cpu[3], cpu[1], transpose, "tanh")
+        got_angles = torch.ops.goft.rotate_angle_grads.default(x, grad_out, p, transpose, "tanh")
+        assert_rows_close(got_angles.cpu().reshape(1, -1), want_angles.reshape(1, -1),
+                          2e-2 if dtype == torch.bfloat16 and d == 11008 else GRAD_RTOL[dtype],
+                          f"rotate_angle_grads, transpose={transpose}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("quasi,with_scale", [(False, False), (False, True), (True, False)],
                          ids=["strict", "strict-scale", "quasi"])

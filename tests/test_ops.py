@@ -196,6 +196,48 @@ def test_gradcheck(quasi, with_scale, transpose, d):
     assert torch.autograd.gradcheck(lambda *a: goft.rotate(*a, transpose=transpose), (x, params, scale))
 
 
+@pytest.mark.parametrize("d", [1, 2, 5, 17, 768, 1000])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tanh_parameterisation_matches_the_mapped_reference(d, with_scale, transpose):
+    # The op maps p to the angle pi * tanh(p) itself; the reference maps it in PyTorch first, and
+    # autograd carries the gradient back through torch.tanh.
+    x = torch.randn(rows_for(d), d, dtype=torch.float64, requires_grad=True)
+    p = (2 * torch.randn(d - 1, dtype=torch.float64)).requires_grad_()
+    scale = (1 + 0.2 * torch.randn(d, dtype=torch.float64)).requires_grad_() if with_scale else None
+    grad_out = torch.randn(x.shape, dtype=torch.float64)
+    inputs = [x, p] + ([scale] if with_scale else [])
+    y = goft.rotate(x, p, scale, transpose, angle_parameterisation="tanh")
+    y_ref = rotate_ref(x, math.pi * torch.tanh(p), scale, transpose)
+    assert rel_err(y, y_ref) < 1e-12
+    got = torch.autograd.grad(y, inputs, grad_out)
+    want = torch.autograd.grad(y_ref, inputs, grad_out, allow_unused=True, materialize_grads=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-11
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tanh_parameterisation_low_precision(dtype):
+    d = 768
+    x = torch.randn(37, d).to(dtype).requires_grad_()
+    p = torch.randn(d - 1, requires_grad=True)
+    grad_out = torch.randn(x.shape).to(dtype)
+    got = torch.autograd.grad(goft.rotate(x, p, angle_parameterisation="tanh"), [x, p], grad_out)
+    x64, p64 = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    want = torch.autograd.grad(rotate_dense_ref(x64, math.pi * torch.tanh(p64)), [x64, p64], grad_out.double())
+    assert rel_err(got[0], want[0]) < RTOL[dtype]
+    assert rel_err(got[1], want[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("d", [1, 2, 5, 13])
+def test_gradcheck_tanh_parameterisation(transpose, d):
+    x = torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(d - 1, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(d, dtype=torch.float64).add(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: goft.rotate(*a, transpose, "tanh"), (x, p, scale))
+
+
 def test_golden_vectors(golden_path):
     np = pytest.importorskip("numpy")
     golden = np.load(golden_path)
@@ -288,6 +330,10 @@ ERRORS = [
     ("0-d x", lambda: goft.rotate(torch.tensor(1.0), torch.zeros(0)), "at least one dimension"),
     ("d = 0", lambda: goft.rotate(torch.randn(3, 0), torch.zeros(0)), "d >= 1"),
     ("meta params", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4, device="meta")), "params on x's device"),
+    ("unknown parameterisation", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4), angle_parameterisation="sigmoid"),
+     'expected angle_parameterisation "raw" or "tanh", got "sigmoid"'),
+    ("tanh with blocks", lambda: goft.rotate(torch.randn(2, 5), torch.zeros(4, 2, 2), angle_parameterisation="tanh"),
+     'angle_parameterisation "tanh" maps angles, but params are free 2x2 blocks'),
 ]
 
 
@@ -305,17 +351,26 @@ def test_opcheck(quasi, with_scale):
     x = torch.randn(3, 4, d, requires_grad=True)
     params = make_params(d, quasi).requires_grad_()
     scale = torch.rand(d).add(0.5).requires_grad_() if with_scale else None
+    parameterisations = ["raw"] if quasi else ["raw", "tanh"]
     for transpose in (False, True):
-        torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose))
+        for angles in parameterisations:
+            torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose, angles))
     grad_out = torch.randn(3, 4, d)
-    torch.library.opcheck(torch.ops.goft.rotate_backward.default, (grad_out, x.detach(), params.detach(), None if scale is None else scale.detach(), False, [True, True, with_scale]))
+    for angles in parameterisations:
+        torch.library.opcheck(
+            torch.ops.goft.rotate_backward.default,
+            (grad_out, x.detach(), params.detach(), None if scale is None else scale.detach(), False,
+             [True, True, with_scale], angles),
+        )
 
 
-def test_torch_compile_fullgraph_dynamic_with_backward():
+@pytest.mark.parametrize("angle_parameterisation", ["raw", "tanh"])
+def test_torch_compile_fullgraph_dynamic_with_backward(angle_parameterisation):
     torch._dynamo.reset()
 
     def f(x, params, scale, weight):
-        return torch.nn.functional.linear(goft.rotate(x, params, scale), weight).square().sum()
+        y = goft.rotate(x, params, scale, angle_parameterisation=angle_parameterisation)
+        return torch.nn.functional.linear(y, weight).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for rows, d in [(8, 16), (5, 16), (7, 24)]:

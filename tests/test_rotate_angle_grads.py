@@ -41,6 +41,23 @@ def test_matches_dense_float64(d, transpose, rows_shape):
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("d", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "transpose"])
+def test_tanh_parameterisation_matches_dense_float64(d, transpose):
+    # params p with angles pi * tanh(p): the op's gradient is the angles' times pi (1 - tanh(p)^2),
+    # here by autograd through torch.tanh and the dense transform.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, d, generator=g, dtype=torch.float64)
+    grad_y = torch.randn(3, 4, d, generator=g, dtype=torch.float64)
+    p = (2 * torch.randn(d - 1, generator=g, dtype=torch.float64)).requires_grad_(True)
+    transform = dense_transform(torch.pi * torch.tanh(p), d)
+    applied = transform.t() if transpose else transform
+    grad_x = grad_y @ applied.detach().t()
+    want = torch.zeros(0, dtype=torch.float64) if d == 1 else torch.autograd.grad(((x @ applied) * grad_y).sum(), p)[0]
+    got = angle_grads(x, grad_x, p.detach(), transpose, "tanh")
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [7, 96])
 def test_low_precision_inputs(dtype, d):
@@ -71,6 +88,7 @@ def test_strided_inputs():
 def test_opcheck(transpose):
     x, grad_x, angles, _ = dense_case((3, 4), 11, transpose, torch.float32)
     torch.library.opcheck(angle_grads, (x, grad_x, angles, transpose))
+    torch.library.opcheck(angle_grads, (x, grad_x, angles, transpose, "tanh"))
 
 
 def test_torch_compile_fullgraph():

@@ -60,6 +60,27 @@ def test_matches_dense_float64_with_all_gradients(d, quasi, with_scale, bias):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("d", [1, 2, 5, 33])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+def test_tanh_parameterisation_matches_dense_float64(d, with_scale):
+    # Without a scale the backward takes the angle-gradient path (rotate_angle_grads), with one
+    # the rotation backward: both map the gradient through pi * tanh.
+    x, weight, b, params, scale = make_case((3, 4), d, 7, False, with_scale, True)
+    inputs = (x, weight, b, params, scale)
+    y, got = grads(lambda *a: goft.rotated_linear(*a, angle_parameterisation="tanh"), inputs)
+
+    def dense(x, weight, b, params, scale):
+        return F.linear(x @ dense_transform(torch.pi * torch.tanh(params), d, scale), weight, b)
+
+    y_want, want = grads(dense, inputs)
+    torch.testing.assert_close(y, y_want, rtol=1e-12, atol=1e-12)
+    for name, t, g, w in zip(("x", "weight", "bias", "params", "scale"), inputs, got, want):
+        if t is None:
+            continue
+        w = torch.zeros_like(t) if w is None else w
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
 NAMES = ("x", "weight", "bias", "params", "scale")
 
 
@@ -136,6 +157,9 @@ ERRORS = [
      r"expected bias of shape \(3,\)"),
     ("params length", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 5), None, torch.zeros(5)),
      r"expected params of shape \(4,\)"),
+    ("unknown parameterisation", lambda: goft.rotated_linear(torch.randn(2, 5), torch.randn(3, 5), None, torch.zeros(4),
+                                                             angle_parameterisation="Tanh"),
+     'expected angle_parameterisation "raw" or "tanh", got "Tanh"'),
 ]
 
 
@@ -152,6 +176,8 @@ def test_opcheck(quasi):
     for t in (x, weight, b, params) + ((scale,) if scale is not None else ()):
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.goft.rotated_linear.default, (x, weight, b, params, scale))
+    if not quasi:
+        torch.library.opcheck(torch.ops.goft.rotated_linear.default, (x, weight, b, params, scale, "tanh"))
 
 
 @pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])

@@ -114,7 +114,8 @@ int run(const Options& options) {
     std::vector<float> angles(pairs), blocks(4 * pairs), scale(d);
     for (auto& v : angles) v = 0.1f * normal(rng);
     for (auto& v : scale) v = 1.0f + 0.1f * normal(rng);
-    goft::params_to_blocks(angles.data(), false, pairs, blocks.data());
+    goft::params_to_blocks(angles.data(), false, goft::AngleParameterisation::kRaw, pairs,
+                           blocks.data());
     const goft::PairSchedule schedule = goft::make_schedule(d);
     std::vector<float> coefficients(goft::cpu::fine_coefficients_size<float, Bytes>(d));
     std::vector<float> scale_padded(d + 16);

@@ -8,6 +8,8 @@
 #include <sstream>
 #include <string>
 
+#include "goft/blocks.h"
+
 namespace goft {
 
 inline std::string shape_string(at::IntArrayRef sizes) {
@@ -27,6 +29,7 @@ struct RotateShape {
   int64_t dim;              // d, the last dimension of x
   int64_t rows;             // product of the leading dimensions
   bool params_are_blocks;   // (d-1, 2, 2) quasi blocks rather than (d-1,) angles
+  AngleParameterisation angles;  // how angle parameters become angles (kRaw for blocks)
 };
 
 // None passed from Python arrives as an undefined tensor. Checked first, and by the autograd
@@ -37,8 +40,22 @@ inline void check_x_and_params_given(const char* op, const at::Tensor& x,
   TORCH_CHECK(params.defined(), op, ": expected params to be a tensor of angles (d-1,) or blocks (d-1, 2, 2), got None");
 }
 
+// The ops' angle_parameterisation argument: "raw" (params are the angles) or "tanh" (the angle is
+// pi * tanh(param)); free blocks take no parameterisation.
+inline AngleParameterisation check_angle_parameterisation(const char* op, c10::string_view value,
+                                                          bool params_are_blocks) {
+  const bool is_tanh = value == "tanh";
+  TORCH_CHECK(is_tanh || value == "raw", op,
+              ": expected angle_parameterisation \"raw\" or \"tanh\", got \"", value, "\"");
+  TORCH_CHECK(!(is_tanh && params_are_blocks), op,
+              ": angle_parameterisation \"tanh\" maps angles, but params are free 2x2 blocks "
+              "(qGOFT); pass \"raw\" with blocks");
+  return is_tanh ? AngleParameterisation::kPiTanh : AngleParameterisation::kRaw;
+}
+
 inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const at::Tensor& params,
-                                     const std::optional<at::Tensor>& scale) {
+                                     const std::optional<at::Tensor>& scale,
+                                     c10::string_view angle_parameterisation) {
   check_x_and_params_given(op, x, params);
   TORCH_CHECK(x.dim() >= 1, op, ": expected x of shape (..., d) with at least one dimension, got a 0-d tensor");
   TORCH_CHECK(is_supported_x_dtype(x.scalar_type()), op,
@@ -64,7 +81,8 @@ inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const 
     TORCH_CHECK(s.device() == x.device(), op, ": expected scale on x's device ", x.device(), ", got ",
                 s.device());
   }
-  return RotateShape{d, d == 0 ? 0 : x.numel() / d, is_blocks};
+  return RotateShape{d, d == 0 ? 0 : x.numel() / d, is_blocks,
+                     check_angle_parameterisation(op, angle_parameterisation, is_blocks)};
 }
 
 // The linear layer's arguments of rotated_linear, after check_rotate_args has checked x.
@@ -107,8 +125,9 @@ inline void check_grad_like_x(const char* op, const char* name, const at::Tensor
 // rotate_angle_grads: the gradient at x determines the parameter gradients only when T is
 // orthogonal, that is for angles without a scale.
 inline RotateShape check_angle_grads_args(const char* op, const at::Tensor& x,
-                                          const at::Tensor& grad_x, const at::Tensor& params) {
-  const RotateShape shape = check_rotate_args(op, x, params, std::nullopt);
+                                          const at::Tensor& grad_x, const at::Tensor& params,
+                                          c10::string_view angle_parameterisation) {
+  const RotateShape shape = check_rotate_args(op, x, params, std::nullopt, angle_parameterisation);
   TORCH_CHECK(!shape.params_are_blocks, op, ": expected params of shape (", shape.dim - 1,
               ",) (angles): free 2x2 blocks (qGOFT) do not make an orthogonal transform, so the "
               "gradient at x does not determine theirs; got ", shape_string(params.sizes()),

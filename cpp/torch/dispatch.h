@@ -16,7 +16,7 @@ inline const auto& rotate_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("goft::rotate", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            bool)>();
+                            bool, c10::string_view)>();
   return op;
 }
 
@@ -26,7 +26,7 @@ inline const auto& rotate_backward_op() {
           .findSchemaOrThrow("goft::rotate_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, std::array<bool, 3>)>();
+              const std::optional<at::Tensor>&, bool, std::array<bool, 3>, c10::string_view)>();
   return op;
 }
 
@@ -34,7 +34,8 @@ inline const auto& rotate_angle_grads_op() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("goft::rotate_angle_grads", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                            c10::string_view)>();
   return op;
 }
 
@@ -43,7 +44,8 @@ inline const auto& rotated_linear_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("goft::rotated_linear", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            const at::Tensor&, const std::optional<at::Tensor>&)>();
+                            const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view)>();
   return op;
 }
 

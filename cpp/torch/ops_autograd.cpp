@@ -10,6 +10,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -28,22 +29,27 @@ std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
 // (grad_x, grad_params, grad_scale) of rotate for those `mask` asks for, undefined otherwise.
 std::array<at::Tensor, 3> rotate_grads(const at::Tensor& grad_out, const at::Tensor& x,
                                        const at::Tensor& params, const at::Tensor& scale,
-                                       bool transpose, std::array<bool, 3> mask) {
+                                       bool transpose, std::array<bool, 3> mask,
+                                       c10::string_view angle_parameterisation) {
   if (!mask[0] && !mask[1] && !mask[2]) return {};
   auto [gx, gp, gs] = rotate_backward_op().call(grad_out.contiguous(), x, params,
-                                                optional_tensor(scale), transpose, mask);
+                                                optional_tensor(scale), transpose, mask,
+                                                angle_parameterisation);
   return {mask[0] ? gx : at::Tensor(), mask[1] ? gp : at::Tensor(), mask[2] ? gs : at::Tensor()};
 }
 
-// y = rotate(x, params, scale, transpose); the backward saves x only (the op is one pass).
+// y = rotate(x, params, scale, transpose, angle_parameterisation); the backward saves x only (the
+// op is one pass).
 class RotateFunction : public torch::autograd::Function<RotateFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& params,
-                            const std::optional<at::Tensor>& scale, bool transpose) {
+                            const std::optional<at::Tensor>& scale, bool transpose,
+                            c10::string_view angle_parameterisation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({x, params, scale.value_or(at::Tensor())});
     ctx->saved_data["transpose"] = transpose;
-    return rotate_op().call(x, params, scale, transpose);
+    ctx->saved_data["angle_parameterisation"] = std::string(angle_parameterisation);
+    return rotate_op().call(x, params, scale, transpose, angle_parameterisation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -53,8 +59,9 @@ class RotateFunction : public torch::autograd::Function<RotateFunction> {
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       scale.defined() && ctx->needs_input_grad(2)};
     const auto grads = rotate_grads(grad_outputs[0], x, params, scale,
-                                    ctx->saved_data["transpose"].toBool(), mask);
-    return {grads[0], grads[1], grads[2], at::Tensor()};
+                                    ctx->saved_data["transpose"].toBool(), mask,
+                                    ctx->saved_data["angle_parameterisation"].toStringRef());
+    return {grads[0], grads[1], grads[2], at::Tensor(), at::Tensor()};
   }
 };
 
@@ -66,11 +73,13 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& params,
-                            const std::optional<at::Tensor>& scale) {
+                            const std::optional<at::Tensor>& scale,
+                            c10::string_view angle_parameterisation) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({x, weight, params, scale.value_or(at::Tensor())});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return rotated_linear_op().call(x, weight, bias, params, scale);
+    ctx->saved_data["angle_parameterisation"] = std::string(angle_parameterisation);
+    return rotated_linear_op().call(x, weight, bias, params, scale, angle_parameterisation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -78,6 +87,7 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
     const at::Tensor &x = saved[0], &weight = saved[1], &params = saved[2], &scale = saved[3];
     const at::Tensor& grad_y = grad_outputs[0];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::string& angles = ctx->saved_data["angle_parameterisation"].toStringRef();
     // Tensor inputs in order: x, weight, the bias if given, params, the scale if given.
     const int bias_edge = has_bias ? 2 : -1;
     const int params_edge = has_bias ? 3 : 2;
@@ -87,12 +97,12 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
     const bool need_scale = scale.defined() && ctx->needs_input_grad(params_edge + 1);
     at::Tensor grad_x, grad_weight, grad_bias, grad_params, grad_scale;
     if (!scale.defined() && params.dim() == 1 && (need_x || need_params)) {
-      grad_x = grad_y.matmul(rotate_op().call(weight, params, std::nullopt, true));
-      if (need_params) grad_params = rotate_angle_grads_op().call(x, grad_x, params, false);
+      grad_x = grad_y.matmul(rotate_op().call(weight, params, std::nullopt, true, angles));
+      if (need_params) grad_params = rotate_angle_grads_op().call(x, grad_x, params, false, angles);
       if (!need_x) grad_x = at::Tensor();
     } else {
       const auto grads = rotate_grads(grad_y.matmul(weight), x, params, scale, false,
-                                      {need_x, need_params, need_scale});
+                                      {need_x, need_params, need_scale}, angles);
       grad_x = grads[0];
       grad_params = grads[1];
       grad_scale = grads[2];
@@ -102,26 +112,28 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
     if (need_weight) {
       // W' = W T^T, so dL/dW = (dL/dW') T with dL/dW' = grad_y^T x over all rows.
       const at::Tensor grad_rotated = rows_grad.t().matmul(x.reshape_symint({-1, x.sym_size(-1)}));
-      grad_weight = rotate_op().call(grad_rotated, params, optional_tensor(scale), false);
+      grad_weight = rotate_op().call(grad_rotated, params, optional_tensor(scale), false, angles);
     }
     if (need_bias) grad_bias = rows_grad.sum(0);
-    return {grad_x, grad_weight, grad_bias, grad_params, grad_scale};
+    return {grad_x, grad_weight, grad_bias, grad_params, grad_scale, at::Tensor()};
   }
 };
 
 at::Tensor rotate_autograd(const at::Tensor& x, const at::Tensor& params,
-                           const std::optional<at::Tensor>& scale, bool transpose) {
+                           const std::optional<at::Tensor>& scale, bool transpose,
+                           c10::string_view angle_parameterisation) {
   check_x_and_params_given("goft.rotate", x, params);
-  return RotateFunction::apply(x, params, scale, transpose);
+  return RotateFunction::apply(x, params, scale, transpose, angle_parameterisation);
 }
 
 at::Tensor rotated_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& params,
-                                   const std::optional<at::Tensor>& scale) {
+                                   const std::optional<at::Tensor>& scale,
+                                   c10::string_view angle_parameterisation) {
   check_x_and_params_given("goft.rotated_linear", x, params);
   TORCH_CHECK(weight.defined(),
               "goft.rotated_linear: expected weight to be a tensor of shape (out, d), got None");
-  return RotatedLinearFunction::apply(x, weight, bias, params, scale);
+  return RotatedLinearFunction::apply(x, weight, bias, params, scale, angle_parameterisation);
 }
 
 }  // namespace

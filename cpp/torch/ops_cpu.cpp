@@ -51,12 +51,13 @@ void dispatch_lane_bytes(Fn&& fn) {
 
 // The d-1 blocks as the kernels apply them, in the accumulation type.
 template <typename Acc>
-at::Tensor make_blocks(const at::Tensor& params, bool params_are_blocks, int64_t pairs) {
+at::Tensor make_blocks(const at::Tensor& params, bool params_are_blocks,
+                       AngleParameterisation angles, int64_t pairs) {
   at::Tensor blocks = at::empty({pairs, kBlockSize}, params.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   const at::Tensor p = params.contiguous();
   dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
     using Param = decltype(tag);
-    params_to_blocks(p.data_ptr<Param>(), params_are_blocks, pairs, blocks.data_ptr<Acc>());
+    params_to_blocks(p.data_ptr<Param>(), params_are_blocks, angles, pairs, blocks.data_ptr<Acc>());
   });
   return blocks;
 }
@@ -72,11 +73,12 @@ struct PreparedCall {
   at::Tensor blocks, coefficients, scale_padded;
   cpu::LaneCall<Acc, Bytes> lanes;
 
-  PreparedCall(const at::Tensor& params, bool params_are_blocks,
-               const std::optional<at::Tensor>& scale, int64_t d, const at::TensorOptions& options)
-      : schedule(make_schedule(d)) {
+  PreparedCall(const at::Tensor& params, const RotateShape& shape,
+               const std::optional<at::Tensor>& scale, const at::TensorOptions& options)
+      : schedule(make_schedule(shape.dim)) {
     constexpr int W = cpu::LaneTraits<Acc, Bytes>::kLanes;
-    blocks = make_blocks<Acc>(params, params_are_blocks, d - 1);
+    const int64_t d = shape.dim;
+    blocks = make_blocks<Acc>(params, shape.params_are_blocks, shape.angles, d - 1);
     coefficients = at::empty({cpu::fine_coefficients_size<Acc, Bytes>(d)}, options);
     const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
     scale_padded = at::empty({scale_acc.has_value() ? (d + W - 1) / W * W : 0}, options);
@@ -91,12 +93,12 @@ struct PreparedCall {
 };
 
 template <typename T, int Bytes>
-void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
+void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateShape& shape,
                  const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1);
-  const PreparedCall<Acc, Bytes> prepared(params, params_are_blocks, scale, d,
-                                   x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const PreparedCall<Acc, Bytes> prepared(params, shape, scale,
+                                          x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   RotateArgs<core_t<T>, Acc> args;
   args.rows = rows;
   args.dim = d;
@@ -115,8 +117,9 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
 }
 
 at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
-                      const std::optional<at::Tensor>& scale, bool transpose) {
-  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale);
+                      const std::optional<at::Tensor>& scale, bool transpose,
+                      c10::string_view angle_parameterisation) {
+  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale, angle_parameterisation);
   // Outputs above glibc's mmap threshold are faulted in 4 KiB at a time, about half of the op's
   // time at 8192 x 4096 float32. madvise(MADV_HUGEPAGE) on them halved the standalone op but, in
   // a layer, made it 2x slower (likely THP faults compacting memory the matmuls fragmented), so the
@@ -127,7 +130,7 @@ at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
   at::Tensor out2 = out.view({shape.rows, shape.dim});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
     dispatch_lane_bytes([&](auto bytes) {
-      rotate_into<scalar_t, decltype(bytes)::value>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+      rotate_into<scalar_t, decltype(bytes)::value>(x2, params, shape, scale, transpose, out2);
     });
   });
   return out;
@@ -135,13 +138,13 @@ at::Tensor rotate_cpu(const at::Tensor& x, const at::Tensor& params,
 
 template <typename T, int Bytes>
 void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const at::Tensor& params,
-                          bool params_are_blocks, const std::optional<at::Tensor>& scale,
+                          const RotateShape& shape, const std::optional<at::Tensor>& scale,
                           bool transpose, at::Tensor* grad_x2, at::Tensor& grad_params,
                           at::Tensor* grad_scale) {
   using Acc = at::opmath_type<T>;
   const int64_t rows = x2.size(0), d = x2.size(1), pairs = d - 1;
-  const PreparedCall<Acc, Bytes> prepared(params, params_are_blocks, scale, d,
-                                   x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const PreparedCall<Acc, Bytes> prepared(params, shape, scale,
+                                          x2.options().dtype(c10::CppTypeToScalarType<Acc>::value));
   const int64_t chunks = grad_chunk_count(rows, d);
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   at::Tensor block_partials = at::empty({chunks, pairs, kBlockSize}, acc_options);
@@ -181,7 +184,8 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
   dispatch_param_dtype(p.scalar_type(), [&](auto tag) {
     using Param = decltype(tag);
     block_grads_to_param_grads(block_total.const_data_ptr<Acc>(), transpose, p.const_data_ptr<Param>(),
-                               params_are_blocks, 0, pairs, grad_params.mutable_data_ptr<Param>());
+                               shape.params_are_blocks, shape.angles, 0, pairs,
+                               grad_params.mutable_data_ptr<Param>());
   });
   if (grad_scale != nullptr) {
     at::Tensor scale_total = at::empty({d}, acc_options);
@@ -193,9 +197,10 @@ void rotate_backward_into(const at::Tensor& grad2, const at::Tensor& x2, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
-    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask,
+    c10::string_view angle_parameterisation) {
   const char* op = "goft.rotate_backward";
-  const RotateShape shape = check_rotate_args(op, x, params, scale);
+  const RotateShape shape = check_rotate_args(op, x, params, scale, angle_parameterisation);
   check_grad_like_x(op, "grad_out", grad_out, x);
   BackwardOutputs outputs = make_backward_outputs(x, params, scale, output_mask);
   const bool want_x = outputs.want_x, want_params = outputs.want_params;
@@ -213,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
     at::Tensor grad_x2 = grad_x.view({shape.rows, shape.dim});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
       dispatch_lane_bytes([&](auto bytes) {
-        rotate_into<scalar_t, decltype(bytes)::value>(grad2, params, shape.params_are_blocks, scale,
-                                                      !transpose, grad_x2);
+        rotate_into<scalar_t, decltype(bytes)::value>(grad2, params, shape, scale, !transpose,
+                                                      grad_x2);
       });
     });
     return {grad_x, grad_params, grad_scale};
@@ -225,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
     dispatch_lane_bytes([&](auto bytes) {
       rotate_backward_into<scalar_t, decltype(bytes)::value>(
-          grad2, x2, params, shape.params_are_blocks, scale, transpose, want_x ? &grad_x2 : nullptr,
+          grad2, x2, params, shape, scale, transpose, want_x ? &grad_x2 : nullptr,
           params_grad_full, want_scale ? &grad_scale : nullptr);
     });
   });

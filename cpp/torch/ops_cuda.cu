@@ -36,18 +36,19 @@ at::Tensor workspace_tensor(int64_t bytes, const at::Tensor& like) {
 // The op's parameters for the launchers, which build the blocks on the device themselves.
 // `contiguous` keeps a contiguous copy alive (if one was needed) until the launches are queued;
 // the caching allocator orders its reuse on the stream.
-cuda::ParamSource param_source(const at::Tensor& params, bool params_are_blocks,
+cuda::ParamSource param_source(const at::Tensor& params, const RotateShape& shape,
                                at::Tensor* contiguous) {
   *contiguous = params.contiguous();
   cuda::ParamSource source;
   source.data = contiguous->const_data_ptr();
   source.is_double = contiguous->scalar_type() == at::kDouble;
-  source.are_blocks = params_are_blocks;
+  source.are_blocks = shape.params_are_blocks;
+  source.angles = shape.angles;
   return source;
 }
 
 template <typename S>
-void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are_blocks,
+void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateShape& shape,
                  const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
   using T = kernel_t<S>;
   using Acc = at::opmath_type<S>;
@@ -55,7 +56,7 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
   const int64_t rows = x2.size(0), d = x2.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor params_c;
-  const cuda::ParamSource source = param_source(params, params_are_blocks, &params_c);
+  const cuda::ParamSource source = param_source(params, shape, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   cuda::RotatePlan plan;
   C10_CUDA_CHECK((cuda::plan_rotate<T>(rows, d, transpose, x2.get_device(), &plan)));
@@ -75,15 +76,16 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, bool params_are
 }
 
 at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& params,
-                       const std::optional<at::Tensor>& scale, bool transpose) {
-  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale);
+                       const std::optional<at::Tensor>& scale, bool transpose,
+                       c10::string_view angle_parameterisation) {
+  const RotateShape shape = check_rotate_args("goft.rotate", x, params, scale, angle_parameterisation);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (shape.rows == 0) return out;
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   at::Tensor out2 = out.view({shape.rows, shape.dim});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
-    rotate_into<scalar_t>(x2, params, shape.params_are_blocks, scale, transpose, out2);
+    rotate_into<scalar_t>(x2, params, shape, scale, transpose, out2);
   });
   return out;
 }
@@ -102,7 +104,7 @@ cuda::RotateBackwardPlan plan_backward(const at::Tensor& x2, bool transpose, boo
 template <typename S>
 void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor& grad2,
                           const at::Tensor& x2, bool x_is_output, const at::Tensor& params,
-                          bool params_are_blocks, const std::optional<at::Tensor>& scale,
+                          const RotateShape& shape, const std::optional<at::Tensor>& scale,
                           bool transpose, at::Tensor* grad_x2, at::Tensor* grad_params,
                           at::Tensor* grad_scale) {
   using T = kernel_t<S>;
@@ -110,7 +112,7 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
   const int64_t d = x2.size(1), pairs = d - 1;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor params_c;
-  const cuda::ParamSource source = param_source(params, params_are_blocks, &params_c);
+  const cuda::ParamSource source = param_source(params, shape, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   const auto acc_options = x2.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   const int64_t per_pair = plan.angle_partials() ? 1 : kBlockSize;
@@ -153,16 +155,17 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
         // Angle gradients of the blocks as applied; the transposed op applies angle -t, so its
         // sums are negated. rotate_angle_grads (x_is_output) runs the op with the other
         // transpose, whose angle gradients are the negation of those it returns: one more flip.
-        C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Param>(
+        C10_CUDA_CHECK((cuda::launch_angle_grad_sums<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs,
-            transpose != x_is_output,
+            transpose != x_is_output, p.const_data_ptr<Param>(), shape.angles,
             grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
             stream)));
       } else {
         C10_CUDA_CHECK((cuda::launch_block_grads_to_param_grads<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
-            p.const_data_ptr<Param>(), params_are_blocks, grad_params->mutable_data_ptr<Param>(),
-            reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+            p.const_data_ptr<Param>(), shape.params_are_blocks, shape.angles,
+            grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
+            stream)));
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -180,9 +183,10 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
-    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask,
+    c10::string_view angle_parameterisation) {
   const char* op = "goft.rotate_backward";
-  const RotateShape shape = check_rotate_args(op, x, params, scale);
+  const RotateShape shape = check_rotate_args(op, x, params, scale, angle_parameterisation);
   check_grad_like_x(op, "grad_out", grad_out, x);
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardOutputs o = make_backward_outputs(x, params, scale, output_mask);
@@ -195,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
     // grad_x = grad_out @ T^T is the forward with the other transpose.
     at::Tensor grad_x2 = o.grad_x.view({shape.rows, shape.dim});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
-      rotate_into<scalar_t>(grad2, params, shape.params_are_blocks, scale, !transpose, grad_x2);
+      rotate_into<scalar_t>(grad2, params, shape, scale, !transpose, grad_x2);
     });
     return {o.grad_x, o.grad_params, o.grad_scale};
   }
@@ -204,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
     const cuda::RotateBackwardPlan plan =
         plan_backward<scalar_t>(x2, transpose, o.want_scale, !shape.params_are_blocks);
-    rotate_backward_into<scalar_t>(plan, grad2, x2, false, params, shape.params_are_blocks, scale,
+    rotate_backward_into<scalar_t>(plan, grad2, x2, false, params, shape, scale,
                                    transpose, o.want_x ? &grad_x2 : nullptr,
                                    o.want_params ? &o.grad_params : nullptr,
                                    o.want_scale ? &o.grad_scale : nullptr);
@@ -218,9 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
 // strict fused kernel holds the row (wide rows; GOFT_CUDA_STRICT=0), the two passes of the
 // composite form (ops_composite.cpp).
 at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x,
-                                   const at::Tensor& params, bool transpose) {
+                                   const at::Tensor& params, bool transpose,
+                                   c10::string_view angle_parameterisation) {
   const char* op = "goft.rotate_angle_grads";
-  const RotateShape shape = check_angle_grads_args(op, x, grad_x, params);
+  const RotateShape shape = check_angle_grads_args(op, x, grad_x, params, angle_parameterisation);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_params = at::zeros(params.sizes(), params.options());
   if (shape.rows == 0 || shape.dim == 1) return grad_params;  // nothing to sum, or no pairs
@@ -232,11 +237,11 @@ at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x
     const cuda::RotateBackwardPlan plan = plan_backward<scalar_t>(x2, !transpose, false, true);
     fused = plan.angle_partials();
     if (fused) {
-      rotate_backward_into<scalar_t>(plan, grad2, x2, true, params, false, std::nullopt,
+      rotate_backward_into<scalar_t>(plan, grad2, x2, true, params, shape, std::nullopt,
                                      !transpose, nullptr, &grad_params, nullptr);
     }
   });
-  if (!fused) return rotate_angle_grads_two_pass(x, grad_x, params, transpose);
+  if (!fused) return rotate_angle_grads_two_pass(x, grad_x, params, transpose, angle_parameterisation);
   return grad_params;
 }
 

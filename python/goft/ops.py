@@ -9,7 +9,11 @@ import torch
 
 from goft import _C  # noqa: F401  (loading the extension registers torch.ops.goft.*)
 
-__all__ = ["rotate", "rotated_linear"]
+__all__ = ["rotate", "rotated_linear", "ANGLE_PARAMETERISATIONS"]
+
+# The ops' angle_parameterisation values: "raw" (params are the angles) and "tanh" (the angle is
+# pi * tanh(param), GOFTConfig's default). Mapping inside the op saves two elementwise ops each way.
+ANGLE_PARAMETERISATIONS = ("raw", "tanh")
 
 
 def rotate(
@@ -17,6 +21,7 @@ def rotate(
     params: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
     transpose: bool = False,
+    angle_parameterisation: str = "raw",
 ) -> torch.Tensor:
     """Applies the GOFT transform to the last dimension of ``x``.
 
@@ -27,6 +32,8 @@ def rotate(
             order of the pair schedule (layer 1 first).
         scale: optional (d,) per-feature scale (GOFT*), applied after the rotations.
         transpose: apply T^T instead of T (merging, and the input gradient).
+        angle_parameterisation: for angles, "raw" (params are the angles) or "tanh" (the angle of
+            pair k is ``pi * tanh(params[k])``; the gradient goes to params through the map).
 
     Returns:
         (..., d) tensor of x's dtype. Equivalent to ``x @ T`` (``x @ T.T`` when transpose) with
@@ -34,7 +41,7 @@ def rotate(
         per row with float32 accumulation (float64 for float64 x). Differentiable in x, params
         and scale; backward saves x only.
     """
-    return torch.ops.goft.rotate.default(x, params, scale, transpose)
+    return torch.ops.goft.rotate.default(x, params, scale, transpose, angle_parameterisation)
 
 
 def rotated_linear(
@@ -43,6 +50,7 @@ def rotated_linear(
     bias: Optional[torch.Tensor],
     params: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
+    angle_parameterisation: str = "raw",
 ) -> torch.Tensor:
     """``F.linear(rotate(x, params, scale), weight, bias)``, with the transform applied to the weight.
 
@@ -58,16 +66,18 @@ def rotated_linear(
     Args:
         x: (..., d) float32, float64, bfloat16 or float16.
         weight: (out, d) of x's dtype and device; bias: (out,) or None, likewise.
-        params, scale: as for :func:`rotate`.
+        params, scale, angle_parameterisation: as for :func:`rotate`.
 
     Returns:
         (..., out) tensor of x's dtype. It equals the two-step form up to rounding: the product
         is formed with the rotated weight (rounded to x's dtype) instead of the rotated input.
     """
-    return torch.ops.goft.rotated_linear.default(x, weight, bias, params, scale)
+    return torch.ops.goft.rotated_linear.default(x, weight, bias, params, scale, angle_parameterisation)
 
 
-def _check_args(op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+def _check_args(
+    op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[torch.Tensor], angle_parameterisation: str
+) -> None:
     # The compiled kernels check the same; fake tensors never reach them, so tracing checks here.
     d = x.shape[-1] if x.dim() >= 1 else None
     if d is None:
@@ -92,17 +102,24 @@ def _check_args(op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[
             scale.dim() == 1 and scale.shape[0] == d,
             lambda: f"{op}: expected scale of shape ({d},) for d={d}, got {tuple(scale.shape)}",
         )
+    if angle_parameterisation not in ANGLE_PARAMETERISATIONS:
+        raise RuntimeError(f'{op}: expected angle_parameterisation "raw" or "tanh", got "{angle_parameterisation}"')
+    if angle_parameterisation == "tanh" and params.dim() != 1:
+        raise RuntimeError(
+            f'{op}: angle_parameterisation "tanh" maps angles, but params are free 2x2 blocks (qGOFT); '
+            'pass "raw" with blocks'
+        )
 
 
 @torch.library.register_fake("goft::rotate")
-def _rotate_fake(x, params, scale=None, transpose=False):
-    _check_args("goft.rotate", x, params, scale)
+def _rotate_fake(x, params, scale=None, transpose=False, angle_parameterisation="raw"):
+    _check_args("goft.rotate", x, params, scale, angle_parameterisation)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("goft::rotate_backward")
-def _rotate_backward_fake(grad_out, x, params, scale, transpose, output_mask):
-    _check_args("goft.rotate_backward", x, params, scale)
+def _rotate_backward_fake(grad_out, x, params, scale, transpose, output_mask, angle_parameterisation="raw"):
+    _check_args("goft.rotate_backward", x, params, scale, angle_parameterisation)
     grad_x = grad_out.new_empty(x.shape) if output_mask[0] else grad_out.new_empty((0,))
     grad_params = params.new_empty(params.shape) if output_mask[1] else params.new_empty((0,))
     if output_mask[2] and scale is not None:
@@ -113,8 +130,8 @@ def _rotate_backward_fake(grad_out, x, params, scale, transpose, output_mask):
 
 
 @torch.library.register_fake("goft::rotate_angle_grads")
-def _rotate_angle_grads_fake(x, grad_x, params, transpose=False):
-    _check_args("goft.rotate_angle_grads", x, params, None)
+def _rotate_angle_grads_fake(x, grad_x, params, transpose=False, angle_parameterisation="raw"):
+    _check_args("goft.rotate_angle_grads", x, params, None, angle_parameterisation)
     if params.dim() != 1:
         raise RuntimeError(
             f"goft.rotate_angle_grads: expected params of shape ({x.shape[-1] - 1},) (angles): free 2x2 blocks "
@@ -149,7 +166,7 @@ def _check_linear_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 
 @torch.library.register_fake("goft::rotated_linear")
-def _rotated_linear_fake(x, weight, bias, params, scale=None):
-    _check_args("goft.rotated_linear", x, params, scale)
+def _rotated_linear_fake(x, weight, bias, params, scale=None, angle_parameterisation="raw"):
+    _check_args("goft.rotated_linear", x, params, scale, angle_parameterisation)
     _check_linear_args("goft.rotated_linear", x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

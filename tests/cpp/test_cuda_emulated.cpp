@@ -37,6 +37,7 @@
 
 namespace {
 
+using goft::AngleParameterisation;
 using goft::PairSchedule;
 using namespace goft::cuda;
 
@@ -122,7 +123,8 @@ struct Problem {
   bool transpose = false, with_scale = false, strict = false;
   std::vector<T> x, grad_out;   // rows * stride
   std::vector<Acc> blocks;      // (d - 1, 4), natural form
-  std::vector<double> angles;   // (d - 1,) when strict: blocks = angle_to_block(angles)
+  std::vector<double> angles;   // (d - 1,) when strict: blocks = angle_to_block(angle_of(...))
+  AngleParameterisation angle_map = AngleParameterisation::kRaw;  // strict problems only
   std::vector<Acc> scale;       // (d,)
 };
 
@@ -141,6 +143,8 @@ Problem<T> make_problem(int64_t rows, int64_t dim, int64_t stride, bool transpos
   p.transpose = transpose;
   p.with_scale = scale;
   p.strict = strict;
+  // Strict problems alternate between the two parameterisations (stage_slot, angle_param_grad).
+  if (strict && (seed / 2) % 2 == 1) p.angle_map = AngleParameterisation::kPiTanh;
   std::mt19937 gen(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   p.x.assign(rows * stride, from_double<T>(0));
@@ -156,7 +160,7 @@ Problem<T> make_problem(int64_t rows, int64_t dim, int64_t stride, bool transpos
   for (int64_t k = 0; k < pairs; ++k) {
     if (strict) {
       p.angles.push_back(normal(gen));
-      goft::angle_to_block(p.angles.back(), p.blocks.data() + 4 * k);
+      goft::angle_to_block(goft::angle_of(p.angles.back(), p.angle_map), p.blocks.data() + 4 * k);
     } else {
       for (int i = 0; i < 4; ++i) p.blocks[4 * k + i] = (i == 0 || i == 3 ? 1.0 : 0.0) + 0.3 * normal(gen);
     }
@@ -260,8 +264,8 @@ Results<T> cpu_backward(const Problem<T>& p) {
   goft::reduce_partials(bp.data(), chunks, 4 * pairs, 0, 4 * pairs, r.block_grads.data());
   if (p.strict) {
     r.angle_grads.resize(pairs);
-    goft::block_grads_to_param_grads(r.block_grads.data(), p.transpose, p.angles.data(), false, 0,
-                                     pairs, r.angle_grads.data());
+    goft::block_grads_to_param_grads(r.block_grads.data(), p.transpose, p.angles.data(), false,
+                                     p.angle_map, 0, pairs, r.angle_grads.data());
   }
   if (p.with_scale) {
     r.scale_grads.resize(p.dim);
@@ -320,11 +324,11 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   std::vector<Acc> store(4 * l.num_slots);
   for (int64_t slot = 0; slot < l.num_slots; ++slot) {
     if (p.strict) {
-      stage_slot(p.angles.data(), false, p.transpose, fp.schedule, log_elts, l.vcap, slot,
-                 store.data());
+      stage_slot(p.angles.data(), false, p.angle_map, p.transpose, fp.schedule, log_elts, l.vcap,
+                 slot, store.data());
     } else {
-      stage_slot(p.blocks.data(), true, p.transpose, fp.schedule, log_elts, l.vcap, slot,
-                 store.data());
+      stage_slot(p.blocks.data(), true, AngleParameterisation::kRaw, p.transpose, fp.schedule,
+                 log_elts, l.vcap, slot, store.data());
     }
   }
   const GuardedCopy<T> x(p.x.data(), p.x.size()), grad_out(p.grad_out.data(), p.grad_out.size());
@@ -393,8 +397,8 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
     // Angle partials of the blocks as applied; the transposed op applies angle -t.
     r.angle_grads.resize(pairs);
     for (int64_t i = 0; i < pairs; ++i) {
-      const Acc sum = sum_partials(bp.data(), pairs, 0, partials, i);
-      r.angle_grads[i] = p.transpose ? -sum : sum;
+      r.angle_grads[i] = angle_param_grad(sum_partials(bp.data(), pairs, 0, partials, i),
+                                          p.transpose, p.angles[i], p.angle_map);
     }
   } else {
     r.block_grads.resize(4 * pairs);

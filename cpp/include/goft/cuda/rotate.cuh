@@ -91,21 +91,22 @@ __device__ __forceinline__ int64_t global_index() {
 
 // The fallback kernels' (d-1, 4) blocks, in the op's natural form.
 template <typename Param, typename Acc>
-__global__ void params_to_blocks_kernel(const Param* params, bool params_are_blocks, int64_t pairs,
-                                        Acc* blocks) {
+__global__ void params_to_blocks_kernel(const Param* params, bool params_are_blocks,
+                                        AngleParameterisation map, int64_t pairs, Acc* blocks) {
   const int64_t p = global_index();
   if (p >= pairs) return;
-  param_block(params, params_are_blocks, p, blocks + kBlockSize * p);
+  param_block(params, params_are_blocks, map, p, blocks + kBlockSize * p);
 }
 
 // The fused kernels' block store, every slot written (stage_slot).
 template <typename Param, typename Acc>
-__global__ void stage_store_kernel(const Param* params, bool params_are_blocks, bool transpose,
+__global__ void stage_store_kernel(const Param* params, bool params_are_blocks,
+                                   AngleParameterisation map, bool transpose,
                                    const PairSchedule schedule, int log_elts, int64_t vcap,
                                    int64_t num_slots, Acc* store) {
   const int64_t slot = global_index();
   if (slot >= num_slots) return;
-  stage_slot(params, params_are_blocks, transpose, schedule, log_elts, vcap, slot, store);
+  stage_slot(params, params_are_blocks, map, transpose, schedule, log_elts, vcap, slot, store);
 }
 
 // First level of the partial sums: segment blockIdx.y of kReduceSegment partials.
@@ -123,7 +124,8 @@ __global__ void reduce_segments_kernel(const Acc* partials, int64_t num_partials
 template <typename Acc, typename Param>
 __global__ void finish_block_grads_kernel(const Acc* sums, int64_t count, int64_t pairs,
                                           bool transpose, const Param* params,
-                                          bool params_are_blocks, Param* grad_params) {
+                                          bool params_are_blocks, AngleParameterisation map,
+                                          Param* grad_params) {
   const int64_t p = global_index();
   if (p >= pairs) return;
   Acc applied[kBlockSize], grad[kBlockSize];
@@ -133,7 +135,7 @@ __global__ void finish_block_grads_kernel(const Acc* sums, int64_t count, int64_
   if (params_are_blocks) {
     for (int i = 0; i < kBlockSize; ++i) grad_params[kBlockSize * p + i] = static_cast<Param>(grad[i]);
   } else {
-    grad_params[p] = block_grad_to_angle_grad<Acc>(params[p], grad);
+    grad_params[p] = block_grad_to_angle_grad<Acc>(params[p], map, grad);
   }
 }
 
@@ -145,6 +147,16 @@ __global__ void finish_sums_kernel(const Acc* sums, int64_t count, int64_t lengt
   if (i >= length) return;
   const Acc sum = sum_partials(sums, length, 0, count, i);
   out[i] = static_cast<Out>(negate ? -sum : sum);
+}
+
+// Second level of the angle gradients' sums: the sum (negated if asked) times d angle / d p.
+template <typename Acc, typename Param>
+__global__ void finish_angle_grads_kernel(const Acc* sums, int64_t count, int64_t pairs,
+                                          bool negate, const Param* params,
+                                          AngleParameterisation map, Param* grad_params) {
+  const int64_t p = global_index();
+  if (p >= pairs) return;
+  grad_params[p] = angle_param_grad(sum_partials(sums, pairs, 0, count, p), negate, params[p], map);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -432,7 +444,8 @@ cudaError_t stage_store(const ParamSource& params, bool transpose, const PairSch
   return with_typed_params(params, [&](auto typed) {
     using Param = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
     stage_store_kernel<Param, Acc><<<elementwise_blocks(slots), kElementwiseThreads, 0, stream>>>(
-        typed, params.are_blocks, transpose, schedule, log_elts, layout.vcap, slots, store);
+        typed, params.are_blocks, params.angles, transpose, schedule, log_elts, layout.vcap, slots,
+        store);
   });
 }
 
@@ -445,7 +458,7 @@ cudaError_t make_blocks(const ParamSource& params, int64_t pairs, Acc* blocks,
     using Param = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
     const unsigned grid = elementwise_blocks(pairs);
     params_to_blocks_kernel<Param, Acc><<<grid, kElementwiseThreads, 0, stream>>>(
-        typed, params.are_blocks, pairs, blocks);
+        typed, params.are_blocks, params.angles, pairs, blocks);
   });
 }
 
@@ -582,8 +595,9 @@ cudaError_t reduce_first_level(const Acc* partials, int64_t num_partials, int64_
 template <typename Acc, typename Param>
 cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_partials,
                                               int64_t pairs, bool transpose, const Param* params,
-                                              bool params_are_blocks, Param* grad_params,
-                                              Acc* workspace, cudaStream_t stream) {
+                                              bool params_are_blocks, AngleParameterisation map,
+                                              Param* grad_params, Acc* workspace,
+                                              cudaStream_t stream) {
   if (pairs == 0) return cudaSuccess;
   const Acc* sums = nullptr;
   int64_t count = 0;
@@ -591,7 +605,7 @@ cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_p
       reduce_first_level(partials, num_partials, 4 * pairs, workspace, stream, &sums, &count);
   if (err != cudaSuccess) return err;
   finish_block_grads_kernel<Acc, Param><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
-      sums, count, pairs, transpose, params, params_are_blocks, grad_params);
+      sums, count, pairs, transpose, params, params_are_blocks, map, grad_params);
   return cudaGetLastError();
 }
 
@@ -606,6 +620,21 @@ cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64
   if (err != cudaSuccess) return err;
   finish_sums_kernel<Acc, Out><<<elementwise_blocks(length), kElementwiseThreads, 0, stream>>>(
       sums, count, length, negate, out);
+  return cudaGetLastError();
+}
+
+template <typename Acc, typename Param>
+cudaError_t launch_angle_grad_sums(const Acc* partials, int64_t num_partials, int64_t pairs,
+                                   bool negate, const Param* params, AngleParameterisation map,
+                                   Param* grad_params, Acc* workspace, cudaStream_t stream) {
+  if (pairs == 0) return cudaSuccess;
+  const Acc* sums = nullptr;
+  int64_t count = 0;
+  const cudaError_t err =
+      reduce_first_level(partials, num_partials, pairs, workspace, stream, &sums, &count);
+  if (err != cudaSuccess) return err;
+  finish_angle_grads_kernel<Acc, Param><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
+      sums, count, pairs, negate, params, map, grad_params);
   return cudaGetLastError();
 }
 
@@ -629,9 +658,17 @@ cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64
 // The element-type-independent launchers, for one accumulation type Acc (float or double).
 #define GOFT_CUDA_INSTANTIATE_PARAMS(Acc)                                                         \
   template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, float>(                \
-      const Acc*, int64_t, int64_t, bool, const float*, bool, float*, Acc*, cudaStream_t);       \
+      const Acc*, int64_t, int64_t, bool, const float*, bool, goft::AngleParameterisation,       \
+      float*, Acc*, cudaStream_t);                                                               \
   template cudaError_t goft::cuda::launch_block_grads_to_param_grads<Acc, double>(               \
-      const Acc*, int64_t, int64_t, bool, const double*, bool, double*, Acc*, cudaStream_t);     \
+      const Acc*, int64_t, int64_t, bool, const double*, bool, goft::AngleParameterisation,      \
+      double*, Acc*, cudaStream_t);                                                              \
+  template cudaError_t goft::cuda::launch_angle_grad_sums<Acc, float>(                           \
+      const Acc*, int64_t, int64_t, bool, const float*, goft::AngleParameterisation, float*,     \
+      Acc*, cudaStream_t);                                                                       \
+  template cudaError_t goft::cuda::launch_angle_grad_sums<Acc, double>(                          \
+      const Acc*, int64_t, int64_t, bool, const double*, goft::AngleParameterisation, double*,   \
+      Acc*, cudaStream_t);                                                                       \
   template cudaError_t goft::cuda::launch_partial_sums<Acc, float>(                              \
       const Acc*, int64_t, int64_t, bool, float*, Acc*, cudaStream_t);                           \
   template cudaError_t goft::cuda::launch_partial_sums<Acc, double>(                             \

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "goft/blocks.h"
 #include "goft/cuda/plan.h"
 #include "goft/params.h"
 
@@ -29,6 +30,7 @@ struct ParamSource {
   const void* data = nullptr;
   bool is_double = false;
   bool are_blocks = false;
+  AngleParameterisation angles = AngleParameterisation::kRaw;  // angles only (blocks.h)
 };
 
 struct RotatePlan {
@@ -98,15 +100,22 @@ inline int64_t reduce_workspace_elements(int64_t num_partials, int64_t length) {
 template <typename Acc, typename Param>
 cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_partials,
                                               int64_t pairs, bool transpose, const Param* params,
-                                              bool params_are_blocks, Param* grad_params,
-                                              Acc* workspace, cudaStream_t stream);
+                                              bool params_are_blocks, AngleParameterisation map,
+                                              Param* grad_params, Acc* workspace,
+                                              cudaStream_t stream);
 
 // Sums partials (num_partials, length) in a fixed order into out, negated if asked: the scale
-// gradient from its partials, and the angle gradients from angle partials (negated for the
-// transposed op, whose applied blocks turn by -t).
+// gradient from its partials.
 template <typename Acc, typename Out>
 cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64_t length,
                                 bool negate, Out* out, Acc* workspace, cudaStream_t stream);
+
+// The angle parameters' gradients from angle partials (num_partials, pairs): their fixed-order
+// sums, negated if asked (the transposed op's applied blocks turn by -t), times d angle / d p.
+template <typename Acc, typename Param>
+cudaError_t launch_angle_grad_sums(const Acc* partials, int64_t num_partials, int64_t pairs,
+                                   bool negate, const Param* params, AngleParameterisation map,
+                                   Param* grad_params, Acc* workspace, cudaStream_t stream);
 
 // GOFT_CUDA_FALLBACK=1 forces the fallback kernels, so that tests can compare the two paths.
 inline bool fallback_forced() {

@@ -1948,9 +1948,9 @@ GOFT_HOST_DEVICE int64_t slot_pair(const PairSchedule& s, int log_elts, int64_t 
 // without a bounds check (a pair past d then leaves its features, and the gradient through
 // them, as they are).
 template <typename Param, typename Acc>
-GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bool transpose,
-                                 const PairSchedule& s, int log_elts, int64_t vcap, int64_t slot,
-                                 Acc* store) {
+GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks,
+                                 AngleParameterisation map, bool transpose, const PairSchedule& s,
+                                 int log_elts, int64_t vcap, int64_t slot, Acc* store) {
   const int64_t p = slot_pair(s, log_elts, vcap, slot);
   Acc* out = store + 4 * slot;
   if (p < 0) {
@@ -1959,13 +1959,21 @@ GOFT_HOST_DEVICE void stage_slot(const Param* params, bool params_are_blocks, bo
     return;
   }
   Acc block[4], applied[4];
-  param_block(params, params_are_blocks, p, block);
+  param_block(params, params_are_blocks, map, p, block);
   applied_block(block, transpose, applied);
   if (slot >= first_coarse_slot(log_elts, vcap)) {
     to_lane_order(applied, out);
   } else {
     for (int i = 0; i < 4; ++i) out[i] = applied[i];
   }
+}
+
+// Angle parameter p's gradient from the fixed-order sum of its pair's angle partials: negated
+// where the applied blocks turn by -t (the transposed op), times d angle / d p.
+template <typename Acc, typename Param>
+GOFT_HOST_DEVICE Param angle_param_grad(Acc sum, bool negate, Param p, AngleParameterisation map) {
+  const double grad = static_cast<double>(negate ? -sum : sum);
+  return static_cast<Param>(grad * angle_derivative(p, map));
 }
 
 // Sum of entry i over partials [first, first + count), in partial order.
