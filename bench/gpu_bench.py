@@ -183,8 +183,8 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
                 self.p = nn.Parameter(torch.zeros(d - 1, device=dev))
 
             def forward(self, inp):
-                angles = torch.pi * torch.tanh(self.p)
-                return goft.rotated_linear(inp, self.lin.weight, self.lin.bias, angles)
+                return goft.rotated_linear(inp, self.lin.weight, self.lin.bias, self.p,
+                                           angle_parameterisation="tanh")
 
         layers["with goft.rotated_linear (weight rotated, strict)"] = WeightRotated(base)
     try:

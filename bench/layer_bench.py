@@ -75,8 +75,7 @@ class WeightRotated(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import goft
 
-        angles = torch.pi * torch.tanh(self.p)
-        return goft.rotated_linear(x, self.lin.weight, self.lin.bias, angles)
+        return goft.rotated_linear(x, self.lin.weight, self.lin.bias, self.p, angle_parameterisation="tanh")
 
 
 def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
@@ -176,8 +175,8 @@ def targets(records: List[dict], pinned: List[dict] = ()) -> List[List[str]]:
         f = by.get((d, "frozen"))
         if f is None:
             continue
-        # Beyond x, the op saves its parameter-sized inputs (angles, and tanh's output for the
-        # pi*tanh(p) map): O(d) bytes, which the limit allows up to 1% of x.
+        # Beyond x, the op saves its parameter-sized inputs (the angle parameters, and the scale
+        # for GOFT*): O(d) bytes, which the limit allows up to 1% of x.
         excess = r["saved_total"] - f["saved_total"] - r["x_bytes"]
         rows.append([f"{v} saved for backward, d={d}",
                      f"{common.fmt_bytes(r['saved_total'])} = frozen + x {'+' if excess >= 0 else '-'} "

@@ -40,6 +40,40 @@ def _dense_T(layer: GivensLinear, name: str = "default") -> torch.Tensor:
     return dense_transform(angles, layer.in_features, scale)
 
 
+@pytest.mark.parametrize("weight_side", [False, True])
+def test_tanh_parameterisation_adds_no_autograd_nodes(weight_side, monkeypatch):
+    # The op maps p to pi * tanh(p) itself, so the angles parameter feeds goft's own node directly:
+    # no tanh or mul nodes, whose host time per step exceeds the op's at small batches
+    # (bench/host_bench.py). The gradient still matches the mapped dense reference.
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", weight_side)
+    layer = GivensLinear(nn.Linear(8, 4))
+    layer.add_adapter("default", GOFTConfig())
+    layer.set_adapter("default")
+    _randomise(layer)
+    angles = layer.goft_angles["default"]
+    x = torch.randn(3, 8, dtype=torch.float32)
+    y = layer(x)
+    parents, stack, seen = [], [y.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and getattr(child, "variable", None) is angles:
+                parents.append(node.name())
+            stack.append(child)
+    op = "RotatedLinearFunction" if weight_side else "RotateFunction"
+    assert len(parents) == 1 and op in parents[0], parents
+    probe = torch.randn(y.shape)
+    (got,) = torch.autograd.grad(y, angles, probe)
+    p64 = angles.detach().double().requires_grad_()
+    w = layer.base_layer.weight.double()
+    y64 = torch.nn.functional.linear(x.double() @ dense_transform(math.pi * torch.tanh(p64), 8), w)
+    (want,) = torch.autograd.grad(y64, p64, probe.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 class Int8Linear(nn.Module):
     """Stand-in for a quantized linear: in_features and an integer weight, no float weight to merge into."""
 
@@ -170,8 +204,9 @@ def test_merge_bf16_weight_casts_once_from_float32():
     layer.set_adapter("default")
     _randomise(layer, std=0.3)
     W0 = base.weight.detach().clone()
-    params, scale = layer.transform("default")
-    expected = goft.rotate(W0.float(), params.detach(), scale.detach(), transpose=True).to(torch.bfloat16)
+    params, scale, angle_parameterisation = layer.op_arguments("default")
+    expected = goft.rotate(W0.float(), params.detach(), scale.detach(), True, angle_parameterisation)
+    expected = expected.to(torch.bfloat16)
     layer.merge()
     assert base.weight.dtype == torch.bfloat16
     assert torch.equal(base.weight, expected)

@@ -105,7 +105,7 @@ class GivensLinear(nn.Module):
         # Adapters merged into base_layer.weight, oldest first, with the exact (params, scale)
         # used, so unmerge inverts what was applied even if the parameters changed since.
         self.merged_adapters: List[str] = []
-        self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor], str]] = []
         # The module's name in its model, set by goft.inject, so errors can say which layer failed.
         self.layer_name: Optional[str] = None
 
@@ -174,14 +174,25 @@ class GivensLinear(nn.Module):
                 found[store_name] = store[adapter_name]
         return found
 
-    def transform(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The op's (params, scale) for an adapter: (d-1,) angles or (d-1, 2, 2) blocks, float32."""
+    def op_arguments(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
+        """The op's (params, scale, angle_parameterisation) for an adapter, float32.
+
+        Strict GOFT passes its stored parameters with the adapter's parameterisation, which the
+        op maps to angles itself ("tanh": pi * tanh(p)), so the map costs no extra ops forward or
+        backward; qGOFT passes its (d-1, 2, 2) blocks with "raw"."""
         config = self.adapter_configs[adapter_name]
         if config.is_quasi:
-            return self.goft_blocks[adapter_name].float(), None
-        p = self.goft_angles[adapter_name].float()
-        angles = math.pi * torch.tanh(p) if config.angle_parameterisation == "tanh" else p
+            return self.goft_blocks[adapter_name].float(), None, "raw"
         scale = self.goft_scale[adapter_name].float() if adapter_name in self.goft_scale else None
+        return self.goft_angles[adapter_name].float(), scale, config.angle_parameterisation
+
+    def transform(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The adapter's (params, scale) as angles or blocks: (d-1,) angles or (d-1, 2, 2) blocks.
+
+        The angles are mapped here in PyTorch (pi * tanh(p) for "tanh"), a reference for the
+        op's own map that forward and merge use (op_arguments)."""
+        params, scale, angle_parameterisation = self.op_arguments(adapter_name)
+        angles = math.pi * torch.tanh(params) if angle_parameterisation == "tanh" else params
         return angles, scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -194,13 +205,13 @@ class GivensLinear(nn.Module):
             raise RuntimeError(f"{self._where()}: expected input of shape (..., {self.in_features}), got {got}")
         if not x.is_floating_point():
             raise RuntimeError(f"{self._where()}: expected a floating-point input, got {x.dtype}")
-        params, scale = self.transform(name)
+        params, scale, angle_parameterisation = self.op_arguments(name)
         if not args and not kwargs and self._rotates_weight(x):
             base = self.base_layer
-            return rotated_linear(x, base.weight, base.bias, params, scale)
+            return rotated_linear(x, base.weight, base.bias, params, scale, angle_parameterisation)
         # rotate keeps x's dtype (bf16/fp16/fp32, float32 accumulation), so the base layer sees
         # the dtype it would have seen without goft, under autocast or with bf16 weights alike.
-        return self.base_layer(rotate(x, params, scale), *args, **kwargs)
+        return self.base_layer(rotate(x, params, scale, angle_parameterisation=angle_parameterisation), *args, **kwargs)
 
     def _rotates_weight(self, x: torch.Tensor) -> bool:
         """Whether forward computes base_layer(rotate(x)) as rotated_linear (see WEIGHT_SIDE).
@@ -254,7 +265,7 @@ class GivensLinear(nn.Module):
             raise ValueError(f"GivensLinear.merge: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
         self._check_weight()
         layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
-        params, scale = self.transform(adapter_name)
+        params, scale, _ = self.op_arguments(adapter_name)
         for what, t in (("parameters", params), ("scale", scale)):
             if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
                 raise ValueError(
@@ -282,11 +293,14 @@ class GivensLinear(nn.Module):
             warnings.warn(f"goft.merge: adapter {name!r} is already merged into this layer; not merging it again")
             return False
         self.check_mergeable(name, invertible=False)
-        params, scale = self.transform(name)
+        # The op's own arguments, so the merged weight applies exactly the forward's transform.
+        params, scale, angle_parameterisation = self.op_arguments(name)
         params, scale = params.detach().clone(), None if scale is None else scale.detach().clone()
-        self._apply_to_weight(lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), transpose=True))
+        self._apply_to_weight(
+            lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), True, angle_parameterisation)
+        )
         self.merged_adapters.append(name)
-        self._merged_transforms.append((params, scale))
+        self._merged_transforms.append((params, scale, angle_parameterisation))
         return True
 
     @torch.no_grad()
@@ -300,10 +314,12 @@ class GivensLinear(nn.Module):
         """
         undone = []
         while self.merged_adapters:
-            params, scale = self._merged_transforms[-1]
+            params, scale, angle_parameterisation = self._merged_transforms[-1]
             inverse_params, inverse_scale = _inverse_transposed(params, scale, self.merged_adapters[-1])
             self._apply_to_weight(
-                lambda rows: rotate(rows, _like(inverse_params, rows), _like(inverse_scale, rows), transpose=False)
+                lambda rows: rotate(
+                    rows, _like(inverse_params, rows), _like(inverse_scale, rows), False, angle_parameterisation
+                )
             )
             self._merged_transforms.pop()
             undone.append(self.merged_adapters.pop())
