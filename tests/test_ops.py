@@ -289,8 +289,11 @@ def test_zero_rows_and_d_equal_one():
     params = torch.randn(6)
     assert goft.rotate(torch.randn(0, 7), params).shape == (0, 7)
     x = torch.randn(0, 7, requires_grad=True)
-    goft.rotate(x, params.requires_grad_()).sum().backward()
+    scale = torch.rand(7, requires_grad=True)
+    goft.rotate(x, params.requires_grad_(), scale, angle_parameterisation="tanh").sum().backward()
     assert x.grad.shape == (0, 7)
+    # No rows: the parameter gradients are sums over nothing.
+    assert torch.equal(params.grad, torch.zeros(6)) and torch.equal(scale.grad, torch.zeros(7))
     one = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
     y = goft.rotate(one, torch.zeros(0, dtype=torch.float64), scale)

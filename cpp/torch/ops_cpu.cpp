@@ -208,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
   at::Tensor& grad_x = outputs.grad_x;
   at::Tensor& grad_params = outputs.grad_params;
   at::Tensor& grad_scale = outputs.grad_scale;
-  if (shape.rows == 0 || (!want_x && !want_params && !want_scale)) {
-    if (want_x) grad_x.zero_();
+  if (outputs.trivial(shape.rows)) {
+    outputs.zero_wanted();
     return {grad_x, grad_params, grad_scale};
   }
   const at::Tensor grad2 = as_rows(grad_out, shape.rows, shape.dim);
@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cpu(
   }
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   at::Tensor grad_x2 = want_x ? grad_x.view({shape.rows, shape.dim}) : at::Tensor();
-  at::Tensor params_grad_full = want_params ? grad_params : at::zeros(params.sizes(), params.options());
+  at::Tensor params_grad_full = want_params ? grad_params : at::empty(params.sizes(), params.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
     dispatch_lane_bytes([&](auto bytes) {
       rotate_backward_into<scalar_t, decltype(bytes)::value>(

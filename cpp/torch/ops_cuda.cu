@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   BackwardOutputs o = make_backward_outputs(x, params, scale, output_mask);
   if (o.trivial(shape.rows)) {
-    if (o.want_x) o.grad_x.zero_();
+    o.zero_wanted();
     return {o.grad_x, o.grad_params, o.grad_scale};
   }
   const at::Tensor grad2 = as_rows(grad_out, shape.rows, shape.dim);
@@ -227,8 +227,10 @@ at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x
   const char* op = "goft.rotate_angle_grads";
   const RotateShape shape = check_angle_grads_args(op, x, grad_x, params, angle_parameterisation);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_params = at::zeros(params.sizes(), params.options());
-  if (shape.rows == 0 || shape.dim == 1) return grad_params;  // nothing to sum, or no pairs
+  if (shape.rows == 0 || shape.dim == 1) {
+    return at::zeros(params.sizes(), params.options());  // nothing to sum, or no pairs
+  }
+  at::Tensor grad_params = at::empty(params.sizes(), params.options());  // the sums write all
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   const at::Tensor grad2 = as_rows(grad_x, shape.rows, shape.dim);
   bool fused = false;

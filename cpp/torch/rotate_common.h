@@ -54,14 +54,22 @@ std::optional<at::Tensor> scale_as_acc(const std::optional<at::Tensor>& scale) {
   return scale->to(c10::CppTypeToScalarType<Acc>::value).contiguous();
 }
 
-// The three outputs of rotate_backward. An output not asked for is an empty tensor; grad_params
-// and grad_scale start at zero, grad_x uninitialised (every kernel writes all of it).
+// The three outputs of rotate_backward. An output not asked for is an empty tensor; the others
+// start uninitialised, since every kernel path writes all of them (no fill kernels per call),
+// except a trivial call, which zeroes them (zero_wanted).
 struct BackwardOutputs {
   bool want_x = false, want_params = false, want_scale = false;
   at::Tensor grad_x, grad_params, grad_scale;
 
   // Nothing to compute: no rows, or no output asked for.
   bool trivial(int64_t rows) const { return rows == 0 || (!want_x && !want_params && !want_scale); }
+
+  // The gradients of a call without rows: zero.
+  void zero_wanted() {
+    if (want_x) grad_x.zero_();
+    if (want_params) grad_params.zero_();
+    if (want_scale) grad_scale.zero_();
+  }
 };
 
 inline BackwardOutputs make_backward_outputs(const at::Tensor& x, const at::Tensor& params,
@@ -72,9 +80,9 @@ inline BackwardOutputs make_backward_outputs(const at::Tensor& x, const at::Tens
   o.want_params = output_mask[1];
   o.want_scale = output_mask[2] && scale.has_value();
   o.grad_x = o.want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  o.grad_params = o.want_params ? at::zeros(params.sizes(), params.options())
+  o.grad_params = o.want_params ? at::empty(params.sizes(), params.options())
                                 : at::empty({0}, params.options());
-  o.grad_scale = o.want_scale ? at::zeros(scale->sizes(), scale->options())
+  o.grad_scale = o.want_scale ? at::empty(scale->sizes(), scale->options())
                               : at::empty({0}, x.options().dtype(params.scalar_type()));
   return o;
 }
