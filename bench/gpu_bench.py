@@ -12,8 +12,9 @@ transform to the weight's rows, goft.layers.WEIGHT_SIDE), the same layer with th
 (GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, and PEFT LoRA r=8 when peft is
 importable, interleaved over LAYER_ROUNDS rounds (the median ratio to the frozen layer, with the
 rounds' range); the targets are checked on the GivensLinear row.
-Wide rows: the fused kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1) at d in
-WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
+Wide rows: the default kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1; for angles in
+backward the strict fallback) and, in backward, the general fallback (GOFT_CUDA_STRICT=0 as well)
+at d in WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
 (bench/cuda_registers.py): the numbers that decide which kernel such widths should take.
 
     python bench/gpu_bench.py [--rows 16384] [--dim 4096] [--repeats 50] [--out bench/RESULTS_GPU.md]
@@ -104,8 +105,16 @@ def op_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
 WIDE_DIMS = (8192, 11008, 16384)
 
 
+# The kernel choices the wide-row table compares, as environment overrides (rotate_api.h).
+WIDE_PATHS = {
+    "fused": {},
+    "fallback": {"GOFT_CUDA_FALLBACK": "1"},
+    "general fallback": {"GOFT_CUDA_FALLBACK": "1", "GOFT_CUDA_STRICT": "0"},
+}
+
+
 def wide_rows(rows: int, repeats: int) -> List[Dict[str, object]]:
-    """Fused vs fallback kernels (GOFT_CUDA_FALLBACK=1) on wide rows, forward and backward."""
+    """The default kernels vs the fallbacks on wide rows, forward and backward (angles)."""
     import os
 
     import goft
@@ -124,13 +133,15 @@ def wide_rows(rows: int, repeats: int) -> List[Dict[str, object]]:
             }
             for name, fn in passes.items():
                 times = {}
-                for path, forced in (("fused", None), ("fallback", "1")):
-                    if forced is None:
-                        os.environ.pop("GOFT_CUDA_FALLBACK", None)
-                    else:
-                        os.environ["GOFT_CUDA_FALLBACK"] = forced
-                    times[path] = cuda_time_ms(fn, repeats)
-                os.environ.pop("GOFT_CUDA_FALLBACK", None)
+                for path, env in WIDE_PATHS.items():
+                    if name == "forward" and "GOFT_CUDA_STRICT" in env:
+                        continue  # the strict kernels are backward kernels
+                    os.environ.update(env)
+                    try:
+                        times[path] = cuda_time_ms(fn, repeats)
+                    finally:
+                        for key in env:
+                            os.environ.pop(key, None)
                 out.append(dict(dtype=str(dt).replace("torch.", ""), d=d, name=name, **times))
             del x, grad
     return out
@@ -298,14 +309,18 @@ def markdown(op: List[Dict[str, object]], layer: List[Dict[str, object]], wide: 
         "",
         "The fused kernels hold 2 to 4 chunks per thread at these widths, where ptxas reports register "
         "spills (the CUDA register section of bench/RESULTS.md); GOFT_CUDA_FALLBACK=1 forces the "
-        "one-block-per-row fallback kernels. Backward: grad_x and the parameter gradients.",
+        "one-block-per-row fallback kernels, for angles in backward the strict fallback (the "
+        "default where no fused strict kernel holds the row); `general fallback` adds "
+        "GOFT_CUDA_STRICT=0 (block gradients, saved pair inputs). Backward: grad_x and the angle "
+        "gradients. `default`: what the planner picks.",
         "",
-        "| dtype | d | pass | fused, us | fallback, us | fused / fallback |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| dtype | d | pass | default, us | fallback, us | general fallback, us | default / fallback |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in wide:
+        general = f"{1000 * r['general fallback']:.1f}" if "general fallback" in r else "-"
         lines.append(f"| {r['dtype']} | {r['d']} | {r['name']} | {1000 * r['fused']:.1f} | {1000 * r['fallback']:.1f} "
-                     f"| {r['fused'] / r['fallback']:.2f}x |")
+                     f"| {general} | {r['fused'] / r['fallback']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -68,9 +68,13 @@ def test_gpu_bench_tables(on_cpu):
     assert "Target goft <= 1.10x frozen:" in text
     frozen = table_rows(text, "layer")[0].split(" | ")
     assert frozen[2] == "1.000x" and frozen[3] == "1.000-1.000x |", "the frozen row's ratio is 1 in every round"
-    assert len(table_rows(text, "dtype")) == 2 * 2 * len(gpu_bench.WIDE_DIMS)
+    wide_rows = table_rows(text, "dtype")
+    assert len(wide_rows) == 2 * 2 * len(gpu_bench.WIDE_DIMS)
+    for row in wide_rows:  # the general fallback is a backward column
+        cells = row.split(" | ")
+        assert (cells[5] == "-") == (cells[2] == "forward"), row
     assert goft.layers.WEIGHT_SIDE is None, "the x-rotated row must restore the switch"
-    assert "GOFT_CUDA_FALLBACK" not in os.environ
+    assert "GOFT_CUDA_FALLBACK" not in os.environ and "GOFT_CUDA_STRICT" not in os.environ
 
 
 def test_gpu_profile_sweep(on_cpu, capsys):

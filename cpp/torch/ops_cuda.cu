@@ -218,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
 
 // The angle gradients of rotate(x, transpose) from x and grad_x in one pass: x is the output of
 // the op with the other transpose, and grad_x the gradient there, which the strict kernels take
-// back through that op's layers without a recompute and without writing a gradient. Where no
-// strict fused kernel holds the row (wide rows; GOFT_CUDA_STRICT=0), the two passes of the
-// composite form (ops_composite.cpp).
+// back through that op's layers without a recompute and without writing a gradient (the fused
+// strict kernels, or the strict fallback for rows they cannot hold). With GOFT_CUDA_STRICT=0,
+// the two passes of the composite form (ops_composite.cpp).
 at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x,
                                    const at::Tensor& params, bool transpose,
                                    c10::string_view angle_parameterisation) {
@@ -233,17 +233,19 @@ at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x
   at::Tensor grad_params = at::empty(params.sizes(), params.options());  // the sums write all
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   const at::Tensor grad2 = as_rows(grad_x, shape.rows, shape.dim);
-  bool fused = false;
+  bool one_pass = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "goft.rotate_angle_grads", [&] {
     const cuda::RotateBackwardPlan plan = plan_backward<scalar_t>(x2, !transpose, false, true);
-    fused = plan.angle_partials();
-    if (fused) {
+    one_pass = plan.angle_partials();
+    if (one_pass) {
       rotate_backward_into<scalar_t>(plan, grad2, x2, true, params, shape, std::nullopt,
                                      !transpose, nullptr, &grad_params, nullptr);
     }
   });
-  if (!fused) return rotate_angle_grads_two_pass(x, grad_x, params, transpose, angle_parameterisation);
+  if (!one_pass) {
+    return rotate_angle_grads_two_pass(x, grad_x, params, transpose, angle_parameterisation);
+  }
   return grad_params;
 }
 

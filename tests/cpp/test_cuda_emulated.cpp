@@ -415,9 +415,12 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   return r;
 }
 
+// strict (backward, angle problems): the strict fallback, from the forward's output when
+// x_is_output (no scale), as the launcher runs it for angles.
 template <typename T>
 Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int grid,
-                        int64_t num_chunks, bool scratch_in_smem) {
+                        int64_t num_chunks, bool scratch_in_smem, bool strict = false,
+                        bool x_is_output = false) {
   using Acc = typename AccOf<T>::type;
   Results<T> r;
   r.out.assign(p.rows * p.stride + kGuard, from_double<T>(std::nan("")));
@@ -426,10 +429,13 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   fp.dim = p.dim;
   fp.schedule = goft::make_schedule(p.dim);
   fp.transpose = p.transpose;
-  const GuardedCopy<T> x(p.x.data(), p.x.size()), grad_out(p.grad_out.data(), p.grad_out.size());
+  const std::vector<T> x_rows = x_is_output ? cpu_forward(p).out : p.x;
+  const GuardedCopy<T> x(x_rows.data(), p.x.size());  // the rows, without a result's guard band
+  const GuardedCopy<T> grad_out(p.grad_out.data(), p.grad_out.size());
   const GuardedCopy<Acc> blocks(p.blocks.data(), p.blocks.size());
   const GuardedCopy<Acc> scale(p.scale.data(), p.scale.size());
   fp.x = x.data();
+  fp.x_is_output = x_is_output;
   fp.x_stride = p.stride;
   fp.out = r.out.data();
   fp.out_stride = p.stride;
@@ -438,20 +444,29 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   fp.blocks = blocks.data();
   fp.scale = p.with_scale ? scale.data() : nullptr;
   fp.scratch_in_smem = scratch_in_smem;
-  const int64_t scratch = fallback_scratch_size(p.dim, backward);
+  const FallbackPass pass = !backward ? FallbackPass::kForward
+                            : strict  ? FallbackPass::kStrictBackward
+                                      : FallbackPass::kBackward;
+  const int64_t scratch = fallback_scratch_size(p.dim, pass, p.with_scale);
   const size_t ws_used = scratch_in_smem ? 0 : grid * scratch;
   std::vector<Acc> ws(ws_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   fp.scratch_workspace = ws.data();
   const int64_t smem_bytes = scratch_in_smem ? scratch * static_cast<int64_t>(sizeof(Acc)) : 0;
   const int64_t pairs = p.dim - 1;
-  const size_t bp_used = num_chunks * pairs * 4, sp_used = num_chunks * p.dim;
+  const size_t bp_used = num_chunks * pairs * (strict ? 1 : 4), sp_used = num_chunks * p.dim;
   std::vector<Acc> bp(bp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   std::vector<Acc> sp(sp_used + kGuard, std::numeric_limits<Acc>::quiet_NaN());
   fp.num_chunks = num_chunks;
   fp.block_partials = bp.data();
   fp.scale_partials = p.with_scale ? sp.data() : nullptr;
   launch<Acc>(grid, threads, smem_bytes, [&](const EmuThreads& th, Acc* smem) {
-    if (backward) {
+    if (strict) {
+      if (p.transpose) {
+        fallback_rotate_backward_strict<T, Acc, true>(fp, th, smem);
+      } else {
+        fallback_rotate_backward_strict<T, Acc, false>(fp, th, smem);
+      }
+    } else if (backward) {
       if (p.transpose) {
         fallback_rotate_backward<T, Acc, true>(fp, th, smem);
       } else {
@@ -466,13 +481,19 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   r.overrun = find_overrun<T, Acc>(p, r.out, {{"partials", &bp}, {"scale partials", &sp},
                                               {"scratch workspace", &ws}},
                                    {bp_used, sp_used, ws_used});
-  if (backward) {
+  if (strict) {
+    r.angle_grads.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) {
+      r.angle_grads[i] = angle_param_grad(sum_partials(bp.data(), pairs, 0, num_chunks, i),
+                                          p.transpose, p.angles[i], p.angle_map);
+    }
+  } else if (backward) {
     r.block_grads.resize(4 * pairs);
     for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, num_chunks, i);
-    if (p.with_scale) {
-      r.scale_grads.resize(p.dim);
-      for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, num_chunks, i);
-    }
+  }
+  if (backward && p.with_scale) {
+    r.scale_grads.resize(p.dim);
+    for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, num_chunks, i);
   }
   return r;
 }
@@ -603,17 +624,29 @@ void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t sme
   }
 }
 
+// A fallback case; in backward with angles also the strict fallback, and without a scale the
+// strict fallback from the output (x_is_output: angle gradients to T's precision, as for the
+// fused kernels).
 template <typename T>
 void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, int64_t chunks,
                    bool smem) {
-  char name[256];
-  std::snprintf(name, sizeof(name),
-                "fallback %s %s d=%lld rows=%lld threads=%d grid=%d chunks=%lld smem=%d transpose=%d scale=%d",
-                backward ? "backward" : "forward", type_name<T>(), (long long)p.dim,
-                (long long)p.rows, threads, grid, (long long)chunks, smem, p.transpose, p.with_scale);
-  const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem);
   const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
-  check(name, p, got, want, backward, false);
+  const int kinds = backward && p.strict ? (p.with_scale ? 2 : 3) : 1;
+  for (int kind = 0; kind < kinds; ++kind) {
+    const bool strict = kind >= 1, x_is_output = kind == 2;
+    char name[256];
+    std::snprintf(name, sizeof(name),
+                  "fallback %s%s %s d=%lld rows=%lld threads=%d grid=%d chunks=%lld smem=%d "
+                  "transpose=%d scale=%d",
+                  backward ? "backward" : "forward",
+                  x_is_output ? " strict from output" : strict ? " strict" : "", type_name<T>(),
+                  (long long)p.dim, (long long)p.rows, threads, grid, (long long)chunks, smem,
+                  p.transpose, p.with_scale);
+    const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem, strict, x_is_output);
+    double tol = 0;
+    if (x_is_output) tol = sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
+    check(name, p, got, want, backward, strict, tol);
+  }
 }
 
 template <typename T>

@@ -85,6 +85,11 @@ __global__ void fallback_rotate_backward_kernel(const FallbackParams<T, Acc> p) 
   fallback_rotate_backward<T, Acc, kTransposed>(p, CudaThreads{}, dynamic_smem<Acc>());
 }
 
+template <typename T, typename Acc, bool kTransposed>
+__global__ void fallback_rotate_backward_strict_kernel(const FallbackParams<T, Acc> p) {
+  fallback_rotate_backward_strict<T, Acc, kTransposed>(p, CudaThreads{}, dynamic_smem<Acc>());
+}
+
 __device__ __forceinline__ int64_t global_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -307,9 +312,13 @@ cudaError_t fused_variants(bool strict, bool transpose, int device,
 }
 
 template <typename T>
-FallbackKernel<T> fallback_kernel(bool backward, bool transpose) {
+FallbackKernel<T> fallback_kernel(FallbackPass pass, bool transpose) {
   using Acc = typename AccOf<T>::type;
-  if (backward) {
+  if (pass == FallbackPass::kStrictBackward) {
+    return transpose ? &fallback_rotate_backward_strict_kernel<T, Acc, true>
+                     : &fallback_rotate_backward_strict_kernel<T, Acc, false>;
+  }
+  if (pass == FallbackPass::kBackward) {
     return transpose ? &fallback_rotate_backward_kernel<T, Acc, true>
                      : &fallback_rotate_backward_kernel<T, Acc, false>;
   }
@@ -317,10 +326,12 @@ FallbackKernel<T> fallback_kernel(bool backward, bool transpose) {
 }
 
 // Shared parts of both plans: the fused layout or the fallback's threads and scratch placement.
-// strict (backward): the parameters are angles, so the strict kernels may run.
+// strict (backward): the parameters are angles, so the strict kernels may run (fused, or the
+// strict fallback); *angle_partials says whether the chosen kernel writes angle partials.
 template <typename T, typename Plan>
 cudaError_t plan_common(int64_t dim, bool backward, bool strict, bool transpose, bool scale_grad,
-                        int device, const DeviceInfo& info, Plan* plan, const void** kernel) {
+                        int device, const DeviceInfo& info, Plan* plan, const void** kernel,
+                        bool* angle_partials) {
   using Acc = typename AccOf<T>::type;
   constexpr int kElts = FusedTraits<T, 1, false>::kElts;
   plan->fused = false;
@@ -339,17 +350,23 @@ cudaError_t plan_common(int64_t dim, bool backward, bool strict, bool transpose,
       plan->layout = layout;
       plan->cta_threads = layout.cta_threads;
       plan->smem_bytes = layout.smem_bytes;
+      *angle_partials = layout.strict;
       *kernel = reinterpret_cast<const void*>(backward ? fused_kernel<T, true>(layout, transpose)
                                                        : fused_kernel<T, false>(layout, transpose));
       return cudaSuccess;
     }
   }
-  *kernel = reinterpret_cast<const void*>(fallback_kernel<T>(backward, transpose));
+  const FallbackPass pass = !backward ? FallbackPass::kForward
+                            : strict  ? FallbackPass::kStrictBackward
+                                      : FallbackPass::kBackward;
+  *angle_partials = strict;
+  *kernel = reinterpret_cast<const void*>(fallback_kernel<T>(pass, transpose));
   int max_threads = 0;
   const cudaError_t err = max_threads_per_block(*kernel, device, &max_threads);
   if (err != cudaSuccess) return err;
   plan->cta_threads = fallback_cta_threads(dim, max_threads);
-  const int64_t scratch = fallback_scratch_size(dim, backward) * static_cast<int64_t>(sizeof(Acc));
+  const int64_t scratch =
+      fallback_scratch_size(dim, pass, scale_grad) * static_cast<int64_t>(sizeof(Acc));
   plan->scratch_in_smem = scratch <= info.smem_optin;
   plan->smem_bytes = plan->scratch_in_smem ? scratch : 0;
   return cudaSuccess;
@@ -373,7 +390,9 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
   if (err != cudaSuccess) return err;
   RotatePlan pl;
   const void* kernel = nullptr;
-  err = plan_common<T>(dim, false, false, transpose, false, device, info, &pl, &kernel);
+  bool angle_partials = false;
+  err = plan_common<T>(dim, false, false, transpose, false, device, info, &pl, &kernel,
+                       &angle_partials);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
   err = prepare_kernel(kernel, device, pl.cta_threads, pl.smem_bytes, &per_sm);
@@ -403,7 +422,8 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   if (err != cudaSuccess) return err;
   RotateBackwardPlan pl;
   const void* kernel = nullptr;
-  err = plan_common<T>(dim, true, strict, transpose, scale_grad, device, info, &pl, &kernel);
+  err = plan_common<T>(dim, true, strict, transpose, scale_grad, device, info, &pl, &kernel,
+                       &pl.strict);
   if (err != cudaSuccess) return err;
   int per_sm = 1;
   err = prepare_kernel(kernel, device, pl.cta_threads, pl.smem_bytes, &per_sm);
@@ -417,7 +437,9 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
     const int64_t grads = pl.layout.grads_in_smem ? 0 : pl.grid * pl.layout.grad_workspace_per_cta;
     pl.workspace = make_workspace(pl.layout.num_slots, grads, sizeof(Acc));
   } else {
-    const int64_t scratch = pl.scratch_in_smem ? 0 : pl.grid * fallback_scratch_size(dim, true);
+    const FallbackPass pass = pl.strict ? FallbackPass::kStrictBackward : FallbackPass::kBackward;
+    const int64_t scratch =
+        pl.scratch_in_smem ? 0 : pl.grid * fallback_scratch_size(dim, pass, scale_grad);
     pl.workspace = make_workspace(dim - 1, scratch, sizeof(Acc));
   }
   *plan = pl;
@@ -504,7 +526,7 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
   p.scale = args.scale;
   p.scratch_in_smem = plan.scratch_in_smem;
   p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
-  const FallbackKernel<T> kernel = fallback_kernel<T>(false, args.transpose);
+  const FallbackKernel<T> kernel = fallback_kernel<T>(FallbackPass::kForward, args.transpose);
   kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -566,10 +588,12 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
   p.scale = args.scale;
   p.scratch_in_smem = plan.scratch_in_smem;
   p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);
+  p.x_is_output = x_is_output;
   p.num_chunks = plan.num_chunks;
   p.block_partials = args.block_grad_partials;
   p.scale_partials = args.scale_grad_partials;
-  const FallbackKernel<T> kernel = fallback_kernel<T>(true, args.transpose);
+  const FallbackKernel<T> kernel = fallback_kernel<T>(
+      plan.strict ? FallbackPass::kStrictBackward : FallbackPass::kBackward, args.transpose);
   kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -52,12 +52,14 @@ struct RotateBackwardPlan {
   bool scratch_in_smem = true;
   int64_t num_chunks = 0;    // row chunks
   int64_t num_partials = 0;  // partial gradients written: RotateBackwardArgs::num_chunks
+  bool strict = false;       // the strict kernels run: fused (layout.strict) or the fallback's
   Workspace workspace;
 
-  // The partials hold one angle gradient per pair (strict fused kernels, FusedTraits::kStrict),
-  // not four block-gradient entries: RotateBackwardArgs::block_grad_partials is then
-  // (num_partials, d - 1), summed by launch_partial_sums.
-  bool angle_partials() const { return fused && layout.strict; }
+  // The partials hold one angle gradient per pair (the strict kernels, FusedTraits::kStrict and
+  // fallback_rotate_backward_strict), not four block-gradient entries:
+  // RotateBackwardArgs::block_grad_partials is then (num_partials, d - 1), summed by
+  // launch_angle_grad_sums.
+  bool angle_partials() const { return strict; }
 };
 
 // Plans query the current device (kernel register counts, shared memory, SM count); a call plans

@@ -1764,7 +1764,8 @@ GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typen
 
 // ---------------------------------------------------------------------------------------------
 // The fallback kernels: one thread block per row, the row in a scratch buffer (shared memory when
-// it fits, else global memory), one barrier per layer. Any d; the same steps as the CPU kernels.
+// it fits, else global memory), one barrier per layer. Any d; the same steps as the CPU kernels,
+// and for angle parameters in backward the strict kernels' scheme (fallback_rotate_backward_strict).
 
 template <typename T, typename Acc>
 struct FallbackParams {
@@ -1778,26 +1779,34 @@ struct FallbackParams {
   int64_t out_stride = 0;
   const T* grad_out = nullptr;
   int64_t grad_out_stride = 0;
+  bool x_is_output = false;     // strict backward: x holds the op's output (as FusedParams)
   const Acc* blocks = nullptr;  // (d - 1, 4) A00, A01, A10, A11, schedule order
   const Acc* scale = nullptr;
   bool scratch_in_smem = true;
   Acc* scratch_workspace = nullptr;  // per block, fallback_scratch_size(d, backward) elements
   int64_t num_chunks = 0;
-  Acc* block_partials = nullptr;     // (num_chunks, d - 1, 4)
+  Acc* block_partials = nullptr;     // (num_chunks, d - 1, 4); strict: (num_chunks, d - 1)
   Acc* scale_partials = nullptr;     // (num_chunks, d) or nullptr
 };
 
-GOFT_HOST_DEVICE int64_t fallback_scratch_size(int64_t dim, bool backward) {
-  // forward: the row; backward: row, gradient, input row, and the 2 (d - 1) pair inputs.
-  return backward ? 5 * dim : dim;
+enum class FallbackPass { kForward, kBackward, kStrictBackward };
+
+// Elements of scratch a fallback block uses. Forward: the row. Backward: row, gradient, input
+// row, and the 2 (d - 1) pair inputs. Strict backward: row, gradient, the pairs' angle sums and,
+// with a scale gradient, the scale sums.
+GOFT_HOST_DEVICE int64_t fallback_scratch_size(int64_t dim, FallbackPass pass, bool scale_grad) {
+  switch (pass) {
+    case FallbackPass::kForward: return dim;
+    case FallbackPass::kBackward: return 5 * dim;
+    default: return (scale_grad ? 4 : 3) * dim;
+  }
 }
 
 template <typename T, typename Acc, class Threads>
 GOFT_DEVICE_FN Acc* fallback_scratch(const FallbackParams<T, Acc>& p, const Threads& th, Acc* smem,
-                                     bool backward) {
-  return p.scratch_in_smem ? smem
-                           : p.scratch_workspace +
-                                 static_cast<int64_t>(th.cta()) * fallback_scratch_size(p.dim, backward);
+                                     FallbackPass pass) {
+  const int64_t size = fallback_scratch_size(p.dim, pass, p.scale_partials != nullptr);
+  return p.scratch_in_smem ? smem : p.scratch_workspace + static_cast<int64_t>(th.cta()) * size;
 }
 
 template <typename Acc, bool kTransposed, bool kSave, typename T, class Threads>
@@ -1829,7 +1838,7 @@ GOFT_DEVICE_FN void fallback_layers_forward(const FallbackParams<T, Acc>& p, con
 
 template <typename T, typename Acc, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fallback_rotate(const FallbackParams<T, Acc>& p, const Threads& th, Acc* smem) {
-  Acc* w = fallback_scratch(p, th, smem, false);
+  Acc* w = fallback_scratch(p, th, smem, FallbackPass::kForward);
   const int64_t d = p.dim;
   for (int64_t row = th.cta(); row < p.rows; row += th.num_ctas()) {
     const T* xr = p.x + row * p.x_stride;
@@ -1855,7 +1864,7 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
                                              Acc* smem) {
   const int64_t d = p.dim, pairs = d - 1;
   const PairSchedule& s = p.schedule;
-  Acc* scratch = fallback_scratch(p, th, smem, true);
+  Acc* scratch = fallback_scratch(p, th, smem, FallbackPass::kBackward);
   Acc* w = scratch;
   Acc* g = scratch + d;
   Acc* xrow = scratch + 2 * d;
@@ -1918,6 +1927,87 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
         for (int64_t i = tid; i < d; i += nt) orow[i] = FromAcc<T>::convert(g[i]);
       }
       th.sync();
+    }
+  }
+}
+
+// The backward for angle parameters where no strict fused kernel holds the row (wide float32
+// rows): the strict kernels' scheme (FusedTraits::kStrict) on a row in scratch. A rotation's
+// inverse is its transpose, so the walk back takes the layers' outputs back to their inputs
+// beside the gradient (no saved pair inputs), and each pair sums one angle gradient per row
+// (angle_grad_term) instead of four block-gradient entries. Each sum (pair k of a layer, feature
+// i of the scale) belongs to thread k % nt (i % nt), the same for every row, so it stays in the
+// block's scratch without atomics until the chunk's end, when it goes to the chunk's partials:
+// (num_chunks, d - 1) angle partials, as the strict fused kernels write them. x_is_output: x
+// holds the op's output, taken back through the layers without a recompute (no scale).
+template <typename T, typename Acc, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fallback_rotate_backward_strict(const FallbackParams<T, Acc>& p,
+                                                    const Threads& th, Acc* smem) {
+  const int64_t d = p.dim, pairs = d - 1;
+  const PairSchedule& s = p.schedule;
+  const bool scale_grad = p.scale_partials != nullptr;
+  Acc* scratch = fallback_scratch(p, th, smem, FallbackPass::kStrictBackward);
+  Acc* w = scratch;               // the row: the layers' output, walked back to their input
+  Acc* g = scratch + d;           // the gradient at w
+  Acc* sums = scratch + 2 * d;    // the pairs' angle gradients, schedule order
+  Acc* scale_sums = scratch + 3 * d;
+  const int tid = th.thread(), nt = th.num_threads();
+  for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
+    for (int64_t k = tid; k < pairs; k += nt) sums[k] = Acc(0);
+    if (scale_grad) {
+      for (int64_t i = tid; i < d; i += nt) scale_sums[i] = Acc(0);
+    }
+    const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
+    const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = p.x + row * p.x_stride;
+      const T* gr = p.grad_out + row * p.grad_out_stride;
+      for (int64_t i = tid; i < d; i += nt) {
+        const Acc v = to_acc(xr[i]);
+        w[i] = kTransposed && p.scale != nullptr && !p.x_is_output ? v * p.scale[i] : v;
+        g[i] = to_acc(gr[i]);
+      }
+      th.sync();
+      if (!p.x_is_output) fallback_layers_forward<Acc, kTransposed, false>(p, th, w, nullptr);
+      if (!kTransposed && p.scale != nullptr) {
+        for (int64_t i = tid; i < d; i += nt) {
+          if (scale_grad) scale_sums[i] += g[i] * w[i];
+          g[i] *= p.scale[i];
+        }
+        th.sync();
+      }
+      for (int i = 0; i < s.num_layers; ++i) {
+        const int r = kTransposed ? s.num_layers - 1 - i : i;
+        const int64_t st = s.stride(r), off = s.offset[r];
+        for (int64_t k = tid; k < s.pairs[r]; k += nt) {
+          const int64_t a = 2 * st * k, b = a + st;
+          Acc blk[4];
+          applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+          sums[off + k] += angle_grad_term(w[a], w[b], g[a], g[b]);
+          pair_input_grad(blk, w[a], w[b]);
+          pair_input_grad(blk, g[a], g[b]);
+        }
+        th.sync();
+      }
+      if (kTransposed && p.scale != nullptr) {
+        for (int64_t i = tid; i < d; i += nt) {
+          // The layers' input is x * scale; x itself is read again rather than divided out.
+          if (scale_grad) scale_sums[i] += g[i] * to_acc(xr[i]);
+          g[i] *= p.scale[i];
+        }
+      }
+      if (p.out != nullptr) {
+        T* orow = p.out + row * p.out_stride;
+        for (int64_t i = tid; i < d; i += nt) orow[i] = FromAcc<T>::convert(g[i]);
+      }
+      th.sync();
+    }
+    // Each thread hands on the sums it owns; the next chunk's zeroing touches the same ones.
+    Acc* angle_partials = p.block_partials + chunk * pairs;
+    for (int64_t k = tid; k < pairs; k += nt) angle_partials[k] = sums[k];
+    if (scale_grad) {
+      Acc* sp = p.scale_partials + chunk * d;
+      for (int64_t i = tid; i < d; i += nt) sp[i] = scale_sums[i];
     }
   }
 }
