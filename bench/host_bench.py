@@ -7,7 +7,8 @@ can set the pace. This benchmark measures that host time on the CPU at a tiny sh
 (`torch.autograd.grad` to x and the trainable parameters) of the frozen layer and of the
 variants of bench/layer_bench.py, plus goft on the weight side (`goft.layers.WEIGHT_SIDE = True`:
 GivensLinear through `goft.rotated_linear`, the path it takes on CUDA for many rows). Each sample
-runs a batch of steps; the variants are interleaved round by round.
+runs a batch of steps; the variants are interleaved round by round. Then the host time of
+qGOFT's orthogonality penalty over a deep model's adapted linears.
 
     python bench/host_bench.py [--quick]
 """
@@ -61,6 +62,37 @@ def measure(d: int, rows: int, steps: int, repeats: int) -> list:
                  n=len(s), d=d, rows=rows, steps=steps) for name, s in samples.items()]
 
 
+def measure_penalty(num_layers: int, steps: int, repeats: int) -> list:
+    """Host time of qGOFT's penalty, forward + backward, on a LLaMA of `num_layers` decoder layers
+    (hidden 64) with qGOFT on its 7 linears per layer: goft.orthogonality_penalty, which joins the
+    layers' blocks into one tensor per lambda, against the sum of the layers' own terms."""
+    import warnings
+
+    import goft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                                      num_attention_heads=4, vocab_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM(config)
+    goft.inject(model, variant="qgoft", orth_lambda=0.01)
+    layers = [m for m in model.modules() if isinstance(m, goft.GivensLinear)]
+
+    def run(penalty):
+        def steps_fn():
+            for _ in range(steps):
+                penalty().backward()
+        return steps_fn
+
+    fns = {"goft.orthogonality_penalty(model)": run(lambda: goft.orthogonality_penalty(model)),
+           "sum of the layers' terms": run(lambda: torch.stack([m.orthogonality_penalty() for m in layers]).sum())}
+    samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
+    return [dict(variant=name, ms_per_step=1e3 * common.median(s) / steps, n=len(s), layers=len(layers),
+                 steps=steps) for name, s in samples.items()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps, for checking the script")
@@ -71,6 +103,8 @@ def main(argv=None) -> int:
     info = common.machine_info()
     t0 = time.perf_counter()
     records = measure(d, rows, steps, repeats)
+    penalty_layers = 4 if args.quick else 32
+    penalty = measure_penalty(penalty_layers, 2 if args.quick else 10, repeats)
     wall = time.perf_counter() - t0
     command = "python bench/host_bench.py" + (" --quick" if args.quick else "")
     rows_md = [[r["variant"], f"{r['us_per_step']:.1f}", f"{r['ratio']:.2f}x"] for r in records]
@@ -80,8 +114,14 @@ def main(argv=None) -> int:
              "where the kernels cost next to nothing. A GPU step of the same layer takes at least "
              "this long whatever its kernels' time.\n\n")
     body += common.md_table(["layer", "host time per step, us", "vs frozen"], rows_md, align="lrr")
+    body += (f"\nqGOFT's orthogonality penalty, forward + backward, on a LLaMA of {penalty_layers} decoder "
+             f"layers with qGOFT on all {penalty[0]['layers']} linears (median of {repeats} interleaved "
+             f"samples of {penalty[0]['steps']} steps each):\n\n")
+    body += common.md_table(["penalty", "host time per step, ms"],
+                            [[r["variant"], f"{r['ms_per_step']:.2f}"] for r in penalty], align="lr")
     common.write_section(STEM, "Host time per layer step", body, {"machine": info, "command": command,
-                                                                  "records": records, "wall_s": wall})
+                                                                  "records": records, "penalty": penalty,
+                                                                  "wall_s": wall})
     print(body)
     return 0
 

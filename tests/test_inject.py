@@ -1,5 +1,6 @@
 """goft.inject on tiny Hugging Face models: targets, freezing, identity, training, adapters, errors, integrations."""
 
+import dataclasses
 import re
 import tempfile
 import warnings
@@ -11,7 +12,7 @@ from torch import nn
 import goft
 from goft import GivensLinear, GOFTConfig
 
-from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, transformers
+from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, tiny_llama, transformers
 
 VARIANTS = {"goft": {}, "goft*": {"scale": True}, "qgoft": {"variant": "qgoft"}}
 
@@ -209,6 +210,39 @@ def test_orthogonality_penalty_over_the_model():
     assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("goft_blocks.quasi"))
     goft.set_adapter(model, "default")
     assert goft.orthogonality_penalty(model).item() == 0.0, "strict adapters have no penalty"
+
+
+def test_orthogonality_penalty_mixed_lambdas_and_cost_independent_of_depth():
+    # One term per lambda, whatever the number of layers: the autograd graph of the penalty has
+    # as many nodes for 6 decoder layers as for 2 (besides each parameter's AccumulateGrad).
+    def penalty_graph(num_layers):
+        torch.manual_seed(0)
+        model = tiny_llama(num_hidden_layers=num_layers)
+        goft.inject(model, variant="qgoft", orth_lambda=0.1)
+        layers = [m for m in model.modules() if isinstance(m, GivensLinear)]
+        for layer in layers[::3]:  # some layers with another lambda
+            layer.adapter_configs["default"] = dataclasses.replace(layer.adapter_configs["default"], orth_lambda=0.7)
+        perturb_adapters(model, 0.2)
+        penalty = goft.orthogonality_penalty(model)
+        manual = sum(m.orthogonality_penalty() for m in layers)
+        assert penalty.item() > 0 and penalty.item() == pytest.approx(manual.item(), rel=1e-5)
+        nodes, stack, seen = 0, [penalty.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            nodes += type(node).__name__ != "AccumulateGrad"
+            stack.extend(child for child, _ in node.next_functions)
+        penalty.backward()
+        grads = [m.goft_blocks["default"].grad for m in layers]
+        manual_grads = torch.autograd.grad(sum(m.orthogonality_penalty() for m in layers),
+                                           [m.goft_blocks["default"] for m in layers])
+        for g, w in zip(grads, manual_grads):
+            torch.testing.assert_close(g, w)
+        return nodes
+
+    assert penalty_graph(2) == penalty_graph(6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

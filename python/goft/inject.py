@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from goft.config import GOFTConfig
-from goft.layers import GivensLinear, is_adaptable, is_conv1d
+from goft.layers import GivensLinear, is_adaptable, is_conv1d, orthogonality_term
 from goft.presets import default_target_modules
 
 __all__ = [
@@ -326,9 +326,24 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     its shards and one all-reduce gives every rank the whole penalty, as a plain tensor that can
     be added to the loss.
     """
-    terms = [t for t in (layer.orthogonality_penalty() for layer in goft_layers(model)) if t is not None]
-    sharded = [t for t in terms if callable(getattr(t, "full_tensor", None))]
-    local = [t for t in terms if not callable(getattr(t, "full_tensor", None))]
+    # The layers' blocks are joined into one tensor per lambda and device, so a step costs a few
+    # ops whatever the number of layers: a term per layer (about ten small ops and as many
+    # autograd nodes each) took 28 ms of host time per step for LLaMA's 224 adapted linears.
+    groups: Dict[Tuple[float, torch.device], List[torch.Tensor]] = {}
+    sharded = []
+    for layer in goft_layers(model):
+        found = layer.quasi_blocks()
+        if found is None:
+            continue
+        blocks, orth_lambda = found
+        if callable(getattr(blocks, "full_tensor", None)):  # an FSDP2 shard: a term of its own
+            sharded.append(orthogonality_term(blocks, orth_lambda))
+        else:
+            groups.setdefault((orth_lambda, blocks.device), []).append(blocks)
+    local = [orthogonality_term(torch.cat(blocks) if len(blocks) > 1 else blocks[0], orth_lambda)
+             for (orth_lambda, _), blocks in groups.items()]
+    # Layers may sit on several devices (a model split across GPUs): the sum goes to the first's.
+    local = [t.to(local[0].device) for t in local]
     parts = ([torch.stack(sharded).sum().full_tensor()] if sharded else []) + ([torch.stack(local).sum()] if local else [])
     if parts:
         return parts[0] if len(parts) == 1 else parts[0] + parts[1]

@@ -238,14 +238,17 @@ class GivensLinear(nn.Module):
             return x.numel() >= x.shape[-1] * base.out_features
         return True
 
-    def orthogonality_penalty(self) -> Optional[torch.Tensor]:
-        """lambda * sum_i <A_i[:,0], A_i[:,1]>^2 for an active qGOFT adapter; None otherwise."""
+    def quasi_blocks(self) -> Optional[Tuple[torch.Tensor, float]]:
+        """The active qGOFT adapter's (d-1, 2, 2) blocks (float32) and its lambda; None otherwise."""
         name = self.active_adapter
         if name is None or not self.adapter_configs[name].is_quasi:
             return None
-        A = self.goft_blocks[name].float()
-        column_dots = A[:, 0, 0] * A[:, 0, 1] + A[:, 1, 0] * A[:, 1, 1]
-        return self.adapter_configs[name].orth_lambda * column_dots.square().sum()
+        return self.goft_blocks[name].float(), self.adapter_configs[name].orth_lambda
+
+    def orthogonality_penalty(self) -> Optional[torch.Tensor]:
+        """lambda * sum_i <A_i[:,0], A_i[:,1]>^2 for an active qGOFT adapter; None otherwise."""
+        found = self.quasi_blocks()
+        return None if found is None else orthogonality_term(*found)
 
     def _where(self) -> str:
         layer = f" {self.layer_name}" if self.layer_name else ""
@@ -356,6 +359,12 @@ class GivensLinear(nn.Module):
             f"in_features={self.in_features}, adapters={self.adapter_names}, active={self.active_adapter!r}, "
             f"merged={self.merged_adapters}, disabled={self.disabled}"
         )
+
+
+def orthogonality_term(blocks: torch.Tensor, orth_lambda: float) -> torch.Tensor:
+    """qGOFT's penalty lambda * sum_i <A_i[:,0], A_i[:,1]>^2 over (..., 2, 2) blocks A_i."""
+    column_dots = (blocks[..., 0] * blocks[..., 1]).sum(-1)
+    return orth_lambda * column_dots.square().sum()
 
 
 def _like(t: Optional[torch.Tensor], rows: torch.Tensor) -> Optional[torch.Tensor]:
