@@ -115,7 +115,7 @@ def test_forward_matches_reference_and_cpu(d, dtype, quasi, with_scale, transpos
     assert_rows_close(got.cpu(), cpu, 2 * OUT_RTOL[dtype], "cuda vs cpu op")
 
 
-# 20000: past every fused kernel's reach, the fallbacks (strict and general) for every dtype.
+# 20000: past the fused backward kernels' reach: the fallbacks (strict and general), every dtype.
 @pytest.mark.parametrize("d", [1, 3, 12, 768, 1000, 4096, 11008, 20000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
