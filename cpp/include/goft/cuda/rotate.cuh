@@ -422,6 +422,7 @@ cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool
   if (err != cudaSuccess) return err;
   RotateBackwardPlan pl;
   const void* kernel = nullptr;
+  pl.scale_grad = scale_grad;
   err = plan_common<T>(dim, true, strict, transpose, scale_grad, device, info, &pl, &kernel,
                        &pl.strict);
   if (err != cudaSuccess) return err;
@@ -541,6 +542,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
   if (x_is_output && (!plan.angle_partials() || args.scale != nullptr)) {
     return cudaErrorInvalidValue;
   }
+  if (args.scale_grad_partials != nullptr && !plan.scale_grad) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   Acc* blocks = reinterpret_cast<Acc*>(ws + plan.workspace.blocks_offset);
   if (plan.fused) {

@@ -53,6 +53,7 @@ struct RotateBackwardPlan {
   int64_t num_chunks = 0;    // row chunks
   int64_t num_partials = 0;  // partial gradients written: RotateBackwardArgs::num_chunks
   bool strict = false;       // the strict kernels run: fused (layout.strict) or the fallback's
+  bool scale_grad = false;   // planned with scale gradients (their accumulators sized in)
   Workspace workspace;
 
   // The partials hold one angle gradient per pair (the strict kernels, FusedTraits::kStrict and
@@ -80,7 +81,8 @@ cudaError_t launch_rotate(const RotateArgs<T, typename AccOf<T>::type>& args,
 // plan.num_partials). strict: the blocks come from angles, which allows the strict kernels.
 // x_is_output: args.x holds the op's output y = rotate(x) instead of x, which the strict kernels
 // take back through the layers without recomputing it; it needs plan.angle_partials() and no
-// scale (cudaErrorInvalidValue otherwise).
+// scale (cudaErrorInvalidValue otherwise). Scale-gradient partials need a plan made with
+// scale_grad, which sizes their accumulators (cudaErrorInvalidValue otherwise).
 template <typename T>
 cudaError_t plan_rotate_backward(int64_t rows, int64_t dim, bool transpose, bool scale_grad,
                                  bool strict, int device, RotateBackwardPlan* plan);
