@@ -9,9 +9,10 @@ goft.rotated_linear's backward runs for angles without a scale.
 Layer: one frozen bf16 nn.Linear(4096, 4096) on 16384 rows, forward + backward (grad of the input
 and of the adapter), alone, with goft (GivensLinear, strict GOFT: at this shape it applies the
 transform to the weight's rows, goft.layers.WEIGHT_SIDE), the same layer with the transform on x
-(GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, and PEFT LoRA r=8 when peft is
-importable, interleaved over LAYER_ROUNDS rounds (the median ratio to the frozen layer, with the
-rounds' range); the targets are checked on the GivensLinear row.
+(GOFT_WEIGHT_SIDE=0), goft.rotated_linear called directly, GivensLinear with GOFT* and with
+qGOFT, and PEFT LoRA r=8 and OFT when peft is importable, interleaved over LAYER_ROUNDS rounds
+(the median ratio to the frozen layer, with the rounds' range); the targets are checked on the
+strict GivensLinear row.
 Wide rows: the default kernels against the fallback kernels (GOFT_CUDA_FALLBACK=1; for angles in
 backward the strict fallback) and, in backward, the general fallback (GOFT_CUDA_STRICT=0 as well)
 at d in WIDE_DIMS, bfloat16 and float32, where the fused variants spill registers
@@ -157,12 +158,20 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
     grad_y = torch.randn(rows, d, device=dev, dtype=dt)
 
     layers: Dict[str, Optional[nn.Module]] = {"frozen nn.Linear alone": base}
+    variants: Dict[str, Optional[nn.Module]] = {}
     try:
-        g = goft.GivensLinear(nn.Linear(d, d, device=dev, dtype=dt))
-        g.base_layer.load_state_dict(base.state_dict())
-        g.add_adapter("default", goft.GOFTConfig())
-        g.set_adapter("default")
+        def givens(config):
+            layer = goft.GivensLinear(nn.Linear(d, d, device=dev, dtype=dt))
+            layer.base_layer.load_state_dict(base.state_dict())
+            layer.add_adapter("default", config)
+            layer.set_adapter("default")
+            return layer
+
+        g = givens(goft.GOFTConfig())
         layers["with goft (GivensLinear, strict)"] = g
+        # The other variants, after the rows the targets are read from.
+        variants["with goft (GivensLinear, GOFT*: scale)"] = givens(goft.GOFTConfig(scale=True))
+        variants["with goft (GivensLinear, qGOFT)"] = givens(goft.GOFTConfig(variant="qgoft"))
 
         class ActivationSide(nn.Module):
             """The same layer with the transform applied to x (goft.layers.WEIGHT_SIDE = False)."""
@@ -198,8 +207,9 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
                                            angle_parameterisation="tanh")
 
         layers["with goft.rotated_linear (weight rotated, strict)"] = WeightRotated(base)
+    layers.update(variants)
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, OFTConfig, get_peft_model
 
         class Wrap(nn.Module):
             def __init__(self, lin):
@@ -209,14 +219,21 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
             def forward(self, inp):
                 return self.lin(inp)
 
-        lin = nn.Linear(d, d, device=dev, dtype=dt)
-        lin.load_state_dict(base.state_dict())
-        lora = get_peft_model(Wrap(lin), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["lin"]))
-        lora.to(dev)
-        for p in lora.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dt)
-        layers["with PEFT LoRA r=8"] = lora
+        def peft_layer(config):
+            lin = nn.Linear(d, d, device=dev, dtype=dt)
+            lin.load_state_dict(base.state_dict())
+            model = get_peft_model(Wrap(lin), config)
+            model.to(dev)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(dt)
+            return model
+
+        layers["with PEFT LoRA r=8"] = peft_layer(
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["lin"]))
+        # OFT as in bench/layer_bench.py. BOFT is left out here: PEFT compiles its CUDA extension
+        # on first use, minutes of a GPU session's time.
+        layers["with PEFT OFT (block 32)"] = peft_layer(OFTConfig(target_modules=["lin"], oft_block_size=32))
     except ImportError:
         layers["with PEFT LoRA r=8"] = None
 
