@@ -406,7 +406,8 @@ cudaError_t plan_rotate(int64_t rows, int64_t dim, bool transpose, int device, R
     pl.workspace = make_workspace(pl.layout.num_slots, 0, sizeof(Acc));
   } else {
     pl.grid = static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
-    const int64_t scratch = pl.scratch_in_smem ? 0 : pl.grid * dim;
+    const int64_t scratch =
+        pl.scratch_in_smem ? 0 : pl.grid * fallback_scratch_size(dim, FallbackPass::kForward, false);
     pl.workspace = make_workspace(dim - 1, scratch, sizeof(Acc));
   }
   *plan = pl;
