@@ -1765,7 +1765,8 @@ GOFT_DEVICE_FN void fused_rotate_backward(const FusedParams<typename K::T, typen
 // ---------------------------------------------------------------------------------------------
 // The fallback kernels: one thread block per row, the row in a scratch buffer (shared memory when
 // it fits, else global memory), one barrier per layer. Any d; the same steps as the CPU kernels,
-// and for angle parameters in backward the strict kernels' scheme (fallback_rotate_backward_strict).
+// and for angle parameters in backward the strict kernels' scheme
+// (fallback_rotate_backward_strict).
 
 template <typename T, typename Acc>
 struct FallbackParams {
@@ -1803,14 +1804,14 @@ GOFT_HOST_DEVICE int64_t scratch_row_span(int64_t dim) {
   return dim > 0 ? scratch_index(dim - 1) + 1 : 0;
 }
 
-// Elements of scratch a fallback block uses. Forward: the row. Backward: row, gradient, input
-// row (padded), and the 2 (d - 1) pair inputs. Strict backward: row and gradient (padded), the
+// Elements of scratch a fallback block uses. Forward: the row. Backward: row and gradient
+// (padded), and the 2 (d - 1) pair inputs. Strict backward: row and gradient (padded), the
 // pairs' angle sums and, with a scale gradient, the scale sums.
 GOFT_HOST_DEVICE int64_t fallback_scratch_size(int64_t dim, FallbackPass pass, bool scale_grad) {
   const int64_t row = scratch_row_span(dim);
   switch (pass) {
     case FallbackPass::kForward: return row;
-    case FallbackPass::kBackward: return 3 * row + 2 * dim;
+    case FallbackPass::kBackward: return 2 * row + 2 * dim;
     default: return 2 * row + (scale_grad ? 2 : 1) * dim;
   }
 }
@@ -1828,7 +1829,8 @@ GOFT_DEVICE_FN void fallback_layer_forward(const FallbackParams<T, Acc>& p, cons
   const PairSchedule& s = p.schedule;
   const int64_t st = s.stride(r), off = s.offset[r];
   for (int64_t k = th.thread(); k < s.pairs[r]; k += th.num_threads()) {
-    const int64_t a = scratch_index(2 * st * k), b = scratch_index(2 * st * k + st);
+    const int64_t a = scratch_index(2 * st * k);
+    const int64_t b = scratch_index(2 * st * k + st);
     Acc blk[4];
     applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
     if (kSave) {
@@ -1872,6 +1874,76 @@ GOFT_DEVICE_FN void fallback_rotate(const FallbackParams<T, Acc>& p, const Threa
   }
 }
 
+// Steps of the fallback backward kernels, each over one row in scratch (padded, scratch_index)
+// with the row's features or pairs spread over the block's threads.
+
+// Loads a row of x (or of the output, from_output) into w, scaled first where the transposed op
+// scales its input, and its gradient grad_out into g.
+template <typename T, typename Acc, bool kTransposed, class Threads>
+GOFT_DEVICE_FN void fallback_load_row(const FallbackParams<T, Acc>& p, const Threads& th,
+                                      int64_t row, bool from_output, Acc* w, Acc* g) {
+  const T* xr = p.x + row * p.x_stride;
+  const T* gr = p.grad_out + row * p.grad_out_stride;
+  const bool scale_input = kTransposed && p.scale != nullptr && !from_output;
+  for (int64_t i = th.thread(); i < p.dim; i += th.num_threads()) {
+    const Acc v = to_acc(xr[i]);
+    const int64_t j = scratch_index(i);
+    w[j] = scale_input ? v * p.scale[i] : v;
+    g[j] = to_acc(gr[i]);
+  }
+  th.sync();
+}
+
+// The scale's step: adds the row's scale-gradient terms g_i v_i to sums (when given; feature i
+// by thread i % nt), v being what the scale multiplied (the scratch row `scaled`, or x itself
+// when null), then takes g through the scale.
+template <typename T, typename Acc, class Threads>
+GOFT_DEVICE_FN void fallback_scale_backward(const FallbackParams<T, Acc>& p, const Threads& th,
+                                            int64_t row, const Acc* scaled, Acc* g, Acc* sums) {
+  const T* xr = p.x + row * p.x_stride;
+  for (int64_t i = th.thread(); i < p.dim; i += th.num_threads()) {
+    const int64_t j = scratch_index(i);
+    if (sums != nullptr) sums[i] += g[j] * (scaled != nullptr ? scaled[j] : to_acc(xr[i]));
+    g[j] *= p.scale[i];
+  }
+  th.sync();
+}
+
+// Calls body(pair, a, b, block as applied) for each pair of each layer in the backward's order,
+// a and b the pair's scratch positions, with a barrier after each layer. Pair k of a layer goes
+// to thread k % nt, the same for every row.
+template <typename T, typename Acc, bool kTransposed, class Threads, class Body>
+GOFT_DEVICE_FN void fallback_layers_backward(const FallbackParams<T, Acc>& p, const Threads& th,
+                                             Body&& body) {
+  const PairSchedule& s = p.schedule;
+  for (int i = 0; i < s.num_layers; ++i) {
+    const int r = kTransposed ? s.num_layers - 1 - i : i;
+    const int64_t st = s.stride(r), off = s.offset[r];
+    for (int64_t k = th.thread(); k < s.pairs[r]; k += th.num_threads()) {
+      Acc blk[4];
+      applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+      body(off + k, scratch_index(2 * st * k), scratch_index(2 * st * k + st), blk);
+    }
+    th.sync();
+  }
+}
+
+// Writes the row's gradient g to grad_x (when wanted).
+template <typename T, typename Acc, class Threads>
+GOFT_DEVICE_FN void fallback_store_grad(const FallbackParams<T, Acc>& p, const Threads& th,
+                                        int64_t row, const Acc* g) {
+  if (p.out != nullptr) {
+    T* orow = p.out + row * p.out_stride;
+    for (int64_t i = th.thread(); i < p.dim; i += th.num_threads()) {
+      orow[i] = FromAcc<T>::convert(g[scratch_index(i)]);
+    }
+  }
+  th.sync();
+}
+
+// The backward for free blocks (and angles with GOFT_CUDA_STRICT=0): the forward is recomputed
+// saving every pair's inputs, then the walk back adds each pair's four block-gradient terms to
+// the chunk's partials.
 template <typename T, typename Acc, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, const Threads& th,
                                              Acc* smem) {
@@ -1881,12 +1953,11 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
   const int64_t span = scratch_row_span(d);
   Acc* w = scratch;
   Acc* g = scratch + span;
-  Acc* xrow = scratch + 2 * span;
-  Acc* saved = scratch + 3 * span;
+  Acc* saved = scratch + 2 * span;  // the pairs' inputs, (d - 1, 2) in schedule order
   const int tid = th.thread(), nt = th.num_threads();
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     // Each partial entry is only ever touched by one thread (pair k of a layer by thread k % nt,
-    // feature i by thread i % nt), the same thread for every row, so no atomics are needed.
+    // feature i by thread i % nt), the same for every row, so no atomics are needed.
     Acc* bp = p.block_partials + chunk * pairs * 4;
     Acc* sp = p.scale_partials != nullptr ? p.scale_partials + chunk * d : nullptr;
     for (int r = 0; r < s.num_layers; ++r) {
@@ -1901,49 +1972,21 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
     for (int64_t row = begin; row < end; ++row) {
-      const T* xr = p.x + row * p.x_stride;
-      const T* gr = p.grad_out + row * p.grad_out_stride;
-      for (int64_t i = tid; i < d; i += nt) {
-        const Acc v = to_acc(xr[i]);
-        const int64_t j = scratch_index(i);
-        xrow[j] = v;
-        w[j] = kTransposed && p.scale != nullptr ? v * p.scale[i] : v;
-        g[j] = to_acc(gr[i]);
-      }
-      th.sync();
+      fallback_load_row<T, Acc, kTransposed>(p, th, row, false, w, g);
       fallback_layers_forward<Acc, kTransposed, true>(p, th, w, saved);
       if (!kTransposed && p.scale != nullptr) {
-        for (int64_t i = tid; i < d; i += nt) {
-          const int64_t j = scratch_index(i);
-          if (sp != nullptr) sp[i] += g[j] * w[j];
-          g[j] *= p.scale[i];
-        }
-        th.sync();
+        fallback_scale_backward<T, Acc>(p, th, row, w, g, sp);
       }
-      for (int i = 0; i < s.num_layers; ++i) {
-        const int r = kTransposed ? s.num_layers - 1 - i : i;
-        const int64_t st = s.stride(r), off = s.offset[r];
-        for (int64_t k = tid; k < s.pairs[r]; k += nt) {
-          const int64_t a = scratch_index(2 * st * k), b = scratch_index(2 * st * k + st);
-          Acc blk[4];
-          applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
-          add_block_grad(bp + 4 * (off + k), saved[2 * (off + k)], saved[2 * (off + k) + 1], g[a], g[b]);
-          pair_input_grad(blk, g[a], g[b]);
-        }
-        th.sync();
-      }
+      fallback_layers_backward<T, Acc, kTransposed>(
+          p, th, [&](int64_t pair, int64_t a, int64_t b, const Acc* blk) {
+            add_block_grad(bp + 4 * pair, saved[2 * pair], saved[2 * pair + 1], g[a], g[b]);
+            pair_input_grad(blk, g[a], g[b]);
+          });
+      // The transposed op scaled x before its layers: x is read again for the scale's terms.
       if (kTransposed && p.scale != nullptr) {
-        for (int64_t i = tid; i < d; i += nt) {
-          const int64_t j = scratch_index(i);
-          if (sp != nullptr) sp[i] += g[j] * xrow[j];
-          g[j] *= p.scale[i];
-        }
+        fallback_scale_backward<T, Acc>(p, th, row, nullptr, g, sp);
       }
-      if (p.out != nullptr) {
-        T* orow = p.out + row * p.out_stride;
-        for (int64_t i = tid; i < d; i += nt) orow[i] = FromAcc<T>::convert(g[scratch_index(i)]);
-      }
-      th.sync();
+      fallback_store_grad(p, th, row, g);
     }
   }
 }
@@ -1961,14 +2004,13 @@ template <typename T, typename Acc, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fallback_rotate_backward_strict(const FallbackParams<T, Acc>& p,
                                                     const Threads& th, Acc* smem) {
   const int64_t d = p.dim, pairs = d - 1;
-  const PairSchedule& s = p.schedule;
   const bool scale_grad = p.scale_partials != nullptr;
   Acc* scratch = fallback_scratch(p, th, smem, FallbackPass::kStrictBackward);
   const int64_t span = scratch_row_span(d);
-  Acc* w = scratch;                    // the row (padded): the layers' output, walked back
-  Acc* g = scratch + span;             // the gradient at w (padded)
+  Acc* w = scratch;                    // the row: the layers' output, walked back
+  Acc* g = scratch + span;             // the gradient at w
   Acc* sums = scratch + 2 * span;      // the pairs' angle gradients, schedule order
-  Acc* scale_sums = sums + d;
+  Acc* scale_sums = scale_grad ? sums + d : nullptr;
   const int tid = th.thread(), nt = th.num_threads();
   for (int64_t chunk = th.cta(); chunk < p.num_chunks; chunk += th.num_ctas()) {
     for (int64_t k = tid; k < pairs; k += nt) sums[k] = Acc(0);
@@ -1978,50 +2020,22 @@ GOFT_DEVICE_FN void fallback_rotate_backward_strict(const FallbackParams<T, Acc>
     const int64_t begin = chunk_begin(chunk, p.rows, p.num_chunks);
     const int64_t end = chunk_begin(chunk + 1, p.rows, p.num_chunks);
     for (int64_t row = begin; row < end; ++row) {
-      const T* xr = p.x + row * p.x_stride;
-      const T* gr = p.grad_out + row * p.grad_out_stride;
-      for (int64_t i = tid; i < d; i += nt) {
-        const Acc v = to_acc(xr[i]);
-        const int64_t j = scratch_index(i);
-        w[j] = kTransposed && p.scale != nullptr && !p.x_is_output ? v * p.scale[i] : v;
-        g[j] = to_acc(gr[i]);
-      }
-      th.sync();
+      fallback_load_row<T, Acc, kTransposed>(p, th, row, p.x_is_output, w, g);
       if (!p.x_is_output) fallback_layers_forward<Acc, kTransposed, false>(p, th, w, nullptr);
       if (!kTransposed && p.scale != nullptr) {
-        for (int64_t i = tid; i < d; i += nt) {
-          const int64_t j = scratch_index(i);
-          if (scale_grad) scale_sums[i] += g[j] * w[j];
-          g[j] *= p.scale[i];
-        }
-        th.sync();
+        fallback_scale_backward<T, Acc>(p, th, row, w, g, scale_sums);
       }
-      for (int i = 0; i < s.num_layers; ++i) {
-        const int r = kTransposed ? s.num_layers - 1 - i : i;
-        const int64_t st = s.stride(r), off = s.offset[r];
-        for (int64_t k = tid; k < s.pairs[r]; k += nt) {
-          const int64_t a = scratch_index(2 * st * k), b = scratch_index(2 * st * k + st);
-          Acc blk[4];
-          applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
-          sums[off + k] += angle_grad_term(w[a], w[b], g[a], g[b]);
-          pair_input_grad(blk, w[a], w[b]);
-          pair_input_grad(blk, g[a], g[b]);
-        }
-        th.sync();
-      }
+      fallback_layers_backward<T, Acc, kTransposed>(
+          p, th, [&](int64_t pair, int64_t a, int64_t b, const Acc* blk) {
+            sums[pair] += angle_grad_term(w[a], w[b], g[a], g[b]);
+            pair_input_grad(blk, w[a], w[b]);
+            pair_input_grad(blk, g[a], g[b]);
+          });
+      // The transposed op scaled x before its layers: x is read again rather than divided out.
       if (kTransposed && p.scale != nullptr) {
-        for (int64_t i = tid; i < d; i += nt) {
-          // The layers' input is x * scale; x itself is read again rather than divided out.
-          const int64_t j = scratch_index(i);
-          if (scale_grad) scale_sums[i] += g[j] * to_acc(xr[i]);
-          g[j] *= p.scale[i];
-        }
+        fallback_scale_backward<T, Acc>(p, th, row, nullptr, g, scale_sums);
       }
-      if (p.out != nullptr) {
-        T* orow = p.out + row * p.out_stride;
-        for (int64_t i = tid; i < d; i += nt) orow[i] = FromAcc<T>::convert(g[scratch_index(i)]);
-      }
-      th.sync();
+      fallback_store_grad(p, th, row, g);
     }
     // Each thread hands on the sums it owns; the next chunk's zeroing touches the same ones.
     Acc* angle_partials = p.block_partials + chunk * pairs;
