@@ -433,6 +433,12 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   const GuardedCopy<T> x(x_rows.data(), p.x.size());  // the rows, without a result's guard band
   const GuardedCopy<T> grad_out(p.grad_out.data(), p.grad_out.size());
   const GuardedCopy<Acc> blocks(p.blocks.data(), p.blocks.size());
+  // The strict fallback's rotations, as params_to_rotations_kernel builds them.
+  std::vector<Acc> cos_sin(strict ? 2 * p.angles.size() : 0);
+  for (size_t k = 0; k < cos_sin.size() / 2; ++k) {
+    goft::angle_to_rotation(goft::angle_of(p.angles[k], p.angle_map), cos_sin.data() + 2 * k);
+  }
+  const GuardedCopy<Acc> rotations(cos_sin.data(), cos_sin.size());
   const GuardedCopy<Acc> scale(p.scale.data(), p.scale.size());
   fp.x = x.data();
   fp.x_is_output = x_is_output;
@@ -441,7 +447,8 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   fp.out_stride = p.stride;
   fp.grad_out = grad_out.data();
   fp.grad_out_stride = p.stride;
-  fp.blocks = blocks.data();
+  fp.blocks = strict ? nullptr : blocks.data();
+  fp.rotations = strict ? rotations.data() : nullptr;
   fp.scale = p.with_scale ? scale.data() : nullptr;
   fp.scratch_in_smem = scratch_in_smem;
   const FallbackPass pass = !backward ? FallbackPass::kForward

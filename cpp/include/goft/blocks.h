@@ -36,15 +36,23 @@ GOFT_HOST_DEVICE double angle_derivative(Param p, AngleParameterisation map) {
   return kPi * (1.0 - t * t);
 }
 
-// Strict GOFT: A = [[cos t, -sin t], [sin t, cos t]]. The trigonometry runs in double whatever
-// the accumulation type, since it is computed once per call for d-1 values.
+// (cos t, sin t) of a rotation by angle t. The trigonometry runs in double whatever the
+// accumulation type, since it is computed once per call for d-1 values.
+template <typename Acc>
+GOFT_HOST_DEVICE void angle_to_rotation(double angle, Acc* cos_sin) {
+  cos_sin[0] = static_cast<Acc>(cos(angle));
+  cos_sin[1] = static_cast<Acc>(sin(angle));
+}
+
+// Strict GOFT: A = [[cos t, -sin t], [sin t, cos t]].
 template <typename Acc>
 GOFT_HOST_DEVICE void angle_to_block(double angle, Acc* block) {
-  const double c = cos(angle), s = sin(angle);
-  block[0] = static_cast<Acc>(c);
-  block[1] = static_cast<Acc>(-s);
-  block[2] = static_cast<Acc>(s);
-  block[3] = static_cast<Acc>(c);
+  Acc cos_sin[2];
+  angle_to_rotation(angle, cos_sin);
+  block[0] = cos_sin[0];
+  block[1] = -cos_sin[1];
+  block[2] = cos_sin[1];
+  block[3] = cos_sin[0];
 }
 
 // Gradient of parameter p from its block's gradient: dA/dt = [[-sin, -cos], [cos, -sin]], times

@@ -103,6 +103,15 @@ __global__ void params_to_blocks_kernel(const Param* params, bool params_are_blo
   param_block(params, params_are_blocks, map, p, blocks + kBlockSize * p);
 }
 
+// The strict fallback's (d-1, 2) rotations (cos t, sin t) from angle parameters.
+template <typename Param, typename Acc>
+__global__ void params_to_rotations_kernel(const Param* params, AngleParameterisation map,
+                                           int64_t pairs, Acc* rotations) {
+  const int64_t p = global_index();
+  if (p >= pairs) return;
+  angle_to_rotation(angle_of(params[p], map), rotations + 2 * p);
+}
+
 // The fused kernels' block store, every slot written (stage_slot).
 template <typename Param, typename Acc>
 __global__ void stage_store_kernel(const Param* params, bool params_are_blocks,
@@ -473,6 +482,19 @@ cudaError_t stage_store(const ParamSource& params, bool transpose, const PairSch
   });
 }
 
+// The strict fallback's (d-1, 2) rotations from the op's angles.
+template <typename Acc>
+cudaError_t make_rotations(const ParamSource& params, int64_t pairs, Acc* rotations,
+                           cudaStream_t stream) {
+  if (pairs == 0) return cudaSuccess;
+  if (params.are_blocks) return cudaErrorInvalidValue;
+  return with_typed_params(params, [&](auto typed) {
+    using Param = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    params_to_rotations_kernel<Param, Acc><<<elementwise_blocks(pairs), kElementwiseThreads, 0,
+                                             stream>>>(typed, params.angles, pairs, rotations);
+  });
+}
+
 // The fallback kernels' (d-1, 4) blocks from the op's parameters.
 template <typename Acc>
 cudaError_t make_blocks(const ParamSource& params, int64_t pairs, Acc* blocks,
@@ -574,7 +596,9 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
     kernel<<<plan.grid, plan.cta_threads, plan.smem_bytes, stream>>>(p);
     return cudaGetLastError();
   }
-  const cudaError_t err = make_blocks(params, args.dim - 1, blocks, stream);
+  // The strict fallback reads (cos t, sin t) per pair, in the blocks' part of the workspace.
+  const cudaError_t err = plan.strict ? make_rotations(params, args.dim - 1, blocks, stream)
+                                      : make_blocks(params, args.dim - 1, blocks, stream);
   if (err != cudaSuccess) return err;
   FallbackParams<T, Acc> p;
   p.rows = args.rows;
@@ -587,7 +611,7 @@ cudaError_t launch_rotate_backward(const RotateBackwardArgs<T, typename AccOf<T>
   p.grad_out_stride = args.grad_out_row_stride;
   p.out = args.grad_x;
   p.out_stride = args.grad_x_row_stride;
-  p.blocks = blocks;
+  (plan.strict ? p.rotations : p.blocks) = blocks;
   p.scale = args.scale;
   p.scratch_in_smem = plan.scratch_in_smem;
   p.scratch_workspace = reinterpret_cast<Acc*>(ws + plan.workspace.scratch_offset);

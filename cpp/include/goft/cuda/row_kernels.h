@@ -1782,6 +1782,7 @@ struct FallbackParams {
   int64_t grad_out_stride = 0;
   bool x_is_output = false;     // strict backward: x holds the op's output (as FusedParams)
   const Acc* blocks = nullptr;  // (d - 1, 4) A00, A01, A10, A11, schedule order
+  const Acc* rotations = nullptr;  // strict backward, instead: (d - 1, 2) cos t, sin t
   const Acc* scale = nullptr;
   bool scratch_in_smem = true;
   Acc* scratch_workspace = nullptr;  // per block, fallback_scratch_size(d, backward) elements
@@ -1823,6 +1824,25 @@ GOFT_DEVICE_FN Acc* fallback_scratch(const FallbackParams<T, Acc>& p, const Thre
   return p.scratch_in_smem ? smem : p.scratch_workspace + static_cast<int64_t>(th.cta()) * size;
 }
 
+// The block of `pair` as applied: from the (d - 1, 4) blocks, or from the strict fallback's
+// (d - 1, 2) rotations, which read half the bytes (every row reads every pair's block from L2 on
+// its way forward and again on its way back).
+template <typename T, typename Acc>
+GOFT_DEVICE_FN void fallback_applied_block(const FallbackParams<T, Acc>& p, int64_t pair,
+                                           bool transpose, Acc* blk) {
+  if (p.rotations != nullptr) {
+    const Vec<Acc, 2> cos_sin = *reinterpret_cast<const Vec<Acc, 2>*>(p.rotations + 2 * pair);
+    const Acc c = cos_sin.v[0], s = cos_sin.v[1];
+    // [[c, -s], [s, c]], or its transpose (applied_block of angle_to_block's block).
+    blk[0] = c;
+    blk[1] = transpose ? s : -s;
+    blk[2] = transpose ? -s : s;
+    blk[3] = c;
+  } else {
+    applied_block(p.blocks + 4 * pair, transpose, blk);
+  }
+}
+
 template <typename Acc, bool kTransposed, bool kSave, typename T, class Threads>
 GOFT_DEVICE_FN void fallback_layer_forward(const FallbackParams<T, Acc>& p, const Threads& th,
                                            int r, Acc* w, Acc* saved) {
@@ -1832,7 +1852,7 @@ GOFT_DEVICE_FN void fallback_layer_forward(const FallbackParams<T, Acc>& p, cons
     const int64_t a = scratch_index(2 * st * k);
     const int64_t b = scratch_index(2 * st * k + st);
     Acc blk[4];
-    applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+    fallback_applied_block(p, off + k, kTransposed, blk);
     if (kSave) {
       saved[2 * (off + k)] = w[a];
       saved[2 * (off + k) + 1] = w[b];
@@ -1921,7 +1941,7 @@ GOFT_DEVICE_FN void fallback_layers_backward(const FallbackParams<T, Acc>& p, co
     const int64_t st = s.stride(r), off = s.offset[r];
     for (int64_t k = th.thread(); k < s.pairs[r]; k += th.num_threads()) {
       Acc blk[4];
-      applied_block(p.blocks + 4 * (off + k), kTransposed, blk);
+      fallback_applied_block(p, off + k, kTransposed, blk);
       body(off + k, scratch_index(2 * st * k), scratch_index(2 * st * k + st), blk);
     }
     th.sync();
@@ -1998,8 +2018,9 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
 // (angle_grad_term) instead of four block-gradient entries. Each sum (pair k of a layer, feature
 // i of the scale) belongs to thread k % nt (i % nt), the same for every row, so it stays in the
 // block's scratch without atomics until the chunk's end, when it goes to the chunk's partials:
-// (num_chunks, d - 1) angle partials, as the strict fused kernels write them. x_is_output: x
-// holds the op's output, taken back through the layers without a recompute (no scale).
+// (num_chunks, d - 1) angle partials, as the strict fused kernels write them. Its blocks come as
+// rotations (p.rotations, fallback_applied_block). x_is_output: x holds the op's output, taken
+// back through the layers without a recompute (no scale).
 template <typename T, typename Acc, bool kTransposed, class Threads>
 GOFT_DEVICE_FN void fallback_rotate_backward_strict(const FallbackParams<T, Acc>& p,
                                                     const Threads& th, Acc* smem) {
