@@ -573,9 +573,25 @@ const char* type_name() {
   return std::is_same<T, __half>::value ? "float16" : "bfloat16";
 }
 
-// x_is_output (strict backward without a scale): the kernel starts from the forward's output,
-// rounded to T, so its angle gradients match the reference to T's precision only; grad_x does
-// not depend on x and must match exactly.
+// A case's pass, for its name: "forward", "backward", "backward strict" or "backward strict
+// from output".
+std::string pass_name(bool backward, bool strict, bool x_is_output) {
+  if (!backward) return "forward";
+  return x_is_output ? "backward strict from output" : strict ? "backward strict" : "backward";
+}
+
+// The tolerance of the parameter gradients of a strict backward from the output (x_is_output):
+// the kernel starts from the forward's output rounded to T, so its angle gradients match the
+// reference to T's precision only (grad_x does not depend on x and must match exactly); 0
+// otherwise (check's default).
+template <typename T>
+double from_output_tolerance(bool x_is_output) {
+  if (!x_is_output) return 0;
+  return sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
+}
+
+// x_is_output (strict backward without a scale): the kernel starts from the forward's output
+// (from_output_tolerance).
 template <typename T, int kChunks, int kRows, bool kStrict>
 void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int64_t smem_limit,
                        int grid, int64_t num_chunks, const char* label, bool x_is_output = false) {
@@ -596,10 +612,9 @@ void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int6
     l.stage_rows = stage == 1;
     char name[256];
     std::snprintf(name, sizeof(name),
-                  "fused %s%s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
+                  "fused %s %s d=%lld rows=%lld stride=%lld C=%d R=%d G=%d rp=%d store_smem=%d "
                   "grads_smem=%d stage=%d transpose=%d scale=%d grid=%d chunks=%lld %s",
-                  backward ? "backward" : "forward",
-                  x_is_output ? " strict from output" : kStrict ? " strict" : "", type_name<T>(),
+                  pass_name(backward, kStrict, x_is_output).c_str(), type_name<T>(),
                   (long long)p.dim, (long long)p.rows, (long long)p.stride, l.chunks,
                   l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
                   l.grads_in_smem, l.stage_rows, p.transpose, p.with_scale, grid,
@@ -607,9 +622,7 @@ void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int6
     const Results<T> got =
         fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks, x_is_output);
     const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
-    double tol = 0;
-    if (x_is_output) tol = sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
-    check(name, p, got, want, backward, kStrict, tol);
+    check(name, p, got, want, backward, kStrict, from_output_tolerance<T>(x_is_output));
   }
 }
 
@@ -632,8 +645,7 @@ void fused_case(const Problem<T>& p, bool backward, int max_threads, int64_t sme
 }
 
 // A fallback case; in backward with angles also the strict fallback, and without a scale the
-// strict fallback from the output (x_is_output: angle gradients to T's precision, as for the
-// fused kernels).
+// strict fallback from the output (from_output_tolerance, as for the fused kernels).
 template <typename T>
 void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, int64_t chunks,
                    bool smem) {
@@ -643,16 +655,13 @@ void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, in
     const bool strict = kind >= 1, x_is_output = kind == 2;
     char name[256];
     std::snprintf(name, sizeof(name),
-                  "fallback %s%s %s d=%lld rows=%lld threads=%d grid=%d chunks=%lld smem=%d "
+                  "fallback %s %s d=%lld rows=%lld threads=%d grid=%d chunks=%lld smem=%d "
                   "transpose=%d scale=%d",
-                  backward ? "backward" : "forward",
-                  x_is_output ? " strict from output" : strict ? " strict" : "", type_name<T>(),
+                  pass_name(backward, strict, x_is_output).c_str(), type_name<T>(),
                   (long long)p.dim, (long long)p.rows, threads, grid, (long long)chunks, smem,
                   p.transpose, p.with_scale);
     const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem, strict, x_is_output);
-    double tol = 0;
-    if (x_is_output) tol = sizeof(T) == 8 ? 1e-9 : sizeof(T) == 4 ? 2e-4 : 5e-2;
-    check(name, p, got, want, backward, strict, tol);
+    check(name, p, got, want, backward, strict, from_output_tolerance<T>(x_is_output));
   }
 }
 
