@@ -102,8 +102,9 @@ class GivensLinear(nn.Module):
         self.adapter_configs: Dict[str, GOFTConfig] = {}
         self.active_adapter: Optional[str] = None
         self.disabled = False
-        # Adapters merged into base_layer.weight, oldest first, with the exact (params, scale)
-        # used, so unmerge inverts what was applied even if the parameters changed since.
+        # Adapters merged into base_layer.weight, oldest first, with the exact op arguments
+        # (params, scale, angle_parameterisation) used, so unmerge inverts what was applied even
+        # if the parameters changed since.
         self.merged_adapters: List[str] = []
         self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor], str]] = []
         # The module's name in its model, set by goft.inject, so errors can say which layer failed.

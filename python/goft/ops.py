@@ -9,11 +9,9 @@ import torch
 
 from goft import _C  # noqa: F401  (loading the extension registers torch.ops.goft.*)
 
-__all__ = ["rotate", "rotated_linear", "ANGLE_PARAMETERISATIONS"]
+from goft.config import ANGLE_PARAMETERISATIONS  # the ops take the same values as GOFTConfig
 
-# The ops' angle_parameterisation values: "raw" (params are the angles) and "tanh" (the angle is
-# pi * tanh(param), GOFTConfig's default). Mapping inside the op saves two elementwise ops each way.
-ANGLE_PARAMETERISATIONS = ("raw", "tanh")
+__all__ = ["rotate", "rotated_linear"]
 
 
 def rotate(
