@@ -174,7 +174,7 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
     dispatch_param_dtype(grad_scale->scalar_type(), [&](auto tag) {
       using Scale = decltype(tag);
       C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Scale>(
-          scale_partials.const_data_ptr<Acc>(), plan.num_partials, d, false,
+          scale_partials.const_data_ptr<Acc>(), plan.num_partials, d,
           grad_scale->mutable_data_ptr<Scale>(), reduce_workspace.mutable_data_ptr<Acc>(), stream)));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -274,6 +274,33 @@ Results<T> cpu_backward(const Problem<T>& p) {
   return r;
 }
 
+// The launcher's fixed-order sums of a backward's partials, into r: angle gradients (strict
+// kernels: one partial per pair of the blocks as applied, negated for the transposed op, which
+// applies angle -t, then through the parameterisation) or block gradients, and the scale's.
+template <typename T>
+void sum_emulated_partials(const Problem<T>& p, bool strict,
+                           const std::vector<typename AccOf<T>::type>& bp,
+                           const std::vector<typename AccOf<T>::type>& sp, int64_t partials,
+                           Results<T>* r) {
+  const int64_t pairs = p.dim - 1;
+  if (strict) {
+    r->angle_grads.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) {
+      r->angle_grads[i] = angle_param_grad(sum_partials(bp.data(), pairs, 0, partials, i),
+                                           p.transpose, p.angles[i], p.angle_map);
+    }
+  } else {
+    r->block_grads.resize(4 * pairs);
+    for (int64_t i = 0; i < 4 * pairs; ++i) {
+      r->block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
+    }
+  }
+  if (p.with_scale) {
+    r->scale_grads.resize(p.dim);
+    for (int64_t i = 0; i < p.dim; ++i) r->scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
+  }
+}
+
 // A copy of a kernel's input whose end lies at most 15 bytes before a page that may not be read
 // or written, so that an access past the input stops the emulator at once (on a GPU it can fault
 // at the end of an allocation, or read another tensor). The copy starts 16-byte aligned, as the
@@ -393,25 +420,7 @@ Results<T> fused_run(const Problem<T>& p, const FusedLayout& l, bool backward, i
   r.overrun = find_overrun<T, Acc>(p, r.out, {{"partials", &bp}, {"scale partials", &sp},
                                               {"gradient workspace", &ws}},
                                    {bp_used, sp_used, ws_used});
-  if (kStrict) {
-    // Angle partials of the blocks as applied; the transposed op applies angle -t.
-    r.angle_grads.resize(pairs);
-    for (int64_t i = 0; i < pairs; ++i) {
-      r.angle_grads[i] = angle_param_grad(sum_partials(bp.data(), pairs, 0, partials, i),
-                                          p.transpose, p.angles[i], p.angle_map);
-    }
-  } else {
-    r.block_grads.resize(4 * pairs);
-    for (int64_t i = 0; i < 4 * pairs; ++i) {
-      r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, partials, i);
-    }
-  }
-  if (p.with_scale) {
-    r.scale_grads.resize(p.dim);
-    for (int64_t i = 0; i < p.dim; ++i) {
-      r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, partials, i);
-    }
-  }
+  sum_emulated_partials(p, kStrict, bp, sp, partials, &r);
   return r;
 }
 
@@ -488,20 +497,7 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
   r.overrun = find_overrun<T, Acc>(p, r.out, {{"partials", &bp}, {"scale partials", &sp},
                                               {"scratch workspace", &ws}},
                                    {bp_used, sp_used, ws_used});
-  if (strict) {
-    r.angle_grads.resize(pairs);
-    for (int64_t i = 0; i < pairs; ++i) {
-      r.angle_grads[i] = angle_param_grad(sum_partials(bp.data(), pairs, 0, num_chunks, i),
-                                          p.transpose, p.angles[i], p.angle_map);
-    }
-  } else if (backward) {
-    r.block_grads.resize(4 * pairs);
-    for (int64_t i = 0; i < 4 * pairs; ++i) r.block_grads[i] = sum_partials(bp.data(), 4 * pairs, 0, num_chunks, i);
-  }
-  if (backward && p.with_scale) {
-    r.scale_grads.resize(p.dim);
-    for (int64_t i = 0; i < p.dim; ++i) r.scale_grads[i] = sum_partials(sp.data(), p.dim, 0, num_chunks, i);
-  }
+  if (backward) sum_emulated_partials(p, strict, bp, sp, num_chunks, &r);
   return r;
 }
 

@@ -153,14 +153,12 @@ __global__ void finish_block_grads_kernel(const Acc* sums, int64_t count, int64_
   }
 }
 
-// Second level of a plain sum of partials, negated if asked (exact: a sign flip).
+// Second level of a plain sum of partials (the scale gradient).
 template <typename Acc, typename Out>
-__global__ void finish_sums_kernel(const Acc* sums, int64_t count, int64_t length, bool negate,
-                                   Out* out) {
+__global__ void finish_sums_kernel(const Acc* sums, int64_t count, int64_t length, Out* out) {
   const int64_t i = global_index();
   if (i >= length) return;
-  const Acc sum = sum_partials(sums, length, 0, count, i);
-  out[i] = static_cast<Out>(negate ? -sum : sum);
+  out[i] = static_cast<Out>(sum_partials(sums, length, 0, count, i));
 }
 
 // Second level of the angle gradients' sums: the sum (negated if asked) times d angle / d p.
@@ -643,50 +641,57 @@ cudaError_t reduce_first_level(const Acc* partials, int64_t num_partials, int64_
   return cudaGetLastError();
 }
 
+// Both levels of a fixed-order sum of `length`-entry partials: the first level where needed,
+// then finish(sums, count), which launches the second level kernel over `outputs` elements.
+template <typename Acc, class Finish>
+cudaError_t sum_partials_in_two_levels(const Acc* partials, int64_t num_partials, int64_t length,
+                                       int64_t outputs, Acc* workspace, cudaStream_t stream,
+                                       Finish&& finish) {
+  if (outputs == 0) return cudaSuccess;
+  const Acc* sums = nullptr;
+  int64_t count = 0;
+  const cudaError_t err =
+      reduce_first_level(partials, num_partials, length, workspace, stream, &sums, &count);
+  if (err != cudaSuccess) return err;
+  finish(elementwise_blocks(outputs), sums, count);
+  return cudaGetLastError();
+}
+
 template <typename Acc, typename Param>
 cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_partials,
                                               int64_t pairs, bool transpose, const Param* params,
                                               bool params_are_blocks, AngleParameterisation map,
                                               Param* grad_params, Acc* workspace,
                                               cudaStream_t stream) {
-  if (pairs == 0) return cudaSuccess;
-  const Acc* sums = nullptr;
-  int64_t count = 0;
-  const cudaError_t err =
-      reduce_first_level(partials, num_partials, 4 * pairs, workspace, stream, &sums, &count);
-  if (err != cudaSuccess) return err;
-  finish_block_grads_kernel<Acc, Param><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
-      sums, count, pairs, transpose, params, params_are_blocks, map, grad_params);
-  return cudaGetLastError();
+  return sum_partials_in_two_levels(
+      partials, num_partials, 4 * pairs, pairs, workspace, stream,
+      [&](unsigned grid, const Acc* sums, int64_t count) {
+        finish_block_grads_kernel<Acc, Param><<<grid, kElementwiseThreads, 0, stream>>>(
+            sums, count, pairs, transpose, params, params_are_blocks, map, grad_params);
+      });
 }
 
 template <typename Acc, typename Out>
 cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64_t length,
-                                bool negate, Out* out, Acc* workspace, cudaStream_t stream) {
-  if (length == 0) return cudaSuccess;
-  const Acc* sums = nullptr;
-  int64_t count = 0;
-  const cudaError_t err =
-      reduce_first_level(partials, num_partials, length, workspace, stream, &sums, &count);
-  if (err != cudaSuccess) return err;
-  finish_sums_kernel<Acc, Out><<<elementwise_blocks(length), kElementwiseThreads, 0, stream>>>(
-      sums, count, length, negate, out);
-  return cudaGetLastError();
+                                Out* out, Acc* workspace, cudaStream_t stream) {
+  return sum_partials_in_two_levels(
+      partials, num_partials, length, length, workspace, stream,
+      [&](unsigned grid, const Acc* sums, int64_t count) {
+        finish_sums_kernel<Acc, Out><<<grid, kElementwiseThreads, 0, stream>>>(sums, count, length,
+                                                                               out);
+      });
 }
 
 template <typename Acc, typename Param>
 cudaError_t launch_angle_grad_sums(const Acc* partials, int64_t num_partials, int64_t pairs,
                                    bool negate, const Param* params, AngleParameterisation map,
                                    Param* grad_params, Acc* workspace, cudaStream_t stream) {
-  if (pairs == 0) return cudaSuccess;
-  const Acc* sums = nullptr;
-  int64_t count = 0;
-  const cudaError_t err =
-      reduce_first_level(partials, num_partials, pairs, workspace, stream, &sums, &count);
-  if (err != cudaSuccess) return err;
-  finish_angle_grads_kernel<Acc, Param><<<elementwise_blocks(pairs), kElementwiseThreads, 0, stream>>>(
-      sums, count, pairs, negate, params, map, grad_params);
-  return cudaGetLastError();
+  return sum_partials_in_two_levels(
+      partials, num_partials, pairs, pairs, workspace, stream,
+      [&](unsigned grid, const Acc* sums, int64_t count) {
+        finish_angle_grads_kernel<Acc, Param><<<grid, kElementwiseThreads, 0, stream>>>(
+            sums, count, pairs, negate, params, map, grad_params);
+      });
 }
 
 }  // namespace cuda
@@ -721,6 +726,6 @@ cudaError_t launch_angle_grad_sums(const Acc* partials, int64_t num_partials, in
       const Acc*, int64_t, int64_t, bool, const double*, goft::AngleParameterisation, double*,   \
       Acc*, cudaStream_t);                                                                       \
   template cudaError_t goft::cuda::launch_partial_sums<Acc, float>(                              \
-      const Acc*, int64_t, int64_t, bool, float*, Acc*, cudaStream_t);                           \
+      const Acc*, int64_t, int64_t, float*, Acc*, cudaStream_t);                                 \
   template cudaError_t goft::cuda::launch_partial_sums<Acc, double>(                             \
-      const Acc*, int64_t, int64_t, bool, double*, Acc*, cudaStream_t);
+      const Acc*, int64_t, int64_t, double*, Acc*, cudaStream_t);

@@ -108,11 +108,11 @@ cudaError_t launch_block_grads_to_param_grads(const Acc* partials, int64_t num_p
                                               Param* grad_params, Acc* workspace,
                                               cudaStream_t stream);
 
-// Sums partials (num_partials, length) in a fixed order into out, negated if asked: the scale
-// gradient from its partials.
+// Sums partials (num_partials, length) in a fixed order into out: the scale gradient from its
+// partials.
 template <typename Acc, typename Out>
 cudaError_t launch_partial_sums(const Acc* partials, int64_t num_partials, int64_t length,
-                                bool negate, Out* out, Acc* workspace, cudaStream_t stream);
+                                Out* out, Acc* workspace, cudaStream_t stream);
 
 // The angle parameters' gradients from angle partials (num_partials, pairs): their fixed-order
 // sums, negated if asked (the transposed op's applied blocks turn by -t), times d angle / d p.
