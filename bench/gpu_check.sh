@@ -70,77 +70,7 @@ if "$PY" -c "import pytest" 2> /dev/null; then
   tests_rc=$?
 else
   # No pytest in the image: run the same test functions with their parameters, in one process.
-  timeout 300 "$PY" - > "$LOGS/tests.log" 2>&1 <<'EOF'
-import itertools, os, sys, traceback, types
-
-class Skip(Exception):
-    pass
-
-class Marks:
-    def parametrize(self, names, values, ids=None):
-        def deco(fn):
-            fn.__dict__.setdefault("params", []).insert(0, ([n.strip() for n in names.split(",")], list(values)))
-            return fn
-        return deco
-    def skipif(self, condition, reason=""):
-        return ("skipif", condition, reason)
-    def __getattr__(self, name):
-        return ("mark", name)
-
-def skip(reason=""):
-    raise Skip(reason)
-
-pytest = types.ModuleType("pytest")
-pytest.mark, pytest.skip = Marks(), skip
-sys.modules["pytest"] = pytest
-sys.path.insert(0, "tests")
-import test_cuda as m
-
-class MonkeyPatch:
-    def __init__(self):
-        self.saved, self.attrs = {}, []
-    def setenv(self, k, v):
-        self.saved.setdefault(k, os.environ.get(k))
-        os.environ[k] = v
-    def setattr(self, obj, name, value):
-        self.attrs.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-    def undo(self):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for obj, name, value in reversed(self.attrs):
-            setattr(obj, name, value)
-
-for mark in m.pytestmark:
-    if mark[0] == "skipif" and mark[1]:
-        sys.exit(f"all tests skipped: {mark[2]}")
-passed = failed = skipped = 0
-for name in [n for n in dir(m) if n.startswith("test_")]:
-    fn = getattr(m, name)
-    params = fn.__dict__.get("params", [])
-    combos = itertools.product(*[[dict(zip(ns, v if len(ns) > 1 else (v,))) for v in vals] for ns, vals in params])
-    for combo in combos:
-        kwargs = {k: v for part in combo for k, v in part.items()}
-        mp = MonkeyPatch()
-        if "monkeypatch" in fn.__code__.co_varnames[: fn.__code__.co_argcount]:
-            kwargs["monkeypatch"] = mp
-        try:
-            fn(**kwargs)
-            passed += 1
-        except Skip:
-            skipped += 1
-        except Exception:
-            failed += 1
-            print(f"FAILED {name} {kwargs}")
-            traceback.print_exc(limit=3)
-        finally:
-            mp.undo()
-print(f"{passed} passed, {failed} failed, {skipped} skipped")
-sys.exit(1 if failed else 0)
-EOF
+  timeout 300 "$PY" bench/run_cuda_tests.py > "$LOGS/tests.log" 2>&1
   tests_rc=$?
 fi
 tail -n 40 "$LOGS/tests.log"
