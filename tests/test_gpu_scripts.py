@@ -1,10 +1,13 @@
 """The GPU scripts' Python (bench/gpu_bench.py, bench/gpu_profile.py) run on the CPU at small
 sizes, with a wall-clock timer standing in for CUDA events, so that a broken script shows here
 and not in a GPU session's few minutes. The times mean nothing on the CPU; the tables' shape
-and the rows they must have are what is checked."""
+and the rows they must have are what is checked. The same holds for the CUDA tests' own code
+(tests/test_cuda.py on the CPU op), through pytest and through bench/run_cuda_tests.py."""
 
 import os
 import pathlib
+import re
+import subprocess
 import sys
 import time
 
@@ -13,7 +16,8 @@ import torch
 
 import goft
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_bench  # noqa: E402
 import gpu_profile  # noqa: E402
@@ -98,3 +102,26 @@ def test_gpu_profile_layer_breakdown(on_cpu, capsys):
     gpu_profile.layer_breakdown(32, 64)
     text = capsys.readouterr().out
     assert "steps: frozen nn.Linear" in text and "steps: GivensLinear" in text
+
+
+# The tests of tests/test_cuda.py that check behaviour only CUDA has (skip_off_gpu there).
+CUDA_ONLY_TESTS = 5
+
+
+@pytest.mark.parametrize("runner", ["pytest", "run_cuda_tests.py"])
+def test_cuda_tests_run_on_the_cpu(runner):
+    """tests/test_cuda.py with GOFT_CUDA_TESTS_DEVICE=cpu: every test but the CUDA-only ones runs
+    on the CPU op and passes, through pytest and through gpu_check.sh's runner for images without
+    pytest, so that neither meets a broken test for the first time on a GPU."""
+    env = {**os.environ, "GOFT_CUDA_TESTS_DEVICE": "cpu"}
+    if runner == "pytest":
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    else:
+        cmd = [sys.executable, "bench/run_cuda_tests.py"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    summary = done.stdout.strip().splitlines()[-1]  # both end with "N passed, ..."
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped)", summary)}
+    assert counts.get("failed", 0) == 0 and counts.get("skipped", 0) == CUDA_ONLY_TESTS, summary
+    assert counts["passed"] > 600, summary
