@@ -1,0 +1,111 @@
+"""Hugging Face ``Trainer`` callbacks: qGOFT's orthogonality penalty, and adapter files in checkpoints.
+
+    from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
+
+    goft.inject(model, variant="qgoft", orth_lambda=0.01)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   callbacks=[OrthogonalityPenaltyCallback(), SaveAdapterCallback()])
+
+Why the penalty is a callback and not a term of the model's loss: ``Trainer`` rescales the loss the
+model returns in ways that depend on the model and the settings (divided by the gradient
+accumulation steps, or not when the model normalises by the tokens of the whole accumulated batch;
+multiplied by the number of processes when it averages tokens across devices). A penalty added to
+that loss would be weighted by whichever of these applies, e.g. counted once per micro-batch.
+The callback instead adds the penalty's gradient to the adapter's gradients once per optimizer
+step, after the task gradients are accumulated and synchronised, so every optimizer step follows
+``loss + goft.orthogonality_penalty(model)`` whatever the accumulation, batch normalisation or
+number of processes. The one difference from putting the penalty in the loss: ``Trainer`` clips
+the gradient norm (``max_grad_norm``) before the callback runs, so the penalty's gradient is not
+clipped with the rest.
+
+This module imports transformers; ``import goft`` does not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from goft.inject import goft_layers, orthogonality_penalty
+from goft.io import save_adapter
+
+__all__ = ["OrthogonalityPenaltyCallback", "SaveAdapterCallback"]
+
+
+def _require_goft_model(model, who: str) -> None:
+    if model is None or not goft_layers(model):
+        raise ValueError(f"goft.trainer.{who}: the Trainer's model has no goft layers; call goft.inject(model, ...) "
+                         "before creating the Trainer")
+
+
+class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
+    """Adds the gradient of ``goft.orthogonality_penalty(model)`` (qGOFT's ``lambda * sum <A[:,0],
+    A[:,1]>^2``, zero for GOFT adapters) to the adapter's gradients once per optimizer step.
+
+    Refused at the start of training: fp16 mixed precision (its gradients are still multiplied by
+    the loss scale at that point, the penalty's would not be) and DeepSpeed (it owns the gradients);
+    use bf16 or float32, or add the penalty to the loss in a training loop of your own.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _require_goft_model(model, "OrthogonalityPenaltyCallback")
+        if args.fp16:
+            raise ValueError(
+                "goft.trainer.OrthogonalityPenaltyCallback: fp16=True is not supported (the loss scaler "
+                "still multiplies the gradients when the penalty's are added); train with bf16=True or in "
+                "float32, or add goft.orthogonality_penalty(model) to the loss in your own loop")
+        if getattr(args, "deepspeed", None):
+            raise ValueError(
+                "goft.trainer.OrthogonalityPenaltyCallback: DeepSpeed manages the gradients itself; add "
+                "goft.orthogonality_penalty(model) to the loss in a compute_loss of your own instead")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        penalty = orthogonality_penalty(model)
+        if not penalty.requires_grad:  # no active, trainable qGOFT adapter
+            return
+        # autograd.grad, then an add: only the penalty's own graph runs, and none of the hooks that
+        # wrappers (DDP, FSDP) put on gradient accumulation fire outside their own backward.
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                if grad is None:
+                    continue
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
+
+
+class SaveAdapterCallback(transformers.TrainerCallback):
+    """Writes the active adapter (``goft.save_adapter``: ``adapter_model.safetensors`` and
+    ``adapter_config.json``) into ``<checkpoint>/<subfolder>`` whenever ``Trainer`` saves a
+    checkpoint, so that every checkpoint holds an adapter that ``goft.load_adapter`` loads into the
+    base model.
+
+    The checkpoint's own ``model.safetensors`` is the injected model's state dict (base weights
+    under ``base_layer.weight``), which ``Trainer`` resumes from; a plain ``from_pretrained`` does
+    not load it. For a plain model, load the adapter and call ``goft.merge_and_unload``.
+    """
+
+    def __init__(self, subfolder: str = "goft_adapter", adapter_name: Optional[str] = None) -> None:
+        if not subfolder or os.path.isabs(subfolder) or ".." in subfolder.split(os.sep):
+            raise ValueError(f"goft.trainer.SaveAdapterCallback: subfolder must be a relative folder name inside "
+                             f"the checkpoint, got {subfolder!r}")
+        self.subfolder = subfolder
+        self.adapter_name = adapter_name
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _require_goft_model(model, "SaveAdapterCallback")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # A model sharded by FSDP2 is gathered by save_adapter on every rank (rank 0 writes); any
+        # other model is written by the main process alone.
+        sharded = any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
+        if sharded or state.is_world_process_zero:
+            save_adapter(model, os.path.join(checkpoint, self.subfolder), self.adapter_name)

@@ -1,0 +1,119 @@
+"""goft.trainer's callbacks in real transformers.Trainer runs on a tiny LLaMA (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+import warnings
+
+import pytest
+import torch
+
+import goft
+from tiny_models import batch, build, perturb_adapters, transformers
+
+from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback  # noqa: E402
+
+LR = 0.5
+
+
+def qgoft_model():
+    model = build("llama")
+    goft.inject(model, variant="qgoft", orth_lambda=0.05)
+    perturb_adapters(model, 0.2)  # identity blocks have zero penalty and gradient
+    return model
+
+
+def rows(copies=2):
+    ids = batch("llama")["input_ids"]
+    return [{"input_ids": i, "labels": i.clone()} for i in ids] * copies
+
+
+def run_trainer(model, out, callbacks, **overrides):
+    settings = dict(output_dir=out, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    optim="sgd", learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                    report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+    settings.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**settings),
+                                       train_dataset=rows(), callbacks=callbacks)
+        trainer.train()
+    return trainer
+
+
+def test_penalty_gradient_is_added_once_per_optimizer_step(tmp_path):
+    """One SGD step over two accumulated micro-batches, with and without the callback: the
+    adapter's parameters differ by exactly lr * grad(penalty) at the starting point, i.e. the
+    penalty counts once per optimizer step, not once per micro-batch, and nothing else moves."""
+    start = qgoft_model()
+    penalty_grads = {}
+    probe = copy.deepcopy(start)
+    penalty = goft.orthogonality_penalty(probe)
+    assert penalty.item() > 1e-4
+    penalty.backward()
+    for name, param in probe.named_parameters():
+        if param.grad is not None:
+            penalty_grads[name] = param.grad
+    assert penalty_grads and all(".goft_blocks." in n for n in penalty_grads)
+
+    with_penalty, without = copy.deepcopy(start), copy.deepcopy(start)
+    run_trainer(with_penalty, str(tmp_path / "a"), [OrthogonalityPenaltyCallback()])
+    run_trainer(without, str(tmp_path / "b"), [])
+    params_without = dict(without.named_parameters())
+    for name, param in with_penalty.named_parameters():
+        moved = params_without[name].detach() - param.detach()
+        expected = LR * penalty_grads[name] if name in penalty_grads else torch.zeros_like(moved)
+        torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_goft_adapters_have_no_penalty_and_train_as_without(tmp_path):
+    model = build("llama")
+    goft.inject(model)
+    perturb_adapters(model, 0.2)
+    twin = copy.deepcopy(model)
+    run_trainer(model, str(tmp_path / "a"), [OrthogonalityPenaltyCallback()])
+    run_trainer(twin, str(tmp_path / "b"), [])
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_penalty_callback_refusals(tmp_path):
+    callback = OrthogonalityPenaltyCallback()
+    model = qgoft_model()
+    args = types.SimpleNamespace(fp16=True, deepspeed=None)
+    with pytest.raises(ValueError, match="fp16=True is not supported"):
+        callback.on_train_begin(args, None, None, model=model)
+    args = types.SimpleNamespace(fp16=False, deepspeed="ds_config.json")
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        callback.on_train_begin(args, None, None, model=model)
+    with pytest.raises(ValueError, match="no goft layers; call goft.inject"):
+        run_trainer(build("llama"), str(tmp_path), [OrthogonalityPenaltyCallback()])
+
+
+def test_every_checkpoint_holds_a_loadable_adapter(tmp_path):
+    model = qgoft_model()
+    out = str(tmp_path)
+    run_trainer(model, out, [OrthogonalityPenaltyCallback(), SaveAdapterCallback()], max_steps=2,
+                gradient_accumulation_steps=1, save_strategy="steps", save_steps=1, learning_rate=0.05)
+    saved = {}
+    for step in (1, 2):
+        folder = os.path.join(out, f"checkpoint-{step}", "goft_adapter")
+        assert sorted(os.listdir(folder)) == [goft.io.CONFIG_NAME, goft.io.WEIGHTS_NAME]
+        fresh = build("llama")
+        goft.load_adapter(fresh, folder)
+        saved[step] = {n: p.detach().clone() for n, p in fresh.named_parameters() if ".goft_" in n}
+    trained = {n: p.detach() for n, p in model.named_parameters() if ".goft_" in n}
+    assert saved[2].keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(saved[2][name], value), name
+    assert any(not torch.equal(saved[1][n], saved[2][n]) for n in trained), "step 2 changed nothing"
+
+
+def test_save_adapter_callback_refusals(tmp_path):
+    for bad in ("", "/abs/path", os.path.join("..", "outside")):
+        with pytest.raises(ValueError, match="subfolder must be a relative folder name"):
+            SaveAdapterCallback(subfolder=bad)
+    with pytest.raises(ValueError, match="no goft layers"):
+        run_trainer(build("llama"), str(tmp_path), [SaveAdapterCallback()])
