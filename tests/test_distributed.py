@@ -7,8 +7,10 @@ import gc
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -23,12 +25,14 @@ GLOBAL_BATCH, SEQ, STEPS = 8, 8, 3
 # name -> (model, GOFTConfig overrides, optimizer, engine). Between them: strict GOFT with the
 # GOFT* scale and a trainable classification head (SGD with momentum), qGOFT with its penalty
 # (AdamW), each under DistributedDataParallel, qGOFT under FSDP2's fully_shard and under
-# Accelerate (which picks DDP for a multi-process CPU run).
+# Accelerate (which picks DDP for a multi-process CPU run), and qGOFT in transformers.Trainer with
+# goft.trainer's callbacks (the penalty, the adapter in each checkpoint) and gradient accumulation.
 SCENARIOS = {
     "ddp-bert-goft-scale-sgd": ("bert", {"scale": True, "modules_to_save": ["classifier"]}, "sgd", "ddp"),
     "ddp-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "ddp"),
     "fsdp2-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "fsdp2"),
     "accelerate-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "accelerate"),
+    "trainer-llama-qgoft-sgd": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "sgd", "trainer"),
 }
 
 
@@ -95,6 +99,29 @@ def _accelerate(model, make_optimizer):
 ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "accelerate": _accelerate}
 
 
+def _train_with_trainer(model, make_optimizer, world: int, out_dir: str) -> None:
+    """STEPS optimizer steps of transformers.Trainer over the global batch of step 0 (every step
+    sees all GLOBAL_BATCH rows, so the sampler's order cannot matter), two micro-batches per step
+    and rank; the penalty by goft.trainer.OrthogonalityPenaltyCallback, the adapter written into
+    the last checkpoint by SaveAdapterCallback."""
+    import transformers
+
+    from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
+
+    ids, labels = _batch("llama", 0)
+    rows = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world // 2,
+        gradient_accumulation_steps=2, report_to="none", use_cpu=True, save_strategy="steps",
+        save_steps=STEPS, disable_tqdm=True, seed=0, ddp_backend="gloo" if world > 1 else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(make_optimizer(model), None),
+                                       callbacks=[OrthogonalityPenaltyCallback(), SaveAdapterCallback()])
+        assert trainer.args.world_size == world, "Trainer must train on every rank of the process group"
+        trainer.train()
+
+
 def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None) -> dict:
     """STEPS steps on GLOBAL_BATCH rows split evenly over ``world`` ranks; the trained parameters.
 
@@ -107,6 +134,14 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     def make_optimizer(m):
         return _optimizer(optimizer_name, [p for p in m.parameters() if p.requires_grad])
 
+    if SCENARIOS[name][3] == "trainer":
+        with tempfile.TemporaryDirectory() as scratch:
+            checkpoints = save_to or scratch
+            _train_with_trainer(model, make_optimizer, world, checkpoints)
+            if save_to is not None and rank == 0:  # the adapter where the other scenarios save theirs
+                shutil.copytree(os.path.join(checkpoints, f"checkpoint-{STEPS}", "goft_adapter"), save_to,
+                                dirs_exist_ok=True)
+        return {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
     model, optimizer, backward = engine(model, make_optimizer)
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     for step in range(STEPS):
@@ -140,7 +175,7 @@ def _worker(out_dir: str) -> None:
     for name, (_, _, _, engine) in SCENARIOS.items():
         if engine == "accelerate" and importlib.util.find_spec("accelerate") is None:
             continue
-        trained = _train(name, rank, world, ENGINES[engine], save_to=os.path.join(out_dir, name))
+        trained = _train(name, rank, world, ENGINES.get(engine), save_to=os.path.join(out_dir, name))
         torch.save(trained, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         # The DDP, FSDP and Accelerate wrappers sit in reference cycles that hold the process
         # group; free them now, while the group and the interpreter are whole.
