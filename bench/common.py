@@ -30,6 +30,39 @@ MiB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------
+# baselines
+
+
+def peft_adapted(model: torch.nn.Module, config) -> torch.nn.Module:
+    """``model`` with PEFT's adapter of ``config`` added: the adapted model itself, not the
+    PeftModel wrapper (which only forwards to it), with PEFT's warnings silenced.
+
+    CC and CXX are restored afterwards: PEFT's BOFT sets both to gcc while it tries to build its
+    CUDA extension and leaves them set when the build fails (no CUDA), and every process started
+    later would inherit them; torch.compile's C++ kernels, linked by gcc, then fail to load (an
+    undefined libstdc++ symbol).
+    """
+    import warnings
+
+    from peft import get_peft_model
+
+    saved = {key: os.environ.get(key) for key in COMPILER_VARIABLES}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, config).get_base_model()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+COMPILER_VARIABLES = ("CC", "CXX")
+
+
+# ---------------------------------------------------------------------------------------------
 # machine
 
 

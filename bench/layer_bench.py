@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from typing import Dict, List
 
 import torch
@@ -81,7 +80,7 @@ class WeightRotated(nn.Module):
 def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
     """Each variant as a module taking x; all share the base layer's weights (copied)."""
     import goft
-    from peft import BOFTConfig, LoraConfig, OFTConfig, get_peft_model
+    from peft import BOFTConfig, LoraConfig, OFTConfig
 
     peft_configs = {
         "lora r=8": lambda: LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["lin"]),
@@ -103,10 +102,7 @@ def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
         elif name in goft_configs:
             m = goft.inject(m, goft.GOFTConfig(target_modules=["lin"], **goft_configs[name]))
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # The PeftModel wrapper only forwards to the adapted model; time the model itself.
-                m = get_peft_model(m, peft_configs[name]()).get_base_model()
+            m = common.peft_adapted(m, peft_configs[name]())
         out[name] = m
     return out
 

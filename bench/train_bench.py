@@ -19,7 +19,6 @@ import argparse
 import copy
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -107,17 +106,14 @@ def adapt(base: nn.Module, variant: str, targets: List[str]):
         assert adapted == expected, f"goft's preset adapted {len(adapted)} layers, the bench expects {len(expected)}"
         penalty = (lambda: goft.orthogonality_penalty(model)) if variant == "qgoft" else None
         return model, penalty
-    from peft import BOFTConfig, LoraConfig, OFTConfig, get_peft_model
+    from peft import BOFTConfig, LoraConfig, OFTConfig
 
     configs = {
         "lora r=8": lambda: LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets),
         "oft": lambda: OFTConfig(target_modules=targets, oft_block_size=32),
         "boft": lambda: BOFTConfig(target_modules=targets, boft_block_size=4, boft_n_butterfly_factor=1),
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(model, configs[variant]()).get_base_model()
-    return model, None
+    return common.peft_adapted(model, configs[variant]()), None
 
 
 def make_step(model: nn.Module, batch: Dict[str, torch.Tensor], penalty) -> Callable[[], None]:
