@@ -13,7 +13,7 @@ import torch
 import goft
 from tiny_models import batch, build, perturb_adapters, transformers
 
-from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback  # noqa: E402
+from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
 
 LR = 0.5
 
