@@ -32,6 +32,9 @@ MiB = 2**20
 # ---------------------------------------------------------------------------------------------
 # baselines
 
+# What PEFT's BOFT may leave changed in os.environ (peft_adapted).
+COMPILER_VARIABLES = ("CC", "CXX")
+
 
 def peft_adapted(model: torch.nn.Module, config) -> torch.nn.Module:
     """``model`` with PEFT's adapter of ``config`` added: the adapted model itself, not the
@@ -58,8 +61,6 @@ def peft_adapted(model: torch.nn.Module, config) -> torch.nn.Module:
             else:
                 os.environ[key] = value
 
-
-COMPILER_VARIABLES = ("CC", "CXX")
 
 
 # ---------------------------------------------------------------------------------------------
