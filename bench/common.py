@@ -62,7 +62,6 @@ def peft_adapted(model: torch.nn.Module, config) -> torch.nn.Module:
                 os.environ[key] = value
 
 
-
 # ---------------------------------------------------------------------------------------------
 # machine
 
