@@ -1,8 +1,9 @@
-"""Two-process training with torch.distributed (gloo, launched by torchrun): DDP and FSDP2 match one process on the same global batch.
+"""Two-process training with torch.distributed (gloo, launched by torchrun): DDP, FSDP2 and FSDP1 match one process on the same global batch.
 
 Run directly by torchrun as the worker script: ``torchrun --standalone --nproc-per-node 2 tests/test_distributed.py OUT``.
 """
 
+import contextlib
 import gc
 import importlib.util
 import os
@@ -24,13 +25,17 @@ GLOBAL_BATCH, SEQ, STEPS = 8, 8, 3
 
 # name -> (model, GOFTConfig overrides, optimizer, engine). Between them: strict GOFT with the
 # GOFT* scale and a trainable classification head (SGD with momentum), qGOFT with its penalty
-# (AdamW), each under DistributedDataParallel, qGOFT under FSDP2's fully_shard and under
-# Accelerate (which picks DDP for a multi-process CPU run), and qGOFT in transformers.Trainer with
-# goft.trainer's callbacks (the penalty, the adapter in each checkpoint) and gradient accumulation.
+# (AdamW), each under DistributedDataParallel, qGOFT under FSDP2's fully_shard (its penalty in the
+# loss, or added by goft.trainer's callback as Trainer would under FSDP2), strict GOFT with the
+# scale under FSDP1's FullyShardedDataParallel, qGOFT under Accelerate (which picks DDP for a
+# multi-process CPU run), and qGOFT in transformers.Trainer with goft.trainer's callbacks (the
+# penalty, the adapter in each checkpoint) and gradient accumulation.
 SCENARIOS = {
     "ddp-bert-goft-scale-sgd": ("bert", {"scale": True, "modules_to_save": ["classifier"]}, "sgd", "ddp"),
     "ddp-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "ddp"),
     "fsdp2-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "fsdp2"),
+    "fsdp2-llama-qgoft-callback-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "fsdp2+callback"),
+    "fsdp1-llama-goft-scale-adamw": ("llama", {"scale": True, "modules_to_save": ["lm_head"]}, "adamw", "fsdp1"),
     "accelerate-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "accelerate"),
     "trainer-llama-qgoft-sgd": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "sgd", "trainer"),
 }
@@ -88,6 +93,20 @@ def _fsdp2(model, make_optimizer):
     return model, make_optimizer(model), lambda loss: loss.backward()
 
 
+def _fsdp1(model, make_optimizer):
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    # Each decoder layer a unit of its own, the rest in the root; use_orig_params, as the
+    # adapter's parameters train and the base's are frozen.
+    layer_type = type(model.model.layers[0])
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_type})
+    model = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+    return model, make_optimizer(model), lambda loss: loss.backward()
+
+
 def _accelerate(model, make_optimizer):
     from accelerate import Accelerator
 
@@ -96,7 +115,7 @@ def _accelerate(model, make_optimizer):
     return model, optimizer, accelerator.backward
 
 
-ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "accelerate": _accelerate}
+ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "fsdp2+callback": _fsdp2, "fsdp1": _fsdp1, "accelerate": _accelerate}
 
 
 def _train_with_trainer(model, make_optimizer, world: int, out_dir: str) -> None:
@@ -126,9 +145,14 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     """STEPS steps on GLOBAL_BATCH rows split evenly over ``world`` ranks; the trained parameters.
 
     With ``save_to`` the adapter is saved there too: by rank 0 (replicas), or by every rank for
-    FSDP2, whose save gathers the shards.
+    FSDP2 and FSDP1, whose save gathers the shards.
     """
-    kind, overrides, optimizer_name, _ = SCENARIOS[name]
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from goft.inject import plain_module_name
+    from goft.trainer import OrthogonalityPenaltyCallback
+
+    kind, overrides, optimizer_name, engine_name = SCENARIOS[name]
     model = inner = _model(kind, overrides)
 
     def make_optimizer(m):
@@ -143,23 +167,75 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
                                 dirs_exist_ok=True)
         return {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
     model, optimizer, backward = engine(model, make_optimizer)
+    # The penalty through the callback where the scenario says so (only with several ranks: the
+    # single process it is compared with puts it in the loss).
+    callback = OrthogonalityPenaltyCallback() if engine_name.endswith("+callback") and engine is not _plain else None
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     for step in range(STEPS):
         ids, labels = _batch(kind, step)
         # Every rank has as many rows (and tokens) as the others, so the mean of the ranks' mean
         # losses (what DDP and FSDP average the gradients to) is the loss of the global batch.
-        loss = model(input_ids=ids[rows], labels=labels[rows]).loss + goft.orthogonality_penalty(inner)
-        backward(loss)
+        loss = model(input_ids=ids[rows], labels=labels[rows]).loss
+        backward(loss if callback else loss + goft.orthogonality_penalty(inner))
+        if callback:
+            callback.on_pre_optimizer_step(None, None, None, model=inner)
         optimizer.step()
         optimizer.zero_grad()
     full = {}
-    for param_name, param in inner.named_parameters():
-        if param.requires_grad:
-            value = param.full_tensor() if hasattr(param, "full_tensor") else param
-            full[param_name] = value.detach().clone()
-    if save_to is not None and (rank == 0 or engine is _fsdp2):
-        goft.save_adapter(inner, save_to)
+    # FSDP1 keeps flat shards outside forward; its context gathers them (no-op otherwise).
+    fsdp1 = isinstance(model, FullyShardedDataParallel)
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext():
+        for param_name, param in inner.named_parameters():
+            if param.requires_grad:
+                value = param.full_tensor() if hasattr(param, "full_tensor") else param
+                full[plain_module_name(param_name)] = value.detach().clone()
+    if save_to is not None and (rank == 0 or engine in (_fsdp2, _fsdp1)):
+        goft.save_adapter(model if fsdp1 else inner, save_to)
     return full
+
+
+def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
+    """What each goft call that needs whole parameters says about a qGOFT model under FSDP1,
+    outside forward (where its parameters are flat shards): {call: error message, or "no error"}.
+    Wrapped with a unit per decoder layer, and as one unit (named_modules then shows no wrapper)."""
+    import types
+
+    from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
+
+    results = {}
+
+    def record(call, run):
+        try:
+            run()
+            results[call] = "no error"
+        except ValueError as e:
+            results[call] = str(e)
+
+    model = _model("llama", {"variant": "qgoft", "orth_lambda": 0.5})
+    goft.save_adapter(model, os.path.join(out_dir, "fsdp1-refusals-adapter"))
+    wrapped, _, _ = _fsdp1(model, lambda m: None)
+    args = types.SimpleNamespace(fp16=False, deepspeed=None)
+    record("orthogonality_penalty", lambda: goft.orthogonality_penalty(model))
+    record("merge", lambda: goft.merge(model))
+    record("save_adapter of the inner model", lambda: goft.save_adapter(model, os.path.join(out_dir, "unused")))
+    record("inject", lambda: goft.inject(model, adapter_name="second"))
+    record("OrthogonalityPenaltyCallback", lambda: OrthogonalityPenaltyCallback().on_train_begin(args, None, None, model=model))
+    record("SaveAdapterCallback", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=model))
+    # The wrapped model still trains and saves (every rank gathers, rank 0 writes).
+    goft.save_adapter(wrapped, os.path.join(out_dir, f"fsdp1-refusals-resaved"))
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    plain = _model("llama", {})
+    goft.unload(plain)
+    FullyShardedDataParallel(plain, use_orig_params=True, device_id=torch.device("cpu"))  # one unit
+    record("inject into a model wrapped as one unit", lambda: goft.inject(plain, target_modules=["q_proj"]))
+    record("load_adapter into a model wrapped as one unit",
+           lambda: goft.load_adapter(plain, os.path.join(out_dir, "fsdp1-refusals-adapter")))
+    one_unit = _model("llama", {})
+    FullyShardedDataParallel(one_unit, use_orig_params=True, device_id=torch.device("cpu"))
+    record("SaveAdapterCallback, one unit", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=one_unit))
+    return results
 
 
 def _worker(out_dir: str) -> None:
@@ -180,6 +256,8 @@ def _worker(out_dir: str) -> None:
         # The DDP, FSDP and Accelerate wrappers sit in reference cycles that hold the process
         # group; free them now, while the group and the interpreter are whole.
         gc.collect()
+    torch.save(_fsdp1_refusals(rank, out_dir), os.path.join(out_dir, f"fsdp1-refusals.rank{rank}.pt"))
+    gc.collect()
     dist.barrier()
     # Every rank leaves gloo's barrier once its peers' messages reached it, not its own: a rank
     # that closed its connections right away could fail a peer still finishing the barrier
@@ -259,6 +337,39 @@ def test_the_adapter_saved_by_the_distributed_run_loads_exactly(two_process_resu
     loaded = {k: v for k, v in fresh.named_parameters() if v.requires_grad}
     assert set(loaded) == set(trained)
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+
+FSDP1_FLAT = r"has shape \(\d+,\), expected \(31, 2, 2\): FullyShardedDataParallel \(FSDP1\) keeps parameters flattened"
+FSDP1_REFUSALS = {
+    "orthogonality_penalty": rf"goft.orthogonality_penalty: .*{FSDP1_FLAT}.*fsdp_version': 2",
+    "merge": rf"goft.merge: .*{FSDP1_FLAT}.*merge a plain model",
+    "save_adapter of the inner model": r"goft.save_adapter: model.layers.0 is a FullyShardedDataParallel unit inside the model passed; "
+                                       r"call goft.save_adapter on every rank with the FullyShardedDataParallel-wrapped model itself",
+    "inject": r"goft.inject: model.layers.0 is wrapped by FullyShardedDataParallel; add goft adapters to the plain model first",
+    "OrthogonalityPenaltyCallback": rf"goft.trainer.OrthogonalityPenaltyCallback: goft.orthogonality_penalty: .*{FSDP1_FLAT}",
+    "SaveAdapterCallback": r"goft.trainer.SaveAdapterCallback: the model is sharded by FSDP1 .*fsdp_version': 2.*"
+                           r"goft.save_adapter\(trainer.model, dir\) on every rank",
+    "inject into a model wrapped as one unit": r"goft.inject: parameter model.embed_tokens.weight is flattened and sharded by "
+                                               r"FullyShardedDataParallel \(FSDP1\); add goft adapters to the plain model first",
+    "load_adapter into a model wrapped as one unit": r"goft.load_adapter\(.*\): parameter model.embed_tokens.weight is flattened and "
+                                                     r"sharded by FullyShardedDataParallel",
+    "SaveAdapterCallback, one unit": r"goft.trainer.SaveAdapterCallback: the model is sharded by FSDP1",
+}
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_calls_that_need_whole_parameters_refuse_fsdp1_shards_by_name(two_process_results, rank):
+    # Outside forward, FSDP1 leaves each rank a flat shard of every parameter (empty on some):
+    # a penalty, merge or file computed from it would be wrong without an error.
+    found = torch.load(two_process_results / f"fsdp1-refusals.rank{rank}.pt")
+    assert set(found) == set(FSDP1_REFUSALS)
+    for call, pattern in FSDP1_REFUSALS.items():
+        assert re.search(pattern, found[call]), f"{call}: {found[call]}"
+    # What the wrapped model saved (all ranks gathering) is the adapter it was given.
+    before = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "fsdp1-refusals-adapter"))
+    after = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "fsdp1-refusals-resaved"))
+    expected = {k: v for k, v in before.named_parameters() if v.requires_grad}
+    assert all(torch.equal(p, expected[k]) for k, p in after.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("ending, by_a_signal", [("os.abort()", True), ("raise RuntimeError('a failing check')", False)])

@@ -9,6 +9,7 @@ import torch
 
 import goft
 from goft import GivensLinear
+from goft.inject import named_goft_layers
 from goft.io import CONFIG_NAME, WEIGHTS_NAME
 
 from tiny_models import batch, build, perturb_adapters, tiny_llama, transformers
@@ -59,6 +60,44 @@ def test_round_trip_is_bitwise(saved):
     goft.load_adapter(model, str(path))
     assert goft.active_adapter(model) == "default"
     assert torch.equal(_logits(model, batch("deberta-v2")), expected)
+
+
+def _compile_encoder(model):
+    model.deberta.encoder = torch.compile(model.deberta.encoder, backend="eager")
+    return model
+
+
+@pytest.mark.parametrize("compiled", ["the model", "a submodule"])
+def test_files_name_layers_as_the_plain_model_whatever_is_compiled(saved, tmp_path, compiled):
+    # torch.compile puts "_orig_mod" into the names of what it wraps; an adapter file keyed by
+    # those names would load into neither the plain model nor one compiled otherwise.
+    path, expected = saved
+    model = build("deberta-v2")
+    model.classifier.reset_parameters()
+    model = torch.compile(model, backend="eager") if compiled == "the model" else _compile_encoder(model)
+    assert goft.load_adapter(model, str(path)) is model  # the compiled module, as passed
+    assert any("_orig_mod." in name for name, _ in model.named_modules())
+    assert torch.equal(_logits(model, batch("deberta-v2")), expected)
+    goft.save_adapter(model, str(tmp_path / "resaved"))
+    original = json.loads((path / CONFIG_NAME).read_text())
+    resaved = json.loads((tmp_path / "resaved" / CONFIG_NAME).read_text())
+    assert resaved["tensors"] == original["tensors"] and resaved["modules_to_save"] == original["modules_to_save"]
+    assert resaved["model_class"] == original["model_class"] == "DebertaV2ForSequenceClassification"
+    plain = build("deberta-v2")
+    plain.classifier.reset_parameters()
+    goft.load_adapter(plain, str(tmp_path / "resaved"))
+    assert torch.equal(_logits(plain, batch("deberta-v2")), expected)
+
+
+def test_model_level_calls_take_a_compiled_model():
+    model = build("llama")
+    compiled = torch.compile(model, backend="eager")
+    assert goft.inject(compiled, target_modules=["q_proj"]) is compiled
+    assert goft.adapter_configs(model) == goft.adapter_configs(compiled) and goft.active_adapter(compiled) == "default"
+    names = [name for name, _ in named_goft_layers(compiled)]
+    assert names and all(not name.startswith("_orig_mod") for name in names)
+    assert goft.merge_and_unload(compiled) is compiled
+    assert not any(isinstance(m, GivensLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("variant", [{}, {"scale": True, "angle_parameterisation": "raw"}])

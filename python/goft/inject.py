@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import sys
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -38,8 +40,47 @@ CONFIGS_ATTR = "goft_configs"
 ACTIVE_ATTR = "goft_active_adapter"
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# The name components that wrapper modules add in front of the module they wrap: torch.compile's
+# OptimizedModule, FSDP1's FullyShardedDataParallel, torch's activation-checkpoint wrapper.
+# Adapter files name layers as in the plain model, without them.
+_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+_Function = TypeVar("_Function", bound=Callable)
 
 
+def plain_module_name(name: str) -> str:
+    """A module's name as in the plain model: ``_orig_mod.model.layers.0`` -> ``model.layers.0``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+
+
+def _compiled_original(model):
+    """The model that ``torch.compile(model)`` wrapped (itself when not compiled)."""
+    # torch._dynamo is imported by then if the model was compiled; importing it here would cost
+    # every call on a plain model about a second.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def accepts_compiled(function: _Function) -> _Function:
+    """Lets a model-level function take a ``torch.compile``'d model.
+
+    It works on the compiled model's original module (whose adapters the compiled one runs), so
+    module names, and with them adapter files and target patterns, are the plain model's; where it
+    returns that module, the caller gets back what it passed.
+    """
+
+    @functools.wraps(function)
+    def on_the_original(model, *args, **kwargs):
+        original = _compiled_original(model)
+        result = function(original, *args, **kwargs)
+        return model if result is original else result
+
+    return on_the_original  # type: ignore[return-value]
+
+
+@accepts_compiled
 def inject(
     model: nn.Module, config: Optional[GOFTConfig] = None, adapter_name: str = "default", **overrides
 ) -> nn.Module:
@@ -64,6 +105,7 @@ def inject(
     return model
 
 
+@accepts_compiled
 def add_adapter(
     model: nn.Module, adapter_name: str, config: Optional[GOFTConfig] = None, **overrides
 ) -> nn.Module:
@@ -74,6 +116,7 @@ def add_adapter(
     return model
 
 
+@accepts_compiled
 def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default") -> List[str]:
     """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the reason."""
     _check_adapter_name(adapter_name)
@@ -161,6 +204,7 @@ def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTC
     _set_trainable(model)
 
 
+@accepts_compiled
 def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
     """Applies only ``adapter_name`` (None: no adapter) from now on; only its parameters train."""
     configs = _require_injected(model, "goft.set_adapter")
@@ -178,16 +222,19 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
     setattr(model, ACTIVE_ATTR, adapter_name)
 
 
+@accepts_compiled
 def active_adapter(model: nn.Module) -> Optional[str]:
     """Name of the adapter applied by ``model`` (None when none is)."""
     return getattr(model, ACTIVE_ATTR, None)
 
 
+@accepts_compiled
 def adapter_configs(model: nn.Module) -> Dict[str, GOFTConfig]:
     """{adapter name: GOFTConfig} of an injected model ({} for a plain one)."""
     return dict(getattr(model, CONFIGS_ATTR, {}))
 
 
+@accepts_compiled
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes an adapter's parameters from every layer; deleting the active one leaves none active."""
     configs = _require_injected(model, "goft.delete_adapter")
@@ -205,16 +252,19 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _set_trainable(model)
 
 
+@accepts_compiled
 def goft_layers(model: nn.Module) -> List[GivensLinear]:
     return [m for m in model.modules() if isinstance(m, GivensLinear)]
 
 
+@accepts_compiled
 def named_goft_layers(model: nn.Module) -> Iterator[Tuple[str, GivensLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, GivensLinear):
             yield name, module
 
 
+@accepts_compiled
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block the model computes as its base model (adapters skipped, not removed)."""
@@ -231,6 +281,7 @@ def disable_adapters(model: nn.Module):
             layer.disabled = was_disabled
 
 
+@accepts_compiled
 def merge(model: nn.Module) -> nn.Module:
     """Folds the active adapter into the base weights (GOFT_SPEC.md section 5); forward then skips it.
 
@@ -251,6 +302,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_compiled
 def unmerge(model: nn.Module) -> nn.Module:
     """Restores the base weights exactly (up to rounding) by inverting every merged adapter.
 
@@ -266,6 +318,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_compiled
 def unload(model: nn.Module) -> nn.Module:
     """Removes every goft module (unmerging first), giving back the base model; adapters are discarded."""
     _require_injected(model, "goft.unload")
@@ -274,6 +327,7 @@ def unload(model: nn.Module) -> nn.Module:
     return _strip(model)
 
 
+@accepts_compiled
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges the active adapter and returns the plain model with no goft modules (zero inference cost)."""
     _require_injected(model, "goft.merge_and_unload")
@@ -318,6 +372,7 @@ def _strip(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_compiled
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     """The qGOFT penalty lambda * sum <A[:,0], A[:,1]>^2 over the active quasi layers (differentiable).
 
@@ -351,6 +406,7 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     return torch.zeros((), device=device)
 
 
+@accepts_compiled
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once."""
     trainable = total = 0
@@ -361,6 +417,7 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
     return trainable, total
 
 
+@accepts_compiled
 def print_trainable_parameters(model: nn.Module) -> None:
     """Prints "trainable params: ... || all params: ... || trainable%: ..." (count_parameters)."""
     trainable, total = count_parameters(model)
@@ -458,13 +515,19 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
                 f"{where}: {name or 'the model'} is wrapped by {kind}; add goft adapters to the plain model first "
                 "and wrap it afterwards (the wrapper only synchronises the parameters it saw when it wrapped)"
             )
-    # FSDP2 (fully_shard) turns parameters into DTensors in place.
-    sharded = next((n for n, p in model.named_parameters() if hasattr(p, "device_mesh")), None)
-    if sharded is not None:
-        raise ValueError(
-            f"{where}: parameter {sharded} is sharded (FSDP2 fully_shard or another DTensor plan); add goft adapters "
-            "to the plain model first and shard it afterwards"
-        )
+    # FSDP2 (fully_shard) turns parameters into DTensors in place; FSDP1 marks the parameters it
+    # flattens, which are all a model wrapped as one unit shows (named_modules finds no wrapper).
+    for name, param in model.named_parameters():
+        if hasattr(param, "device_mesh"):
+            raise ValueError(
+                f"{where}: parameter {name} is sharded (FSDP2 fully_shard or another DTensor plan); add goft adapters "
+                "to the plain model first and shard it afterwards"
+            )
+        if getattr(param, "_fsdp_flattened", False):
+            raise ValueError(
+                f"{where}: parameter {name} is flattened and sharded by FullyShardedDataParallel (FSDP1); add goft "
+                "adapters to the plain model first and wrap it afterwards"
+            )
 
 
 def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:

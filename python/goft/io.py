@@ -11,6 +11,7 @@ the checksum catches a tensors file that does not belong to its JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,12 +29,14 @@ from goft.inject import (
     _match_all,
     _model_type,
     _require_injected,
+    accepts_compiled,
     active_adapter,
     adapter_configs,
     named_goft_layers,
+    plain_module_name,
     set_adapter,
 )
-from goft.layers import input_width, is_adaptable
+from goft.layers import adapter_shapes, input_width, is_adaptable
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -43,15 +46,18 @@ FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
 
 
+@accepts_compiled
 def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> None:
     """Writes one adapter (default: the active one) and its modules_to_save into directory ``path``.
 
     Tensor keys are module names plus the store name, e.g.
     ``model.layers.0.self_attn.q_proj.goft_angles``, independent of the adapter's name, so it can
-    be loaded under any name.
+    be loaded under any name. Names are the plain model's: what wrappers add in front of a module
+    (torch.compile's ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``) is left out.
 
-    A model sharded by FSDP2 (``fully_shard``): call this on every rank. The shards are gathered
-    (a collective, hence every rank) and only rank 0 writes the files.
+    A sharded model, by FSDP2 (``fully_shard``) or FSDP1 (pass the ``FullyShardedDataParallel``
+    it returned): call this on every rank. The shards are gathered (a collective, hence every
+    rank) and only rank 0 writes the files.
     """
     import safetensors.torch
     import goft
@@ -65,29 +71,49 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"goft.save_adapter: {path!r} exists and is not a directory")
 
+    # What to read, by the FSDP1 unit that holds it ("" for the root, or for a model without FSDP1).
+    units = _fsdp1_units(model)
+    layers_by_unit: Dict[str, List[Tuple[str, Any]]] = {}
+    for module_name, layer in named_goft_layers(model):
+        if name in layer.adapter_configs:
+            layers_by_unit.setdefault(_owner(module_name, units), []).append((module_name, layer))
+    saved_modules = _modules_to_save(model, config)
+    saved_by_unit: Dict[str, List[str]] = {}
+    for module_name in saved_modules:
+        inner_unit = next((u for u in units if u.startswith(module_name + ".")), None)
+        if inner_unit is not None:
+            raise ValueError(f"goft.save_adapter: modules_to_save entry {module_name} contains the FullyShardedDataParallel "
+                             f"unit {inner_unit}; wrap it as one unit, or inside one")
+        saved_by_unit.setdefault(_owner(module_name, units), []).append(module_name)
+
     tensors: Dict[str, torch.Tensor] = {}
     layers: Dict[str, Dict[str, Any]] = {}
-    sharded = False
+    sharded = bool(units)
 
     def gathered(value: torch.Tensor) -> torch.Tensor:
         nonlocal sharded
         if callable(getattr(value, "full_tensor", None)):  # a DTensor shard (FSDP2)
             sharded = True
             value = value.full_tensor()
-        return value.detach().to("cpu").contiguous()
+        # A copy even on the CPU: FSDP1 frees a gathered parameter's memory when its context ends.
+        return value.detach().cpu().clone(memory_format=torch.contiguous_format)
 
-    for module_name, layer in named_goft_layers(model):
-        if name not in layer.adapter_configs:
-            continue
-        layers[module_name] = {"in_features": layer.in_features}
-        for store_name, param in layer.adapter_parameters(name).items():
-            if param.is_meta:
-                raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
-            tensors[f"{module_name}.{store_name}"] = gathered(param)
-    saved_modules = _modules_to_save(model, config)
-    for module_name in saved_modules:
-        for key, value in model.get_submodule(module_name).state_dict().items():
-            tensors[f"{module_name}.{key}"] = gathered(value)
+    # FSDP1 gathers one unit at a time, the root first (its first gather sets up the whole tree),
+    # so no device holds more than one unit's whole parameters.
+    for unit_name in units or [""]:
+        with _whole_parameters_of(model.get_submodule(unit_name) if units else None):
+            for module_name, layer in layers_by_unit.get(unit_name, []):
+                layer.check_whole(name, "goft.save_adapter", "call goft.save_adapter on every rank with the "
+                                  "FullyShardedDataParallel-wrapped model itself, which gathers the shards")
+                module_name = plain_module_name(module_name)
+                layers[module_name] = {"in_features": layer.in_features}
+                for store_name, param in layer.adapter_parameters(name).items():
+                    if param.is_meta:
+                        raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
+                    tensors[f"{module_name}.{store_name}"] = gathered(param)
+            for module_name in saved_by_unit.get(unit_name, []):
+                for key, value in model.get_submodule(module_name).state_dict().items():
+                    tensors[plain_module_name(f"{module_name}.{key}")] = gathered(value)
     if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
 
@@ -97,11 +123,12 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         "format_version": FORMAT_VERSION,
         "goft_version": goft.__version__,
         "model_type": _model_type(model),
-        "model_class": type(model).__name__,
+        # The class of the model the adapter was trained on, not of an FSDP1 wrapper around it.
+        "model_class": type(model.module if units else model).__name__,
         "adapter_name": name,
         "config": config.to_dict(),
         "layers": layers,
-        "modules_to_save": saved_modules,
+        "modules_to_save": [plain_module_name(n) for n in saved_modules],
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
@@ -112,6 +139,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     _write_atomically(os.path.join(path, CONFIG_NAME), (json.dumps(description, indent=2) + "\n").encode())
 
 
+@accepts_compiled
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
     """Adds the adapter saved in ``path`` to ``model`` as ``adapter_name`` and makes it active.
 
@@ -121,12 +149,12 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     """
     description, tensors = _read(path)
     config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
-    _attach(model, names, adapter_name, config)
+    _attach(model, list(names.values()), adapter_name, config)
     with torch.no_grad():
-        for module_name in names:
+        for saved_name, module_name in names.items():
             layer = model.get_submodule(module_name)
             for store_name, param in layer.adapter_parameters(adapter_name).items():
-                param.copy_(tensors[f"{module_name}.{store_name}"])
+                param.copy_(tensors[f"{saved_name}.{store_name}"])
         for key, target in saved_entries:
             target.copy_(tensors[key])
     set_adapter(model, adapter_name)
@@ -200,7 +228,9 @@ def _is_int(value: Any) -> bool:
 
 def _validate(
     model: nn.Module, description: Dict[str, Any], tensors: Dict[str, torch.Tensor], adapter_name: str, path: str
-) -> Tuple[GOFTConfig, List[str], List[Tuple[str, torch.Tensor]]]:
+) -> Tuple[GOFTConfig, Dict[str, str], List[Tuple[str, torch.Tensor]]]:
+    """The adapter's config, {saved layer name: the layer's name in ``model``} and the
+    modules_to_save entries to copy, after checking everything; raises ValueError otherwise."""
     where = f"goft.load_adapter({path!r})"
     try:
         config = GOFTConfig.from_dict(description.get("config"))
@@ -227,13 +257,15 @@ def _validate(
                 f"{CONFIG_NAME} says {spec.get('dtype')} {spec.get('shape')}"
             )
 
-    modules = dict(_candidate_modules(model))
+    # Saved names are the plain model's; the model's own may have wrappers' components in them.
+    modules = {plain_module_name(n): (n, m) for n, m in _candidate_modules(model)}
     layers = description.get("layers", {})
     if not layers:
         raise ValueError(f"{where}: the adapter has no layers")
     adapter_keys = set()
+    names = {}
     for module_name, info in layers.items():
-        module = modules.get(module_name)
+        names[module_name], module = modules.get(module_name, (None, None))
         if module is None or not is_adaptable(module):
             found = "missing" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise ValueError(f"{where}: target layer {module_name} is {found} in {type(model).__name__}")
@@ -242,7 +274,7 @@ def _validate(
             raise ValueError(f"{where}: layer {module_name} has input width {d}, the adapter expects {info.get('in_features')}")
         if adapter_name in getattr(module, "adapter_configs", {}):
             raise ValueError(f"{where}: layer {module_name} already has an adapter {adapter_name!r}")
-        for key, shape in _expected_shapes(config, d).items():
+        for key, shape in adapter_shapes(config, d).items():
             full = f"{module_name}.{key}"
             if full not in tensors:
                 raise ValueError(f"{where}: tensor {full} is missing")
@@ -258,7 +290,7 @@ def _validate(
         owner = next((m for m in description.get("modules_to_save", []) if key.startswith(m + ".")), None)
         if owner is None:
             raise ValueError(f"{where}: tensor {key} belongs to no adapter layer and no modules_to_save")
-        target = _state_entry(model, key)
+        target = _state_entry(model, key, {plain: name for plain, (name, _) in modules.items()})
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
         if target.shape != tensors[key].shape or target.dtype != tensors[key].dtype:
@@ -267,16 +299,39 @@ def _validate(
                 f"{tensors[key].dtype} {tuple(tensors[key].shape)} in the adapter"
             )
         saved_entries.append((key, target))
-    return config, list(layers), saved_entries
+    return config, names, saved_entries
 
 
-def _expected_shapes(config: GOFTConfig, d: int) -> Dict[str, Tuple[int, ...]]:
-    if config.is_quasi:
-        return {"goft_blocks": (d - 1, 2, 2)}
-    shapes = {"goft_angles": (d - 1,)}
-    if config.scale:
-        shapes["goft_scale"] = (d,)
-    return shapes
+def _fsdp1_units(model: nn.Module) -> List[str]:
+    """Names of the FSDP1 ``FullyShardedDataParallel`` units in ``model``, the root ("") first.
+
+    Raises ValueError for units inside a model that is not one itself: gathering from a unit that
+    is not the root would make it the root of its own tree and break the training that follows.
+    """
+    units = [name for name, module in model.named_modules() if type(module).__name__ == "FullyShardedDataParallel"]
+    if units and units[0] != "":
+        raise ValueError(
+            f"goft.save_adapter: {units[0]} is a FullyShardedDataParallel unit inside the model passed; call "
+            "goft.save_adapter on every rank with the FullyShardedDataParallel-wrapped model itself (the root, e.g. "
+            "transformers.Trainer's trainer.model after training), which gathers the shards"
+        )
+    return units
+
+
+def _owner(module_name: str, units: List[str]) -> str:
+    """The FSDP1 unit whose flat parameter holds the parameters of module ``module_name``: the
+    innermost unit around it ("" for the root, or when there are no units)."""
+    around = [u for u in units if u == "" or module_name == u or module_name.startswith(u + ".")]
+    return max(around, key=len, default="")
+
+
+def _whole_parameters_of(unit: Optional[nn.Module]):
+    """A context in which the parameters that FSDP1 ``unit`` holds itself are whole on every rank."""
+    if unit is None:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False)
 
 
 def _modules_to_save(model: nn.Module, config: GOFTConfig) -> List[str]:
@@ -285,11 +340,14 @@ def _modules_to_save(model: nn.Module, config: GOFTConfig) -> List[str]:
     return _match_all(dict(_candidate_modules(model)), config.modules_to_save)
 
 
-def _state_entry(model: nn.Module, key: str) -> Optional[torch.Tensor]:
+def _state_entry(model: nn.Module, key: str, module_names: Dict[str, str]) -> Optional[torch.Tensor]:
+    """The tensor a saved key (plain module name, then attribute) names in ``model``, if any."""
     module_name, _, attr = key.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
+    if not module_name:
+        module = model
+    elif module_name in module_names:
+        module = model.get_submodule(module_names[module_name])
+    else:
         return None
     value = getattr(module, attr, None)
     return value if isinstance(value, torch.Tensor) else None

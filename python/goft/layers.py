@@ -14,7 +14,7 @@ from torch import nn
 from goft.config import GOFTConfig
 from goft.ops import rotate, rotated_linear
 
-__all__ = ["GivensLinear", "ADAPTER_PREFIX", "input_width", "is_adaptable", "is_conv1d"]
+__all__ = ["GivensLinear", "ADAPTER_PREFIX", "adapter_shapes", "input_width", "is_adaptable", "is_conv1d"]
 
 # Every adapter parameter's name starts with this, so freezing and saving select them by name.
 ADAPTER_PREFIX = "goft_"
@@ -75,6 +75,30 @@ def input_width(module: nn.Module) -> int:
     )
 
 
+def adapter_shapes(config: GOFTConfig, d: int) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each parameter of an adapter on input width ``d``, by store name."""
+    pairs = max(d - 1, 0)
+    if config.is_quasi:
+        return {"goft_blocks": (pairs, 2, 2)}
+    shapes = {"goft_angles": (pairs,)}
+    if config.scale:
+        shapes["goft_scale"] = (d,)
+    return shapes
+
+
+# FullyShardedDataParallel (FSDP1, use_orig_params=True) keeps each original parameter, outside
+# forward, as this rank's part of a flattened, sharded copy: a 1-d view of any length, empty on
+# some ranks. Anything computed from it there (a penalty, a saved file, a merge) would be wrong
+# without an error, so the code that reads whole parameters checks their shapes first.
+FLATTENED_BY_FSDP1 = "FullyShardedDataParallel (FSDP1) keeps parameters flattened and sharded outside forward"
+# What to do instead, for the calls that refuse such parameters.
+PENALTY_UNDER_FSDP1 = (
+    "qGOFT's penalty needs whole blocks: shard with FSDP2 (torch.distributed.fsdp.fully_shard; transformers.Trainer: "
+    "fsdp_config={'fsdp_version': 2}) or train with DistributedDataParallel"
+)
+MERGE_UNDER_FSDP1 = "merge a plain model: goft.save_adapter, then goft.load_adapter into the unwrapped base model"
+
+
 class GivensLinear(nn.Module):
     """Wraps a frozen layer as ``y = base_layer(rotate(x, params, scale))`` (GOFT_SPEC.md section 3).
 
@@ -133,16 +157,16 @@ class GivensLinear(nn.Module):
         """Adds an identity-initialised adapter; it is not made active."""
         if adapter_name in self.adapter_configs:
             raise ValueError(f"GivensLinear.add_adapter: adapter {adapter_name!r} already exists in this layer")
-        d = self.in_features
+        shapes = adapter_shapes(config, self.in_features)
         device = self.base_layer.weight.device
         f32 = dict(device=device, dtype=torch.float32)
         if config.is_quasi:
-            blocks = torch.eye(2, **f32).expand(max(d - 1, 0), 2, 2).clone()
+            blocks = torch.eye(2, **f32).expand(shapes["goft_blocks"]).clone()
             self.goft_blocks[adapter_name] = nn.Parameter(blocks)
         else:
-            self.goft_angles[adapter_name] = nn.Parameter(torch.zeros(max(d - 1, 0), **f32))
+            self.goft_angles[adapter_name] = nn.Parameter(torch.zeros(shapes["goft_angles"], **f32))
             if config.scale:
-                self.goft_scale[adapter_name] = nn.Parameter(torch.ones(d, **f32))
+                self.goft_scale[adapter_name] = nn.Parameter(torch.ones(shapes["goft_scale"], **f32))
         self.adapter_configs[adapter_name] = config
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -174,6 +198,20 @@ class GivensLinear(nn.Module):
             if adapter_name in store:
                 found[store_name] = store[adapter_name]
         return found
+
+    def check_whole(self, adapter_name: str, where: str, remedy: str) -> None:
+        """Raises ValueError unless every parameter of the adapter has its shape (see FLATTENED_BY_FSDP1).
+
+        A sharded DTensor (FSDP2) has its global shape and passes; its values are gathered by
+        whoever reads them."""
+        for store_name, shape in adapter_shapes(self.adapter_configs[adapter_name], self.in_features).items():
+            param = getattr(self, store_name)[adapter_name]
+            if tuple(param.shape) != shape:
+                layer = f" {self.layer_name}" if self.layer_name else ""
+                raise ValueError(
+                    f"{where}: parameter {store_name}.{adapter_name} of layer{layer} has shape {tuple(param.shape)}, "
+                    f"expected {shape}: {FLATTENED_BY_FSDP1}; {remedy}"
+                )
 
     def op_arguments(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
         """The op's (params, scale, angle_parameterisation) for an adapter, float32.
@@ -244,6 +282,7 @@ class GivensLinear(nn.Module):
         name = self.active_adapter
         if name is None or not self.adapter_configs[name].is_quasi:
             return None
+        self.check_whole(name, "goft.orthogonality_penalty", PENALTY_UNDER_FSDP1)
         return self.goft_blocks[name].float(), self.adapter_configs[name].orth_lambda
 
     def orthogonality_penalty(self) -> Optional[torch.Tensor]:
@@ -267,6 +306,7 @@ class GivensLinear(nn.Module):
         """
         if adapter_name not in self.adapter_configs:
             raise ValueError(f"GivensLinear.merge: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
+        self.check_whole(adapter_name, "goft.merge", MERGE_UNDER_FSDP1)
         self._check_weight()
         layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
         params, scale, _ = self.op_arguments(adapter_name)
@@ -338,10 +378,11 @@ class GivensLinear(nn.Module):
             or weight.dim() != 2
             or weight.shape[0 if stored_in_out else 1] != self.in_features
         ):
-            raise NotImplementedError(
+            flattened = getattr(weight, "_fsdp_flattened", False)  # FSDP1's mark on the parameters it manages
+            raise (ValueError if flattened else NotImplementedError)(
                 f"goft.merge: cannot merge into {type(self.base_layer).__name__}: expected a floating (out, in) "
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
-                f"{tuple(getattr(weight, 'shape', ()))}"
+                f"{tuple(getattr(weight, 'shape', ()))}" + (f": {FLATTENED_BY_FSDP1}; {MERGE_UNDER_FSDP1}" if flattened else "")
             )
 
     def _apply_to_weight(self, rows_map) -> None:

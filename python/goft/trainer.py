@@ -42,13 +42,22 @@ def _require_goft_model(model, who: str) -> None:
                          "before creating the Trainer")
 
 
+def _sharded_by_fsdp1(model) -> bool:
+    # The callbacks get the model inside FSDP1's wrapper: it holds the wrappers of nested units,
+    # or, wrapped as one unit, parameters that FSDP1 marked as flattened.
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
+        getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+
+
 class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
     """Adds the gradient of ``goft.orthogonality_penalty(model)`` (qGOFT's ``lambda * sum <A[:,0],
     A[:,1]>^2``, zero for GOFT adapters) to the adapter's gradients once per optimizer step.
 
     Refused at the start of training: fp16 mixed precision (its gradients are still multiplied by
-    the loss scale at that point, the penalty's would not be) and DeepSpeed (it owns the gradients);
-    use bf16 or float32, or add the penalty to the loss in a training loop of your own.
+    the loss scale at that point, the penalty's would not be), DeepSpeed (it owns the gradients)
+    and qGOFT under FSDP1 (whose flat shards hold no whole blocks outside forward); use bf16 or
+    float32, FSDP2 (``fsdp_config={"fsdp_version": 2}``), or add the penalty to the loss in a
+    training loop of your own.
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -62,6 +71,11 @@ class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
             raise ValueError(
                 "goft.trainer.OrthogonalityPenaltyCallback: DeepSpeed manages the gradients itself; add "
                 "goft.orthogonality_penalty(model) to the loss in a compute_loss of your own instead")
+        try:  # refuses blocks that are not whole, as FSDP1's are (a model without qGOFT has no penalty)
+            with torch.no_grad():
+                orthogonality_penalty(model)
+        except ValueError as e:
+            raise ValueError(f"goft.trainer.OrthogonalityPenaltyCallback: {e}") from None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         penalty = orthogonality_penalty(model)
@@ -101,11 +115,17 @@ class SaveAdapterCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _require_goft_model(model, "SaveAdapterCallback")
+        if _sharded_by_fsdp1(model):
+            raise ValueError(
+                "goft.trainer.SaveAdapterCallback: the model is sharded by FSDP1 (FullyShardedDataParallel), whose "
+                "shards a callback cannot gather (it gets the model inside the wrapper); train with FSDP2 "
+                "(fsdp_config={'fsdp_version': 2}), or drop this callback and, after training, call "
+                "goft.save_adapter(trainer.model, dir) on every rank")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         # A model sharded by FSDP2 is gathered by save_adapter on every rank (rank 0 writes); any
-        # other model is written by the main process alone.
+        # other model (FSDP1 is refused above) is written by the main process alone.
         sharded = any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
         if sharded or state.is_world_process_zero:
             save_adapter(model, os.path.join(checkpoint, self.subfolder), self.adapter_name)
