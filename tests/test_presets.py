@@ -1,5 +1,6 @@
 """Each preset in goft.presets adapts exactly the linear layers of every transformer block of the installed transformers."""
 
+import re
 import warnings
 
 import pytest
@@ -7,15 +8,30 @@ import torch
 from torch import nn
 
 import goft
-from goft.layers import GivensLinear
+from goft.layers import GivensLinear, is_conv1d
 
-from tiny_models import tiny_bert, tiny_deberta, tiny_llama, tiny_vit
+from tiny_models import tiny_bert, tiny_deberta, tiny_gpt2, tiny_llama, tiny_vit
+
+# Special token ids inside the tiny vocabulary, for configs whose defaults lie outside it.
+_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
 BUILDERS = {
     "llama": lambda: tiny_llama(),
     "mistral": lambda: tiny_llama("MistralForCausalLM", "MistralConfig"),
     "qwen2": lambda: tiny_llama("Qwen2ForCausalLM", "Qwen2Config"),
+    "qwen3": lambda: tiny_llama("Qwen3ForCausalLM", "Qwen3Config"),
     "gemma": lambda: tiny_llama("GemmaForCausalLM", "GemmaConfig", head_dim=8),
+    "gemma2": lambda: tiny_llama("Gemma2ForCausalLM", "Gemma2Config", head_dim=8),
+    "gemma3_text": lambda: tiny_llama("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8),
+    "olmo": lambda: tiny_llama("OlmoForCausalLM", "OlmoConfig", **_TOKENS),
+    "olmo2": lambda: tiny_llama("Olmo2ForCausalLM", "Olmo2Config", **_TOKENS),
+    "granite": lambda: tiny_llama("GraniteForCausalLM", "GraniteConfig"),
+    "cohere": lambda: tiny_llama("CohereForCausalLM", "CohereConfig", **_TOKENS),
+    "smollm3": lambda: tiny_llama("SmolLM3ForCausalLM", "SmolLM3Config", **_TOKENS),
+    "phi3": lambda: tiny_llama("Phi3ForCausalLM", "Phi3Config", **_TOKENS),
+    "phi": lambda: tiny_llama("PhiForCausalLM", "PhiConfig", **_TOKENS),
+    "starcoder2": lambda: tiny_llama("Starcoder2ForCausalLM", "Starcoder2Config", **_TOKENS),
+    "gpt2": tiny_gpt2,
     "deberta-v2": tiny_deberta,
     "vit": tiny_vit,
     "bert": tiny_bert,
@@ -36,9 +52,15 @@ BLOCK_LINEARS = {
     "vit": {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"},
     "bert": {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"},
 }
-for _decoder in ("mistral", "qwen2", "gemma"):
+for _decoder in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "cohere", "smollm3"):
     BLOCK_LINEARS[_decoder] = BLOCK_LINEARS["llama"]
 BLOCK_LINEARS["roberta"] = BLOCK_LINEARS["bert"]
+BLOCK_LINEARS["phi3"] = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+BLOCK_LINEARS["phi"] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"}
+BLOCK_LINEARS["starcoder2"] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"}
+BLOCK_LINEARS["gpt2"] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+# A module inside block i: "model.layers.1.mlp", "transformer.h.0.attn", "deberta.encoder.layer.1".
+_IN_A_BLOCK = re.compile(r"\.(layers|layer|h)\.\d+\.")
 
 
 def test_every_preset_is_tested():
@@ -52,11 +74,20 @@ def test_preset_targets_all_block_linears(model_type):
         warnings.simplefilter("ignore")
         model = BUILDERS[model_type]()
     assert model.config.model_type == model_type
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     goft.inject(model)
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, GivensLinear))
     expected = sorted(n for n in all_linears if any(n.endswith("." + s) for s in BLOCK_LINEARS[model_type]))
     assert adapted == expected
     assert len(adapted) == 2 * len(BLOCK_LINEARS[model_type]), "every linear of both blocks"
-    # Heads, poolers and embeddings stay untouched.
-    assert all(".layer" in n for n in adapted)
+    # Every linear of a block, and nothing else: heads, poolers and embeddings stay untouched.
+    assert adapted == sorted(n for n in all_linears if _IN_A_BLOCK.search(n))
+    # The adapted model runs forward and backward (fused projections, GPT-2's Conv1D included).
+    config = model.config
+    if model.main_input_name == "pixel_values":
+        inputs = {"pixel_values": torch.randn(1, config.num_channels, config.image_size, config.image_size)}
+    else:
+        inputs = {"input_ids": torch.randint(0, config.vocab_size, (2, 7))}
+    output = model(**inputs)
+    (output.logits if hasattr(output, "logits") else output.last_hidden_state).float().square().mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".goft_" in n)

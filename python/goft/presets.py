@@ -22,7 +22,21 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
     "llama": _DECODER,
     "mistral": _DECODER,
     "qwen2": _DECODER,
+    "qwen3": _DECODER,
     "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "olmo": _DECODER,
+    "olmo2": _DECODER,
+    "granite": _DECODER,
+    "cohere": _DECODER,
+    "smollm3": _DECODER,
+    # Phi-3 fuses q/k/v and gate/up into one linear each.
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.c_fc", "mlp.c_proj"],
+    # GPT-2's are transformers' Conv1D (weight stored (in, out)), which GivensLinear also wraps.
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
     # transformers >= 5 names ViT's layers like a decoder (attention.{q,k,v,o}_proj, mlp.fc1/fc2);
     # the 4.x names (attention.attention.query, ..., intermediate.dense, output.dense) follow so
