@@ -6,6 +6,7 @@ Run directly by torchrun as the worker script: ``torchrun --standalone --nproc-p
 import contextlib
 import gc
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -238,6 +239,46 @@ def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
     return results
 
 
+def _bfloat16_under_fsdp(out_dir: str) -> dict:
+    """How each FSDP takes a bfloat16 LLaMA with goft's float32 adapters: {case: outcome}."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    ids, labels = _batch("llama", 0)
+    outcomes = {}
+
+    def step(model):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        # FSDP1 keeps gradients sharded like the parameters; its context shows them whole.
+        fsdp1 = isinstance(model, FullyShardedDataParallel)
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True) if fsdp1 else contextlib.nullcontext():
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            return "trained" if grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads) else "no gradients"
+
+    bf16 = _model("llama", {}).to(torch.bfloat16)
+    for adapter_param in (p for n, p in bf16.named_parameters() if ".goft_" in n):
+        adapter_param.data = adapter_param.data.float()  # as inject makes them on a bf16 model
+    try:
+        FullyShardedDataParallel(bf16, use_orig_params=True, device_id=torch.device("cpu"))
+        outcomes["fsdp1, bfloat16 model"] = "wrapped"
+    except ValueError as e:
+        outcomes["fsdp1, bfloat16 model"] = str(e)
+    mixed = FullyShardedDataParallel(_model("llama", {}), use_orig_params=True, device_id=torch.device("cpu"),
+                                     mixed_precision=MixedPrecision(param_dtype=torch.bfloat16))
+    outcomes["fsdp1, float32 model, bfloat16 compute"] = step(mixed)
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = _model("llama", {}).to(torch.bfloat16)
+    goft.unload(sharded)
+    goft.inject(sharded)  # float32 adapters on the bfloat16 base
+    for layer in sharded.model.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    outcomes["fsdp2, bfloat16 model"] = step(sharded)
+    goft.save_adapter(sharded, os.path.join(out_dir, "fsdp2-bfloat16-adapter"))
+    return outcomes
+
+
 def _worker(out_dir: str) -> None:
     import faulthandler
 
@@ -257,6 +298,8 @@ def _worker(out_dir: str) -> None:
         # group; free them now, while the group and the interpreter are whole.
         gc.collect()
     torch.save(_fsdp1_refusals(rank, out_dir), os.path.join(out_dir, f"fsdp1-refusals.rank{rank}.pt"))
+    gc.collect()
+    torch.save(_bfloat16_under_fsdp(out_dir), os.path.join(out_dir, f"bfloat16.rank{rank}.pt"))
     gc.collect()
     dist.barrier()
     # Every rank leaves gloo's barrier once its peers' messages reached it, not its own: a rank
@@ -370,6 +413,18 @@ def test_calls_that_need_whole_parameters_refuse_fsdp1_shards_by_name(two_proces
     after = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "fsdp1-refusals-resaved"))
     expected = {k: v for k, v in before.named_parameters() if v.requires_grad}
     assert all(torch.equal(p, expected[k]) for k, p in after.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_a_bfloat16_model_with_float32_adapters_under_fsdp(two_process_results, rank):
+    # What the README tells FSDP users: FSDP1 needs one dtype per unit, so a float32 model with
+    # bfloat16 MixedPrecision; FSDP2 keeps each parameter's dtype.
+    found = torch.load(two_process_results / f"bfloat16.rank{rank}.pt")
+    assert "Must flatten tensors with uniform dtype" in found["fsdp1, bfloat16 model"]
+    assert found["fsdp1, float32 model, bfloat16 compute"] == "trained"
+    assert found["fsdp2, bfloat16 model"] == "trained"
+    saved = json.loads((two_process_results / "fsdp2-bfloat16-adapter" / "adapter_config.json").read_text())
+    assert {spec["dtype"] for spec in saved["tensors"].values()} == {"float32"}
 
 
 @pytest.mark.parametrize("ending, by_a_signal", [("os.abort()", True), ("raise RuntimeError('a failing check')", False)])
