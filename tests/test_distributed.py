@@ -240,7 +240,8 @@ def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
 
 
 def _bfloat16_under_fsdp(out_dir: str) -> dict:
-    """How each FSDP takes a bfloat16 LLaMA with goft's float32 adapters: {case: outcome}."""
+    """How each FSDP takes a bfloat16 LLaMA with goft's float32 adapters, and what goft.merge says
+    of the FSDP2-sharded one: {case: outcome}."""
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
     ids, labels = _batch("llama", 0)
@@ -276,6 +277,11 @@ def _bfloat16_under_fsdp(out_dir: str) -> dict:
     fully_shard(sharded)
     outcomes["fsdp2, bfloat16 model"] = step(sharded)
     goft.save_adapter(sharded, os.path.join(out_dir, "fsdp2-bfloat16-adapter"))
+    try:
+        goft.merge(sharded)
+        outcomes["fsdp2, merge"] = "merged"
+    except ValueError as e:
+        outcomes["fsdp2, merge"] = str(e)
     return outcomes
 
 
@@ -423,6 +429,8 @@ def test_a_bfloat16_model_with_float32_adapters_under_fsdp(two_process_results, 
     assert "Must flatten tensors with uniform dtype" in found["fsdp1, bfloat16 model"]
     assert found["fsdp1, float32 model, bfloat16 compute"] == "trained"
     assert found["fsdp2, bfloat16 model"] == "trained"
+    assert re.match(r"goft.merge: layer model.layers.0.self_attn.q_proj is sharded \(FSDP2 fully_shard.*\); merge a plain model",
+                    found["fsdp2, merge"])
     saved = json.loads((two_process_results / "fsdp2-bfloat16-adapter" / "adapter_config.json").read_text())
     assert {spec["dtype"] for spec in saved["tensors"].values()} == {"float32"}
 

@@ -96,7 +96,7 @@ PENALTY_UNDER_FSDP1 = (
     "qGOFT's penalty needs whole blocks: shard with FSDP2 (torch.distributed.fsdp.fully_shard; transformers.Trainer: "
     "fsdp_config={'fsdp_version': 2}) or train with DistributedDataParallel"
 )
-MERGE_UNDER_FSDP1 = "merge a plain model: goft.save_adapter, then goft.load_adapter into the unwrapped base model"
+MERGE_UNSHARDED = "merge a plain model: goft.save_adapter, then goft.load_adapter into the unwrapped base model"
 
 
 class GivensLinear(nn.Module):
@@ -306,7 +306,11 @@ class GivensLinear(nn.Module):
         """
         if adapter_name not in self.adapter_configs:
             raise ValueError(f"GivensLinear.merge: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
-        self.check_whole(adapter_name, "goft.merge", MERGE_UNDER_FSDP1)
+        self.check_whole(adapter_name, "goft.merge", MERGE_UNSHARDED)
+        tensors = [self.base_layer.weight, *self.adapter_parameters(adapter_name).values()]
+        if any(hasattr(t, "device_mesh") for t in tensors):
+            raise ValueError(f"goft.merge: layer {self.layer_name or type(self.base_layer).__name__} is sharded (FSDP2 "
+                             f"fully_shard or another DTensor plan); {MERGE_UNSHARDED}")
         self._check_weight()
         layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
         params, scale, _ = self.op_arguments(adapter_name)
@@ -382,7 +386,7 @@ class GivensLinear(nn.Module):
             raise (ValueError if flattened else NotImplementedError)(
                 f"goft.merge: cannot merge into {type(self.base_layer).__name__}: expected a floating (out, in) "
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
-                f"{tuple(getattr(weight, 'shape', ()))}" + (f": {FLATTENED_BY_FSDP1}; {MERGE_UNDER_FSDP1}" if flattened else "")
+                f"{tuple(getattr(weight, 'shape', ()))}" + (f": {FLATTENED_BY_FSDP1}; {MERGE_UNSHARDED}" if flattened else "")
             )
 
     def _apply_to_weight(self, rows_map) -> None:
