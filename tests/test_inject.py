@@ -113,8 +113,11 @@ def test_conv1d_model():
 
 def test_unknown_architecture_lists_linear_layers():
     torch.manual_seed(0)
-    model = tiny_gpt2()
-    with pytest.raises(ValueError, match=r"model_type='gpt2'.*transformer\.h\.0\.attn\.c_attn"):
+    # GPT-NeoX: no preset.
+    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        vocab_size=100)
+    model = transformers.GPTNeoXForCausalLM(config)
+    with pytest.raises(ValueError, match=r"model_type='gpt_neox'.*gpt_neox\.layers\.0\.attention\.query_key_value"):
         goft.inject(model)
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"model_type=None.*Linear layers found: \[0, 2\]"):
