@@ -204,14 +204,19 @@ class GivensLinear(nn.Module):
 
         A sharded DTensor (FSDP2) has its global shape and passes; its values are gathered by
         whoever reads them."""
-        for store_name, shape in adapter_shapes(self.adapter_configs[adapter_name], self.in_features).items():
-            param = getattr(self, store_name)[adapter_name]
-            if tuple(param.shape) != shape:
-                layer = f" {self.layer_name}" if self.layer_name else ""
-                raise ValueError(
-                    f"{where}: parameter {store_name}.{adapter_name} of layer{layer} has shape {tuple(param.shape)}, "
-                    f"expected {shape}: {FLATTENED_BY_FSDP1}; {remedy}"
-                )
+        for store_name, param in self.adapter_parameters(adapter_name).items():
+            self._check_whole_parameter(adapter_name, store_name, param, where, remedy)
+
+    def _check_whole_parameter(self, adapter_name: str, store_name: str, param: torch.Tensor, where: str, remedy: str) -> None:
+        # Takes the parameter fetched by the caller: a ParameterDict lookup costs about as much as
+        # the rest of the check, which runs for every layer in each step's penalty.
+        shape = adapter_shapes(self.adapter_configs[adapter_name], self.in_features)[store_name]
+        if param.shape != shape:
+            layer = f" {self.layer_name}" if self.layer_name else ""
+            raise ValueError(
+                f"{where}: parameter {store_name}.{adapter_name} of layer{layer} has shape {tuple(param.shape)}, "
+                f"expected {shape}: {FLATTENED_BY_FSDP1}; {remedy}"
+            )
 
     def op_arguments(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
         """The op's (params, scale, angle_parameterisation) for an adapter, float32.
@@ -282,8 +287,9 @@ class GivensLinear(nn.Module):
         name = self.active_adapter
         if name is None or not self.adapter_configs[name].is_quasi:
             return None
-        self.check_whole(name, "goft.orthogonality_penalty", PENALTY_UNDER_FSDP1)
-        return self.goft_blocks[name].float(), self.adapter_configs[name].orth_lambda
+        blocks = self.goft_blocks[name]
+        self._check_whole_parameter(name, "goft_blocks", blocks, "goft.orthogonality_penalty", PENALTY_UNDER_FSDP1)
+        return blocks.float(), self.adapter_configs[name].orth_lambda
 
     def orthogonality_penalty(self) -> Optional[torch.Tensor]:
         """lambda * sum_i <A_i[:,0], A_i[:,1]>^2 for an active qGOFT adapter; None otherwise."""
