@@ -10,10 +10,21 @@ from torch import nn
 import goft
 from goft.layers import GivensLinear, is_conv1d
 
-from tiny_models import tiny_bert, tiny_deberta, tiny_gpt2, tiny_llama, tiny_vit
+from tiny_models import tiny_bert, tiny_deberta, tiny_gpt2, tiny_llama, tiny_vit, transformers
 
 # Special token ids inside the tiny vocabulary, for configs whose defaults lie outside it.
 _TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _vision(cls_name, config_name):
+    config = getattr(transformers, config_name)(**_SIZES, image_size=32, patch_size=8)
+    return getattr(transformers, cls_name)(config)
+
+
+def _encoder(cls_name, config_name, **overrides):
+    config = getattr(transformers, config_name)(**_SIZES, vocab_size=100, **overrides)
+    return getattr(transformers, cls_name)(config)
 
 BUILDERS = {
     "llama": lambda: tiny_llama(),
@@ -32,6 +43,16 @@ BUILDERS = {
     "phi": lambda: tiny_llama("PhiForCausalLM", "PhiConfig", **_TOKENS),
     "starcoder2": lambda: tiny_llama("Starcoder2ForCausalLM", "Starcoder2Config", **_TOKENS),
     "gpt2": tiny_gpt2,
+    "deit": lambda: _vision("DeiTForImageClassification", "DeiTConfig"),
+    "dinov2": lambda: _vision("Dinov2Model", "Dinov2Config"),
+    "beit": lambda: _vision("BeitForImageClassification", "BeitConfig"),
+    "vit_mae": lambda: _vision("ViTMAEModel", "ViTMAEConfig"),
+    "xlm-roberta": lambda: tiny_bert("XLMRobertaForSequenceClassification", "XLMRobertaConfig"),
+    "electra": lambda: tiny_bert("ElectraForSequenceClassification", "ElectraConfig"),
+    "deberta": lambda: _encoder("DebertaForSequenceClassification", "DebertaConfig"),
+    "distilbert": lambda: transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100)),
+    "modernbert": lambda: _encoder("ModernBertForSequenceClassification", "ModernBertConfig", cls_token_id=0, sep_token_id=0, **_TOKENS),
     "deberta-v2": tiny_deberta,
     "vit": tiny_vit,
     "bert": tiny_bert,
@@ -59,8 +80,14 @@ BLOCK_LINEARS["phi3"] = {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_
 BLOCK_LINEARS["phi"] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"}
 BLOCK_LINEARS["starcoder2"] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"}
 BLOCK_LINEARS["gpt2"] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
-# A module inside block i: "model.layers.1.mlp", "transformer.h.0.attn", "deberta.encoder.layer.1".
-_IN_A_BLOCK = re.compile(r"\.(layers|layer|h)\.\d+\.")
+for _vit_like in ("deit", "dinov2", "beit", "vit_mae"):
+    BLOCK_LINEARS[_vit_like] = BLOCK_LINEARS["vit"]
+BLOCK_LINEARS["xlm-roberta"] = BLOCK_LINEARS["electra"] = BLOCK_LINEARS["bert"]
+BLOCK_LINEARS["deberta"] = {"attention.self.in_proj", "attention.output.dense", "intermediate.dense", "output.dense"}
+BLOCK_LINEARS["distilbert"] = {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"}
+BLOCK_LINEARS["modernbert"] = {"attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"}
+# A module inside block i: "model.layers.1.mlp", "transformer.h.0.attn", "deberta.encoder.layer.1.x", "layers.0.x".
+_IN_A_BLOCK = re.compile(r"(^|\.)(layers|layer|h)\.\d+\.")
 
 
 def test_every_preset_is_tested():

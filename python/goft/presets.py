@@ -14,6 +14,9 @@ __all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules"]
 # of each block.
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# ViT-style vision encoders in transformers >= 5 (attention.{q,k,v,o}_proj, mlp.fc1/fc2).
+_VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"]
+
 # BERT-style encoders. "output.dense" alone would also match "attention.output.dense"; both are
 # listed so the table reads as the six linears of a block.
 _BERT = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -41,9 +44,20 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
     # transformers >= 5 names ViT's layers like a decoder (attention.{q,k,v,o}_proj, mlp.fc1/fc2);
     # the 4.x names (attention.attention.query, ..., intermediate.dense, output.dense) follow so
     # the preset works with either.
-    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2"] + _BERT,
+    "vit": _VIT + _BERT,
+    "deit": _VIT,
+    "dinov2": _VIT,
+    "beit": _VIT,
+    "vit_mae": _VIT,
     "bert": _BERT,
     "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    # DeBERTa (v1) projects q, k and v with one in_proj.
+    "deberta": ["in_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"],
+    # ModernBERT: fused Wqkv, and Wi (the GLU's two halves in one linear).
+    "modernbert": ["attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"],
 }
 
 
