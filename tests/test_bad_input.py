@@ -614,3 +614,18 @@ def test_non_contiguous_inputs_to_an_adapted_model():
     for x in (base.permute(1, 2, 0), torch.randn(5, 72)[:, ::3], torch.randn(1, 24).expand(6, 24)):
         assert not x.is_contiguous()
         torch.testing.assert_close(model(x), model(x.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(getattr(goft._C, "with_cuda", False), reason="this build has its CUDA kernels")
+@pytest.mark.parametrize("op, args", [
+    ("rotate", lambda: (torch.randn(2, 4), torch.zeros(3))),
+    ("rotate_backward", lambda: (torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3), None, False, [True, True, False])),
+    ("rotate_angle_grads", lambda: (torch.randn(2, 4), torch.randn(2, 4), torch.zeros(3))),
+])
+def test_a_build_without_cuda_kernels_says_so_for_cuda_tensors(op, args):
+    # Such a build (no nvcc when it was built) registers kernels for the CUDA key that explain
+    # themselves. No CUDA tensor can exist here, so the CUDA kernels are reached by redispatch.
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(NotImplementedError, match=rf"goft.{op}: x is on .*built without its CUDA kernels .*nvcc on PATH"):
+        getattr(torch.ops.goft, op).default.redispatch(cuda_only, *args())
+
