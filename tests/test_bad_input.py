@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -628,4 +629,16 @@ def test_a_build_without_cuda_kernels_says_so_for_cuda_tensors(op, args):
     cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(NotImplementedError, match=rf"goft.{op}: x is on .*built without its CUDA kernels .*nvcc on PATH"):
         getattr(torch.ops.goft, op).default.redispatch(cuda_only, *args())
+
+
+def test_a_build_for_another_torch_release_is_refused_at_import():
+    # The installed extension records the torch it was built against; importing goft under
+    # another release says what to do instead of failing on an undefined symbol (or worse).
+    assert goft._BUILT_AGAINST == torch.__version__
+    goft._check_torch_version("2.13.0+cpu", "2.13.0+cu130")  # only local tags differ: fine
+    script = "import torch; torch.__version__ = '2.99.0'; import goft"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    message = f"goft: its compiled extension was built against torch {re.escape(torch.__version__)}, but torch 2.99.0 is installed"
+    assert re.search(message + r"; rebuild goft against this torch: pip install --no-build-isolation", done.stderr), done.stderr[-2000:]
 

@@ -4,6 +4,30 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 __version__ = "0.1.0"
 
+
+def _check_torch_version(built: str, running: str) -> None:
+    """Raises ImportError unless goft._C was built against the torch release that is running.
+
+    The extension links to torch's C++ API, which changes between releases; a mismatch would
+    otherwise show up as an "undefined symbol" ImportError or a crash. It happens after a plain
+    ``pip install`` of goft's source: pip's isolated build compiles against whatever torch it
+    downloads. Local version tags (+cpu, +cu130) are not compared.
+    """
+    if built.split("+")[0] != running.split("+")[0]:
+        raise ImportError(
+            f"goft: its compiled extension was built against torch {built}, but torch {running} is installed; "
+            "rebuild goft against this torch: pip install --no-build-isolation --force-reinstall --no-deps <goft "
+            "source folder> (or bash scripts/setup.sh from it)"
+        )
+
+
+try:
+    from goft._build_info import TORCH_VERSION as _BUILT_AGAINST
+except ImportError:  # an installation without the file (a source tree, an older build)
+    _BUILT_AGAINST = None
+if _BUILT_AGAINST is not None:
+    _check_torch_version(_BUILT_AGAINST, torch.__version__)
+
 from goft.ops import rotate, rotated_linear  # noqa: E402
 from goft.config import GOFTConfig  # noqa: E402
 from goft.layers import GivensLinear  # noqa: E402
