@@ -92,7 +92,7 @@ def test_penalty_callback_refusals(tmp_path):
         run_trainer(build("llama"), str(tmp_path), [OrthogonalityPenaltyCallback()])
 
 
-def test_every_checkpoint_holds_a_loadable_adapter(tmp_path):
+def test_every_checkpoint_and_the_output_folder_hold_a_loadable_adapter(tmp_path):
     model = qgoft_model()
     out = str(tmp_path)
     run_trainer(model, out, [OrthogonalityPenaltyCallback(), SaveAdapterCallback()], max_steps=2,
@@ -104,10 +104,15 @@ def test_every_checkpoint_holds_a_loadable_adapter(tmp_path):
         fresh = build("llama")
         goft.load_adapter(fresh, folder)
         saved[step] = {n: p.detach().clone() for n, p in fresh.named_parameters() if ".goft_" in n}
+    # And the trained adapter in the output folder at the end of training.
+    fresh = build("llama")
+    goft.load_adapter(fresh, os.path.join(out, "goft_adapter"))
+    saved["end"] = {n: p.detach().clone() for n, p in fresh.named_parameters() if ".goft_" in n}
     trained = {n: p.detach() for n, p in model.named_parameters() if ".goft_" in n}
-    assert saved[2].keys() == trained.keys()
-    for name, value in trained.items():
-        assert torch.equal(saved[2][name], value), name
+    for when in (2, "end"):
+        assert saved[when].keys() == trained.keys()
+        for name, value in trained.items():
+            assert torch.equal(saved[when][name], value), f"{when}: {name}"
     assert any(not torch.equal(saved[1][n], saved[2][n]) for n in trained), "step 2 changed nothing"
 
 

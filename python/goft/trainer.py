@@ -99,7 +99,8 @@ class SaveAdapterCallback(transformers.TrainerCallback):
     """Writes the active adapter (``goft.save_adapter``: ``adapter_model.safetensors`` and
     ``adapter_config.json``) into ``<checkpoint>/<subfolder>`` whenever ``Trainer`` saves a
     checkpoint, so that every checkpoint holds an adapter that ``goft.load_adapter`` loads into the
-    base model.
+    base model; and the trained adapter into ``<output_dir>/<subfolder>`` when training ends
+    (``Trainer.save_model`` writes the whole injected model instead, as the checkpoints do).
 
     The checkpoint's own ``model.safetensors`` is the injected model's state dict (base weights
     under ``base_layer.weight``), which ``Trainer`` resumes from; a plain ``from_pretrained`` does
@@ -124,8 +125,14 @@ class SaveAdapterCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._save(model, os.path.join(checkpoint, self.subfolder), state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._save(model, os.path.join(args.output_dir, self.subfolder), state)
+
+    def _save(self, model, folder: str, state) -> None:
         # A model sharded by FSDP2 is gathered by save_adapter on every rank (rank 0 writes); any
         # other model (FSDP1 is refused above) is written by the main process alone.
         sharded = any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
         if sharded or state.is_world_process_zero:
-            save_adapter(model, os.path.join(checkpoint, self.subfolder), self.adapter_name)
+            save_adapter(model, folder, self.adapter_name)
