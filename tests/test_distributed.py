@@ -234,8 +234,14 @@ def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
     record("load_adapter into a model wrapped as one unit",
            lambda: goft.load_adapter(plain, os.path.join(out_dir, "fsdp1-refusals-adapter")))
     one_unit = _model("llama", {})
-    FullyShardedDataParallel(one_unit, use_orig_params=True, device_id=torch.device("cpu"))
+    with torch.no_grad():  # the same values on every rank: one seed
+        generator = torch.Generator().manual_seed(7)
+        for param in (p for n, p in one_unit.named_parameters() if ".goft_" in n):
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    goft.save_adapter(one_unit, os.path.join(out_dir, "fsdp1-one-unit-before"))
+    one_unit_wrapped = FullyShardedDataParallel(one_unit, use_orig_params=True, device_id=torch.device("cpu"))
     record("SaveAdapterCallback, one unit", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=one_unit))
+    goft.save_adapter(one_unit_wrapped, os.path.join(out_dir, "fsdp1-one-unit-after"))  # gathers the root unit
     return results
 
 
@@ -414,11 +420,15 @@ def test_calls_that_need_whole_parameters_refuse_fsdp1_shards_by_name(two_proces
     assert set(found) == set(FSDP1_REFUSALS)
     for call, pattern in FSDP1_REFUSALS.items():
         assert re.search(pattern, found[call]), f"{call}: {found[call]}"
-    # What the wrapped model saved (all ranks gathering) is the adapter it was given.
-    before = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "fsdp1-refusals-adapter"))
-    after = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "fsdp1-refusals-resaved"))
-    expected = {k: v for k, v in before.named_parameters() if v.requires_grad}
-    assert all(torch.equal(p, expected[k]) for k, p in after.named_parameters() if p.requires_grad)
+    # What the wrapped models saved (all ranks gathering) is the adapter each was given: with a
+    # unit per decoder layer, and as one unit.
+    for before_name, after_name in [("fsdp1-refusals-adapter", "fsdp1-refusals-resaved"),
+                                    ("fsdp1-one-unit-before", "fsdp1-one-unit-after")]:
+        before = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / before_name))
+        after = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / after_name))
+        expected = {k: v for k, v in before.named_parameters() if v.requires_grad}
+        found = {k: v for k, v in after.named_parameters() if v.requires_grad}
+        assert set(found) == set(expected) and all(torch.equal(v, expected[k]) for k, v in found.items()), after_name
 
 
 @pytest.mark.parametrize("rank", range(WORLD))
