@@ -104,6 +104,38 @@ def test_saved_adapter_reloads_to_the_same_accuracy(tiny_model, csv_file, tmp_pa
     assert accuracy == pytest.approx(reported, abs=1e-6)
 
 
+def test_save_merged_writes_a_plain_model_that_predicts_as_the_adapter(tiny_model, csv_file, tmp_path, capsys):
+    # The merged directory loads with transformers alone (no goft module inside) and gives the
+    # logits of the base model with the saved adapter loaded, i.e. the zero-overhead deployment.
+    import goft
+
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out), "--save-merged")) == 0
+    assert "merged model saved to" in capsys.readouterr().out
+    texts, labels = finetune.read_table(csv_file, "review", "sentiment")
+    split = finetune.make_split(texts, labels, seed=0)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    assert not any(type(m).__module__.startswith("goft") for m in merged.modules())
+    assert sorted(merged.config.id2label.values()) == ["neg", "pos"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    batch = tokenizer(split.test_texts, padding=True, return_tensors="pt")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
+    with torch.no_grad():
+        before = base(**batch).logits
+        goft.load_adapter(base, str(out / "adapter"))
+        expected, got = base(**batch).logits, merged(**batch).logits
+    assert not torch.allclose(expected, before), "the adapter changed nothing"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())["result"]
+    assert metrics["merged_path"] == str(out / "merged")
+
+
+def test_save_merged_needs_an_output_dir(tiny_model, csv_file, capsys, no_training):
+    with pytest.raises(SystemExit):
+        cli.main(_finetune_args(tiny_model, csv_file, "--save-merged"))
+    assert "save_merged writes into output_dir" in capsys.readouterr().err
+
+
 def test_finetune_learns_the_toy_task(tiny_model, tmp_path):
     # Sentiment is one word of five; a few epochs of GOFT plus the head must beat chance clearly.
     data = _write(tmp_path / "reviews.csv", _rows(160))

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--lora-rank", type=_positive_int, default=8, help="rank of --compare lora (default 8)")
     io.add_argument("--oft-block-size", type=_positive_int, default=32, help="block size of --compare oft (default 32)")
     io.add_argument("--output-dir", default=None, help="where to write the adapter and metrics.json")
+    io.add_argument("--save-merged", action="store_true",
+                    help="also write OUTPUT_DIR/merged: the model with the adapter merged into its weights and the "
+                         "tokenizer, a plain transformers model directory (no goft needed to run it)")
     _add_training_options(ft, lr=1e-3, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
                           orth_lambda=0.01, demo=False)
     return parser
@@ -162,7 +165,8 @@ def _finetune(parser, args) -> int:
             model_dir=args.model, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
             epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             threads=args.threads, target_modules=args.target_modules, lora_rank=args.lora_rank,
-            oft_block_size=args.oft_block_size, output_dir=args.output_dir, progress=not args.no_progress,
+            oft_block_size=args.oft_block_size, output_dir=args.output_dir, save_merged=args.save_merged,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
@@ -178,7 +182,8 @@ def _finetune(parser, args) -> int:
 
     others = [m for m in dict.fromkeys(args.compare) if m != args.variant]
     configs = [config] + [
-        dataclasses.replace(config, method=m, scale=False, lr=args.compare_lr or args.lr, output_dir=None)
+        dataclasses.replace(config, method=m, scale=False, lr=args.compare_lr or args.lr, output_dir=None,
+                            save_merged=False)
         for m in others
     ]
     results = finetune.compare(configs, split)

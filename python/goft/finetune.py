@@ -388,6 +388,9 @@ class RunConfig:
     eval_before: bool = False  # also evaluate the untrained model
     check_merge: bool = False  # merge the adapter and compare the merged model's predictions
     output_dir: Optional[str] = None  # adapter (goft methods) and metrics.json
+    # Also write output_dir/merged: the model with the adapter merged into its weights, a plain
+    # transformers model directory with the tokenizer (goft methods).
+    save_merged: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -398,6 +401,8 @@ class RunConfig:
                 raise ValueError(f"goft finetune: {name} must be positive, got {getattr(self, name)}")
         if self.scale and self.method != "goft":
             raise ValueError(f"goft finetune: scale (GOFT*) applies to method 'goft' only, got {self.method!r}")
+        if self.save_merged and not self.output_dir:
+            raise ValueError("goft finetune: save_merged writes into output_dir; set output_dir")
         if self.orth_lambda < 0:
             raise ValueError(f"goft finetune: orth_lambda must be >= 0, got {self.orth_lambda}")
         if self.threads is not None and self.threads < 1:
@@ -442,6 +447,7 @@ class RunResult:
     adapter_path: Optional[str] = None
     adapter_bytes: Optional[int] = None
     merge: Optional[dict] = None  # agreement of merged and unmerged predictions
+    merged_path: Optional[str] = None  # the merged model's directory (save_merged)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -750,6 +756,17 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
             f"merged model: {result.merge['same_predictions']}/{len(test_ids)} identical predictions, max |logit "
             f"difference| {result.merge['max_abs_logit_diff']:.2e}, {result.merge['goft_modules_left']} goft modules left"
         )
+
+    if config.save_merged and config.method in GOFT_METHODS:
+        import goft
+
+        merged_dir = Path(config.output_dir) / "merged"
+        # _merge_check merged the model in place already; otherwise merge it now.
+        plain = model if result.merge is not None else goft.merge_and_unload(model)
+        plain.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        result.merged_path = str(merged_dir)
+        log(f"merged model saved to {merged_dir} (transformers' from_pretrained loads it; no goft needed)")
 
     if config.output_dir:
         out = Path(config.output_dir)
