@@ -4,6 +4,7 @@ import bz2
 import importlib.util
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -134,6 +135,61 @@ def test_save_merged_needs_an_output_dir(tiny_model, csv_file, capsys, no_traini
     with pytest.raises(SystemExit):
         cli.main(_finetune_args(tiny_model, csv_file, "--save-merged"))
     assert "save_merged writes into output_dir" in capsys.readouterr().err
+
+
+@pytest.fixture
+def three_label_adapter(tiny_model, tmp_path):
+    """A trained-looking GOFT* adapter with a 3-label head, saved from the tiny BERT in Python."""
+    import goft
+
+    torch.manual_seed(1)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3).eval()
+    goft.inject(model, target_modules="all-linear", scale=True, modules_to_save=["classifier"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".goft_" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    return model, tmp_path / "adapter"
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model, three_label_adapter, tmp_path, capsys):
+    adapted, adapter = three_label_adapter
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), "--output", str(out),
+                     "--num-labels", "3"]) == 0
+    assert "merged model (float32) saved to" in capsys.readouterr().out
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert not any(type(m).__module__.startswith("goft") for m in merged.modules())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # copied from the base folder
+    batch = tokenizer(["good film", "the plot was dull and boring"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
+
+    assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), "--output",
+                     str(tmp_path / "bf16"), "--num-labels", "3", "--dtype", "bfloat16"]) == 0
+    bf16 = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert bf16.classifier.weight.dtype == torch.bfloat16
+
+
+def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
+    _, adapter = three_label_adapter
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    cases = [
+        (["--output", str(taken), "--num-labels", "3"], "output folder .* exists and is not empty"),
+        (["--output", str(tmp_path / "a")], "another number of labels than the base config \\(2\\): pass --num-labels"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), *extra])
+        assert re.search(message, capsys.readouterr().err)
+    assert (taken / "keep.txt").read_text() == "mine" and sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--model", str(tmp_path), "--adapter", str(adapter), "--output", str(tmp_path / "b")])
+    assert "is not a transformers model folder" in capsys.readouterr().err
 
 
 def test_finetune_learns_the_toy_task(tiny_model, tmp_path):

@@ -1,4 +1,5 @@
-"""The `goft` command line: `goft demo` and `goft finetune`, thin wrappers over goft.demo and goft.finetune."""
+"""The `goft` command line: `goft demo`, `goft finetune` and `goft merge`, thin wrappers over goft.demo,
+goft.finetune and goft.export."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from goft.demo import DEFAULTS, INSTALL_COMMAND
 
     parser = argparse.ArgumentParser(prog="goft", description="Givens orthogonal fine-tuning (GOFT, qGOFT).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,finetune}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,finetune,merge}")
 
     demo = sub.add_parser(
         "demo", help="fine-tune pretrained all-MiniLM-L6-v2 on Rotten Tomatoes sentiment, offline, in minutes",
@@ -116,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokenizer, a plain transformers model directory (no goft needed to run it)")
     _add_training_options(ft, lr=1e-3, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
                           orth_lambda=0.01, demo=False)
+
+    mg = sub.add_parser(
+        "merge", help="merge a saved adapter into its base model: a plain transformers model folder",
+        description="Loads a local base model as the class the adapter was trained on, merges the adapter into its "
+                    "weights and saves the plain model (with the base folder's tokenizer or image processor), which "
+                    "transformers runs at the base model's cost without goft.",
+    )
+    mg.add_argument("--model", required=True, help="local transformers folder of the base model")
+    mg.add_argument("--adapter", required=True, help="folder written by goft.save_adapter (or goft finetune)")
+    mg.add_argument("--output", required=True, help="new (or empty) folder for the merged model")
+    mg.add_argument("--num-labels", type=_positive_int, default=None,
+                    help="labels of the classification head the adapter carries, if not the base config's")
+    mg.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="dtype of the saved weights (default: that of the base checkpoint)")
     return parser
 
 
@@ -200,11 +215,23 @@ def _finetune(parser, args) -> int:
     return 0
 
 
+def _merge(parser, args) -> int:
+    from goft import export
+
+    try:
+        export.merge_to_directory(args.model, args.adapter, args.output, num_labels=args.num_labels, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(parser, args)
+    if args.command == "merge":
+        return _merge(parser, args)
     return _finetune(parser, args)
 
 

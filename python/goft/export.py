@@ -1,0 +1,72 @@
+"""Export: a base model directory plus a saved adapter -> a plain transformers model directory with
+the adapter merged into its weights (``goft merge``), which runs at the base model's cost without goft.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["merge_to_directory"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_labels: Optional[int] = None,
+                       dtype: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
+    """Loads ``model_dir`` as the class the adapter was trained on, loads the adapter, merges it
+    (``goft.merge_and_unload``) and saves the plain model, with the tokenizer or image processor
+    of ``model_dir``, to ``output_dir``, which must not exist or be empty.
+
+    The merge runs in float32; the weights are saved in ``dtype`` (float32, bfloat16, float16),
+    by default the dtype the base checkpoint was saved in. ``num_labels`` sets the size of a
+    classification head that the adapter carries (modules_to_save) when it differs from the base
+    config's. Raises ValueError (FileNotFoundError for missing folders) before writing anything.
+    """
+    import transformers
+
+    import goft
+    from goft.io import _read
+
+    where = "goft merge"
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{where}: output folder {output_dir!r} exists and is not empty; pick a new one")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{where}: {model_dir!r} is not a transformers model folder (no config.json)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    description, _ = _read(adapter_dir)  # validates the files
+    class_name = description.get("model_class")
+    model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise ValueError(f"{where}: the adapter was saved from {class_name!r}, which is not a transformers model "
+                         "class; merge in Python: goft.load_adapter, goft.merge_and_unload, save_pretrained")
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved_dtype, str):
+        saved_dtype = getattr(torch, saved_dtype, None)
+    target_dtype = DTYPES[dtype] if dtype is not None else (saved_dtype if saved_dtype in DTYPES.values() else torch.float32)
+    overrides = {"num_labels": num_labels} if num_labels is not None else {}
+    log(f"loading {class_name} from {model_dir}")
+    model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, **overrides)
+    try:
+        goft.load_adapter(model, adapter_dir)
+    except ValueError as e:
+        hint = ("; the adapter's classification head has another number of labels than the base config "
+                f"({model.config.num_labels}): pass --num-labels") if "modules_to_save entry" in str(e) and num_labels is None else ""
+        raise ValueError(f"{where}: {e}{hint}") from None
+    model = goft.merge_and_unload(model).to(target_dtype)
+    model.save_pretrained(out)
+    for processor_class in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        try:
+            processor_class.from_pretrained(model_dir, local_files_only=True).save_pretrained(out)
+            break
+        except (OSError, ValueError, KeyError):  # the folder has none of this kind
+            continue
+    log(f"merged model ({str(target_dtype).removeprefix('torch.')}) saved to {out}")
+    return out
