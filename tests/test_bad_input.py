@@ -393,15 +393,35 @@ def test_adapted_layer_names_itself_in_input_errors(call, message):
         call(_one_layer())
 
 
-def test_adapter_parameters_on_another_device():
+def test_adapter_parameters_on_the_meta_device():
+    # As accelerate's offloading leaves them (test below): the layer says so, naming itself.
+    message = r"goft: layer 0 .*: the adapter's parameters are on the meta device and hold no values: offloaded"
     model = _one_layer()
     model[0].goft_angles["default"] = nn.Parameter(torch.zeros(7, device="meta"))
-    with pytest.raises(RuntimeError, match="goft.rotate: expected params on x's device cpu, got meta"):
+    with pytest.raises(RuntimeError, match=message):
         model(torch.randn(2, 8))
     model = _one_layer(scale=True)
     model[0].goft_scale["default"] = nn.Parameter(torch.ones(8, device="meta"))
-    with pytest.raises(RuntimeError, match="goft.rotate: expected scale on x's device cpu, got meta"):
+    with pytest.raises(RuntimeError, match=message):
         model(torch.randn(2, 8))
+
+
+def test_a_model_offloaded_by_accelerate_is_refused_not_silently_merged():
+    # accelerate's cpu_offload keeps every weight on the meta device and loads it for each
+    # forward: a merge would have rotated nothing in memory, and the model would then have run
+    # its base weights with the adapter marked merged, i.e. without it.
+    accelerate = pytest.importorskip("accelerate")
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    goft.inject(model)
+    perturb_adapters(model, 0.3)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"goft.merge: the weight of layer model.layers.0.self_attn.q_proj is on the meta device: offloaded"):
+        goft.merge(model)
+    assert not any(layer.merged_adapters for layer in model.modules() if isinstance(layer, GivensLinear))
+    with pytest.raises(RuntimeError, match=r"layer model.layers.0.self_attn.q_proj .*meta device and hold no values"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_d_equal_one_layer_trains_merges_and_unmerges():

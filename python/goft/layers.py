@@ -250,6 +250,12 @@ class GivensLinear(nn.Module):
         if not x.is_floating_point():
             raise RuntimeError(f"{self._where()}: expected a floating-point input, got {x.dtype}")
         params, scale, angle_parameterisation = self.op_arguments(name)
+        if (params.is_meta or (scale is not None and scale.is_meta)) and not x.is_meta:
+            raise RuntimeError(
+                f"{self._where()}: the adapter's parameters are on the meta device and hold no values: offloaded "
+                "(accelerate's cpu_offload or disk offload, device_map entries 'cpu'/'disk' with hooks), which goft "
+                "does not support, or never loaded"
+            )
         if not args and not kwargs and self._rotates_weight(x):
             base = self.base_layer
             return rotated_linear(x, base.weight, base.bias, params, scale, angle_parameterisation)
@@ -381,6 +387,12 @@ class GivensLinear(nn.Module):
 
     def _check_weight(self) -> None:
         weight = self.base_layer.weight
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise ValueError(
+                f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is on the meta "
+                "device: offloaded (accelerate's cpu_offload or disk offload), or never loaded, so a merge would "
+                "change no weight in memory; merge a model whose weights are loaded"
+            )
         stored_in_out = is_conv1d(self.base_layer)
         if (
             not isinstance(weight, torch.Tensor)
