@@ -129,6 +129,9 @@ def test_save_merged_writes_a_plain_model_that_predicts_as_the_adapter(tiny_mode
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     metrics = json.loads((out / "metrics.json").read_text())["result"]
     assert metrics["merged_path"] == str(out / "merged")
+    # As the README says: a pipeline runs the folder as it is.
+    predicted = transformers.pipeline("text-classification", model=str(out / "merged"), device="cpu")(split.test_texts)
+    assert [p["label"] for p in predicted] == [merged.config.id2label[i] for i in got.argmax(-1).tolist()]
 
 
 def test_save_merged_needs_an_output_dir(tiny_model, csv_file, capsys, no_training):
