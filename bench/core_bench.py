@@ -11,7 +11,6 @@ reuses (so its memcpy may be cache-resident where the kernels are not: compare w
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import subprocess
 import sys

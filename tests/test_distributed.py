@@ -195,7 +195,7 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     return full
 
 
-def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
+def _fsdp1_refusals(out_dir: str) -> dict:
     """What each goft call that needs whole parameters says about a qGOFT model under FSDP1,
     outside forward (where its parameters are flat shards): {call: error message, or "no error"}.
     Wrapped with a unit per decoder layer, and as one unit (named_modules then shows no wrapper)."""
@@ -223,7 +223,7 @@ def _fsdp1_refusals(rank: int, out_dir: str) -> dict:
     record("OrthogonalityPenaltyCallback", lambda: OrthogonalityPenaltyCallback().on_train_begin(args, None, None, model=model))
     record("SaveAdapterCallback", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=model))
     # The wrapped model still trains and saves (every rank gathers, rank 0 writes).
-    goft.save_adapter(wrapped, os.path.join(out_dir, f"fsdp1-refusals-resaved"))
+    goft.save_adapter(wrapped, os.path.join(out_dir, "fsdp1-refusals-resaved"))
 
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -309,7 +309,7 @@ def _worker(out_dir: str) -> None:
         # The DDP, FSDP and Accelerate wrappers sit in reference cycles that hold the process
         # group; free them now, while the group and the interpreter are whole.
         gc.collect()
-    torch.save(_fsdp1_refusals(rank, out_dir), os.path.join(out_dir, f"fsdp1-refusals.rank{rank}.pt"))
+    torch.save(_fsdp1_refusals(out_dir), os.path.join(out_dir, f"fsdp1-refusals.rank{rank}.pt"))
     gc.collect()
     torch.save(_bfloat16_under_fsdp(out_dir), os.path.join(out_dir, f"bfloat16.rank{rank}.pt"))
     gc.collect()

@@ -1,7 +1,6 @@
 """goft.inject on tiny Hugging Face models: targets, freezing, identity, training, adapters, errors, integrations."""
 
 import dataclasses
-import re
 import tempfile
 import warnings
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 import goft
-from goft import GivensLinear, GOFTConfig
+from goft import GivensLinear
 
 from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, tiny_llama, transformers
 
