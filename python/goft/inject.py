@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from goft.config import GOFTConfig
-from goft.layers import GivensLinear, is_adaptable, is_conv1d, orthogonality_term
+from goft.layers import GivensLinear, flattened_by_fsdp1, is_adaptable, is_conv1d, is_fsdp1_unit, orthogonality_term
 from goft.presets import default_target_modules
 
 __all__ = [
@@ -510,7 +510,7 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
     """
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if isinstance(module, nn.parallel.DistributedDataParallel) or kind == "FullyShardedDataParallel":
+        if isinstance(module, nn.parallel.DistributedDataParallel) or is_fsdp1_unit(module):
             raise ValueError(
                 f"{where}: {name or 'the model'} is wrapped by {kind}; add goft adapters to the plain model first "
                 "and wrap it afterwards (the wrapper only synchronises the parameters it saw when it wrapped)"
@@ -523,7 +523,7 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
                 f"{where}: parameter {name} is sharded (FSDP2 fully_shard or another DTensor plan); add goft adapters "
                 "to the plain model first and shard it afterwards"
             )
-        if getattr(param, "_fsdp_flattened", False):
+        if flattened_by_fsdp1(param):
             raise ValueError(
                 f"{where}: parameter {name} is flattened and sharded by FullyShardedDataParallel (FSDP1); add goft "
                 "adapters to the plain model first and wrap it afterwards"

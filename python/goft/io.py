@@ -36,7 +36,7 @@ from goft.inject import (
     plain_module_name,
     set_adapter,
 )
-from goft.layers import adapter_shapes, input_width, is_adaptable
+from goft.layers import adapter_shapes, input_width, is_adaptable, is_fsdp1_unit
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -308,7 +308,7 @@ def _fsdp1_units(model: nn.Module) -> List[str]:
     Raises ValueError for units inside a model that is not one itself: gathering from a unit that
     is not the root would make it the root of its own tree and break the training that follows.
     """
-    units = [name for name, module in model.named_modules() if type(module).__name__ == "FullyShardedDataParallel"]
+    units = [name for name, module in model.named_modules() if is_fsdp1_unit(module)]
     if units and units[0] != "":
         raise ValueError(
             f"goft.save_adapter: {units[0]} is a FullyShardedDataParallel unit inside the model passed; call "

@@ -91,6 +91,18 @@ def adapter_shapes(config: GOFTConfig, d: int) -> Dict[str, Tuple[int, ...]]:
 # some ranks. Anything computed from it there (a penalty, a saved file, a merge) would be wrong
 # without an error, so the code that reads whole parameters checks their shapes first.
 FLATTENED_BY_FSDP1 = "FullyShardedDataParallel (FSDP1) keeps parameters flattened and sharded outside forward"
+
+
+def is_fsdp1_unit(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP1 ``FullyShardedDataParallel`` (named, so torch.distributed
+    need not be imported to ask)."""
+    return type(module).__name__ == "FullyShardedDataParallel"
+
+
+def flattened_by_fsdp1(tensor: torch.Tensor) -> bool:
+    """Whether FSDP1 manages ``tensor`` as part of a flat parameter (its mark on them)."""
+    return bool(getattr(tensor, "_fsdp_flattened", False))
+
 # What to do instead, for the calls that refuse such parameters.
 PENALTY_UNDER_FSDP1 = (
     "qGOFT's penalty needs whole blocks: shard with FSDP2 (torch.distributed.fsdp.fully_shard; transformers.Trainer: "
@@ -400,7 +412,7 @@ class GivensLinear(nn.Module):
             or weight.dim() != 2
             or weight.shape[0 if stored_in_out else 1] != self.in_features
         ):
-            flattened = getattr(weight, "_fsdp_flattened", False)  # FSDP1's mark on the parameters it manages
+            flattened = flattened_by_fsdp1(weight)
             raise (ValueError if flattened else NotImplementedError)(
                 f"goft.merge: cannot merge into {type(self.base_layer).__name__}: expected a floating (out, in) "
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "

@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from goft.inject import goft_layers, orthogonality_penalty
 from goft.io import save_adapter
+from goft.layers import flattened_by_fsdp1, is_fsdp1_unit
 
 __all__ = ["OrthogonalityPenaltyCallback", "SaveAdapterCallback"]
 
@@ -45,8 +46,7 @@ def _require_goft_model(model, who: str) -> None:
 def _sharded_by_fsdp1(model) -> bool:
     # The callbacks get the model inside FSDP1's wrapper: it holds the wrappers of nested units,
     # or, wrapped as one unit, parameters that FSDP1 marked as flattened.
-    return any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()) or any(
-        getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+    return any(is_fsdp1_unit(m) for m in model.modules()) or any(flattened_by_fsdp1(p) for p in model.parameters())
 
 
 class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
