@@ -214,12 +214,15 @@ def _fsdp1_refusals(out_dir: str) -> dict:
 
     model = _model("llama", {"variant": "qgoft", "orth_lambda": 0.5})
     goft.save_adapter(model, os.path.join(out_dir, "fsdp1-refusals-adapter"))
+    counts = {"before wrapping": goft.count_parameters(model)}
     wrapped, _, _ = _fsdp1(model, lambda m: None)
+    counts["the wrapper"] = goft.count_parameters(wrapped)
     args = types.SimpleNamespace(fp16=False, deepspeed=None)
     record("orthogonality_penalty", lambda: goft.orthogonality_penalty(model))
     record("merge", lambda: goft.merge(model))
     record("save_adapter of the inner model", lambda: goft.save_adapter(model, os.path.join(out_dir, "unused")))
     record("inject", lambda: goft.inject(model, adapter_name="second"))
+    record("count_parameters of the inner model", lambda: goft.count_parameters(model))
     record("OrthogonalityPenaltyCallback", lambda: OrthogonalityPenaltyCallback().on_train_begin(args, None, None, model=model))
     record("SaveAdapterCallback", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=model))
     # The wrapped model still trains and saves (every rank gathers, rank 0 writes).
@@ -242,7 +245,8 @@ def _fsdp1_refusals(out_dir: str) -> dict:
     one_unit_wrapped = FullyShardedDataParallel(one_unit, use_orig_params=True, device_id=torch.device("cpu"))
     record("SaveAdapterCallback, one unit", lambda: SaveAdapterCallback().on_train_begin(args, None, None, model=one_unit))
     goft.save_adapter(one_unit_wrapped, os.path.join(out_dir, "fsdp1-one-unit-after"))  # gathers the root unit
-    return results
+    counts["the one-unit wrapper"] = goft.count_parameters(one_unit_wrapped)
+    return {"refusals": results, "counts": counts}
 
 
 def _bfloat16_under_fsdp(out_dir: str) -> dict:
@@ -401,6 +405,8 @@ FSDP1_REFUSALS = {
     "save_adapter of the inner model": r"goft.save_adapter: model.layers.0 is a FullyShardedDataParallel unit inside the model passed; "
                                        r"call goft.save_adapter on every rank with the FullyShardedDataParallel-wrapped model itself",
     "inject": r"goft.inject: model.layers.0 is wrapped by FullyShardedDataParallel; add goft adapters to the plain model first",
+    "count_parameters of the inner model": r"count_parameters: model.embed_tokens.weight is a shard \(FullyShardedDataParallel "
+                                           r"\(FSDP1\).*pass the outermost FullyShardedDataParallel wrapper",
     "OrthogonalityPenaltyCallback": rf"goft.trainer.OrthogonalityPenaltyCallback: goft.orthogonality_penalty: .*{FSDP1_FLAT}",
     "SaveAdapterCallback": r"goft.trainer.SaveAdapterCallback: the model is sharded by FSDP1 .*fsdp_version': 2.*"
                            r"goft.save_adapter\(trainer.model, dir\) on every rank",
@@ -416,7 +422,8 @@ FSDP1_REFUSALS = {
 def test_calls_that_need_whole_parameters_refuse_fsdp1_shards_by_name(two_process_results, rank):
     # Outside forward, FSDP1 leaves each rank a flat shard of every parameter (empty on some):
     # a penalty, merge or file computed from it would be wrong without an error.
-    found = torch.load(two_process_results / f"fsdp1-refusals.rank{rank}.pt")
+    recorded = torch.load(two_process_results / f"fsdp1-refusals.rank{rank}.pt")
+    found = recorded["refusals"]
     assert set(found) == set(FSDP1_REFUSALS)
     for call, pattern in FSDP1_REFUSALS.items():
         assert re.search(pattern, found[call]), f"{call}: {found[call]}"
@@ -429,6 +436,14 @@ def test_calls_that_need_whole_parameters_refuse_fsdp1_shards_by_name(two_proces
         expected = {k: v for k, v in before.named_parameters() if v.requires_grad}
         found = {k: v for k, v in after.named_parameters() if v.requires_grad}
         assert set(found) == set(expected) and all(torch.equal(v, expected[k]) for k, v in found.items()), after_name
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_parameter_counts_of_an_fsdp1_wrapper_are_the_whole_models(two_process_results, rank):
+    # Each rank holds a shard of every parameter (about half here), yet a count is of the model.
+    counts = torch.load(two_process_results / f"fsdp1-refusals.rank{rank}.pt")["counts"]
+    assert counts["the wrapper"] == counts["before wrapping"]
+    assert counts["the one-unit wrapper"] == goft.count_parameters(_model("llama", {}))
 
 
 @pytest.mark.parametrize("rank", range(WORLD))

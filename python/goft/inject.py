@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from goft.config import GOFTConfig
-from goft.layers import GivensLinear, flattened_by_fsdp1, is_adaptable, is_conv1d, is_fsdp1_unit, orthogonality_term
+from goft.layers import FLATTENED_BY_FSDP1, GivensLinear, flattened_by_fsdp1, is_adaptable, is_conv1d, is_fsdp1_unit, orthogonality_term
 from goft.presets import default_target_modules
 
 __all__ = [
@@ -408,13 +408,41 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
 
 @accepts_compiled
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    """(trainable, total) parameter counts; shared (tied) parameters count once.
+
+    Under FSDP1 pass the wrapper (or count before wrapping): a rank holds only its shard of each
+    parameter, and the whole sizes are read from the units' flat parameters."""
+    whole = _fsdp1_whole_numels(model)
     trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
+    for name, p in model.named_parameters():
+        numel = whole.get(id(p))
+        if numel is None:
+            if flattened_by_fsdp1(p):
+                raise ValueError(
+                    f"count_parameters: {name} is a shard ({FLATTENED_BY_FSDP1}) whose unit is outside "
+                    "`model`: pass the outermost FullyShardedDataParallel wrapper, or count before wrapping"
+                )
+            numel = p.numel()
+        total += numel
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += numel
     return trainable, total
+
+
+def _fsdp1_whole_numels(model: nn.Module) -> Dict[int, int]:
+    """{id(parameter): its whole number of elements} for the parameters that the FSDP1 units in
+    ``model`` keep as flat shards: the original parameters (use_orig_params=True) and the flat
+    parameters themselves (use_orig_params=False), from the metadata FSDP1 keeps on each."""
+    whole = {}
+    for module in model.modules():
+        flat = getattr(module, "_flat_param", None) if is_fsdp1_unit(module) else None
+        numels = getattr(flat, "_numels", None)
+        if numels is None:
+            continue
+        whole[id(flat)] = sum(numels)
+        for param, numel in zip(getattr(flat, "_params", None) or (), numels):
+            whole[id(param)] = numel
+    return whole
 
 
 @accepts_compiled
