@@ -39,7 +39,15 @@ SCENARIOS = {
     "fsdp1-llama-goft-scale-adamw": ("llama", {"scale": True, "modules_to_save": ["lm_head"]}, "adamw", "fsdp1"),
     "accelerate-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "accelerate"),
     "trainer-llama-qgoft-sgd": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "sgd", "trainer"),
+    "deepspeed-zero3-llama-goft-scale-adamw": ("llama", {"scale": True, "modules_to_save": ["lm_head"]}, "adamw", "deepspeed"),
+    "trainer-deepspeed-zero3-llama-goft-scale-adamw": ("llama", {"scale": True}, "adamw", "trainer+deepspeed"),
 }
+# What the scenarios of an engine need installed beyond torch and transformers.
+NEEDS = {"accelerate": "accelerate", "deepspeed": "deepspeed", "trainer+deepspeed": "deepspeed"}
+
+# DeepSpeed ZeRO-3 with every parameter partitioned (no persistence threshold), as the large
+# parameters of a real model are; the loops' own torch optimizers, which DeepSpeed wraps.
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True}
 
 
 def _model(kind: str, overrides) -> nn.Module:
@@ -116,14 +124,50 @@ def _accelerate(model, make_optimizer):
     return model, optimizer, accelerator.backward
 
 
-ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "fsdp2+callback": _fsdp2, "fsdp1": _fsdp1, "accelerate": _accelerate}
+class _EngineSteps:
+    """The optimizer calls of the training loop, for DeepSpeed, whose engine steps the optimizer
+    and clears the gradients itself."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def step(self):
+        self.engine.step()
+
+    def zero_grad(self):
+        pass
 
 
-def _train_with_trainer(model, make_optimizer, world: int, out_dir: str) -> None:
+def _deepspeed_zero3(model, make_optimizer):
+    import deepspeed
+
+    config = {**ZERO3, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
+    return engine, _EngineSteps(engine), engine.backward
+
+
+def _whole_under_zero3(params):
+    """A context in which DeepSpeed ZeRO-3 parameters are whole on every rank (no-op for others)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "fsdp2+callback": _fsdp2, "fsdp1": _fsdp1, "accelerate": _accelerate,
+           "deepspeed": _deepspeed_zero3}
+
+
+def _train_with_trainer(model, make_optimizer, world: int, out_dir: str, deepspeed: bool = False) -> None:
     """STEPS optimizer steps of transformers.Trainer over the global batch of step 0 (every step
     sees all GLOBAL_BATCH rows, so the sampler's order cannot matter), two micro-batches per step
     and rank; the penalty by goft.trainer.OrthogonalityPenaltyCallback, the adapter written into
-    the last checkpoint by SaveAdapterCallback."""
+    the last checkpoint by SaveAdapterCallback. With ``deepspeed`` (several ranks only), under
+    DeepSpeed ZeRO-3 and without the penalty's callback, which refuses DeepSpeed; Trainer then
+    builds its own AdamW from the arguments, in one process too (under DeepSpeed it ignores an
+    optimizer passed in), so ``make_optimizer`` is not used."""
     import transformers
 
     from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
@@ -133,11 +177,17 @@ def _train_with_trainer(model, make_optimizer, world: int, out_dir: str) -> None
     args = transformers.TrainingArguments(
         output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world // 2,
         gradient_accumulation_steps=2, report_to="none", use_cpu=True, save_strategy="steps",
-        save_steps=STEPS, disable_tqdm=True, seed=0, ddp_backend="gloo" if world > 1 else None)
+        save_steps=STEPS, disable_tqdm=True, seed=0, ddp_backend="gloo" if world > 1 else None,
+        learning_rate=LR["adamw"], weight_decay=0.01,
+        # "auto": Trainer's own values, max_grad_norm's clipping included, as without DeepSpeed.
+        deepspeed={**ZERO3, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                   "gradient_clipping": "auto"}
+        if deepspeed and world > 1 else None)
+    callbacks = [SaveAdapterCallback()] if deepspeed else [OrthogonalityPenaltyCallback(), SaveAdapterCallback()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(make_optimizer(model), None),
-                                       callbacks=[OrthogonalityPenaltyCallback(), SaveAdapterCallback()])
+        optimizers = (None, None) if deepspeed else (make_optimizer(model), None)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=optimizers, callbacks=callbacks)
         assert trainer.args.world_size == world, "Trainer must train on every rank of the process group"
         trainer.train()
 
@@ -159,14 +209,16 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     def make_optimizer(m):
         return _optimizer(optimizer_name, [p for p in m.parameters() if p.requires_grad])
 
-    if SCENARIOS[name][3] == "trainer":
+    if engine_name.startswith("trainer"):
         with tempfile.TemporaryDirectory() as scratch:
             checkpoints = save_to or scratch
-            _train_with_trainer(model, make_optimizer, world, checkpoints)
+            _train_with_trainer(model, make_optimizer, world, checkpoints, deepspeed=engine_name.endswith("+deepspeed"))
             if save_to is not None and rank == 0:  # the adapter where the other scenarios save theirs
                 shutil.copytree(os.path.join(checkpoints, f"checkpoint-{STEPS}", "goft_adapter"), save_to,
                                 dirs_exist_ok=True)
-        return {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+        trained = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        with _whole_under_zero3([p for _, p in trained]):
+            return {n: p.detach().clone() for n, p in trained}
     model, optimizer, backward = engine(model, make_optimizer)
     # The penalty through the callback where the scenario says so (only with several ranks: the
     # single process it is compared with puts it in the loss).
@@ -185,12 +237,13 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     full = {}
     # FSDP1 keeps flat shards outside forward; its context gathers them (no-op otherwise).
     fsdp1 = isinstance(model, FullyShardedDataParallel)
-    with FullyShardedDataParallel.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext():
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext(), \
+            _whole_under_zero3(list(inner.parameters())):
         for param_name, param in inner.named_parameters():
             if param.requires_grad:
                 value = param.full_tensor() if hasattr(param, "full_tensor") else param
                 full[plain_module_name(param_name)] = value.detach().clone()
-    if save_to is not None and (rank == 0 or engine in (_fsdp2, _fsdp1)):
+    if save_to is not None and (rank == 0 or engine in (_fsdp2, _fsdp1, _deepspeed_zero3)):
         goft.save_adapter(model if fsdp1 else inner, save_to)
     return full
 
@@ -247,6 +300,77 @@ def _fsdp1_refusals(out_dir: str) -> dict:
     goft.save_adapter(one_unit_wrapped, os.path.join(out_dir, "fsdp1-one-unit-after"))  # gathers the root unit
     counts["the one-unit wrapper"] = goft.count_parameters(one_unit_wrapped)
     return {"refusals": results, "counts": counts}
+
+
+def _under_zero3(out_dir: str) -> dict:
+    """goft with DeepSpeed ZeRO-3, every parameter partitioned: a base model built under
+    deepspeed.zero.Init (as from_pretrained builds it under a ZeRO-3 config) takes an adapter with
+    a trained-looking head, then deepspeed.initialize takes the model. Returns {"facts": what was
+    found, "refusals": {call: error message, or "no error"}}."""
+    import deepspeed
+    import torch.distributed as dist
+    import transformers
+
+    from tiny_models import HEADS, HIDDEN
+
+    rank = dist.get_rank()
+    config = {**ZERO3, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1}
+    facts, refusals = {}, {}
+
+    def record(call, run):
+        try:
+            run()
+            refusals[call] = "no error"
+        except ValueError as e:
+            refusals[call] = str(e)
+
+    # The adapter: random values, the same on every rank, and the head in modules_to_save.
+    plain = _model("llama", {"modules_to_save": ["lm_head"]})
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(11)
+        for param in (p for _, p in plain.named_parameters() if p.requires_grad):
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    saved = os.path.join(out_dir, f"zero3-adapter.rank{rank}")
+    goft.save_adapter(plain, saved)
+    facts["counts, plain"] = goft.count_parameters(plain)
+
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        base = goft.unload(_model("llama", {}))
+    facts["base weight shape before inject"] = tuple(base.model.layers[0].self_attn.q_proj.weight.shape)
+    goft.load_adapter(base, saved)  # wraps partitioned layers; the head is gathered to be set
+    facts["counts, zero.Init model with the adapter"] = goft.count_parameters(base)
+    engine, _, _, _ = deepspeed.initialize(model=base, optimizer=torch.optim.AdamW(
+        [p for p in base.parameters() if p.requires_grad], lr=LR["adamw"]), config=config)
+    facts["adapter shape after initialize"] = tuple(base.model.layers[0].self_attn.q_proj.goft_angles["default"].shape)
+    facts["counts, after initialize"] = goft.count_parameters(base)
+    resaved = os.path.join(out_dir, "zero3-resaved")
+    goft.save_adapter(base, resaved)  # every rank gathers, rank 0 writes
+    record("save_adapter of the engine", lambda: goft.save_adapter(engine, os.path.join(out_dir, "unused")))
+    record("merge", lambda: goft.merge(base))
+    record("inject after initialize", lambda: goft.inject(base, adapter_name="second"))
+    record("load_adapter after initialize", lambda: goft.load_adapter(base, saved, adapter_name="second"))
+
+    quasi = _model("llama", {"variant": "qgoft", "orth_lambda": 0.5})
+    deepspeed.initialize(model=quasi, optimizer=torch.optim.AdamW(
+        [p for p in quasi.parameters() if p.requires_grad], lr=LR["adamw"]), config=config)
+    record("orthogonality_penalty", lambda: goft.orthogonality_penalty(quasi))
+    # Every parameter under the persistence threshold: whole on every rank, still DeepSpeed's.
+    persistent = _model("llama", {})
+    persistent_engine, _, _, _ = deepspeed.initialize(model=persistent, optimizer=torch.optim.AdamW(
+        [p for p in persistent.parameters() if p.requires_grad], lr=LR["adamw"]),
+        config={**config, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10**9}})
+    ids, labels = _batch("llama", 0)
+    persistent_engine.backward(persistent_engine(input_ids=ids, labels=labels).loss)  # gathers them for good
+    persistent_engine.step()
+    facts["persistent weight shape"] = tuple(persistent.model.layers[0].self_attn.q_proj.weight.shape)
+    record("merge, whole parameters", lambda: goft.merge(persistent))
+
+    # GPT-2's Conv1D keeps its weight (in, out): the width comes from the whole shape.
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=HIDDEN, n_layer=1, n_head=HEADS, vocab_size=100))
+    goft.inject(gpt2)
+    facts["gpt2 widths"] = {n: m.in_features for n, m in gpt2.named_modules() if isinstance(m, goft.GivensLinear)}
+    return {"facts": facts, "refusals": refusals}
 
 
 def _bfloat16_under_fsdp(out_dir: str) -> dict:
@@ -306,7 +430,7 @@ def _worker(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (_, _, _, engine) in SCENARIOS.items():
-        if engine == "accelerate" and importlib.util.find_spec("accelerate") is None:
+        if engine in NEEDS and importlib.util.find_spec(NEEDS[engine]) is None:
             continue
         trained = _train(name, rank, world, ENGINES.get(engine), save_to=os.path.join(out_dir, name))
         torch.save(trained, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
@@ -317,6 +441,9 @@ def _worker(out_dir: str) -> None:
     gc.collect()
     torch.save(_bfloat16_under_fsdp(out_dir), os.path.join(out_dir, f"bfloat16.rank{rank}.pt"))
     gc.collect()
+    if importlib.util.find_spec("deepspeed") is not None:
+        torch.save(_under_zero3(out_dir), os.path.join(out_dir, f"zero3.rank{rank}.pt"))
+        gc.collect()
     dist.barrier()
     # Every rank leaves gloo's barrier once its peers' messages reached it, not its own: a rank
     # that closed its connections right away could fail a peer still finishing the barrier
@@ -362,7 +489,7 @@ def two_process_results(tmp_path_factory):
 
 def _results(out, name):
     if not (out / f"{name}.rank0.pt").exists():
-        pytest.skip(f"{SCENARIOS[name][3]} is not installed")
+        pytest.skip(f"{NEEDS.get(SCENARIOS[name][3], SCENARIOS[name][3])} is not installed")
     return [torch.load(out / f"{name}.rank{r}.pt") for r in range(WORLD)]
 
 
@@ -444,6 +571,47 @@ def test_parameter_counts_of_an_fsdp1_wrapper_are_the_whole_models(two_process_r
     counts = torch.load(two_process_results / f"fsdp1-refusals.rank{rank}.pt")["counts"]
     assert counts["the wrapper"] == counts["before wrapping"]
     assert counts["the one-unit wrapper"] == goft.count_parameters(_model("llama", {}))
+
+
+ZERO3_REFUSALS = {
+    "save_adapter of the engine": r"goft.save_adapter: DeepSpeedEngine wraps the injected model; pass the wrapped model \(model.module",
+    "merge": r"goft.merge: parameter goft_angles.default of layer model.layers.0.self_attn.q_proj has shape \(0,\), "
+             r"expected \(31,\): DeepSpeed ZeRO-3 partitions parameters .*merge a plain model",
+    "merge, whole parameters": r"goft.merge: the weight of layer model.layers.0.self_attn.q_proj is managed by DeepSpeed ZeRO-3 "
+                               r".*merge a plain model",
+    "inject after initialize": r"goft.inject: the model is already taken by deepspeed.initialize; add goft adapters to the plain model first",
+    "load_adapter after initialize": r"goft.load_adapter\(.*\): the model is already taken by deepspeed.initialize",
+    "orthogonality_penalty": r"goft.orthogonality_penalty: parameter goft_blocks.default of layer model.layers.0.self_attn.q_proj has "
+                             r"shape \(0,\), expected \(31, 2, 2\): DeepSpeed ZeRO-3 partitions parameters .*ZeRO stage 1 or 2",
+}
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_deepspeed_zero3_partitions_are_gathered_to_load_and_save_and_refused_elsewhere(two_process_results, rank):
+    if not (two_process_results / f"zero3.rank{rank}.pt").exists():
+        pytest.skip("deepspeed is not installed")
+    from tiny_models import HIDDEN
+
+    found = torch.load(two_process_results / f"zero3.rank{rank}.pt")
+    facts, refusals = found["facts"], found["refusals"]
+    assert set(refusals) == set(ZERO3_REFUSALS)
+    for call, pattern in ZERO3_REFUSALS.items():
+        assert re.search(pattern, refusals[call]), f"{call}: {refusals[call]}"
+    # The base was partitioned before the adapter came, and so was the adapter after initialize;
+    # the counts are the whole model's throughout.
+    assert facts["base weight shape before inject"] == (0,) and facts["adapter shape after initialize"] == (0,)
+    assert facts["persistent weight shape"] == (HIDDEN, HIDDEN)
+    assert facts["counts, zero.Init model with the adapter"] == facts["counts, plain"]
+    assert facts["counts, after initialize"] == facts["counts, plain"]
+    assert facts["gpt2 widths"] and set(facts["gpt2 widths"].values()) <= {HIDDEN, 4 * HIDDEN}
+    assert facts["gpt2 widths"]["transformer.h.0.mlp.c_proj"] == 4 * HIDDEN
+    # What the partitioned model saved is what was loaded into it, the head included.
+    loaded = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / f"zero3-adapter.rank{rank}"))
+    resaved = goft.load_adapter(goft.unload(_model("llama", {})), str(two_process_results / "zero3-resaved"))
+    expected = {k: v for k, v in loaded.named_parameters() if v.requires_grad}
+    got = {k: v for k, v in resaved.named_parameters() if v.requires_grad}
+    assert "lm_head.weight" in got and any(".goft_" in k for k in got)
+    assert set(got) == set(expected) and all(torch.equal(v, expected[k]) for k, v in got.items())
 
 
 @pytest.mark.parametrize("rank", range(WORLD))

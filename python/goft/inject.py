@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from goft.config import GOFTConfig
-from goft.layers import FLATTENED_BY_FSDP1, GivensLinear, flattened_by_fsdp1, is_adaptable, is_conv1d, is_fsdp1_unit, orthogonality_term
+from goft.layers import (
+    FLATTENED_BY_FSDP1,
+    GivensLinear,
+    flattened_by_fsdp1,
+    is_adaptable,
+    is_conv1d,
+    is_fsdp1_unit,
+    orthogonality_term,
+    whole_numel,
+)
 from goft.presets import default_target_modules
 
 __all__ = [
@@ -411,7 +420,8 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once.
 
     Under FSDP1 pass the wrapper (or count before wrapping): a rank holds only its shard of each
-    parameter, and the whole sizes are read from the units' flat parameters."""
+    parameter, and the whole sizes are read from the units' flat parameters. Under DeepSpeed
+    ZeRO-3 they are read from the parameters themselves."""
     whole = _fsdp1_whole_numels(model)
     trainable = total = 0
     for name, p in model.named_parameters():
@@ -422,7 +432,7 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
                     f"count_parameters: {name} is a shard ({FLATTENED_BY_FSDP1}) whose unit is outside "
                     "`model`: pass the outermost FullyShardedDataParallel wrapper, or count before wrapping"
                 )
-            numel = p.numel()
+            numel = whole_numel(p)  # DeepSpeed ZeRO-3 records it beside the partition
         total += numel
         if p.requires_grad:
             trainable += numel
@@ -543,6 +553,14 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
                 f"{where}: {name or 'the model'} is wrapped by {kind}; add goft adapters to the plain model first "
                 "and wrap it afterwards (the wrapper only synchronises the parameters it saw when it wrapped)"
             )
+        # deepspeed.initialize numbers every module it takes (ZeRO-3) or wraps it in its engine;
+        # a model only built under deepspeed.zero.Init (from_pretrained with a ZeRO-3 config) is
+        # not taken yet, and adapters may still be added to it.
+        if kind == "DeepSpeedEngine" or isinstance(getattr(module, "ds_id", None), int):
+            raise ValueError(
+                f"{where}: {name or 'the model'} is already taken by deepspeed.initialize; add goft adapters to the "
+                "plain model first and initialize it afterwards (its optimizer only holds the parameters it saw)"
+            )
     # FSDP2 (fully_shard) turns parameters into DTensors in place; FSDP1 marks the parameters it
     # flattens, which are all a model wrapped as one unit shows (named_modules finds no wrapper).
     for name, param in model.named_parameters():
@@ -559,7 +577,10 @@ def _check_not_distributed(model: nn.Module, where: str) -> None:
 
 
 def _require_injected(model: nn.Module, where: str) -> Dict[str, GOFTConfig]:
-    configs = getattr(model, CONFIGS_ATTR, None)
+    # The model's own attribute: a wrapper that forwards unknown attributes to the model it
+    # wraps (DeepSpeed's engine) would otherwise pass for it, with its names in front of every
+    # layer. FSDP1's wrapper forwards them too, and is what save_adapter gathers FSDP1 units from.
+    configs = getattr(model, CONFIGS_ATTR, None) if is_fsdp1_unit(model) else vars(model).get(CONFIGS_ATTR)
     if configs is None:  # {} is still injected: its last adapter was deleted, the wrappers remain
         inner = getattr(model, "module", None)
         if isinstance(inner, nn.Module) and getattr(inner, CONFIGS_ATTR, None) is not None:

@@ -36,7 +36,7 @@ from goft.inject import (
     plain_module_name,
     set_adapter,
 )
-from goft.layers import adapter_shapes, input_width, is_adaptable, is_fsdp1_unit
+from goft.layers import adapter_shapes, input_width, is_adaptable, is_fsdp1_unit, managed_by_zero3, whole_shape
 
 __all__ = ["save_adapter", "load_adapter", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -55,9 +55,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     be loaded under any name. Names are the plain model's: what wrappers add in front of a module
     (torch.compile's ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``) is left out.
 
-    A sharded model, by FSDP2 (``fully_shard``) or FSDP1 (pass the ``FullyShardedDataParallel``
-    it returned): call this on every rank. The shards are gathered (a collective, hence every
-    rank) and only rank 0 writes the files.
+    A sharded model, by FSDP2 (``fully_shard``), FSDP1 (pass the ``FullyShardedDataParallel``
+    it returned) or DeepSpeed ZeRO-3 (pass the model inside the engine): call this on every rank.
+    The shards are gathered (a collective, hence every rank) and only rank 0 writes the files.
     """
     import safetensors.torch
     import goft
@@ -86,9 +86,15 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
                              f"unit {inner_unit}; wrap it as one unit, or inside one")
         saved_by_unit.setdefault(_owner(module_name, units), []).append(module_name)
 
+    # DeepSpeed ZeRO-3 partitions: what is read is gathered at once (the adapter and the
+    # modules_to_save, small beside the model) on every rank.
+    partitioned = [p for _, layer in named_goft_layers(model) if name in layer.adapter_configs
+                   for p in layer.adapter_parameters(name).values() if managed_by_zero3(p)]
+    partitioned += [p for n in saved_modules for p in model.get_submodule(n).parameters() if managed_by_zero3(p)]
+
     tensors: Dict[str, torch.Tensor] = {}
     layers: Dict[str, Dict[str, Any]] = {}
-    sharded = bool(units)
+    sharded = bool(units) or bool(partitioned)
 
     def gathered(value: torch.Tensor) -> torch.Tensor:
         nonlocal sharded
@@ -101,7 +107,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     # FSDP1 gathers one unit at a time, the root first (its first gather sets up the whole tree),
     # so no device holds more than one unit's whole parameters.
     for unit_name in units or [""]:
-        with _whole_parameters_of(model.get_submodule(unit_name) if units else None):
+        with _whole_parameters_of(model.get_submodule(unit_name) if units else None), _gathered_by_zero3(partitioned):
             for module_name, layer in layers_by_unit.get(unit_name, []):
                 layer.check_whole(name, "goft.save_adapter", "call goft.save_adapter on every rank with the "
                                   "FullyShardedDataParallel-wrapped model itself, which gathers the shards")
@@ -146,6 +152,9 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     Everything (JSON, checksum, tensor names/shapes/dtypes, model_type, every target layer and
     its width, modules_to_save entries) is checked before the model is touched; any mismatch
     raises ValueError (FileNotFoundError for a missing file) and leaves the model unchanged.
+
+    A model built under DeepSpeed's ``zero.Init`` (``from_pretrained`` with a ZeRO-3 config):
+    load on every rank, before ``deepspeed.initialize``; modules_to_save are gathered to be set.
     """
     description, tensors = _read(path)
     config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
@@ -155,8 +164,11 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
             layer = model.get_submodule(module_name)
             for store_name, param in layer.adapter_parameters(adapter_name).items():
                 param.copy_(tensors[f"{saved_name}.{store_name}"])
-        for key, target in saved_entries:
-            target.copy_(tensors[key])
+        # A model built under DeepSpeed's zero.Init holds partitions: every rank gathers, writes
+        # the same values, and rank 0's are partitioned again.
+        with _gathered_by_zero3([t for _, t in saved_entries if managed_by_zero3(t)], modifier_rank=0):
+            for key, target in saved_entries:
+                target.copy_(tensors[key])
     set_adapter(model, adapter_name)
     return model
 
@@ -293,9 +305,9 @@ def _validate(
         target = _state_entry(model, key, {plain: name for plain, (name, _) in modules.items()})
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
-        if target.shape != tensors[key].shape or target.dtype != tensors[key].dtype:
+        if whole_shape(target) != tensors[key].shape or target.dtype != tensors[key].dtype:
             raise ValueError(
-                f"{where}: modules_to_save entry {key} is {target.dtype} {tuple(target.shape)} in the model, "
+                f"{where}: modules_to_save entry {key} is {target.dtype} {tuple(whole_shape(target))} in the model, "
                 f"{tensors[key].dtype} {tuple(tensors[key].shape)} in the adapter"
             )
         saved_entries.append((key, target))
@@ -332,6 +344,16 @@ def _whole_parameters_of(unit: Optional[nn.Module]):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False)
+
+
+def _gathered_by_zero3(params: List[torch.Tensor], modifier_rank: Optional[int] = None):
+    """A context in which the DeepSpeed ZeRO-3 parameters ``params`` are whole on every rank (a
+    collective); with ``modifier_rank``, that rank's changes are kept when it ends."""
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # imported already: it made the parameters
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def _modules_to_save(model: nn.Module, config: GOFTConfig) -> List[str]:

@@ -66,7 +66,7 @@ def is_adaptable(module: nn.Module) -> bool:
 def input_width(module: nn.Module) -> int:
     """The width d of the input that the rotation acts on."""
     if is_conv1d(module):
-        return module.weight.shape[0]
+        return whole_shape(module.weight)[0]
     if isinstance(getattr(module, "in_features", None), int):
         return module.in_features
     raise TypeError(
@@ -103,12 +103,40 @@ def flattened_by_fsdp1(tensor: torch.Tensor) -> bool:
     """Whether FSDP1 manages ``tensor`` as part of a flat parameter (its mark on them)."""
     return bool(getattr(tensor, "_fsdp_flattened", False))
 
+# DeepSpeed ZeRO-3 (deepspeed.initialize, or a model built under deepspeed.zero.Init, as
+# transformers' from_pretrained does under a ZeRO-3 config) keeps each parameter, outside the
+# forward of its module, as an empty tensor; this rank's partition and the whole shape
+# (``ds_shape``) hang off it. goft gathers them where it must read them (save_adapter) and
+# refuses them by name elsewhere.
+PARTITIONED_BY_ZERO3 = "DeepSpeed ZeRO-3 partitions parameters across ranks outside forward"
+
+
+def managed_by_zero3(tensor: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``tensor`` (its marks on them; deepspeed need not be imported)."""
+    return hasattr(tensor, "ds_shape") and hasattr(tensor, "ds_id")
+
+
+def whole_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of the whole parameter, also while ZeRO-3 holds only a partition of it."""
+    return tensor.ds_shape if managed_by_zero3(tensor) else tensor.shape
+
+
+def whole_numel(tensor: torch.Tensor) -> int:
+    return tensor.ds_numel if managed_by_zero3(tensor) else tensor.numel()
+
+
 # What to do instead, for the calls that refuse such parameters.
 PENALTY_UNDER_FSDP1 = (
     "qGOFT's penalty needs whole blocks: shard with FSDP2 (torch.distributed.fsdp.fully_shard; transformers.Trainer: "
     "fsdp_config={'fsdp_version': 2}) or train with DistributedDataParallel"
 )
 MERGE_UNSHARDED = "merge a plain model: goft.save_adapter, then goft.load_adapter into the unwrapped base model"
+PENALTY_UNDER_ZERO3 = (
+    "qGOFT's penalty needs whole blocks outside forward: train qGOFT with ZeRO stage 1 or 2, DDP or FSDP2, or "
+    "strict GOFT (variant='goft', no penalty) under ZeRO-3"
+)
+# The ZeRO-3 counterpart of an FSDP1 remedy, where they differ.
+ZERO3_REMEDIES = {PENALTY_UNDER_FSDP1: PENALTY_UNDER_ZERO3}
 
 
 class GivensLinear(nn.Module):
@@ -225,9 +253,12 @@ class GivensLinear(nn.Module):
         shape = adapter_shapes(self.adapter_configs[adapter_name], self.in_features)[store_name]
         if param.shape != shape:
             layer = f" {self.layer_name}" if self.layer_name else ""
+            why = f"{FLATTENED_BY_FSDP1}; {remedy}"
+            if managed_by_zero3(param):
+                why = f"{PARTITIONED_BY_ZERO3}; {ZERO3_REMEDIES.get(remedy, remedy)}"
             raise ValueError(
                 f"{where}: parameter {store_name}.{adapter_name} of layer{layer} has shape {tuple(param.shape)}, "
-                f"expected {shape}: {FLATTENED_BY_FSDP1}; {remedy}"
+                f"expected {shape}: {why}"
             )
 
     def op_arguments(self, adapter_name: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
@@ -404,6 +435,13 @@ class GivensLinear(nn.Module):
                 f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is on the meta "
                 "device: offloaded (accelerate's cpu_offload or disk offload), or never loaded, so a merge would "
                 "change no weight in memory; merge a model whose weights are loaded"
+            )
+        if isinstance(weight, torch.Tensor) and managed_by_zero3(weight):
+            # Even a weight whole on every rank (one below ZeRO-3's persistence threshold) is
+            # DeepSpeed's to gather and partition, not goft's to change in place.
+            raise ValueError(
+                f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is managed by "
+                f"DeepSpeed ZeRO-3 ({PARTITIONED_BY_ZERO3}); {MERGE_UNSHARDED}"
             )
         stored_in_out = is_conv1d(self.base_layer)
         if (

@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from goft.inject import goft_layers, orthogonality_penalty
 from goft.io import save_adapter
-from goft.layers import flattened_by_fsdp1, is_fsdp1_unit
+from goft.layers import flattened_by_fsdp1, is_fsdp1_unit, managed_by_zero3
 
 __all__ = ["OrthogonalityPenaltyCallback", "SaveAdapterCallback"]
 
@@ -102,6 +102,8 @@ class SaveAdapterCallback(transformers.TrainerCallback):
     base model; and the trained adapter into ``<output_dir>/<subfolder>`` when training ends
     (``Trainer.save_model`` writes the whole injected model instead, as the checkpoints do).
 
+    Under DeepSpeed ZeRO-3 every rank gathers the partitioned adapter and rank 0 writes it.
+
     The checkpoint's own ``model.safetensors`` is the injected model's state dict (base weights
     under ``base_layer.weight``), which ``Trainer`` resumes from; a plain ``from_pretrained`` does
     not load it. For a plain model, load the adapter and call ``goft.merge_and_unload``.
@@ -131,8 +133,9 @@ class SaveAdapterCallback(transformers.TrainerCallback):
         self._save(model, os.path.join(args.output_dir, self.subfolder), state)
 
     def _save(self, model, folder: str, state) -> None:
-        # A model sharded by FSDP2 is gathered by save_adapter on every rank (rank 0 writes); any
-        # other model (FSDP1 is refused above) is written by the main process alone.
-        sharded = any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
+        # A model sharded by FSDP2 or partitioned by DeepSpeed ZeRO-3 is gathered by save_adapter
+        # on every rank (rank 0 writes); any other model (FSDP1 is refused above) is written by
+        # the main process alone.
+        sharded = any(callable(getattr(p, "full_tensor", None)) or managed_by_zero3(p) for p in model.parameters())
         if sharded or state.is_world_process_zero:
             save_adapter(model, folder, self.adapter_name)
