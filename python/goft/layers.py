@@ -103,6 +103,7 @@ def flattened_by_fsdp1(tensor: torch.Tensor) -> bool:
     """Whether FSDP1 manages ``tensor`` as part of a flat parameter (its mark on them)."""
     return bool(getattr(tensor, "_fsdp_flattened", False))
 
+
 # DeepSpeed ZeRO-3 (deepspeed.initialize, or a model built under deepspeed.zero.Init, as
 # transformers' from_pretrained does under a ZeRO-3 config) keeps each parameter, outside the
 # forward of its module, as an empty tensor; this rank's partition and the whole shape
@@ -122,6 +123,7 @@ def whole_shape(tensor: torch.Tensor) -> torch.Size:
 
 
 def whole_numel(tensor: torch.Tensor) -> int:
+    """The whole parameter's number of elements (see whole_shape)."""
     return tensor.ds_numel if managed_by_zero3(tensor) else tensor.numel()
 
 
