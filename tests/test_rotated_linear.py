@@ -194,3 +194,31 @@ def test_torch_compile_fullgraph_with_backward(with_scale):
     want = torch.autograd.grad(f(x, weight, b, params, scale), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("op", ["rotate", "rotated_linear"])
+@pytest.mark.parametrize("quasi", [False, True], ids=["strict", "quasi"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["", "scale"])
+def test_second_derivatives_through_goft_gradients_raise(op, quasi, with_scale):
+    # goft's gradient ops are differentiable once: a backward through the parameters' gradient
+    # raises, where PyTorch's fallback would warn and pass zeros on.
+    x, weight, b, params, scale = make_case((3,), 6, 2, quasi, with_scale, bias=True)
+    x, params = x.requires_grad_(), params.requires_grad_()
+    y = goft.rotate(x, params, scale) if op == "rotate" else goft.rotated_linear(x, weight, b, params, scale)
+    grad_params, = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"goft.rotate_(backward|angle_grads): second derivatives .* are not supported"):
+        grad_params.sum().backward()
+
+
+def test_second_derivative_through_the_rotated_weight_matches_dense_float64():
+    # rotated_linear's grad_x is a matmul with the rotated weight, itself differentiable: its
+    # derivative in the angles needs none of goft's gradient ops.
+    x, weight, b, params, _ = make_case((4,), 7, 3, quasi=False, with_scale=False, bias=False)
+
+    def second(fn):
+        xs, ps = x.clone().requires_grad_(), params.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(fn(xs, ps).pow(2).sum(), xs, create_graph=True)
+        return torch.autograd.grad((grad_x * torch.arange(7.0, dtype=torch.float64)).sum(), ps)[0]
+
+    expected = second(lambda xs, ps: F.linear(xs @ dense_transform(ps, 7), weight))
+    torch.testing.assert_close(second(lambda xs, ps: goft.rotated_linear(xs, weight, None, ps)), expected)

@@ -119,6 +119,71 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
   }
 };
 
+// goft's gradient ops (rotate_backward, rotate_angle_grads) are not differentiable again. Their
+// Autograd kernels give the outputs a node that raises when a backward reaches it: a second
+// derivative, e.g. torch.autograd.grad(..., create_graph=True) followed by another backward.
+// Without them, PyTorch's fallback for ops lacking an autograd kernel only warns and lets those
+// gradients through as zeros, a wrong result without an error.
+constexpr const char* kNotTwiceDifferentiable =
+    ": second derivatives (a backward through goft's gradients, e.g. after torch.autograd.grad("
+    "..., create_graph=True)) are not supported; goft's ops are differentiable once";
+
+class RotateBackwardFunction : public torch::autograd::Function<RotateBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out,
+                               const at::Tensor& x, const at::Tensor& params,
+                               const std::optional<at::Tensor>& scale, bool transpose,
+                               std::array<bool, 3> output_mask,
+                               c10::string_view angle_parameterisation) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gx, gp, gs] = rotate_backward_op().call(grad_out, x, params, scale, transpose,
+                                                  output_mask, angle_parameterisation);
+    return {gx, gp, gs};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "goft.rotate_backward", kNotTwiceDifferentiable);
+  }
+};
+
+class RotateAngleGradsFunction : public torch::autograd::Function<RotateAngleGradsFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& grad_x,
+                            const at::Tensor& params, bool transpose,
+                            c10::string_view angle_parameterisation) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rotate_angle_grads_op().call(x, grad_x, params, transpose, angle_parameterisation);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "goft.rotate_angle_grads", kNotTwiceDifferentiable);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
+    const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask,
+    c10::string_view angle_parameterisation) {
+  if (!grad_out.defined() || !x.defined() || !params.defined()) {  // the kernel's checks name it
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rotate_backward_op().call(grad_out, x, params, scale, transpose, output_mask,
+                                     angle_parameterisation);
+  }
+  const variable_list grads = RotateBackwardFunction::apply(grad_out, x, params, scale, transpose,
+                                                            output_mask, angle_parameterisation);
+  return {grads[0], grads[1], grads[2]};
+}
+
+at::Tensor rotate_angle_grads_autograd(const at::Tensor& x, const at::Tensor& grad_x,
+                                       const at::Tensor& params, bool transpose,
+                                       c10::string_view angle_parameterisation) {
+  if (!x.defined() || !grad_x.defined() || !params.defined()) {  // the kernel's checks name it
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rotate_angle_grads_op().call(x, grad_x, params, transpose, angle_parameterisation);
+  }
+  return RotateAngleGradsFunction::apply(x, grad_x, params, transpose, angle_parameterisation);
+}
+
 at::Tensor rotate_autograd(const at::Tensor& x, const at::Tensor& params,
                            const std::optional<at::Tensor>& scale, bool transpose,
                            c10::string_view angle_parameterisation) {
@@ -141,6 +206,8 @@ at::Tensor rotated_linear_autograd(const at::Tensor& x, const at::Tensor& weight
 TORCH_LIBRARY_IMPL(goft, Autograd, m) {
   m.impl("rotate", &rotate_autograd);
   m.impl("rotated_linear", &rotated_linear_autograd);
+  m.impl("rotate_backward", &rotate_backward_autograd);
+  m.impl("rotate_angle_grads", &rotate_angle_grads_autograd);
 }
 
 }  // namespace goft
