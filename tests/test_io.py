@@ -116,6 +116,25 @@ def test_round_trip_strict_under_another_name_next_to_an_existing_adapter(tmp_pa
     assert torch.equal(_logits(other, batch("llama")), expected)
 
 
+@pytest.mark.parametrize("variant", ["goft", "qgoft"])
+def test_a_model_cast_with_its_adapter_saves_a_float32_adapter_that_loads(tmp_path, variant):
+    # model.to(dtype) after inject casts the adapter too; the file still holds float32 (exact
+    # for bfloat16 values), which loads into a float32 model and into a bfloat16 one.
+    model = build("llama")
+    goft.inject(model, variant=variant, scale=variant == "goft")
+    perturb_adapters(model, 0.3)
+    model.to(torch.bfloat16)
+    cast = {n: p for n, p in model.named_parameters() if ".goft_" in n}
+    assert {p.dtype for p in cast.values()} == {torch.bfloat16}
+    goft.save_adapter(model, str(tmp_path))
+    assert {t.dtype for t in safetensors.torch.load_file(str(tmp_path / WEIGHTS_NAME)).values()} == {torch.float32}
+    for dtype in (torch.float32, torch.bfloat16):
+        other = goft.load_adapter(build("llama").to(dtype), str(tmp_path))
+        for name, param in other.named_parameters():
+            if ".goft_" in name:
+                assert param.dtype == torch.float32 and torch.equal(param, cast[name].float()), name
+
+
 def test_saved_files_hold_only_the_adapter(saved):
     path, _ = saved
     tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))

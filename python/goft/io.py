@@ -4,9 +4,10 @@ A saved adapter is a directory with
     adapter_model.safetensors  the adapter tensors (and modules_to_save), nothing of the base model
     adapter_config.json        GOFTConfig, goft version, model_type, per-layer widths, per-tensor
                                shapes and dtypes, and the SHA-256 of the tensors file
-Both are written to a temporary file in the same directory and moved into place with os.replace,
-so an interrupted save leaves either the previous files or the new ones, never a truncated file;
-the checksum catches a tensors file that does not belong to its JSON.
+Both are written to temporary files in the same directory first and then moved into place with
+os.replace, so a save that fails or is interrupted while writing leaves the previous files, and
+none is ever truncated; should a save stop between the two renames, the checksum catches the
+tensors file that does not belong to its JSON.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
                 for store_name, param in layer.adapter_parameters(name).items():
                     if param.is_meta:
                         raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
-                    tensors[f"{module_name}.{store_name}"] = gathered(param)
+                    # Adapter files hold float32, the op's parameter dtype, also after the
+                    # model was cast with its adapters (model.to(torch.bfloat16)).
+                    tensors[f"{module_name}.{store_name}"] = gathered(param).to(torch.float32)
             for module_name in saved_by_unit.get(unit_name, []):
                 for key, value in model.get_submodule(module_name).state_dict().items():
                     tensors[plain_module_name(f"{module_name}.{key}")] = gathered(value)
@@ -139,10 +142,10 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
     os.makedirs(path, exist_ok=True)
-    # Tensors first: a save interrupted between the two files leaves a JSON whose checksum no
+    # Tensors first: a save stopped between the two renames leaves a JSON whose checksum no
     # longer matches, which load_adapter reports instead of loading a mix.
-    _write_atomically(os.path.join(path, WEIGHTS_NAME), weights)
-    _write_atomically(os.path.join(path, CONFIG_NAME), (json.dumps(description, indent=2) + "\n").encode())
+    _write_files_atomically(path, [(WEIGHTS_NAME, weights),
+                                   (CONFIG_NAME, (json.dumps(description, indent=2) + "\n").encode())])
 
 
 @accepts_compiled
@@ -379,9 +382,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def _write_files_atomically(directory: str, files: List[Tuple[str, bytes]]) -> None:
+    """Writes every (name, data) of ``files`` to a temporary file in ``directory``, fsynced, and
+    only then renames them into place, in order. A failure while writing (a full disk, an
+    interrupt) leaves the previous files as they were; only a stop between the renames, which
+    need no space, can leave new files beside previous ones."""
+    written: List[Tuple[str, str]] = []
+    try:
+        for name, data in files:
+            written.append((_written_temporary(directory, name, data), name))
+        for tmp, name in written:
+            os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _written_temporary(directory: str, name: str, data: bytes) -> str:
+    """A new temporary file in ``directory`` holding ``data``, on disk (fsynced); its path."""
+    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp creates the file private (0600); an adapter is meant to be shared like any checkpoint.
@@ -389,12 +411,11 @@ def _write_atomically(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_directory(directory)
+    return tmp
 
 
 def _fsync_directory(directory: str) -> None:

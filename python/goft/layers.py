@@ -145,8 +145,9 @@ class GivensLinear(nn.Module):
     """Wraps a frozen layer as ``y = base_layer(rotate(x, params, scale))`` (GOFT_SPEC.md section 3).
 
     Holds any number of named adapters; one (``active_adapter``) is applied, or none while
-    ``disabled``. Per adapter ``name`` the parameters, always float32 whatever the base dtype
-    (the op's params are float32, and bf16 angles would lose the small updates of training), are:
+    ``disabled``. Per adapter ``name`` the parameters, created float32 whatever the base dtype
+    (the op's params are float32, and bf16 angles would lose the small updates of training; a
+    later ``model.to(dtype)`` casts them like any parameter, and adapter files hold float32), are:
         goft_angles[name]: (d-1,) strict GOFT; the angle is pi * tanh(p) or p
                            (config.angle_parameterisation); init 0 (identity).
         goft_blocks[name]: (d-1, 2, 2) qGOFT free blocks; init identity.
