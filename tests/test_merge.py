@@ -113,8 +113,17 @@ def test_merged_state_guards():
     with pytest.raises(ValueError, match="is merged"):
         goft.delete_adapter(model, "default")
     goft.add_adapter(model, "other", target_modules=["q_proj"])
-    with pytest.warns(UserWarning, match="stay merged"):
+    with pytest.warns(UserWarning, match=r"adapters \['default'\] stay merged .* while it is applied on top"):
         goft.set_adapter(model, "other")
+    # Both merged, one of them active: the other one still acts, and switching says so.
+    perturb_adapters(model, 0.1)
+    goft.merge(model)
+    with pytest.warns(UserWarning, match=r"adapters \['other'\] stay merged into the base weights beside it"):
+        goft.set_adapter(model, "default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        goft.unmerge(model)
+        goft.set_adapter(model, "default")  # nothing merged any more: no warning
 
 
 def test_operations_on_a_plain_model_are_errors():

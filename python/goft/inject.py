@@ -220,10 +220,13 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
     if adapter_name is not None and adapter_name not in configs:
         raise ValueError(f"goft.set_adapter: no adapter {adapter_name!r}; adapters are {list(configs)}")
     for layer in goft_layers(model):
-        if layer.merged_adapters and adapter_name not in layer.merged_adapters:
+        # Any other merged adapter keeps acting, also when adapter_name is merged itself.
+        others = [a for a in layer.merged_adapters if a != adapter_name]
+        if others:
+            how = "beside it" if adapter_name in layer.merged_adapters else "while it is applied on top"
             warnings.warn(
-                f"goft.set_adapter: adapters {layer.merged_adapters} stay merged into the base weights while "
-                f"{adapter_name!r} is applied on top; goft.unmerge first for {adapter_name!r} alone"
+                f"goft.set_adapter: adapters {others} stay merged into the base weights {how}; goft.unmerge "
+                f"first for {adapter_name!r} alone"
             )
             break
     for layer in goft_layers(model):
