@@ -175,6 +175,34 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model, three_
     assert bf16.classifier.weight.dtype == torch.bfloat16
 
 
+def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model, three_label_adapter, tmp_path):
+    # The base folder holds a trained 2-label head; the adapter carries its own 3-label one.
+    adapted, adapter = three_label_adapter
+    base = tmp_path / "two-label-base"
+    transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(out), "--num-labels", "3"]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(out)(["good film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_refuses_an_adapter_without_the_head_the_base_lacks(tiny_model, tmp_path, capsys):
+    # The base folder has no classifier and the adapter carries none: the merged head would be random.
+    import goft
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    goft.inject(model, target_modules="all-linear")
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--model", str(tiny_model), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")])
+    assert re.search(r"weights \['classifier.bias', 'classifier.weight'\] are not in the checkpoint .* random values",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "m").exists()
+
+
 def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
     _, adapter = three_label_adapter
     taken = tmp_path / "taken"

@@ -51,15 +51,24 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, None)
     target_dtype = DTYPES[dtype] if dtype is not None else (saved_dtype if saved_dtype in DTYPES.values() else torch.float32)
-    overrides = {"num_labels": num_labels} if num_labels is not None else {}
+    # Another number of labels than the base checkpoint's gives a head of another shape, which
+    # the adapter must then carry (modules_to_save), as must it every weight the checkpoint lacks.
+    overrides = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels is not None else {}
     log(f"loading {class_name} from {model_dir}")
-    model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, **overrides)
+    model, loading = model_class.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                                 output_loading_info=True, **overrides)
     try:
         goft.load_adapter(model, adapter_dir)
     except ValueError as e:
         hint = ("; the adapter's classification head has another number of labels than the base config "
                 f"({model.config.num_labels}): pass --num-labels") if "modules_to_save entry" in str(e) and num_labels is None else ""
         raise ValueError(f"{where}: {e}{hint}") from None
+    fresh = set(loading.get("missing_keys", ())) | {key[0] for key in loading.get("mismatched_keys", ())}
+    uncovered = sorted(fresh - set(description.get("tensors", {})))
+    if uncovered:
+        raise ValueError(f"{where}: weights {uncovered} are not in the checkpoint of {model_dir!r} at these shapes "
+                         "and not in the adapter either, so the merged model would hold random values there"
+                         + ("; check --num-labels" if num_labels is not None else ""))
     model = goft.merge_and_unload(model).to(target_dtype)
     model.save_pretrained(out)
     for processor_class in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
