@@ -149,6 +149,23 @@ def test_bad_requests_are_clear_errors_and_change_nothing(kwargs, message):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_second_adapter_cannot_save_or_adapt_across_the_firsts_layers():
+    # Its file would hold the other adapter's wrapped layers and would not load (a saved module
+    # holding adapted layers), or its layers would sit inside a module another adapter saves.
+    model = build("llama")
+    goft.inject(model, adapter_name="a", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"modules_to_save=\['self_attn'\] holds layers that adapters \['a'\] adapt: "
+                                         r"\[model.layers.0.self_attn.q_proj"):
+        goft.add_adapter(model, "b", target_modules=["up_proj"], modules_to_save=["self_attn"])
+    saver = build("llama")
+    goft.inject(saver, adapter_name="a", target_modules=["q_proj"], modules_to_save=["mlp"])
+    with pytest.raises(ValueError, match=r"modules \[.*model.layers.0.mlp.up_proj.*\] are targeted but inside the "
+                                         r"modules_to_save of adapters \['a'\]"):
+        goft.add_adapter(saver, "b", target_modules=["up_proj"])
+    assert list(goft.adapter_configs(model)) == ["a"] and list(goft.adapter_configs(saver)) == ["a"]
+    goft.add_adapter(saver, "b", target_modules=["k_proj"], modules_to_save=["mlp"])  # the same saved module: fine
+
+
 def test_injecting_the_same_adapter_twice_is_an_error():
     model = build("llama")
     goft.inject(model)

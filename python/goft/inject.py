@@ -186,6 +186,19 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
         raise ValueError(f"goft.inject: modules {overlap} are both targeted and in (or inside) modules_to_save")
     if config.modules_to_save and not save_names:
         raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} matched no module")
+    # A module saved whole (its state dict goes into the adapter file) holding layers of another
+    # adapter, or this adapter's layers inside another adapter's saved module: one adapter's file
+    # would then hold the other's parameters under the wrapper's names, and would not load.
+    adapted = sorted(n for n, m in paths if isinstance(m, GivensLinear) and _inside(n, save_names))
+    if adapted:
+        raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} holds layers that adapters "
+                         f"{list(configs)} adapt: {_preview(adapted)}; save modules without adapted layers")
+    saved_by_others = {n for other in configs.values() if other.modules_to_save
+                       for n in _match_all(modules, other.modules_to_save)}
+    inside_saved = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, saved_by_others)})
+    if inside_saved:
+        raise ValueError(f"goft.inject: modules {inside_saved} are targeted but inside the modules_to_save of "
+                         f"adapters {list(configs)}; target layers outside them")
     return names
 
 
