@@ -292,7 +292,10 @@ def named_goft_layers(model: nn.Module) -> Iterator[Tuple[str, GivensLinear]]:
 @accepts_compiled
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block the model computes as its base model (adapters skipped, not removed)."""
+    """Within the block the goft layers compute as their base layers (adapters skipped, not removed).
+
+    Modules in ``modules_to_save`` (e.g. a classification head) are trained in place and shared
+    by every adapter, so they keep their trained values here."""
     layers = goft_layers(model)
     if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("goft.disable_adapters: adapters are merged into the base weights; goft.unmerge(model) first")
@@ -345,7 +348,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @accepts_compiled
 def unload(model: nn.Module) -> nn.Module:
-    """Removes every goft module (unmerging first), giving back the base model; adapters are discarded."""
+    """Removes every goft module (unmerging first), giving back the base layers; adapters are
+    discarded. Modules in ``modules_to_save`` keep their trained values (they are trained in place)."""
     _require_injected(model, "goft.unload")
     for layer in goft_layers(model):
         layer.unmerge()
