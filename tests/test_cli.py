@@ -293,6 +293,11 @@ def test_missing_column_names_it_and_lists_the_columns(tiny_model, csv_file, cap
     assert "--label-column 'stars'" in err and "'review', 'sentiment'" in err
 
 
+def test_keep_labels_that_do_not_occur_are_named(tiny_model, csv_file, capsys, no_training):
+    err = _error(_finetune_args(tiny_model, csv_file, "--keep-labels", "pos,nuetral"), capsys)
+    assert "--keep-labels 'nuetral' do not occur in the 'sentiment' column" in err
+
+
 def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
     data = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
     err = _error(_finetune_args(tiny_model, data), capsys)

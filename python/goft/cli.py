@@ -166,6 +166,10 @@ def _finetune(parser, args) -> int:
     try:
         finetune.check_model_dir(args.model)
         texts, labels = finetune.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
+        absent = sorted(set(args.keep_labels or ()) - set(labels))
+        if absent:  # a misspelt label would otherwise just shrink the task
+            raise ValueError(f"goft finetune: --keep-labels {', '.join(map(repr, absent))} do not occur in the "
+                             f"{args.label_column!r} column of {args.data!r}")
         texts, labels, dropped = finetune.deduplicate(texts, labels)
         test_texts = test_labels = None
         if args.test_data:

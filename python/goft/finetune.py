@@ -767,11 +767,16 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
         tokenizer.save_pretrained(merged_dir)
         result.merged_path = str(merged_dir)
         log(f"merged model saved to {merged_dir} (transformers' from_pretrained loads it; no goft needed)")
+    elif config.output_dir and (Path(config.output_dir) / "merged").exists():
+        log(f"note: {Path(config.output_dir) / 'merged'} is left from an earlier run, not this one's (no --save-merged)")
 
     if config.output_dir:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = {"config": dataclasses.asdict(config), "split": split.describe(), "result": result.to_json()}
+        described = dataclasses.asdict(config)
+        if config.method != "qgoft":
+            described["orth_lambda"] = None  # only qGOFT has the penalty
+        metrics = {"config": described, "split": split.describe(), "result": result.to_json()}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return result
 
