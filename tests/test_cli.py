@@ -189,6 +189,16 @@ def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_merge_keeps_the_label_names_the_head_was_trained_with(tiny_model, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--epochs", "1", "--output-dir", str(out), "--save-merged")) == 0
+    assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--output",
+                     str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoConfig.from_pretrained(tmp_path / "merged")
+    assert merged.id2label == {0: "neg", 1: "pos"} and merged.label2id == {"neg": 0, "pos": 1}
+    assert merged.id2label == transformers.AutoConfig.from_pretrained(out / "merged").id2label
+
+
 def test_merge_refuses_an_adapter_without_the_head_the_base_lacks(tiny_model, tmp_path, capsys):
     # The base folder has no classifier and the adapter carries none: the merged head would be random.
     import goft

@@ -230,6 +230,7 @@ def _newer_format(description):
         ({"mutate_description": _unknown_layer}, "layer 5.output.dense is missing|deberta.encoder.layer.5.output.dense is missing"),
         ({"mutate_description": _bad_config}, "invalid config.*GOFTConfig.variant"),
         ({"mutate_description": _newer_format}, "unsupported format_version"),
+        ({"mutate_description": lambda d: d.update(id2label=["neg", "pos"])}, "field 'id2label' must be an object"),
         ({"mutate_tensors": lambda t, d: t.update({_first_key(t): t[_first_key(t)] + 1}), "fix_checksum": False}, "checksum"),
     ],
 )

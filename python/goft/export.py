@@ -70,6 +70,10 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "and not in the adapter either, so the merged model would hold random values there"
                          + ("; check --num-labels" if num_labels is not None else ""))
     model = goft.merge_and_unload(model).to(target_dtype)
+    id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
+    if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
+        model.config.id2label = id2label  # the names the adapter's head was trained with
+        model.config.label2id = {v: k for k, v in id2label.items()}
     model.save_pretrained(out)
     for processor_class in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:

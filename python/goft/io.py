@@ -138,6 +138,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         "config": config.to_dict(),
         "layers": layers,
         "modules_to_save": [plain_module_name(n) for n in saved_modules],
+        # The names of a saved classification head's outputs, for whoever rebuilds the model
+        # (goft merge writes them into the merged model's config).
+        **({"id2label": _label_names(model)} if saved_modules and _label_names(model) else {}),
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
@@ -235,6 +238,11 @@ def _check_description_types(description: Dict[str, Any], where: str) -> None:
     saved = description.get("modules_to_save", [])
     if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
         raise bad("modules_to_save", "a list of module names")
+    id2label = description.get("id2label", {})
+    if not isinstance(id2label, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in id2label.items()
+    ):
+        raise bad("id2label", 'an object {"0": label name, ...}')
 
 
 def _is_int(value: Any) -> bool:
@@ -347,6 +355,16 @@ def _whole_parameters_of(unit: Optional[nn.Module]):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False)
+
+
+def _label_names(model: nn.Module) -> Optional[Dict[str, str]]:
+    """A transformers model's output label names {"0": name, ...}, unless they are the defaults."""
+    config = getattr(model.module if is_fsdp1_unit(model) else model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    names = {str(k): str(v) for k, v in id2label.items()}
+    return None if all(v == f"LABEL_{k}" for k, v in names.items()) else names
 
 
 def _gathered_by_zero3(params: List[torch.Tensor], modifier_rank: Optional[int] = None):
