@@ -248,6 +248,19 @@ def _train(name: str, rank: int = 0, world: int = 1, engine=_plain, save_to=None
     return full
 
 
+def _recorder(results: dict):
+    """record(call, run): runs ``run`` and stores under ``call`` its ValueError's message, or "no error"."""
+
+    def record(call, run):
+        try:
+            run()
+            results[call] = "no error"
+        except ValueError as e:
+            results[call] = str(e)
+
+    return record
+
+
 def _fsdp1_refusals(out_dir: str) -> dict:
     """What each goft call that needs whole parameters says about a qGOFT model under FSDP1,
     outside forward (where its parameters are flat shards): {call: error message, or "no error"}.
@@ -257,13 +270,7 @@ def _fsdp1_refusals(out_dir: str) -> dict:
     from goft.trainer import OrthogonalityPenaltyCallback, SaveAdapterCallback
 
     results = {}
-
-    def record(call, run):
-        try:
-            run()
-            results[call] = "no error"
-        except ValueError as e:
-            results[call] = str(e)
+    record = _recorder(results)
 
     model = _model("llama", {"variant": "qgoft", "orth_lambda": 0.5})
     goft.save_adapter(model, os.path.join(out_dir, "fsdp1-refusals-adapter"))
@@ -316,13 +323,7 @@ def _under_zero3(out_dir: str) -> dict:
     rank = dist.get_rank()
     config = {**ZERO3, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1}
     facts, refusals = {}, {}
-
-    def record(call, run):
-        try:
-            run()
-            refusals[call] = "no error"
-        except ValueError as e:
-            refusals[call] = str(e)
+    record = _recorder(refusals)
 
     # The adapter: random values, the same on every rank, and the head in modules_to_save.
     plain = _model("llama", {"modules_to_save": ["lm_head"]})
