@@ -164,7 +164,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& params,
     const std::optional<at::Tensor>& scale, bool transpose, std::array<bool, 3> output_mask,
     c10::string_view angle_parameterisation) {
-  if (!grad_out.defined() || !x.defined() || !params.defined()) {  // the kernel's checks name it
+  // Without grad mode (any first-order backward) there is no graph to guard: the kernel itself.
+  // Undefined inputs go there too, whose checks name them.
+  if (!at::GradMode::is_enabled() || !grad_out.defined() || !x.defined() || !params.defined()) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return rotate_backward_op().call(grad_out, x, params, scale, transpose, output_mask,
                                      angle_parameterisation);
@@ -177,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_autograd(
 at::Tensor rotate_angle_grads_autograd(const at::Tensor& x, const at::Tensor& grad_x,
                                        const at::Tensor& params, bool transpose,
                                        c10::string_view angle_parameterisation) {
-  if (!x.defined() || !grad_x.defined() || !params.defined()) {  // the kernel's checks name it
+  if (!at::GradMode::is_enabled() || !x.defined() || !grad_x.defined() || !params.defined()) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return rotate_angle_grads_op().call(x, grad_x, params, transpose, angle_parameterisation);
   }
