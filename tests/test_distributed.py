@@ -40,10 +40,11 @@ SCENARIOS = {
     "accelerate-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "accelerate"),
     "trainer-llama-qgoft-sgd": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "sgd", "trainer"),
     "deepspeed-zero3-llama-goft-scale-adamw": ("llama", {"scale": True, "modules_to_save": ["lm_head"]}, "adamw", "deepspeed"),
+    "deepspeed-zero2-llama-qgoft-adamw": ("llama", {"variant": "qgoft", "orth_lambda": 0.5}, "adamw", "deepspeed-zero2"),
     "trainer-deepspeed-zero3-llama-goft-scale-adamw": ("llama", {"scale": True}, "adamw", "trainer+deepspeed"),
 }
 # What the scenarios of an engine need installed beyond torch and transformers.
-NEEDS = {"accelerate": "accelerate", "deepspeed": "deepspeed", "trainer+deepspeed": "deepspeed"}
+NEEDS = {"accelerate": "accelerate", "deepspeed": "deepspeed", "deepspeed-zero2": "deepspeed", "trainer+deepspeed": "deepspeed"}
 
 # DeepSpeed ZeRO-3 with every parameter partitioned (no persistence threshold), as the large
 # parameters of a real model are; the loops' own torch optimizers, which DeepSpeed wraps.
@@ -138,12 +139,22 @@ class _EngineSteps:
         pass
 
 
-def _deepspeed_zero3(model, make_optimizer):
+def _deepspeed(model, make_optimizer, zero):
     import deepspeed
 
-    config = {**ZERO3, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1}
+    config = {**zero, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // WORLD, "gradient_accumulation_steps": 1}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
     return engine, _EngineSteps(engine), engine.backward
+
+
+def _deepspeed_zero3(model, make_optimizer):
+    return _deepspeed(model, make_optimizer, ZERO3)
+
+
+def _deepspeed_zero2(model, make_optimizer):
+    # Parameters stay whole (gradients and optimizer states are partitioned): qGOFT's penalty
+    # goes into the loss as in any loop.
+    return _deepspeed(model, make_optimizer, {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True})
 
 
 def _whole_under_zero3(params):
@@ -157,7 +168,7 @@ def _whole_under_zero3(params):
 
 
 ENGINES = {"ddp": _ddp, "fsdp2": _fsdp2, "fsdp2+callback": _fsdp2, "fsdp1": _fsdp1, "accelerate": _accelerate,
-           "deepspeed": _deepspeed_zero3}
+           "deepspeed": _deepspeed_zero3, "deepspeed-zero2": _deepspeed_zero2}
 
 
 def _train_with_trainer(model, make_optimizer, world: int, out_dir: str, deepspeed: bool = False) -> None:
