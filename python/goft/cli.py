@@ -155,6 +155,8 @@ def _demo(parser, args) -> int:
     except demo.MissingDemoPackage as e:
         print(str(e), file=sys.stderr)
         return 1
+    except demo.DemoOptionError as e:
+        parser.error(str(e))
     return 0
 
 
@@ -194,7 +196,10 @@ def _finetune(parser, args) -> int:
     print(f"data: {split.describe()}; labels {', '.join(split.label_names)}")
 
     if not args.compare:
-        finetune.run(config, split)
+        try:
+            finetune.run(config, split)
+        except finetune.OptionError as e:
+            parser.error(str(e))
         if args.output_dir:
             print(f"metrics written to {Path(args.output_dir) / 'metrics.json'}")
         return 0

