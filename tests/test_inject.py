@@ -390,3 +390,13 @@ def test_paper_parameter_counts_on_meta_models(builder, targets, goft_count, qgo
         trainable, total = goft.count_parameters(model)
         assert trainable == expected, variant
         assert all(p.is_meta for p in model.parameters())
+
+
+def test_linears_inside_torch_transformer_layers_are_refused():
+    # nn.MultiheadAttention reads out_proj.weight directly and nn.TransformerEncoderLayer's eval
+    # fast path reads linear1/linear2's: an adapter there would be skipped without a word.
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), num_layers=1)
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.out_proj, layers.0.linear1, layers.0.linear2.*"
+                                         r"sit inside torch.nn.MultiheadAttention"):
+        goft.inject(model, target_modules="all-linear")
+    assert not goft.adapter_configs(model)

@@ -135,6 +135,15 @@ def test_a_model_cast_with_its_adapter_saves_a_float32_adapter_that_loads(tmp_pa
                 assert param.dtype == torch.float32 and torch.equal(param, cast[name].float()), name
 
 
+def test_a_head_saved_in_another_dtype_loads_cast(tmp_path):
+    # A head (modules_to_save) trained on a bfloat16 model loads into a float32 base, and back.
+    model = build("llama").to(torch.bfloat16)
+    goft.inject(model, modules_to_save=["lm_head"])
+    goft.save_adapter(model, str(tmp_path))
+    other = goft.load_adapter(build("llama"), str(tmp_path))
+    assert other.lm_head.weight.dtype == torch.float32 and torch.equal(other.lm_head.weight, model.lm_head.weight.float())
+
+
 def test_saved_files_hold_only_the_adapter(saved):
     path, _ = saved
     tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))

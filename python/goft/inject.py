@@ -180,6 +180,17 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
             f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
             f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
         )
+    # torch's own attention and transformer layers read their linears' weights directly
+    # (MultiheadAttention's out_proj always, TransformerEncoderLayer's linear1/2 on its eval fast
+    # path), so a GivensLinear there would be skipped without a word.
+    bypassed = [n for n in names if any(_inside(n, [p]) and n != p for p, m in paths
+                                        if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                                                          nn.TransformerDecoderLayer)))]
+    if bypassed:
+        raise ValueError(
+            f"goft.inject: {_preview(bypassed)} sit inside torch.nn.MultiheadAttention or nn.Transformer*Layer, "
+            "which read their linears' weights directly and would skip the adapter; exclude them (exclude_modules)"
+        )
     target_ids = {id(modules[n]) for n in names}
     overlap = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, save_names)})
     if overlap:

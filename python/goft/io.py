@@ -316,7 +316,10 @@ def _validate(
         target = _state_entry(model, key, {plain: name for plain, (name, _) in modules.items()})
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
-        if whole_shape(target) != tensors[key].shape or target.dtype != tensors[key].dtype:
+        # Another floating dtype is cast on loading, as a head trained in bfloat16 loads into
+        # a float32 base (and back).
+        cast = target.dtype.is_floating_point and tensors[key].dtype.is_floating_point
+        if whole_shape(target) != tensors[key].shape or (target.dtype != tensors[key].dtype and not cast):
             raise ValueError(
                 f"{where}: modules_to_save entry {key} is {target.dtype} {tuple(whole_shape(target))} in the model, "
                 f"{tensors[key].dtype} {tuple(tensors[key].shape)} in the adapter"
