@@ -127,6 +127,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         return
 
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT})
+    label_names = _label_names(model) if saved_modules else None
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -140,7 +141,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
         "modules_to_save": [plain_module_name(n) for n in saved_modules],
         # The names of a saved classification head's outputs, for whoever rebuilds the model
         # (goft merge writes them into the merged model's config).
-        **({"id2label": _label_names(model)} if saved_modules and _label_names(model) else {}),
+        **({"id2label": label_names} if label_names else {}),
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
