@@ -148,6 +148,22 @@ def test_merge_into_bf16_weights():
     assert max_rel(merged, reference) < 3 * max(max_rel(adapted, reference), 1e-2)
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float64_weights_unmerge_to_float64_accuracy(variant):
+    # The inverse is taken in the weight's dtype: a float32 inverse would leave errors near 1e-7.
+    model = build("llama").double()
+    inputs = batch("llama")
+    goft.inject(model, **VARIANTS[variant])
+    perturb_adapters(model, 0.3 if variant == "goft" else 0.1)
+    adapted = _logits(model, inputs)
+    weights = _base_weights(model)
+    goft.merge(model)
+    assert max_rel(_logits(model, inputs), adapted) < 1e-12
+    goft.unmerge(model)
+    for n, w in _base_weights(model).items():
+        assert w.dtype == torch.float64 and max_rel(w, weights[n]) < 1e-12, n
+
+
 def test_unload_after_deleting_every_adapter():
     model = build("llama")
     inputs = batch("llama")

@@ -421,12 +421,15 @@ class GivensLinear(nn.Module):
         undone = []
         while self.merged_adapters:
             params, scale, angle_parameterisation = self._merged_transforms[-1]
-            inverse_params, inverse_scale = _inverse_transposed(params, scale, self.merged_adapters[-1])
-            self._apply_to_weight(
-                lambda rows: rotate(
-                    rows, _like(inverse_params, rows), _like(inverse_scale, rows), False, angle_parameterisation
-                )
-            )
+            name = self.merged_adapters[-1]
+
+            def inverse(rows: torch.Tensor) -> torch.Tensor:
+                # Inverted in the weight's compute dtype: a float32 inverse would undo a float64
+                # merge only to float32 accuracy.
+                inverse_params, inverse_scale = _inverse_transposed(_like(params, rows), _like(scale, rows), name)
+                return rotate(rows, inverse_params, inverse_scale, False, angle_parameterisation)
+
+            self._apply_to_weight(inverse)
             self._merged_transforms.pop()
             undone.append(self.merged_adapters.pop())
         return undone
