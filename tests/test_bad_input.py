@@ -591,6 +591,56 @@ def test_saving_into_a_file_path_or_from_a_meta_model(tmp_path):
     assert not (tmp_path / "meta").exists() or os.listdir(tmp_path / "meta") == []
 
 
+def _plain():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+# (id, call taking a tmp folder, exception type, regex the message must match): arguments of the
+# wrong type are named, with what was expected, before anything is touched.
+WRONG_TYPES = [
+    ("config a variant string", lambda t: goft.inject(_plain(), "qgoft", target_modules=["0"]), TypeError,
+     r"goft.inject: expected config a GOFTConfig or None, got str 'qgoft'; to choose the variant, pass variant='qgoft'"),
+    ("config a dict", lambda t: goft.inject(_plain(), {"variant": "qgoft"}, target_modules=["0"]), TypeError,
+     r"goft.inject: expected config a GOFTConfig or None, got dict .*; pass GOFTConfig\(\*\*config\)"),
+    ("adapter_name a list", lambda t: goft.inject(_plain(), None, ["a"], target_modules=["0"]), TypeError,
+     r"goft.inject: expected adapter_name a string, got list \['a'\]"),
+    ("model None", lambda t: goft.inject(None, target_modules=["0"]), TypeError,
+     r"goft.inject: expected model an nn.Module, got None"),
+    ("model a string", lambda t: goft.merge("model"), TypeError, r"goft.merge: expected model an nn.Module, got str"),
+    ("count of a string", lambda t: goft.count_parameters("x"), TypeError, r"goft.count_parameters: expected model"),
+    ("set_adapter of an int", lambda t: goft.set_adapter(_one_layer(), 1), TypeError,
+     r"goft.set_adapter: expected adapter_name a string, got int 1"),
+    ("delete_adapter of a list", lambda t: goft.delete_adapter(_one_layer(), ["default"]), TypeError,
+     r"goft.delete_adapter: expected adapter_name a string, got list"),
+    ("save into ''", lambda t: goft.save_adapter(_one_layer(), ""), ValueError,
+     r"goft.save_adapter: expected path a non-empty directory path, got ''"),
+    ("save into None", lambda t: goft.save_adapter(_one_layer(), None), TypeError,
+     r"goft.save_adapter: expected path a directory path \(str or os.PathLike\), got NoneType"),
+    ("save under an int name", lambda t: goft.save_adapter(_one_layer(), str(t), 0), TypeError,
+     r"goft.save_adapter: expected adapter_name a string, got int 0"),
+    ("load from None", lambda t: goft.load_adapter(_plain(), None), TypeError,
+     r"goft.load_adapter: expected path a directory path"),
+    ("load under an int name", lambda t: goft.load_adapter(_plain(), str(t), 1), TypeError,
+     r"goft.load_adapter: expected adapter_name a string, got int 1"),
+    ("wrap None", lambda t: GivensLinear(None), TypeError, r"goft: cannot adapt NoneType"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [c[1:] for c in WRONG_TYPES], ids=[c[0] for c in WRONG_TYPES])
+def test_arguments_of_the_wrong_type_are_named(tmp_path, call, error, message):
+    with pytest.raises(error, match=message):
+        call(tmp_path)
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_a_path_like_folder_saves_and_loads(tmp_path):
+    model = _one_layer()
+    perturb_adapters(model, 0.3)
+    goft.save_adapter(model, tmp_path / "adapter")
+    other = goft.load_adapter(nn.Sequential(nn.Linear(8, 4)), tmp_path / "adapter")
+    assert torch.equal(other[0].goft_angles["default"], model[0].goft_angles["default"])
+
+
 def test_hand_edited_json_of_the_wrong_shape_is_refused(tmp_path):
     model = _one_layer()
     goft.save_adapter(model, str(tmp_path))

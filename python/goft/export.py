@@ -29,9 +29,11 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     import transformers
 
     import goft
-    from goft.io import _read
+    from goft.io import _directory_path, _read
 
     where = "goft merge"
+    model_dir, adapter_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
+                                          (("model_dir", model_dir), ("adapter_dir", adapter_dir), ("output_dir", output_dir)))
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{where}: output folder {output_dir!r} exists and is not empty; pick a new one")

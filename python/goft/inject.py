@@ -83,6 +83,8 @@ def accepts_compiled(function: _Function) -> _Function:
     @functools.wraps(function)
     def on_the_original(model, *args, **kwargs):
         original = _compiled_original(model)
+        if not isinstance(original, nn.Module):
+            raise TypeError(f"goft.{function.__name__}: expected model an nn.Module, got {_type_and_value(model)}")
         result = function(original, *args, **kwargs)
         return model if result is original else result
 
@@ -119,6 +121,12 @@ def add_adapter(
     model: nn.Module, adapter_name: str, config: Optional[GOFTConfig] = None, **overrides
 ) -> nn.Module:
     """Like inject, but leaves the currently active adapter (if any) active and this one frozen."""
+    if config is not None and not isinstance(config, GOFTConfig):
+        hint = {str: f"; to choose the variant, pass variant={config!r}", dict: "; pass GOFTConfig(**config)"}
+        raise TypeError(
+            f"goft.inject: expected config a GOFTConfig or None, got {_type_and_value(config)}"
+            + hint.get(type(config), "")
+        )
     config = (config or GOFTConfig()).replace(**overrides)
     targets = find_target_modules(model, config, adapter_name)
     _attach(model, targets, adapter_name, config)
@@ -128,7 +136,7 @@ def add_adapter(
 @accepts_compiled
 def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default") -> List[str]:
     """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the reason."""
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name, "goft.inject")
     _check_not_distributed(model, "goft.inject")
     configs = adapter_configs(model)
     if adapter_name in configs:
@@ -241,6 +249,8 @@ def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTC
 def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
     """Applies only ``adapter_name`` (None: no adapter) from now on; only its parameters train."""
     configs = _require_injected(model, "goft.set_adapter")
+    if adapter_name is not None:
+        check_adapter_name(adapter_name, "goft.set_adapter")
     if adapter_name is not None and adapter_name not in configs:
         raise ValueError(f"goft.set_adapter: no adapter {adapter_name!r}; adapters are {list(configs)}")
     for layer in goft_layers(model):
@@ -274,6 +284,7 @@ def adapter_configs(model: nn.Module) -> Dict[str, GOFTConfig]:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Removes an adapter's parameters from every layer; deleting the active one leaves none active."""
     configs = _require_injected(model, "goft.delete_adapter")
+    check_adapter_name(adapter_name, "goft.delete_adapter")
     if adapter_name not in configs:
         raise ValueError(f"goft.delete_adapter: no adapter {adapter_name!r}; adapters are {list(configs)}")
     layers = goft_layers(model)
@@ -566,9 +577,19 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _check_adapter_name(adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"goft.inject: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+def check_adapter_name(adapter_name: str, where: str) -> None:
+    """An adapter name is a key in module names and adapter files: a non-empty string without '.'."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"{where}: expected adapter_name a string, got {_type_and_value(adapter_name)}")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+
+
+def _type_and_value(value) -> str:
+    if value is None:
+        return "None"
+    shown = repr(value)
+    return type(value).__name__ + ("" if len(shown) > 60 else f" {shown}")
 
 
 def _check_not_distributed(model: nn.Module, where: str) -> None:

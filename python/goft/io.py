@@ -33,6 +33,7 @@ from goft.inject import (
     accepts_compiled,
     active_adapter,
     adapter_configs,
+    check_adapter_name,
     named_goft_layers,
     plain_module_name,
     set_adapter,
@@ -64,6 +65,9 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
     import goft
 
     configs = _require_injected(model, "goft.save_adapter")
+    path = _directory_path(path, "goft.save_adapter")
+    if adapter_name is not None:
+        check_adapter_name(adapter_name, "goft.save_adapter")
     name = active_adapter(model) if adapter_name is None else adapter_name
     if name not in configs:
         raise ValueError(f"goft.save_adapter: no adapter {name!r} to save; adapters are {list(configs)}")
@@ -163,6 +167,8 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
     A model built under DeepSpeed's ``zero.Init`` (``from_pretrained`` with a ZeRO-3 config):
     load on every rank, before ``deepspeed.initialize``; modules_to_save are gathered to be set.
     """
+    path = _directory_path(path, "goft.load_adapter")
+    check_adapter_name(adapter_name, "goft.load_adapter")
     description, tensors = _read(path)
     config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
     _attach(model, list(names.values()), adapter_name, config)
@@ -178,6 +184,15 @@ def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> 
                 target.copy_(tensors[key])
     set_adapter(model, adapter_name)
     return model
+
+
+def _directory_path(path: Any, where: str, argument: str = "path") -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected {argument} a directory path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: expected {argument} a non-empty directory path, got {path!r}")
+    return path
 
 
 def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -260,8 +275,6 @@ def _validate(
         config = GOFTConfig.from_dict(description.get("config"))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: invalid config in {CONFIG_NAME}: {e}") from None
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
     _check_not_distributed(model, where)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"{where}: the model already has an adapter {adapter_name!r}; pass another adapter_name")

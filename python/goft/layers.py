@@ -161,8 +161,9 @@ class GivensLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
+        in_features = input_width(base_layer)  # refuses what cannot be adapted, before touching it
         self.base_layer = base_layer.requires_grad_(False)
-        self.in_features = input_width(base_layer)
+        self.in_features = in_features
         self.goft_angles = nn.ParameterDict()
         self.goft_blocks = nn.ParameterDict()
         self.goft_scale = nn.ParameterDict()

@@ -30,7 +30,7 @@ import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from goft.inject import goft_layers, orthogonality_penalty
+from goft.inject import check_adapter_name, goft_layers, orthogonality_penalty
 from goft.io import save_adapter
 from goft.layers import flattened_by_fsdp1, is_fsdp1_unit, managed_by_zero3
 
@@ -110,7 +110,9 @@ class SaveAdapterCallback(transformers.TrainerCallback):
     """
 
     def __init__(self, subfolder: str = "goft_adapter", adapter_name: Optional[str] = None) -> None:
-        if not subfolder or os.path.isabs(subfolder) or ".." in subfolder.split(os.sep):
+        if adapter_name is not None:
+            check_adapter_name(adapter_name, "goft.trainer.SaveAdapterCallback")
+        if not isinstance(subfolder, str) or not subfolder or os.path.isabs(subfolder) or ".." in subfolder.split(os.sep):
             raise ValueError(f"goft.trainer.SaveAdapterCallback: subfolder must be a relative folder name inside "
                              f"the checkpoint, got {subfolder!r}")
         self.subfolder = subfolder
