@@ -10,6 +10,7 @@ from torch import nn
 
 import goft
 from goft import GivensLinear
+from goft.inject import goft_layers
 
 from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, tiny_llama, transformers
 
@@ -164,6 +165,34 @@ def test_a_second_adapter_cannot_save_or_adapt_across_the_firsts_layers():
         goft.add_adapter(saver, "b", target_modules=["up_proj"])
     assert list(goft.adapter_configs(model)) == ["a"] and list(goft.adapter_configs(saver)) == ["a"]
     goft.add_adapter(saver, "b", target_modules=["k_proj"], modules_to_save=["mlp"])  # the same saved module: fine
+
+
+def test_loading_an_adapter_checks_the_other_adapters_as_inject_does(tmp_path):
+    # The files are fine on their own; the model they are loaded into already has an adapter
+    # whose layers sit inside the saved module, or which saves a module around the targets.
+    saving_attention = build("llama")
+    goft.inject(saving_attention, target_modules=["up_proj"], modules_to_save=["self_attn"])
+    goft.save_adapter(saving_attention, str(tmp_path / "saves_self_attn"))
+    plain_mlp = build("llama")
+    goft.inject(plain_mlp, target_modules=["up_proj"])
+    goft.save_adapter(plain_mlp, str(tmp_path / "up_proj"))
+
+    model = build("llama")
+    goft.inject(model, adapter_name="a", target_modules=["q_proj"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"goft.load_adapter\(.*\): modules_to_save=\['self_attn'\] holds layers that "
+                                         r"adapters \['a'\] adapt"):
+        goft.load_adapter(model, str(tmp_path / "saves_self_attn"), "b")
+    saver = build("llama")
+    goft.inject(saver, adapter_name="a", target_modules=["q_proj"], modules_to_save=["mlp"])
+    with pytest.raises(ValueError, match=r"goft.load_adapter\(.*\): modules \[.*model.layers.0.mlp.up_proj.*\] are "
+                                         r"targeted but inside the modules_to_save of adapters \['a'\]"):
+        goft.load_adapter(saver, str(tmp_path / "up_proj"), "b")
+    for refused in (model, saver):
+        assert list(goft.adapter_configs(refused)) == ["a"]
+        assert all(layer.adapter_names == ["a"] for layer in goft_layers(refused))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    goft.load_adapter(build("llama"), str(tmp_path / "saves_self_attn"))  # fine in a model without adapters
 
 
 def test_injecting_the_same_adapter_twice_is_an_error():

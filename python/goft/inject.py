@@ -161,9 +161,7 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
                 f"goft.inject: no default target_modules for model_type={model_type!r}; pass target_modules "
                 f"(names, a regex or 'all-linear'). Linear layers found: {_preview(linear_names)}"
             )
-    save_names = set(_match_all(modules, config.modules_to_save)) if config.modules_to_save else set()
-    save_ids = {id(modules[n]) for n in save_names}
-    save_names = {n for n, m in paths if id(m) in save_ids}
+    save_names = _saved_module_paths(paths, config)
     if target_modules == "all-linear":
         head = _output_head(model)
         names = [n for n in linear_names if modules[n] is not head and not _inside(n, save_names)]
@@ -188,6 +186,16 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
             f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
             f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
         )
+    _check_targets(model, names, config, "goft.inject")
+    return names
+
+
+def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where: str) -> None:
+    """What any new adapter's layers and modules_to_save must satisfy, injected or loaded."""
+    configs = adapter_configs(model)
+    paths = list(_candidate_modules(model, remove_duplicate=False))
+    modules = dict(paths)
+    save_names = _saved_module_paths(paths, config)
     # torch's own attention and transformer layers read their linears' weights directly
     # (MultiheadAttention's out_proj always, TransformerEncoderLayer's linear1/2 on its eval fast
     # path), so a GivensLinear there would be skipped without a word.
@@ -196,29 +204,37 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
                                                           nn.TransformerDecoderLayer)))]
     if bypassed:
         raise ValueError(
-            f"goft.inject: {_preview(bypassed)} sit inside torch.nn.MultiheadAttention or nn.Transformer*Layer, "
+            f"{where}: {_preview(bypassed)} sit inside torch.nn.MultiheadAttention or nn.Transformer*Layer, "
             "which read their linears' weights directly and would skip the adapter; exclude them (exclude_modules)"
         )
     target_ids = {id(modules[n]) for n in names}
     overlap = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, save_names)})
     if overlap:
-        raise ValueError(f"goft.inject: modules {overlap} are both targeted and in (or inside) modules_to_save")
+        raise ValueError(f"{where}: modules {overlap} are both targeted and in (or inside) modules_to_save")
     if config.modules_to_save and not save_names:
-        raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} matched no module")
+        raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} matched no module")
     # A module saved whole (its state dict goes into the adapter file) holding layers of another
     # adapter, or this adapter's layers inside another adapter's saved module: one adapter's file
     # would then hold the other's parameters under the wrapper's names, and would not load.
     adapted = sorted(n for n, m in paths if isinstance(m, GivensLinear) and _inside(n, save_names))
     if adapted:
-        raise ValueError(f"goft.inject: modules_to_save={config.modules_to_save!r} holds layers that adapters "
+        raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} holds layers that adapters "
                          f"{list(configs)} adapt: {_preview(adapted)}; save modules without adapted layers")
     saved_by_others = {n for other in configs.values() if other.modules_to_save
                        for n in _match_all(modules, other.modules_to_save)}
     inside_saved = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, saved_by_others)})
     if inside_saved:
-        raise ValueError(f"goft.inject: modules {inside_saved} are targeted but inside the modules_to_save of "
+        raise ValueError(f"{where}: modules {inside_saved} are targeted but inside the modules_to_save of "
                          f"adapters {list(configs)}; target layers outside them")
-    return names
+
+
+def _saved_module_paths(paths: List[Tuple[str, nn.Module]], config: GOFTConfig) -> set:
+    """Every path of every module that ``config.modules_to_save`` selects (a shared module by each of its names)."""
+    if not config.modules_to_save:
+        return set()
+    modules = dict(paths)
+    save_ids = {id(modules[n]) for n in _match_all(modules, config.modules_to_save)}
+    return {n for n, m in paths if id(m) in save_ids}
 
 
 def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTConfig) -> None:

@@ -27,6 +27,7 @@ from goft.inject import (
     _attach,
     _candidate_modules,
     _check_not_distributed,
+    _check_targets,
     _match_all,
     _model_type,
     _require_injected,
@@ -321,6 +322,8 @@ def _validate(
                     f"expected torch.float32 {shape} for d={d}"
                 )
             adapter_keys.add(full)
+
+    _check_targets(model, list(names.values()), config, where)
 
     saved_entries = []
     for key in sorted(set(tensors) - adapter_keys):
