@@ -471,22 +471,63 @@ def test_merge_refuses_non_finite_adapters_and_changes_nothing():
             getattr(model[0], store)["default"][2] = 0.5
 
 
+class _TiedLanguageModel(nn.Module):
+    """A plain module whose output head shares the input embedding's weight, as GPT-2's does."""
+
+    def __init__(self, vocab=50, width=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.block = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.block(self.embed(ids))))
+
+
 def test_merge_refuses_a_tied_weight():
-    # GPT-2's output head shares its weight with the input embedding; merging a rotation into it
-    # would rotate the embedding too.
+    # Merging a rotation into a head that shares the input embedding would rotate the embedding too.
+    torch.manual_seed(0)
+    model = _TiedLanguageModel()
+    goft.inject(model, target_modules=["block", "head"])
+    perturb_adapters(model, 0.3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (goft.merge, goft.merge_and_unload):
+        with pytest.raises(ValueError, match=r"weight of layer head is shared with \['embed.weight'\] \(tied weights\)"):
+            merge(model)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # block not merged either
+        assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, GivensLinear))
+
+
+def test_a_tied_head_of_a_transformers_model_is_refused_with_the_way_to_untie_it(tmp_path):
+    # transformers re-ties and saves tied weights by their plain names, which the wrapper moves:
+    # save_pretrained (every Trainer checkpoint) and tie_weights would fail after injection.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         model = tiny_gpt2().eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    goft.inject(model, target_modules=["c_attn", "lm_head"])
-    perturb_adapters(model, 0.3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for merge in (goft.merge, goft.merge_and_unload):
-        with pytest.raises(ValueError, match=r"weight of layer lm_head is shared with \['transformer.wte.weight'\] \(tied weights\)"):
-            merge(model)
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # c_attn not merged either
-        assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, GivensLinear))
+    untie = r"model.config.tie_word_embeddings = False; model.lm_head.weight = torch.nn.Parameter\(model.lm_head.weight"
+    with pytest.raises(ValueError, match=r"goft.inject: layer lm_head shares its weight with \['transformer.wte.weight'\] "
+                                         r"\(tied weights.*" + untie):
+        goft.inject(model, target_modules=["c_attn", "lm_head"])
+    assert not goft.adapter_configs(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # An adapter on the head saved from an untied copy is refused by the tied model in the same words.
+    untied = tiny_gpt2().eval()
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    goft.inject(untied, target_modules=["c_attn", "lm_head"])
+    goft.save_adapter(untied, str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"goft.load_adapter\(.*\): layer lm_head shares its weight .*" + untie):
+        goft.load_adapter(model, str(tmp_path / "adapter"))
+    # The way out the message gives works: the untied model saves whole, and merges.
+    perturb_adapters(untied, 0.3)
+    untied.save_pretrained(str(tmp_path / "injected"))
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        adapted = untied(ids).logits
+        goft.merge(untied)
+        assert torch.allclose(untied(ids).logits, adapted, atol=1e-5)
 
 
 class _Int8Linear(nn.Module):

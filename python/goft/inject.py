@@ -207,6 +207,21 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
             f"{where}: {_preview(bypassed)} sit inside torch.nn.MultiheadAttention or nn.Transformer*Layer, "
             "which read their linears' weights directly and would skip the adapter; exclude them (exclude_modules)"
         )
+    # transformers re-ties and saves tied weights by their plain names (lm_head.weight), which a
+    # wrapper moves (lm_head.base_layer.weight): save_pretrained, and with it every Trainer
+    # checkpoint, would fail after training, and tie_weights at once.
+    if callable(getattr(model, "tie_weights", None)) and callable(getattr(model, "save_pretrained", None)):
+        owners = _parameter_owners(model)
+        tied = [(n, others) for n in names if (others := _weight_shared_with(modules[n], owners))]
+        if tied:
+            name, others = tied[0]
+            raise ValueError(
+                f"{where}: layer {name} shares its weight with {others} (tied weights, e.g. tie_word_embeddings); "
+                "transformers cannot re-tie or save a model with an adapter on one side of tied weights "
+                "(save_pretrained and Trainer's checkpoints would fail). Leave it out, or untie it first: "
+                f"model.config.tie_word_embeddings = False; model.{name}.weight = "
+                f"torch.nn.Parameter(model.{name}.weight.detach().clone())"
+            )
     target_ids = {id(modules[n]) for n in names}
     overlap = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, save_names)})
     if overlap:
@@ -410,22 +425,33 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool) -> None:
     """Raises before any weight changes if merging into one of ``layers`` would be wrong."""
-    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((f"{module_name}.{param_name}".lstrip("."), module))
+    owners = _parameter_owners(model)
     for layer in layers:
         layer.check_mergeable(adapter_name, invertible=invertible)
         # A tied weight (e.g. an output head sharing the input embedding) would carry the merged
         # rotation into the other module too, silently changing what the model computes.
-        base = layer.base_layer
-        others = [name for name, owner in owners.get(id(base.weight), []) if owner is not base]
+        others = _weight_shared_with(layer, owners)
         if others:
             raise ValueError(
-                f"goft.merge: the weight of layer {layer.layer_name or type(base).__name__} is shared with "
+                f"goft.merge: the weight of layer {layer.layer_name or type(layer.base_layer).__name__} is shared with "
                 f"{others} (tied weights); merging would change those modules too. Untie the weights "
                 "(e.g. tie_word_embeddings=False) or keep this adapter unmerged"
             )
+
+
+def _parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module]]]:
+    """{id(parameter): [(its full name, the module holding it)]} over every path of every module."""
+    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((f"{module_name}.{param_name}".lstrip("."), module))
+    return owners
+
+
+def _weight_shared_with(layer: nn.Module, owners: Dict[int, List[Tuple[str, nn.Module]]]) -> List[str]:
+    """Names under which other modules hold the weight of ``layer`` (or of the layer it wraps): tied weights."""
+    base = layer.base_layer if isinstance(layer, GivensLinear) else layer
+    return [name for name, owner in owners.get(id(getattr(base, "weight", None)), []) if owner is not base]
 
 
 def _strip(model: nn.Module) -> nn.Module:
