@@ -122,3 +122,29 @@ def test_save_adapter_callback_refusals(tmp_path):
             SaveAdapterCallback(subfolder=bad)
     with pytest.raises(ValueError, match="no goft layers"):
         run_trainer(build("llama"), str(tmp_path), [SaveAdapterCallback()])
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_training(tmp_path):
+    # Trainer's checkpoints hold the injected model's state dict (adapters included) and the
+    # optimizer; a fresh process injects the same adapter and resumes from one of them.
+    settings = dict(max_steps=4, gradient_accumulation_steps=1, save_strategy="steps", save_steps=2,
+                    optim="adamw_torch", learning_rate=0.05)
+    start = qgoft_model()
+    straight = copy.deepcopy(start)
+    run_trainer(straight, str(tmp_path / "straight"), [OrthogonalityPenaltyCallback()], **settings)
+    resumed = build("llama")
+    goft.inject(resumed, variant="qgoft", orth_lambda=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(
+            model=resumed, train_dataset=rows(), callbacks=[OrthogonalityPenaltyCallback()],
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path / "resumed"), per_device_train_batch_size=2, weight_decay=0.0, max_grad_norm=0.0,
+                lr_scheduler_type="constant", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **settings))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    trained = dict(straight.named_parameters())
+    adapted = [n for n, _ in resumed.named_parameters() if ".goft_" in n]
+    assert adapted and any(not torch.equal(trained[n], start.get_parameter(n)) for n in adapted)
+    for name in adapted:
+        torch.testing.assert_close(resumed.get_parameter(name), trained[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
