@@ -176,3 +176,21 @@ def test_unload_after_deleting_every_adapter():
     goft.unload(model)
     assert not any(isinstance(m, GivensLinear) for m in model.modules())
     assert torch.equal(_logits(model, inputs), base)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_generation_with_the_cache_matches_the_merged_model(model_name):
+    # generate() runs the adapted layers on one new token at a time against the KV cache.
+    model, inputs = _injected(model_name, "goft", std=1.0)
+    prompt = inputs["input_ids"][:1, :4]
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        adapted = model.generate(prompt, **settings)
+        uncached = model.generate(prompt, use_cache=False, **settings)
+        with goft.disable_adapters(model):
+            base = model.generate(prompt, **settings)
+        goft.merge(model)
+        merged = model.generate(prompt, **settings)
+    assert adapted.shape == (1, 10)
+    assert torch.equal(adapted, uncached) and torch.equal(adapted, merged)
+    assert not torch.equal(adapted, base), "the adapter changed no generated token; the test would not see it skipped"
