@@ -10,10 +10,12 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import goft
 from goft import GivensLinear
+from goft.inject import goft_layers
 from goft.reference import blocks_from_params, dense_transform, pair_schedule, rotate_ref
 
 from tiny_models import build, perturb_adapters, tiny_gpt2
@@ -680,6 +682,94 @@ def test_a_path_like_folder_saves_and_loads(tmp_path):
     goft.save_adapter(model, tmp_path / "adapter")
     other = goft.load_adapter(nn.Sequential(nn.Linear(8, 4)), tmp_path / "adapter")
     assert torch.equal(other[0].goft_angles["default"], model[0].goft_angles["default"])
+
+
+class _InOutLinear(nn.Module):
+    """A linear layer of its own that keeps its weight as (in, out): goft cannot know the layout."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) / d_in**0.5)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def _weight_normed(model):
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+
+
+def _spectral_normed(model):
+    torch.nn.utils.parametrizations.spectral_norm(model[0])
+
+
+def _pruned(model):
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.3)
+
+
+@pytest.mark.parametrize("prepare, message", [
+    (_weight_normed, r"weight of layer 0 is recomputed at each access .*remove_parametrizations"),
+    (_spectral_normed, r"weight of layer 0 is recomputed at each access"),
+    (_pruned, r"weight of layer 0 is recomputed at each access .*prune.remove"),
+    (None, r"cannot merge into _InOutLinear \(layer 0\): merging is defined for nn.Linear and transformers' Conv1D"),
+], ids=["weight_norm", "spectral_norm", "prune", "custom layout"])
+def test_merge_refuses_weights_it_cannot_write_or_read(prepare, message):
+    # A merge into these once succeeded and changed nothing (the weight is recomputed, and the
+    # adapter, counted as merged, was skipped) or read an (in, out) weight as (out, in).
+    torch.manual_seed(0)
+    if prepare is None:
+        model = nn.Sequential(_InOutLinear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    else:
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        prepare(model)
+    model.eval()  # spectral_norm's power iteration updates its vectors at each training-mode access
+    goft.inject(model, target_modules="^(0|2)$")
+    perturb_adapters(model, 0.5)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        adapted = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (goft.merge, goft.merge_and_unload):
+        with pytest.raises(NotImplementedError, match=message):
+            merge(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(layer.merged_adapters for layer in goft_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
+
+
+def test_dynamically_quantized_linears_are_refused_and_the_model_is_left_as_it_was():
+    # Their weight is a method returning a packed tensor; injecting once failed half-way.
+    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                                                   {nn.Linear}, dtype=torch.qint8)
+    kinds = [type(m) for m in model]
+    with pytest.raises(ValueError, match=r"goft.inject: .* not linear layers: \[0 \(Linear from torch.ao.nn.quantized"
+                                         r".*whose weight is not a tensor\)"):
+        goft.inject(model, target_modules=["0", "2"])
+    assert [type(m) for m in model] == kinds and not goft.adapter_configs(model)
+
+
+def test_adapted_layer_methods_check_their_arguments():
+    layer = GivensLinear(nn.Linear(8, 4))
+    layer.add_adapter("a", goft.GOFTConfig())
+    calls = [
+        (lambda: layer.add_adapter("a.b", goft.GOFTConfig()), ValueError,
+         r"GivensLinear.add_adapter: expected adapter_name a non-empty string without '.', got 'a.b'"),
+        (lambda: layer.add_adapter("x", "qgoft"), TypeError, r"GivensLinear.add_adapter: expected config a GOFTConfig, got str"),
+        (lambda: layer.add_adapter("x", None), TypeError, r"GivensLinear.add_adapter: expected config a GOFTConfig, got None"),
+        (lambda: layer.delete_adapter("typo"), ValueError, r"GivensLinear.delete_adapter: no adapter 'typo' in this layer \(has \['a'\]\)"),
+        (lambda: layer.transform("typo"), ValueError, r"no adapter 'typo' in this layer"),
+        (lambda: layer.op_arguments("typo"), ValueError, r"no adapter 'typo' in this layer"),
+        (lambda: layer.set_adapter("typo"), ValueError, r"GivensLinear.set_adapter: no adapter 'typo'"),
+        (lambda: GivensLinear(layer), TypeError, r"base_layer is a GivensLinear already"),
+    ]
+    for call, error, message in calls:
+        with pytest.raises(error, match=message):
+            call()
+    assert layer.adapter_names == ["a"] and list(layer.goft_angles.keys()) == ["a"]
+    layer.add_adapter("b", goft.GOFTConfig(variant="qgoft"))  # still usable
+    assert "adapters=['a', 'b']" in repr(layer)
 
 
 def test_hand_edited_json_of_the_wrong_shape_is_refused(tmp_path):

@@ -150,3 +150,19 @@ def _check_layers(name: str, value: Any) -> Optional[List[int]]:
 
 def _copy_json(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_adapter_name(adapter_name: str, where: str) -> None:
+    """An adapter name is a key in module names and adapter files: a non-empty string without '.'."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"{where}: expected adapter_name a string, got {type_and_value(adapter_name)}")
+    if not adapter_name or "." in adapter_name:
+        raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+
+
+def type_and_value(value) -> str:
+    """An argument of the wrong type as errors show it: its type, and its value when short."""
+    if value is None:
+        return "None"
+    shown = repr(value)
+    return type(value).__name__ + ("" if len(shown) > 60 else f" {shown}")

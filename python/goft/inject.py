@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 import torch
 from torch import nn
 
-from goft.config import GOFTConfig
+from goft.config import GOFTConfig, check_adapter_name, type_and_value
 from goft.layers import (
     FLATTENED_BY_FSDP1,
     GivensLinear,
@@ -84,7 +84,7 @@ def accepts_compiled(function: _Function) -> _Function:
     def on_the_original(model, *args, **kwargs):
         original = _compiled_original(model)
         if not isinstance(original, nn.Module):
-            raise TypeError(f"goft.{function.__name__}: expected model an nn.Module, got {_type_and_value(model)}")
+            raise TypeError(f"goft.{function.__name__}: expected model an nn.Module, got {type_and_value(model)}")
         result = function(original, *args, **kwargs)
         return model if result is original else result
 
@@ -124,7 +124,7 @@ def add_adapter(
     if config is not None and not isinstance(config, GOFTConfig):
         hint = {str: f"; to choose the variant, pass variant={config!r}", dict: "; pass GOFTConfig(**config)"}
         raise TypeError(
-            f"goft.inject: expected config a GOFTConfig or None, got {_type_and_value(config)}"
+            f"goft.inject: expected config a GOFTConfig or None, got {type_and_value(config)}"
             + hint.get(type(config), "")
         )
     config = (config or GOFTConfig()).replace(**overrides)
@@ -322,7 +322,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if any(adapter_name in layer.merged_adapters for layer in layers):
         raise ValueError(f"goft.delete_adapter: adapter {adapter_name!r} is merged; goft.unmerge(model) first")
     for layer in layers:
-        layer.delete_adapter(adapter_name)
+        if adapter_name in layer.adapter_configs:  # adapters may target different layers
+            layer.delete_adapter(adapter_name)
     del configs[adapter_name]
     setattr(model, CONFIGS_ATTR, configs)
     if active_adapter(model) == adapter_name:
@@ -619,21 +620,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def check_adapter_name(adapter_name: str, where: str) -> None:
-    """An adapter name is a key in module names and adapter files: a non-empty string without '.'."""
-    if not isinstance(adapter_name, str):
-        raise TypeError(f"{where}: expected adapter_name a string, got {_type_and_value(adapter_name)}")
-    if not adapter_name or "." in adapter_name:
-        raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
-
-
-def _type_and_value(value) -> str:
-    if value is None:
-        return "None"
-    shown = repr(value)
-    return type(value).__name__ + ("" if len(shown) > 60 else f" {shown}")
-
-
 def _check_not_distributed(model: nn.Module, where: str) -> None:
     """Refuses a model already wrapped by DistributedDataParallel or sharded by FSDP.
 
@@ -690,6 +676,8 @@ def _describe(module: nn.Module) -> str:
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{type(module).__name__} whose weight is not initialised yet; run one forward pass first"
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        return f"{type(module).__qualname__} from {type(module).__module__}, whose weight is not a tensor"
     return type(module).__name__
 
 

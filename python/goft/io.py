@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from goft.config import GOFTConfig
+from goft.config import GOFTConfig, check_adapter_name
 from goft.inject import (
     _attach,
     _candidate_modules,
@@ -34,7 +34,6 @@ from goft.inject import (
     accepts_compiled,
     active_adapter,
     adapter_configs,
-    check_adapter_name,
     named_goft_layers,
     plain_module_name,
     set_adapter,

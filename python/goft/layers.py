@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from goft.config import GOFTConfig
+from goft.config import GOFTConfig, check_adapter_name, type_and_value
 from goft.ops import rotate, rotated_linear
 
 __all__ = ["GivensLinear", "ADAPTER_PREFIX", "adapter_shapes", "input_width", "is_adaptable", "is_conv1d"]
@@ -55,7 +55,8 @@ def is_adaptable(module: nn.Module) -> bool:
     if isinstance(module, GivensLinear):
         return True
     weight = getattr(module, "weight", None)
-    if weight is None or isinstance(weight, nn.parameter.UninitializedParameter):
+    # A tensor: dynamically quantized linears (torch.ao) have a weight() method instead.
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
         return False
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
@@ -161,6 +162,8 @@ class GivensLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
+        if isinstance(base_layer, GivensLinear):
+            raise TypeError("GivensLinear: base_layer is a GivensLinear already; add adapters to it (add_adapter)")
         in_features = input_width(base_layer)  # refuses what cannot be adapted, before touching it
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features = in_features
@@ -199,6 +202,9 @@ class GivensLinear(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: GOFTConfig) -> None:
         """Adds an identity-initialised adapter; it is not made active."""
+        check_adapter_name(adapter_name, "GivensLinear.add_adapter")
+        if not isinstance(config, GOFTConfig):
+            raise TypeError(f"GivensLinear.add_adapter: expected config a GOFTConfig, got {type_and_value(config)}")
         if adapter_name in self.adapter_configs:
             raise ValueError(f"GivensLinear.add_adapter: adapter {adapter_name!r} already exists in this layer")
         shapes = adapter_shapes(config, self.in_features)
@@ -214,6 +220,7 @@ class GivensLinear(nn.Module):
         self.adapter_configs[adapter_name] = config
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._require_adapter(adapter_name, "GivensLinear.delete_adapter")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"GivensLinear.delete_adapter: adapter {adapter_name!r} is merged; unmerge it first")
         for store in (self.goft_angles, self.goft_blocks, self.goft_scale):
@@ -225,14 +232,16 @@ class GivensLinear(nn.Module):
 
     def set_adapter(self, adapter_name: Optional[str]) -> None:
         """Makes ``adapter_name`` the applied adapter (None: none) and the only trainable one."""
-        if adapter_name is not None and adapter_name not in self.adapter_configs:
-            raise ValueError(
-                f"GivensLinear.set_adapter: no adapter {adapter_name!r} in this layer (has {self.adapter_names})"
-            )
+        if adapter_name is not None:
+            self._require_adapter(adapter_name, "GivensLinear.set_adapter")
         self.active_adapter = adapter_name
         for store in (self.goft_angles, self.goft_blocks, self.goft_scale):
             for name, param in store.items():
                 param.requires_grad_(name == adapter_name)
+
+    def _require_adapter(self, adapter_name: str, where: str) -> None:
+        if adapter_name not in self.adapter_configs:
+            raise ValueError(f"{where}: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
 
     def adapter_parameters(self, adapter_name: str) -> Dict[str, nn.Parameter]:
         """The adapter's parameters keyed by store name ("goft_angles", ...)."""
@@ -271,6 +280,7 @@ class GivensLinear(nn.Module):
         Strict GOFT passes its stored parameters with the adapter's parameterisation, which the
         op maps to angles itself ("tanh": pi * tanh(p)), so the map costs no extra ops forward or
         backward; qGOFT passes its (d-1, 2, 2) blocks with "raw"."""
+        self._require_adapter(adapter_name, "GivensLinear.op_arguments")
         config = self.adapter_configs[adapter_name]
         if config.is_quasi:
             return self.goft_blocks[adapter_name].float(), None, "raw"
@@ -363,8 +373,7 @@ class GivensLinear(nn.Module):
         parameters that are NaN or infinite (they would poison the weight for good), and, when
         ``invertible`` (a merge meant to be undone), a zero scale entry or a singular qGOFT block.
         """
-        if adapter_name not in self.adapter_configs:
-            raise ValueError(f"GivensLinear.merge: no adapter {adapter_name!r} in this layer (has {self.adapter_names})")
+        self._require_adapter(adapter_name, "GivensLinear.merge")
         self.check_whole(adapter_name, "goft.merge", MERGE_UNSHARDED)
         tensors = [self.base_layer.weight, *self.adapter_parameters(adapter_name).values()]
         if any(hasattr(t, "device_mesh") for t in tensors):
@@ -394,8 +403,7 @@ class GivensLinear(nn.Module):
         name = self.active_adapter if adapter_name is None else adapter_name
         if name is None:
             return False
-        if name not in self.adapter_configs:
-            raise ValueError(f"GivensLinear.merge: no adapter {name!r} in this layer (has {self.adapter_names})")
+        self._require_adapter(name, "GivensLinear.merge")
         if name in self.merged_adapters:
             warnings.warn(f"goft.merge: adapter {name!r} is already merged into this layer; not merging it again")
             return False
@@ -450,7 +458,13 @@ class GivensLinear(nn.Module):
                 f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is managed by "
                 f"DeepSpeed ZeRO-3 ({PARTITIONED_BY_ZERO3}); {MERGE_UNSHARDED}"
             )
+        base_kind = type(self.base_layer).__name__
         stored_in_out = is_conv1d(self.base_layer)
+        if not (stored_in_out or isinstance(self.base_layer, nn.Linear)):
+            raise NotImplementedError(
+                f"goft.merge: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): merging is defined "
+                "for nn.Linear and transformers' Conv1D, whose weight layouts are known; keep this adapter unmerged"
+            )
         if (
             not isinstance(weight, torch.Tensor)
             or not weight.is_floating_point()
@@ -459,9 +473,21 @@ class GivensLinear(nn.Module):
         ):
             flattened = flattened_by_fsdp1(weight)
             raise (ValueError if flattened else NotImplementedError)(
-                f"goft.merge: cannot merge into {type(self.base_layer).__name__}: expected a floating (out, in) "
+                f"goft.merge: cannot merge into {base_kind}: expected a floating (out, in) "
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
                 f"{tuple(getattr(weight, 'shape', ()))}" + (f": {FLATTENED_BY_FSDP1}; {MERGE_UNSHARDED}" if flattened else "")
+            )
+        # A merge rewrites the stored weight in place. A weight recomputed from other tensors at
+        # each access (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal; prune's
+        # weight_orig * mask) would lose the merge at the next forward, which then skips the adapter.
+        registered = self.base_layer._parameters.get("weight", self.base_layer._buffers.get("weight"))
+        if weight is not registered:
+            raise NotImplementedError(
+                f"goft.merge: the weight of layer {self.layer_name or base_kind} is recomputed at each access "
+                "(a torch.nn.utils.parametrize parametrization such as weight_norm or spectral_norm, or pruning), "
+                "so a merge would not stay in it; remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove) or keep this "
+                "adapter unmerged"
             )
 
     def _apply_to_weight(self, rows_map) -> None:

@@ -30,7 +30,8 @@ import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from goft.inject import check_adapter_name, goft_layers, orthogonality_penalty
+from goft.config import check_adapter_name
+from goft.inject import goft_layers, orthogonality_penalty
 from goft.io import save_adapter
 from goft.layers import flattened_by_fsdp1, is_fsdp1_unit, managed_by_zero3
 
