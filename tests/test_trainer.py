@@ -122,6 +122,17 @@ def test_save_adapter_callback_refusals(tmp_path):
             SaveAdapterCallback(subfolder=bad)
     with pytest.raises(ValueError, match="no goft layers"):
         run_trainer(build("llama"), str(tmp_path), [SaveAdapterCallback()])
+    # An adapter the first checkpoint could not save is refused before the first step.
+    model = qgoft_model()
+    with pytest.raises(ValueError, match=r"SaveAdapterCallback: the model has no adapter 'defualt' to save; "
+                                         r"adapters are \['default'\]"):
+        run_trainer(model, str(tmp_path / "typo"), [SaveAdapterCallback(adapter_name="defualt")],
+                    save_strategy="steps", save_steps=1)
+    goft.set_adapter(model, None)
+    with pytest.raises(ValueError, match=r"SaveAdapterCallback: the model has no active adapter"):
+        run_trainer(model, str(tmp_path / "none"), [SaveAdapterCallback()], save_strategy="steps", save_steps=1)
+    assert not any(name.startswith("checkpoint-") for run in ("typo", "none") if (tmp_path / run).exists()
+                   for name in os.listdir(tmp_path / run))
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_training(tmp_path):

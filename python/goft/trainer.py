@@ -31,7 +31,7 @@ import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from goft.config import check_adapter_name
-from goft.inject import goft_layers, orthogonality_penalty
+from goft.inject import active_adapter, adapter_configs, goft_layers, orthogonality_penalty
 from goft.io import save_adapter
 from goft.layers import flattened_by_fsdp1, is_fsdp1_unit, managed_by_zero3
 
@@ -121,6 +121,12 @@ class SaveAdapterCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _require_goft_model(model, "SaveAdapterCallback")
+        # The first checkpoint would otherwise find out, save_steps into training.
+        configs = adapter_configs(model)
+        name = active_adapter(model) if self.adapter_name is None else self.adapter_name
+        if name not in configs:
+            what = f"has no adapter {name!r}" if name is not None else "has no active adapter (goft.set_adapter)"
+            raise ValueError(f"goft.trainer.SaveAdapterCallback: the model {what} to save; adapters are {list(configs)}")
         if _sharded_by_fsdp1(model):
             raise ValueError(
                 "goft.trainer.SaveAdapterCallback: the model is sharded by FSDP1 (FullyShardedDataParallel), whose "
