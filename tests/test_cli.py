@@ -335,6 +335,16 @@ def test_target_modules_that_match_nothing_are_a_usage_error(tiny_model, csv_fil
     assert "--target-modules ['nosuch'] match no linear layer" in err
 
 
+def test_texts_longer_than_the_models_positions_are_a_usage_error(tiny_model, tmp_path, capsys):
+    # They would fail inside the model at the first batch holding one (the default --max-length
+    # 128 is fine for this 64-position model while the texts are short).
+    long_text = " ".join(["good film"] * 60)
+    data = _write(tmp_path / "long.csv", _rows(20) + [(long_text, "pos"), (long_text + " bad", "neg")])
+    err = _error(_finetune_args(tiny_model, data), capsys)
+    assert re.search(r"--max-length 128 keeps texts of up to 12\d tokens, more than the model takes: 64 "
+                     r"\(max_position_embeddings\); pass --max-length 64 or less", err)
+
+
 def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
     data = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
     err = _error(_finetune_args(tiny_model, data), capsys)
@@ -353,6 +363,10 @@ def test_option_errors(tiny_model, csv_file, capsys, no_training):
     assert "--scale" in _error(_finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--scale"), capsys)
     assert "lora" in _error(_finetune_args(tiny_model, csv_file, "--compare", "adalora"), capsys)
     assert "positive" in _error(_finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)
+    for value in ("nan", "inf", "-1"):
+        assert f"expected a finite number >= 0, got {value}" in _error(
+            _finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--orth-lambda", value), capsys)
+    assert "expected a positive finite number, got inf" in _error(_finetune_args(tiny_model, csv_file, "--lr", "inf"), capsys)
 
 
 def test_read_table_compressed_keep_labels_and_sniffing(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -22,8 +23,15 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
@@ -46,7 +54,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
     g.add_argument("--variant", choices=("goft", "qgoft"), default="goft",
                    help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
     g.add_argument("--scale", action="store_true", help="GOFT*: also learn a per-feature scale (goft variant only)")
-    g.add_argument("--orth-lambda", type=float, default=orth_lambda,
+    g.add_argument("--orth-lambda", type=_non_negative_float, default=orth_lambda,
                    help=f"qGOFT orthogonality penalty strength (default {orth_lambda:g})")
     g.add_argument("--lr", type=_positive_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
     g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
@@ -137,8 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_common(parser: argparse.ArgumentParser, args) -> None:
     if args.scale and args.variant == "qgoft":
         parser.error("--scale (GOFT*) applies to --variant goft only: qGOFT blocks already learn a norm")
-    if args.orth_lambda < 0:
-        parser.error(f"--orth-lambda must be >= 0, got {args.orth_lambda}")
 
 
 def _demo(parser, args) -> int:

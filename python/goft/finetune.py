@@ -549,6 +549,19 @@ def linear_layer_names(model: torch.nn.Module, exclude: Sequence[str] = ()) -> L
     return names
 
 
+def _check_lengths(model, tokenizer, max_length: int, longest: int) -> None:
+    """Refuses tokenized texts longer than the model takes: they would fail inside its position
+    embeddings at the first batch that holds one, with an error that does not say why."""
+    limits = {"max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+              "the tokenizer's model_max_length": getattr(tokenizer, "model_max_length", None)}
+    limits = {k: v for k, v in limits.items() if isinstance(v, int) and 0 < v < 1_000_000}  # huge: unset
+    if limits and longest > min(limits.values()):
+        source = min(limits, key=limits.get)
+        raise OptionError(f"goft finetune: --max-length {max_length} keeps texts of up to {longest} tokens, "
+                          f"more than the model takes: {limits[source]} ({source}); pass --max-length "
+                          f"{limits[source]} or less")
+
+
 def _resolve_targets(model, config: RunConfig, heads: Sequence[str]) -> List[str]:
     linear = linear_layer_names(model, exclude=heads)
     if not config.target_modules:
@@ -737,6 +750,7 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
     pad_id = tokenizer.pad_token_id
     train_ids = _tokenize(tokenizer, split.train_texts, config.max_length)
     test_ids = _tokenize(tokenizer, split.test_texts, config.max_length)
+    _check_lengths(model, tokenizer, config.max_length, max(map(len, train_ids + test_ids)))
     head_params = sum(p.numel() for h in heads for p in model.get_submodule(h).parameters())
     total_params = sum(p.numel() for p in model.parameters())
     targets = _resolve_targets(model, config, heads)
