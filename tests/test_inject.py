@@ -99,6 +99,32 @@ def test_target_forms_exclude_and_layers_to_transform():
     assert len(_adapted(model)) == 12, "all-linear leaves modules_to_save alone"
 
 
+@pytest.mark.parametrize("model_name, head", [("bert", "classifier"), ("deberta-v2", "classifier"), ("vit", "classifier"),
+                                              ("llama-classifier", "score")])
+def test_all_linear_leaves_the_classification_head_and_a_frozen_head_is_warned_about(model_name, head):
+    # A fresh head wrapped and frozen, or left frozen, cannot learn: the run trains in vain.
+    if model_name == "llama-classifier":
+        def make():
+            torch.manual_seed(0)
+            config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, num_labels=3)
+            return transformers.LlamaForSequenceClassification(config)
+    else:
+        def make():
+            return build(model_name)
+    model = make()
+    with pytest.warns(UserWarning, match=rf"the classification head \['{head}'\] stays frozen; .*"
+                                         rf"modules_to_save=\['{head}'\]"):
+        goft.inject(model, target_modules="all-linear")
+    assert not any(n == head or n.startswith(head + ".") for n in _adapted(model))
+    assert not any(p.requires_grad for p in model.get_submodule(head).parameters())
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        goft.inject(model, target_modules="all-linear", modules_to_save=[head])
+    assert all(p.requires_grad for p in model.get_submodule(head).parameters())
+
+
 def test_conv1d_model():
     torch.manual_seed(0)
     model = tiny_gpt2().eval()

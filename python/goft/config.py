@@ -30,7 +30,8 @@ class GOFTConfig:
         target_modules: which layers to adapt. A list of names matched on the module-name
             suffix ("q_proj" matches "model.layers.0.self_attn.q_proj"), a string taken as a
             regular expression matched against the full module name, "all-linear" (every linear
-            layer but the output head), or None for the preset of the model's model_type.
+            layer but the output head: the vocabulary projection, or a top-level ``classifier``
+            or ``score`` head), or None for the preset of the model's model_type.
         exclude_modules: same forms as target_modules (but not "all-linear"); matching layers
             are never adapted.
         layers_to_transform: only adapt layers inside these transformer-block indices (the

@@ -27,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from goft.presets import CLASSIFICATION_HEAD_NAMES
+
 __all__ = [
     "METHODS",
     "RunConfig",
@@ -52,9 +54,6 @@ __all__ = [
 METHODS = ("goft", "qgoft", "lora", "oft", "head")
 GOFT_METHODS = ("goft", "qgoft")
 
-# Children of a *ForSequenceClassification model that form its head when the checkpoint already
-# holds them (a model saved after fine-tuning); fresh modules are found from the loading report.
-_HEAD_NAMES = ("classifier", "score")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +528,9 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
     modules = dict(model.named_modules())
     heads = {key.rsplit(".", 1)[0] for key in fresh if "." in key and key.rsplit(".", 1)[0] in modules}
-    heads |= {name for name, _ in model.named_children() if name in _HEAD_NAMES}
+    # The head's children are the head also when the checkpoint already holds them (a model saved
+    # after fine-tuning); fresh modules are found from the loading report above.
+    heads |= {name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES}
     return tokenizer, model, sorted(heads)
 
 

@@ -23,7 +23,7 @@ from goft.layers import (
     orthogonality_term,
     whole_numel,
 )
-from goft.presets import default_target_modules
+from goft.presets import CLASSIFICATION_HEAD_NAMES, default_target_modules
 
 __all__ = [
     "inject",
@@ -130,6 +130,14 @@ def add_adapter(
     config = (config or GOFTConfig()).replace(**overrides)
     targets = find_target_modules(model, config, adapter_name)
     _attach(model, targets, adapter_name, config)
+    saved = _saved_module_paths(list(_candidate_modules(model, remove_duplicate=False)), config)
+    frozen_heads = [h for h in _classification_heads(model)
+                    if not _inside(h, saved) and not any(_inside(t, [h]) for t in targets)]
+    if frozen_heads:
+        warnings.warn(
+            f"goft.inject: the classification head {frozen_heads} stays frozen; if it is freshly initialised "
+            f"(from_pretrained of a checkpoint without it), train it too: modules_to_save={frozen_heads}"
+        )
     return model
 
 
@@ -164,7 +172,8 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
     save_names = _saved_module_paths(paths, config)
     if target_modules == "all-linear":
         head = _output_head(model)
-        names = [n for n in linear_names if modules[n] is not head and not _inside(n, save_names)]
+        names = [n for n in linear_names if modules[n] is not head and not _inside(n, save_names)
+                 and not _inside(n, _classification_heads(model))]
     else:
         names = _match_all(modules, target_modules)
     if config.exclude_modules is not None:
@@ -601,6 +610,11 @@ def _layer_index(name: str) -> Optional[int]:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, GivensLinear)) or is_conv1d(module)
+
+
+def _classification_heads(model: nn.Module) -> List[str]:
+    """Names of the model's top-level classification heads (presets.CLASSIFICATION_HEAD_NAMES)."""
+    return [name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES]
 
 
 def _output_head(model: nn.Module) -> Optional[nn.Module]:

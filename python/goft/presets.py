@@ -61,6 +61,12 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
 }
 
 
+# The top-level children that hold a transformers model's classification head
+# (BertForSequenceClassification's classifier, LlamaForSequenceClassification's score), by the
+# names PEFT also uses.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
+
+
 def default_target_modules(model_type: Optional[str]) -> Optional[List[str]]:
     """The preset target names for a model_type, or None when goft has no preset for it."""
     if model_type is None:
