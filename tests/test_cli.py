@@ -190,7 +190,7 @@ def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_merge_keeps_the_label_names_the_head_was_trained_with(tiny_model, csv_file, tmp_path):
+def test_merge_keeps_the_label_names_the_head_was_trained_with(tiny_model, csv_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(_finetune_args(tiny_model, csv_file, "--epochs", "1", "--output-dir", str(out), "--save-merged")) == 0
     assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(out / "adapter"), "--output",
@@ -198,6 +198,29 @@ def test_merge_keeps_the_label_names_the_head_was_trained_with(tiny_model, csv_f
     merged = transformers.AutoConfig.from_pretrained(tmp_path / "merged")
     assert merged.id2label == {0: "neg", 1: "pos"} and merged.label2id == {"neg": 0, "pos": 1}
     assert merged.id2label == transformers.AutoConfig.from_pretrained(out / "merged").id2label
+    # Either merged folder records the adapter: merging it in again would apply it twice.
+    for merged_dir in (out / "merged", tmp_path / "merged"):
+        with pytest.raises(SystemExit):
+            cli.main(["merge", "--model", str(merged_dir), "--adapter", str(out / "adapter"), "--output",
+                      str(tmp_path / "twice")])
+        assert re.search(r"this adapter is merged into .* already .*merging it again would apply it twice",
+                         capsys.readouterr().err)
+    assert not (tmp_path / "twice").exists()
+
+
+def test_merge_names_a_resized_embedding_without_blaming_the_labels(tiny_model, tmp_path, capsys):
+    import goft
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    goft.inject(model, target_modules="all-linear", modules_to_save=["classifier", "word_embeddings"])
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--model", str(tiny_model), "--adapter", str(tmp_path / "adapter"), "--output",
+                  str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert re.search(r"modules_to_save entry bert.embeddings.word_embeddings.weight is .* in the adapter", err)
+    assert "--num-labels" not in err
 
 
 def test_merge_refuses_an_adapter_without_the_head_the_base_lacks(tiny_model, tmp_path, capsys):

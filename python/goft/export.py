@@ -10,9 +10,24 @@ from typing import Callable, Optional
 
 import torch
 
+from goft.presets import CLASSIFICATION_HEAD_NAMES
+
 __all__ = ["merge_to_directory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A merged model's config.json lists the checksums (weights_sha256) of the adapters merged into
+# it, so that merging one of them into it again, which would apply the rotation twice, is refused.
+MERGED_ADAPTERS_KEY = "goft_merged_adapters"
+
+
+def record_merge(model, adapter_dir) -> None:
+    """Adds the adapter saved in ``adapter_dir`` to the merged ``model``'s config (MERGED_ADAPTERS_KEY)."""
+    from goft.io import _read
+
+    description, _ = _read(os.fspath(adapter_dir))
+    merged = list(getattr(model.config, MERGED_ADAPTERS_KEY, None) or [])
+    setattr(model.config, MERGED_ADAPTERS_KEY, merged + [description["weights_sha256"]])
 
 
 def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_labels: Optional[int] = None,
@@ -49,6 +64,10 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "class; merge in Python: goft.load_adapter, goft.merge_and_unload, save_pretrained")
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if description.get("weights_sha256") in (getattr(config, MERGED_ADAPTERS_KEY, None) or []):
+        raise ValueError(f"{where}: this adapter is merged into {model_dir!r} already (its config.json lists it under "
+                         f"{MERGED_ADAPTERS_KEY}); merging it again would apply it twice. Pass the base model it "
+                         "was trained on")
     saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, None)
@@ -63,7 +82,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         goft.load_adapter(model, adapter_dir)
     except ValueError as e:
         hint = ("; the adapter's classification head has another number of labels than the base config "
-                f"({model.config.num_labels}): pass --num-labels") if "modules_to_save entry" in str(e) and num_labels is None else ""
+                f"({model.config.num_labels}): pass --num-labels") if num_labels is None and _head_differs(model, description) else ""
         raise ValueError(f"{where}: {e}{hint}") from None
     fresh = set(loading.get("missing_keys", ())) | {key[0] for key in loading.get("mismatched_keys", ())}
     uncovered = sorted(fresh - set(description.get("tensors", {})))
@@ -72,6 +91,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "and not in the adapter either, so the merged model would hold random values there"
                          + ("; check --num-labels" if num_labels is not None else ""))
     model = goft.merge_and_unload(model).to(target_dtype)
+    record_merge(model, adapter_dir)
     id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
     if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
         model.config.id2label = id2label  # the names the adapter's head was trained with
@@ -85,3 +105,11 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
             continue
     log(f"merged model ({str(target_dtype).removeprefix('torch.')}) saved to {out}")
     return out
+
+
+def _head_differs(model, description) -> bool:
+    """Whether the adapter carries a classification head of another shape than the model's."""
+    state = model.state_dict()
+    return any(key.split(".")[0] in CLASSIFICATION_HEAD_NAMES and key in state
+               and list(state[key].shape) != spec.get("shape")
+               for key, spec in description.get("tensors", {}).items())
