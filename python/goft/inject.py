@@ -130,9 +130,10 @@ def add_adapter(
     config = (config or GOFTConfig()).replace(**overrides)
     targets = find_target_modules(model, config, adapter_name)
     _attach(model, targets, adapter_name, config)
-    saved = _saved_module_paths(list(_candidate_modules(model, remove_duplicate=False)), config)
-    frozen_heads = [h for h in _classification_heads(model)
-                    if not _inside(h, saved) and not any(_inside(t, [h]) for t in targets)]
+    # Trained by any adapter's modules_to_save, or adapted itself: the user has seen to the head.
+    head_params = {h: list(model.get_submodule(h).parameters()) for h in _classification_heads(model)}
+    frozen_heads = [h for h, params in head_params.items() if params and not any(p.requires_grad for p in params)
+                    and not any(_inside(t, [h]) for t in targets)]
     if frozen_heads:
         warnings.warn(
             f"goft.inject: the classification head {frozen_heads} stays frozen; if it is freshly initialised "
