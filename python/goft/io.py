@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 
 
 @accepts_compiled
-def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
     """Writes one adapter (default: the active one) and its modules_to_save into directory ``path``.
 
     Tensor keys are module names plus the store name, e.g.
@@ -157,7 +157,7 @@ def save_adapter(model: nn.Module, path: str, adapter_name: Optional[str] = None
 
 
 @accepts_compiled
-def load_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> nn.Module:
     """Adds the adapter saved in ``path`` to ``model`` as ``adapter_name`` and makes it active.
 
     Everything (JSON, checksum, tensor names/shapes/dtypes, model_type, every target layer and
