@@ -557,18 +557,37 @@ def test_merge_is_all_or_nothing():
     torch.testing.assert_close(model(x), expected)
 
 
-def test_merge_refuses_what_unmerge_could_not_undo_but_merge_and_unload_allows_it():
-    model = _one_layer(variant="qgoft")
+def _set_block(model, value):
+    model[0].goft_blocks["default"][1] = torch.tensor(value)
+
+
+def _set_scale(model, value):
+    model[0].goft_scale["default"][2] = value
+
+
+@pytest.mark.parametrize("variant, edit, value, message", [
+    ({"variant": "qgoft"}, _set_block, [[1.0, 2.0], [2.0, 4.0]], r"a singular or nearly singular 2x2 block \(block 1: determinant 0\)"),
+    ({"variant": "qgoft"}, _set_block, [[1.0, 0.0], [0.0, 1e-6]], r"a singular or nearly singular 2x2 block \(block 1: determinant 1e-06\)"),
+    ({"scale": True}, _set_scale, 0.0, r"scale entries from 0 to 1 in magnitude"),
+    ({"scale": True}, _set_scale, 1e-39, r"scale entries from 1e-39 to 1 in magnitude"),  # 1/scale overflows float32
+    ({"scale": True}, _set_scale, 1e-5, r"scale entries from 1e-05 to 1 in magnitude \(condition above 10000"),
+], ids=["singular block", "nearly singular block", "zero scale", "tiny scale", "scales 1e5 apart"])
+def test_merge_refuses_what_unmerge_could_not_undo_but_merge_and_unload_allows_it(variant, edit, value, message):
+    # Unmerging would fill the weight with inf/NaN, or give it back off by the rounding errors
+    # times the condition number (a block of determinant 1e-6: 1.3% in float32).
+    model = _one_layer(**variant)
     with torch.no_grad():
-        model[0].goft_blocks["default"][1] = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+        edit(model, value)
     x = torch.randn(3, 8)
     expected = model(x)
     weight = model[0].weight.clone()
-    with pytest.raises(ValueError, match="goft.merge: adapter 'default' has a singular 2x2 block; so this merge could not be undone"):
+    with pytest.raises(ValueError, match=r"goft.merge: adapter 'default' of layer 0 has " + message +
+                                         r".*so goft.unmerge could not restore the weight; goft.merge_and_unload"):
         goft.merge(model)
-    assert torch.equal(model[0].weight, weight)
+    assert torch.equal(model[0].weight, weight) and model[0].merged_adapters == []
     plain = goft.merge_and_unload(model)
-    torch.testing.assert_close(plain(x), expected)
+    if value:  # a zero scale entry merges for good too, as a zero column
+        torch.testing.assert_close(plain(x), expected)
 
 
 class _Shared(nn.Module):
@@ -627,6 +646,10 @@ def test_saving_into_a_file_path_or_from_a_meta_model(tmp_path):
     with pytest.raises(NotADirectoryError, match="goft.save_adapter: .*file' exists and is not a directory"):
         goft.save_adapter(model, str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "keep me"
+    os.symlink(tmp_path / "moved-away", tmp_path / "link")
+    with pytest.raises(FileNotFoundError, match=r"goft.save_adapter: .*link' is a symbolic link to .*moved-away', "
+                                                r"which does not exist"):
+        goft.save_adapter(model, str(tmp_path / "link"))
     with torch.device("meta"):
         meta = _one_layer()
     with pytest.raises(ValueError, match=r"goft.save_adapter: 0.goft_angles is on the meta device"):
@@ -665,6 +688,10 @@ WRONG_TYPES = [
      r"goft.load_adapter: expected path a directory path"),
     ("load under an int name", lambda t: goft.load_adapter(_plain(), str(t), 1), TypeError,
      r"goft.load_adapter: expected adapter_name a string, got int 1"),
+    ("adapter_name an attribute of ParameterDict", lambda t: goft.inject(_plain(), adapter_name="train", target_modules=["0"]),
+     ValueError, r"goft.inject: adapter_name 'train' is the name of an attribute of torch's nn.ParameterDict"),
+    ("orth_lambda beyond float", lambda t: goft.inject(_plain(), orth_lambda=10**400, target_modules=["0"]), ValueError,
+     r"GOFTConfig.orth_lambda: expected a finite number >= 0"),
     ("wrap None", lambda t: GivensLinear(None), TypeError, r"goft: cannot adapt NoneType"),
 ]
 

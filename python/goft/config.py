@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
@@ -66,7 +67,7 @@ class GOFTConfig:
                 f"got {self.angle_parameterisation!r}"
             )
         if isinstance(self.orth_lambda, bool) or not isinstance(self.orth_lambda, (int, float)) or not (
-            self.orth_lambda >= 0.0 and self.orth_lambda != float("inf")
+            0.0 <= _as_float(self.orth_lambda) < math.inf
         ):
             raise ValueError(f"GOFTConfig.orth_lambda: expected a finite number >= 0, got {self.orth_lambda!r}")
         self.orth_lambda = float(self.orth_lambda)
@@ -149,6 +150,13 @@ def _check_layers(name: str, value: Any) -> Optional[List[int]]:
     raise ValueError(f"GOFTConfig.{name}: expected a layer index >= 0 or a non-empty list of them, got {value!r}")
 
 
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+
+
 def _copy_json(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -159,6 +167,12 @@ def check_adapter_name(adapter_name: str, where: str) -> None:
         raise TypeError(f"{where}: expected adapter_name a string, got {type_and_value(adapter_name)}")
     if not adapter_name or "." in adapter_name:
         raise ValueError(f"{where}: expected adapter_name a non-empty string without '.', got {adapter_name!r}")
+    # Adapters are keys of torch's ParameterDict, which refuses its own attribute names.
+    from torch import nn
+
+    if hasattr(nn.ParameterDict(), adapter_name):
+        raise ValueError(f"{where}: adapter_name {adapter_name!r} is the name of an attribute of torch's "
+                         "nn.ParameterDict, which holds the adapters; pick another name")
 
 
 def type_and_value(value) -> str:

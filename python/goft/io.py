@@ -75,6 +75,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"goft.save_adapter: {path!r} exists and is not a directory")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"goft.save_adapter: {path!r} is a symbolic link to {os.readlink(path)!r}, "
+                                "which does not exist")
 
     # What to read, by the FSDP1 unit that holds it ("" for the root, or for a model without FSDP1).
     units = _fsdp1_units(model)

@@ -389,9 +389,8 @@ class GivensLinear(nn.Module):
                     "merging would make the base weight non-finite for good"
                 )
         if invertible and not params.is_meta:
-            _inverse_transposed(
-                params, scale, adapter_name, "goft.merge", "so this merge could not be undone; goft.merge_and_unload merges for good"
-            )
+            _check_invertible(params, scale, f"goft.merge: adapter {adapter_name!r} of {layer}",
+                              "so goft.unmerge could not restore the weight; goft.merge_and_unload merges for good")
 
     @torch.no_grad()
     def merge(self, adapter_name: Optional[str] = None) -> bool:
@@ -519,6 +518,30 @@ def _like(t: Optional[torch.Tensor], rows: torch.Tensor) -> Optional[torch.Tenso
     if t is None:
         return None
     return t.to(device=rows.device, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32)
+
+
+# The largest condition number of a scale or a qGOFT block that goft.merge accepts: unmerging
+# multiplies the weight's rounding errors by up to this much (float32: to about 1e-3).
+MAX_UNMERGE_CONDITION = 1e4
+
+
+def _check_invertible(params: torch.Tensor, scale: Optional[torch.Tensor], what: str, consequence: str) -> None:
+    """Refuses a transform whose inverse is not finite, or so ill-conditioned that merging and
+    unmerging would not give the weight back: zero or tiny scale entries, (nearly) singular blocks."""
+    params, scale = params.detach().double(), None if scale is None else scale.detach().double()
+    if scale is not None and scale.numel():
+        magnitude = scale.abs()
+        if not bool(torch.isfinite((1.0 / scale).float()).all()) or magnitude.max() > MAX_UNMERGE_CONDITION * magnitude.min():
+            raise ValueError(f"{what} has scale entries from {magnitude.min().item():.3g} to {magnitude.max().item():.3g} "
+                             f"in magnitude (condition above {MAX_UNMERGE_CONDITION:g}, or a zero); {consequence}")
+    if params.dim() == 3 and params.numel():
+        det = (params[:, 0, 0] * params[:, 1, 1] - params[:, 0, 1] * params[:, 1, 0]).abs()
+        # ||A||_F^2 / |det A| bounds a 2x2 block's condition number from above.
+        bound = params.square().sum((-2, -1)) / det
+        worst = int(torch.nan_to_num(bound, nan=math.inf).argmax())
+        if not bool(torch.isfinite((1.0 / det).float()).all()) or bound[worst] > MAX_UNMERGE_CONDITION:
+            raise ValueError(f"{what} has a singular or nearly singular 2x2 block (block {worst}: determinant "
+                             f"{det[worst].item():.3g}); {consequence}")
 
 
 def _inverse_transposed(
