@@ -206,6 +206,12 @@ def test_merge_keeps_the_label_names_the_head_was_trained_with(tiny_model, csv_f
         assert re.search(r"this adapter is merged into .* already .*merging it again would apply it twice",
                          capsys.readouterr().err)
     assert not (tmp_path / "twice").exists()
+    # And in Python: loading it into the merged model is refused too.
+    import goft
+
+    merged_model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged")
+    with pytest.raises(ValueError, match=r"this adapter is merged into the model's weights already .*apply it twice"):
+        goft.load_adapter(merged_model, str(out / "adapter"))
 
 
 def test_merge_names_a_resized_embedding_without_blaming_the_labels(tiny_model, tmp_path, capsys):

@@ -16,14 +16,9 @@ __all__ = ["merge_to_directory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# A merged model's config.json lists the checksums (weights_sha256) of the adapters merged into
-# it, so that merging one of them into it again, which would apply the rotation twice, is refused.
-MERGED_ADAPTERS_KEY = "goft_merged_adapters"
-
-
 def record_merge(model, adapter_dir) -> None:
     """Adds the adapter saved in ``adapter_dir`` to the merged ``model``'s config (MERGED_ADAPTERS_KEY)."""
-    from goft.io import _read
+    from goft.io import MERGED_ADAPTERS_KEY, _read
 
     description, _ = _read(os.fspath(adapter_dir))
     merged = list(getattr(model.config, MERGED_ADAPTERS_KEY, None) or [])
@@ -44,7 +39,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     import transformers
 
     import goft
-    from goft.io import _directory_path, _read
+    from goft.io import MERGED_ADAPTERS_KEY, _directory_path, _read, merged_into
 
     where = "goft merge"
     model_dir, adapter_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
@@ -64,7 +59,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "class; merge in Python: goft.load_adapter, goft.merge_and_unload, save_pretrained")
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if description.get("weights_sha256") in (getattr(config, MERGED_ADAPTERS_KEY, None) or []):
+    if merged_into(config, description):  # found before the model is loaded
         raise ValueError(f"{where}: this adapter is merged into {model_dir!r} already (its config.json lists it under "
                          f"{MERGED_ADAPTERS_KEY}); merging it again would apply it twice. Pass the base model it "
                          "was trained on")

@@ -46,6 +46,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
+# A merged model's config lists the checksums (weights_sha256) of the adapters merged into it
+# (goft merge, goft finetune --save-merged), so that loading one of them into it again, which
+# would apply the rotation twice, is refused.
+MERGED_ADAPTERS_KEY = "goft_merged_adapters"
 
 
 @accepts_compiled
@@ -189,6 +193,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     return model
 
 
+def merged_into(model_config: Any, description: Dict[str, Any]) -> bool:
+    """Whether a model's config records the adapter described by ``description`` as merged into it."""
+    return description.get("weights_sha256") in (getattr(model_config, MERGED_ADAPTERS_KEY, None) or [])
+
+
 def _directory_path(path: Any, where: str, argument: str = "path") -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{where}: expected {argument} a directory path (str or os.PathLike), got {type(path).__name__}")
@@ -281,6 +290,9 @@ def _validate(
     _check_not_distributed(model, where)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"{where}: the model already has an adapter {adapter_name!r}; pass another adapter_name")
+    if merged_into(getattr(model, "config", None), description):
+        raise ValueError(f"{where}: this adapter is merged into the model's weights already (model.config."
+                         f"{MERGED_ADAPTERS_KEY} lists it); loading it would apply it twice. Load it into the base model")
     saved_type, model_type = description.get("model_type"), _model_type(model)
     if saved_type != model_type:
         raise ValueError(f"{where}: adapter saved for model_type={saved_type!r}, model is model_type={model_type!r}")
