@@ -360,8 +360,9 @@ def test_a_model_folder_without_weights_or_tokenizer_is_refused(tiny_model, csv_
 
 
 def test_target_modules_that_match_nothing_are_a_usage_error(tiny_model, csv_file, capsys):
-    err = _error(_finetune_args(tiny_model, csv_file, "--target-modules", "nosuch"), capsys)
-    assert "--target-modules ['nosuch'] match no linear layer" in err
+    for compare in ([], ["--compare", "lora"]):  # --compare trains each method in a process of its own
+        err = _error(_finetune_args(tiny_model, csv_file, "--target-modules", "nosuch", *compare), capsys)
+        assert "--target-modules ['nosuch'] match no linear layer" in err
 
 
 def test_texts_longer_than_the_models_positions_are_a_usage_error(tiny_model, tmp_path, capsys):

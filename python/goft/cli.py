@@ -216,7 +216,10 @@ def _finetune(parser, args) -> int:
                             save_merged=False)
         for m in others
     ]
-    results = finetune.compare(configs, split)
+    try:
+        results = finetune.compare(configs, split)
+    except finetune.OptionError as e:  # raised in a method's own process; the first one finds it
+        parser.error(str(e))
     table = finetune.format_table(results)
     print()
     print(table)
