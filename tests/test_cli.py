@@ -286,6 +286,19 @@ def test_finetune_qgoft_on_tsv_with_a_test_file(tiny_model, tmp_path):
     assert result["adapter_params"] == 4 * (11 * 31 + 2 * 47)
 
 
+def test_a_test_file_sharing_training_texts_and_a_test_fraction_beside_it(tiny_model, tmp_path, capsys, no_training):
+    train_rows, test_rows = _rows(40, seed=1), _rows(10, seed=2)
+    train = _write(tmp_path / "train.csv", train_rows + test_rows[:3])
+    test = _write(tmp_path / "test.csv", test_rows)
+    shared = len({t for t, _ in train_rows + test_rows[:3]} & {t for t, _ in test_rows})
+    with pytest.raises(AssertionError, match="a model was loaded"):  # no_training stops it there
+        cli.main(_finetune_args(tiny_model, train, "--test-data", str(test)))
+    printed = capsys.readouterr().out
+    assert shared >= 3 and f"dropped {shared} training texts that also occur in --test-data" in printed
+    err = _error(_finetune_args(tiny_model, train, "--test-data", str(test), "--test-fraction", "0.3"), capsys)
+    assert "--test-fraction splits --data, which --test-data replaces" in err
+
+
 def test_finetune_compare_lora_prints_a_table(tiny_model, csv_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_finetune_args(tiny_model, csv_file, "--compare", "lora", "--output-dir", str(out))) == 0

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--label-column", default="label", help="default 'label'")
     io.add_argument("--keep-labels", type=_name_list, default=None, metavar="A,B,...",
                     help="only keep rows with these labels")
-    io.add_argument("--test-fraction", type=float, default=0.2, help="test share when splitting --data (default 0.2)")
+    io.add_argument("--test-fraction", type=float, default=None,
+                    help="test share when splitting --data (default 0.2; not with --test-data)")
     io.add_argument("--max-train", type=_positive_int, default=None, help="cap on training examples (stratified)")
     io.add_argument("--max-test", type=_positive_int, default=None, help="cap on test examples (stratified)")
     io.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split (default 0)")
@@ -180,12 +181,19 @@ def _finetune(parser, args) -> int:
                              f"{args.label_column!r} column of {args.data!r}")
         texts, labels, dropped = finetune.deduplicate(texts, labels)
         test_texts = test_labels = None
+        in_test = 0
         if args.test_data:
+            if args.test_fraction is not None:
+                raise ValueError("goft finetune: --test-fraction splits --data, which --test-data replaces; "
+                                 "pass one of them")
             test_texts, test_labels = finetune.read_table(args.test_data, args.text_column, args.label_column,
                                                           args.keep_labels)
             test_texts, test_labels, _ = finetune.deduplicate(test_texts, test_labels)
+            # A training text in the test set would count as a test success it was trained on.
+            texts, labels, in_test = finetune.without_texts(texts, labels, set(test_texts))
         split = finetune.make_split(
-            texts, labels, test_texts=test_texts, test_labels=test_labels, test_fraction=args.test_fraction,
+            texts, labels, test_texts=test_texts, test_labels=test_labels,
+            test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
             n_train=args.max_train, n_test=args.max_test, seed=args.split_seed,
         )
         config = finetune.RunConfig(
@@ -199,6 +207,8 @@ def _finetune(parser, args) -> int:
         parser.error(str(e))
     if dropped:
         print(f"dropped {dropped} repeated or contradictory texts")
+    if in_test:
+        print(f"dropped {in_test} training texts that also occur in --test-data")
     print(f"data: {split.describe()}; labels {', '.join(split.label_names)}")
 
     if not args.compare:

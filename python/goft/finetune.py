@@ -37,6 +37,7 @@ __all__ = [
     "read_table",
     "encode_labels",
     "deduplicate",
+    "without_texts",
     "stratified_split",
     "balanced_split",
     "make_split",
@@ -163,6 +164,12 @@ def deduplicate(texts: Sequence[str], labels: Sequence[str]) -> Tuple[List[str],
         elif seen[text] != label:
             seen[text] = None
     kept = [(t, l) for t, l in seen.items() if l is not None]
+    return [t for t, _ in kept], [l for _, l in kept], len(texts) - len(kept)
+
+
+def without_texts(texts: Sequence[str], labels: Sequence[str], excluded: set) -> Tuple[List[str], List[str], int]:
+    """The rows whose text is not in ``excluded``, and how many were dropped."""
+    kept = [(t, l) for t, l in zip(texts, labels) if t not in excluded]
     return [t for t, _ in kept], [l for _, l in kept], len(texts) - len(kept)
 
 
