@@ -299,6 +299,13 @@ def test_a_test_file_sharing_training_texts_and_a_test_fraction_beside_it(tiny_m
     assert "--test-fraction splits --data, which --test-data replaces" in err
 
 
+def test_an_oft_block_size_peft_would_change_is_a_usage_error(tiny_model, csv_file, capsys):
+    # PEFT would adjust it per layer (7 -> 8 and 6 here), and the table would name 7.
+    err = _error(_finetune_args(tiny_model, csv_file, "--compare", "oft", "--oft-block-size", "7", "--epochs", "1"),
+                 capsys)
+    assert "--oft-block-size 7 does not divide every adapted layer's input width [32, 48]" in err
+
+
 def test_finetune_compare_lora_prints_a_table(tiny_model, csv_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_finetune_args(tiny_model, csv_file, "--compare", "lora", "--output-dir", str(out))) == 0

@@ -610,6 +610,12 @@ def _apply_method(model, config: RunConfig, targets: List[str], heads: List[str]
                 target_modules=targets, modules_to_save=heads,
             )
         else:
+            # PEFT would quietly take another block size for such a layer; the table would then
+            # name one the run did not use.
+            widths = sorted({model.get_submodule(t).in_features for t in targets})
+            if any(width % config.oft_block_size for width in widths):
+                raise OptionError(f"goft finetune: --oft-block-size {config.oft_block_size} does not divide every "
+                                  f"adapted layer's input width {widths}; pick a common divisor")
             peft_config = peft.OFTConfig(
                 r=0, oft_block_size=config.oft_block_size, target_modules=targets, modules_to_save=heads,
             )
