@@ -661,6 +661,12 @@ def _plain():
     return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
+def _no_active_adapter():
+    model = _one_layer()
+    goft.set_adapter(model, None)
+    return model
+
+
 # (id, call taking a tmp folder, exception type, regex the message must match): arguments of the
 # wrong type are named, with what was expected, before anything is touched.
 WRONG_TYPES = [
@@ -684,6 +690,8 @@ WRONG_TYPES = [
      r"goft.save_adapter: expected path a directory path \(str or os.PathLike\), got NoneType"),
     ("save under an int name", lambda t: goft.save_adapter(_one_layer(), str(t), 0), TypeError,
      r"goft.save_adapter: expected adapter_name a string, got int 0"),
+    ("save with no active adapter", lambda t: goft.save_adapter(_no_active_adapter(), str(t)), ValueError,
+     r"goft.save_adapter: no active adapter to save; pass adapter_name \(one of \['default'\]\) or goft.set_adapter"),
     ("load from None", lambda t: goft.load_adapter(_plain(), None), TypeError,
      r"goft.load_adapter: expected path a directory path"),
     ("load under an int name", lambda t: goft.load_adapter(_plain(), str(t), 1), TypeError,

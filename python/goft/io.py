@@ -73,6 +73,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     if adapter_name is not None:
         check_adapter_name(adapter_name, "goft.save_adapter")
     name = active_adapter(model) if adapter_name is None else adapter_name
+    if name is None:
+        raise ValueError(f"goft.save_adapter: no active adapter to save; pass adapter_name (one of {list(configs)}) "
+                         "or goft.set_adapter(model, name) first")
     if name not in configs:
         raise ValueError(f"goft.save_adapter: no adapter {name!r} to save; adapters are {list(configs)}")
     config = configs[name]
