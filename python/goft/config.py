@@ -16,7 +16,7 @@ ANGLE_PARAMETERISATIONS = ("tanh", "raw")
 
 @dataclass
 class GOFTConfig:
-    """How goft.inject adapts a model (GOFT_SPEC.md section 3).
+    """How goft.inject adapts a model: GOFT, GOFT* or qGOFT (Ma et al., ICML 2024) on which layers.
 
     Attributes:
         variant: "goft" (strict Givens rotations, one angle per pair) or "qgoft" (a free 2x2

@@ -375,7 +375,7 @@ def disable_adapters(model: nn.Module):
 
 @accepts_compiled
 def merge(model: nn.Module) -> nn.Module:
-    """Folds the active adapter into the base weights (GOFT_SPEC.md section 5); forward then skips it.
+    """Folds the active adapter into the base weights (``W <- W @ T^T``); forward then skips it.
 
     Merging an adapter that is already merged warns and changes nothing.
     """

@@ -143,7 +143,7 @@ ZERO3_REMEDIES = {PENALTY_UNDER_FSDP1: PENALTY_UNDER_ZERO3}
 
 
 class GivensLinear(nn.Module):
-    """Wraps a frozen layer as ``y = base_layer(rotate(x, params, scale))`` (GOFT_SPEC.md section 3).
+    """Wraps a frozen layer as ``y = base_layer(rotate(x, params, scale))`` (Ma et al., ICML 2024).
 
     Holds any number of named adapters; one (``active_adapter``) is applied, or none while
     ``disabled``. Per adapter ``name`` the parameters, created float32 whatever the base dtype

@@ -35,7 +35,8 @@ def rotate(
 
     Returns:
         (..., d) tensor of x's dtype. Equivalent to ``x @ T`` (``x @ T.T`` when transpose) with
-        ``T = R_L @ ... @ R_1 @ diag(scale)`` (GOFT_SPEC.md section 3), computed in one fused pass
+        ``T = R_L @ ... @ R_1 @ diag(scale)``, layer r rotating the pairs (2sk, 2sk+s), s = 2^(r-1)
+        (``goft.reference.dense_transform`` builds it in float64), computed in one fused pass
         per row with float32 accumulation (float64 for float64 x). Differentiable in x, params
         and scale; backward saves x only.
     """
