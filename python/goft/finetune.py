@@ -56,7 +56,6 @@ METHODS = ("goft", "qgoft", "lora", "oft", "head")
 GOFT_METHODS = ("goft", "qgoft")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -535,8 +534,8 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
     modules = dict(model.named_modules())
     heads = {key.rsplit(".", 1)[0] for key in fresh if "." in key and key.rsplit(".", 1)[0] in modules}
-    # The head's children are the head also when the checkpoint already holds them (a model saved
-    # after fine-tuning); fresh modules are found from the loading report above.
+    # A classifier/score child is the head also when the checkpoint holds it already (a model
+    # saved after fine-tuning), which the loading report above does not show.
     heads |= {name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES}
     return tokenizer, model, sorted(heads)
 
