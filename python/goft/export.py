@@ -16,13 +16,14 @@ __all__ = ["merge_to_directory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def record_merge(model, adapter_dir) -> None:
-    """Adds the adapter saved in ``adapter_dir`` to the merged ``model``'s config (MERGED_ADAPTERS_KEY)."""
-    from goft.io import MERGED_ADAPTERS_KEY, _read
 
-    description, _ = _read(os.fspath(adapter_dir))
+def record_merge(model, weights_sha256: str) -> None:
+    """Adds an adapter (by its files' ``weights_sha256``) to the merged ``model``'s config
+    (``goft.io.MERGED_ADAPTERS_KEY``), which goft merge and goft.load_adapter then refuse."""
+    from goft.io import MERGED_ADAPTERS_KEY
+
     merged = list(getattr(model.config, MERGED_ADAPTERS_KEY, None) or [])
-    setattr(model.config, MERGED_ADAPTERS_KEY, merged + [description["weights_sha256"]])
+    setattr(model.config, MERGED_ADAPTERS_KEY, merged + [weights_sha256])
 
 
 def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_labels: Optional[int] = None,
@@ -86,7 +87,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "and not in the adapter either, so the merged model would hold random values there"
                          + ("; check --num-labels" if num_labels is not None else ""))
     model = goft.merge_and_unload(model).to(target_dtype)
-    record_merge(model, adapter_dir)
+    record_merge(model, description["weights_sha256"])
     id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
     if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
         model.config.id2label = id2label  # the names the adapter's head was trained with

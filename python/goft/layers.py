@@ -280,8 +280,9 @@ class GivensLinear(nn.Module):
         Strict GOFT passes its stored parameters with the adapter's parameterisation, which the
         op maps to angles itself ("tanh": pi * tanh(p)), so the map costs no extra ops forward or
         backward; qGOFT passes its (d-1, 2, 2) blocks with "raw"."""
-        self._require_adapter(adapter_name, "GivensLinear.op_arguments")
-        config = self.adapter_configs[adapter_name]
+        config = self.adapter_configs.get(adapter_name)  # one lookup: this runs on every forward
+        if config is None:
+            self._require_adapter(adapter_name, "GivensLinear.op_arguments")
         if config.is_quasi:
             return self.goft_blocks[adapter_name].float(), None, "raw"
         scale = self.goft_scale[adapter_name].float() if adapter_name in self.goft_scale else None
@@ -371,7 +372,8 @@ class GivensLinear(nn.Module):
 
         Refused: a weight that is not a floating (out, in) matrix (NotImplementedError), adapter
         parameters that are NaN or infinite (they would poison the weight for good), and, when
-        ``invertible`` (a merge meant to be undone), a zero scale entry or a singular qGOFT block.
+        ``invertible`` (a merge meant to be undone), a transform unmerge could not undo: a scale or
+        a qGOFT block whose inverse overflows or whose condition exceeds MAX_UNMERGE_CONDITION.
         """
         self._require_adapter(adapter_name, "GivensLinear.merge")
         self.check_whole(adapter_name, "goft.merge", MERGE_UNSHARDED)
@@ -545,21 +547,19 @@ def _check_invertible(params: torch.Tensor, scale: Optional[torch.Tensor], what:
 
 
 def _inverse_transposed(
-    params: torch.Tensor,
-    scale: Optional[torch.Tensor],
-    adapter_name: str,
-    where: str = "goft.unmerge",
-    consequence: str = "its merge is not invertible",
+    params: torch.Tensor, scale: Optional[torch.Tensor], adapter_name: str
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    # goft.merge refused ill-conditioned transforms (_check_invertible); GivensLinear.merge called
+    # directly did not, so exact singularity is still caught here.
     if scale is not None and bool((scale == 0).any()):
-        raise ValueError(f"{where}: adapter {adapter_name!r} has a zero scale entry; {consequence}")
+        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a zero scale entry; its merge is not invertible")
     inverse_scale = None if scale is None else 1.0 / scale
     if params.dim() == 1:
         return params, inverse_scale
     a, b, c, d = params[:, 0, 0], params[:, 0, 1], params[:, 1, 0], params[:, 1, 1]
     det = a * d - b * c
     if bool((det == 0).any()):
-        raise ValueError(f"{where}: adapter {adapter_name!r} has a singular 2x2 block; {consequence}")
+        raise ValueError(f"goft.unmerge: adapter {adapter_name!r} has a singular 2x2 block; its merge is not invertible")
     # A^{-T} = [[d, -c], [-b, a]] / det for A = [[a, b], [c, d]].
     inverse_t = torch.stack([torch.stack([d, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
     return inverse_t, inverse_scale
