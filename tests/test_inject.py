@@ -12,7 +12,10 @@ import goft
 from goft import GivensLinear
 from goft.inject import goft_layers
 
-from tiny_models import HEADS_TO_SAVE, MODELS, batch, build, perturb_adapters, tiny_gpt2, tiny_llama, transformers
+from tiny_models import (
+    HEADS_TO_SAVE, MODELS, assert_unchanged, batch, build, interrupt_at_call, perturb_adapters, snapshot, tiny_gpt2,
+    tiny_llama, transformers,
+)
 
 VARIANTS = {"goft": {}, "goft*": {"scale": True}, "qgoft": {"variant": "qgoft"}}
 
@@ -228,6 +231,24 @@ def test_injecting_the_same_adapter_twice_is_an_error():
         goft.inject(model)
     with pytest.raises(ValueError, match="already injected"):
         goft.inject(model, target_modules=["lm_head"])
+
+
+@pytest.mark.parametrize("first_adapter", [False, True], ids=["plain model", "second adapter"])
+def test_an_inject_stopped_halfway_leaves_the_model_as_it_was(monkeypatch, first_adapter):
+    # Targets are validated before any layer is touched, so what stops an inject midway is an
+    # interrupt or running out of memory; a half-injected model would refuse a second attempt.
+    model = build("llama")
+    if first_adapter:  # the interrupted inject reuses its wrappers (q, v) and wraps the others
+        goft.inject(model, target_modules=["q_proj", "v_proj"], adapter_name="first")
+    before = snapshot(model)
+    interrupt_at_call(monkeypatch, GivensLinear, "add_adapter", calls_before=3)
+    with pytest.raises(KeyboardInterrupt):
+        goft.inject(model, target_modules="all-linear", adapter_name="second")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert hasattr(model, "goft_configs") == first_adapter
+    goft.inject(model, target_modules="all-linear", adapter_name="second")
+    assert goft.active_adapter(model) == "second" and len(goft_layers(model)) == 7 * 2
 
 
 def test_multiple_adapters():

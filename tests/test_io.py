@@ -1,5 +1,6 @@
 """goft.save_adapter / load_adapter: exact round trips, and every bad file or model refused before any change."""
 
+import contextlib
 import json
 import os
 
@@ -8,36 +9,19 @@ import safetensors.torch
 import torch
 
 import goft
+import goft.io
 from goft import GivensLinear
 from goft.inject import named_goft_layers
 from goft.io import CONFIG_NAME, WEIGHTS_NAME
 
-from tiny_models import batch, build, perturb_adapters, tiny_llama, transformers
+from tiny_models import (
+    assert_unchanged, batch, build, interrupt_at_call, perturb_adapters, snapshot, tiny_llama, transformers,
+)
 
 
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-
-
-def _snapshot(model):
-    """Everything load_adapter could change: parameters, module types, adapter registry, grad flags."""
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [type(m).__name__ for m in model.modules()],
-        goft.adapter_configs(model),
-        goft.active_adapter(model),
-        [p.requires_grad for p in model.parameters()],
-    )
-
-
-def _assert_unchanged(model, snapshot):
-    state, types, configs, active, grads = snapshot
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
-    assert [type(m).__name__ for m in model.modules()] == types
-    assert goft.adapter_configs(model) == configs and goft.active_adapter(model) == active
-    assert [p.requires_grad for p in model.parameters()] == grads
 
 
 @pytest.fixture
@@ -248,10 +232,10 @@ def test_tampered_files_are_refused_and_the_model_is_unchanged(saved, tamper, me
     _rewrite(path, **tamper)
     model = build("deberta-v2")
     goft.inject(model, adapter_name="existing", target_modules=["query_proj"])
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         goft.load_adapter(model, str(path))
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
@@ -260,10 +244,10 @@ def test_truncated_tensors_file_is_refused(saved, keep):
     data = (path / WEIGHTS_NAME).read_bytes()
     (path / WEIGHTS_NAME).write_bytes(data[: int(len(data) * keep)])
     model = build("deberta-v2")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="corrupt, truncated"):
         goft.load_adapter(model, str(path))
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_corrupt_or_missing_json_is_refused(saved):
@@ -271,13 +255,13 @@ def test_corrupt_or_missing_json_is_refused(saved):
     text = (path / CONFIG_NAME).read_text()
     (path / CONFIG_NAME).write_text(text[: len(text) // 2])
     model = build("deberta-v2")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="not valid JSON"):
         goft.load_adapter(model, str(path))
     (path / CONFIG_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         goft.load_adapter(model, str(path))
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_wrong_models_are_refused_and_unchanged(saved):
@@ -286,10 +270,10 @@ def test_wrong_models_are_refused_and_unchanged(saved):
         (build("bert"), "saved for model_type='deberta-v2', model is model_type='bert'"),
         (build("deberta-v2").deberta, "target layer deberta.encoder.layer.0"),  # the body, not the classifier
     ]:
-        before = _snapshot(model)
+        before = snapshot(model)
         with pytest.raises(ValueError, match=message):
             goft.load_adapter(model, str(path))
-        _assert_unchanged(model, before)
+        assert_unchanged(model, before)
 
     tmp = path.parent / "llama"
     small = build("llama")
@@ -297,20 +281,49 @@ def test_wrong_models_are_refused_and_unchanged(saved):
     goft.save_adapter(small, str(tmp))
     torch.manual_seed(0)
     wider = tiny_llama(hidden_size=48, head_dim=12).eval()
-    before = _snapshot(wider)
+    before = snapshot(wider)
     with pytest.raises(ValueError, match="has input width 48, the adapter expects 32"):
         goft.load_adapter(wider, str(tmp))
-    _assert_unchanged(wider, before)
+    assert_unchanged(wider, before)
 
 
 def test_loading_over_an_existing_adapter_name_is_refused(saved):
     path, _ = saved
     model = build("deberta-v2")
     goft.inject(model, target_modules=["query_proj"])
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="already has an adapter 'default'"):
         goft.load_adapter(model, str(path))
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
+
+
+@contextlib.contextmanager
+def _interrupted_after_the_block(params, modifier_rank=None):
+    yield
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stage", ["adding the layers", "copying the adapter", "copying the saved modules"])
+def test_a_load_stopped_halfway_leaves_the_model_as_it_was(saved, monkeypatch, stage):
+    # Past validation only an interrupt or running out of memory stops a load; it must not leave
+    # a half-loaded adapter (or half-overwritten modules_to_save) that a second load then trips on.
+    path, expected = saved
+    model = build("deberta-v2")
+    goft.inject(model, target_modules=["query_proj"], adapter_name="first")
+    model.classifier.reset_parameters()
+    before = snapshot(model)
+    if stage == "adding the layers":
+        interrupt_at_call(monkeypatch, GivensLinear, "add_adapter", calls_before=3)
+    elif stage == "copying the adapter":
+        interrupt_at_call(monkeypatch, GivensLinear, "adapter_parameters", calls_before=2)
+    else:  # the head is copied in full, then the load fails
+        monkeypatch.setattr(goft.io, "_gathered_by_zero3", _interrupted_after_the_block)
+    with pytest.raises(KeyboardInterrupt):
+        goft.load_adapter(model, str(path))
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    goft.load_adapter(model, str(path))
+    assert torch.equal(_logits(model, batch("deberta-v2")), expected)
 
 
 def test_interrupted_save_keeps_the_previous_files(saved, monkeypatch):

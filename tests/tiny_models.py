@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import goft
+
 transformers = pytest.importorskip("transformers")
 
 # The tiny models' ops take microseconds: with more than one intra-op thread, thread wake-ups
@@ -133,3 +135,38 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def snapshot(model: nn.Module):
+    """What injecting or loading an adapter changes: parameters, modules at their paths, adapters, grad flags."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        list(model.named_modules(remove_duplicate=False)),
+        goft.adapter_configs(model),
+        goft.active_adapter(model),
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def assert_unchanged(model: nn.Module, snapshot) -> None:
+    state, modules, configs, active, grads = snapshot
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+    now_modules = list(model.named_modules(remove_duplicate=False))  # the same objects at the same paths
+    assert [n for n, _ in now_modules] == [n for n, _ in modules]
+    assert all(a is b for (_, a), (_, b) in zip(now_modules, modules))
+    assert goft.adapter_configs(model) == configs and goft.active_adapter(model) == active
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+def interrupt_at_call(monkeypatch, owner, name: str, calls_before: int) -> None:
+    """Makes ``owner.name`` raise KeyboardInterrupt on its call number ``calls_before + 1``."""
+    original, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == calls_before:
+            raise KeyboardInterrupt
+        calls.append(None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)

@@ -129,7 +129,8 @@ def add_adapter(
         )
     config = (config or GOFTConfig()).replace(**overrides)
     targets = find_target_modules(model, config, adapter_name)
-    _attach(model, targets, adapter_name, config)
+    with undone_on_failure(model, adapter_name):
+        _attach(model, targets, adapter_name, config)
     # Trained by any adapter's modules_to_save, or adapted itself: the user has seen to the head.
     head_params = {h: list(model.get_submodule(h).parameters()) for h in _classification_heads(model)}
     frozen_heads = [h for h, params in head_params.items() if params and not any(p.requires_grad for p in params)
@@ -266,7 +267,7 @@ def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTC
     """Wraps (or reuses the wrapper of) each named layer and adds the adapter; names are pre-validated.
 
     A layer registered under several names gets one wrapper at all of them, so every path through
-    the model applies the same adapter.
+    the model applies the same adapter. Called inside ``undone_on_failure``.
     """
     paths: Dict[int, List[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
@@ -284,6 +285,37 @@ def _attach(model: nn.Module, names: List[str], adapter_name: str, config: GOFTC
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
     _set_trainable(model)
+
+
+@contextlib.contextmanager
+def undone_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Puts ``model`` back as it was if adding ``adapter_name`` stops halfway.
+
+    Validation runs before any layer is touched, so what stops an addition midway is an interrupt
+    (Ctrl-C), running out of memory, or a failure while loading the adapter's values. Without the
+    undo, some layers would be wrapped and hold the adapter and others not, the base weights would
+    be frozen, and a second attempt would fail on the layers that have it.
+    """
+    modules = list(model.named_modules(remove_duplicate=False))
+    trainable = [(param, param.requires_grad) for param in model.parameters()]
+    attributes = {a: getattr(model, a) for a in (CONFIGS_ATTR, ACTIVE_ATTR) if hasattr(model, a)}
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():  # wrappers made by this addition are dropped below anyway
+            if isinstance(module, GivensLinear) and adapter_name in module.adapter_configs:
+                module.delete_adapter(adapter_name)
+        for path, module in modules:  # parents come before their children
+            if path and model.get_submodule(path) is not module:
+                _set_submodule(model, path, module)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
+        for attribute in (CONFIGS_ATTR, ACTIVE_ATTR):
+            if attribute in attributes:
+                setattr(model, attribute, attributes[attribute])
+            elif hasattr(model, attribute):
+                delattr(model, attribute)
+        raise
 
 
 @accepts_compiled

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from goft.inject import (
     named_goft_layers,
     plain_module_name,
     set_adapter,
+    undone_on_failure,
 )
 from goft.layers import adapter_shapes, input_width, is_adaptable, is_fsdp1_unit, managed_by_zero3, whole_shape
 
@@ -181,19 +182,37 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     check_adapter_name(adapter_name, "goft.load_adapter")
     description, tensors = _read(path)
     config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
-    _attach(model, list(names.values()), adapter_name, config)
-    with torch.no_grad():
+    with undone_on_failure(model, adapter_name), torch.no_grad():
+        _attach(model, list(names.values()), adapter_name, config)
         for saved_name, module_name in names.items():
             layer = model.get_submodule(module_name)
             for store_name, param in layer.adapter_parameters(adapter_name).items():
                 param.copy_(tensors[f"{saved_name}.{store_name}"])
-        # A model built under DeepSpeed's zero.Init holds partitions: every rank gathers, writes
-        # the same values, and rank 0's are partitioned again.
-        with _gathered_by_zero3([t for _, t in saved_entries if managed_by_zero3(t)], modifier_rank=0):
-            for key, target in saved_entries:
-                target.copy_(tensors[key])
+        with _values_restored_on_failure([t for _, t in saved_entries if not managed_by_zero3(t)]):
+            # A model built under DeepSpeed's zero.Init holds partitions: every rank gathers,
+            # writes the same values, and rank 0's are partitioned again.
+            with _gathered_by_zero3([t for _, t in saved_entries if managed_by_zero3(t)], modifier_rank=0):
+                for key, target in saved_entries:
+                    target.copy_(tensors[key])
     set_adapter(model, adapter_name)
     return model
+
+
+@contextlib.contextmanager
+def _values_restored_on_failure(tensors: List[torch.Tensor]) -> Iterator[None]:
+    """Gives ``tensors`` their values back if the block fails (modules_to_save half overwritten).
+
+    The copies are kept in CPU memory: a saved module may be a whole embedding. Tensors partitioned
+    by DeepSpeed ZeRO-3 are not passed: only a gather would give their values.
+    """
+    before = [t.detach().to("cpu", copy=True) for t in tensors]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, before):
+                tensor.copy_(value)
+        raise
 
 
 def merged_into(model_config: Any, description: Dict[str, Any]) -> bool:
