@@ -299,11 +299,29 @@ def test_a_test_file_sharing_training_texts_and_a_test_fraction_beside_it(tiny_m
     assert "--test-fraction splits --data, which --test-data replaces" in err
 
 
-def test_an_oft_block_size_peft_would_change_is_a_usage_error(tiny_model, csv_file, capsys):
-    # PEFT would adjust it per layer (7 -> 8 and 6 here), and the table would name 7.
-    err = _error(_finetune_args(tiny_model, csv_file, "--compare", "oft", "--oft-block-size", "7", "--epochs", "1"),
-                 capsys)
+@pytest.fixture
+def nothing_trains(monkeypatch):
+    """Fails the test if --compare starts a run: its options must be refused before any method trains."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a method started training before the option error was reported")
+
+    monkeypatch.setattr(finetune, "run", boom)
+    monkeypatch.setattr(finetune, "run_isolated", boom)
+
+
+def test_an_oft_block_size_peft_would_change_is_a_usage_error(tiny_model, csv_file, capsys, nothing_trains):
+    # PEFT would adjust it per layer (7 -> 8 and 6 here), and the table would name 7. The
+    # methods run one after another: found only in oft's own run, goft and lora would train first.
+    err = _error(_finetune_args(tiny_model, csv_file, "--compare", "lora,oft", "--oft-block-size", "7"), capsys)
     assert "--oft-block-size 7 does not divide every adapted layer's input width [32, 48]" in err
+
+
+def test_compare_without_peft_is_a_usage_error(tiny_model, csv_file, capsys, nothing_trains, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    err = _error(_finetune_args(tiny_model, csv_file, "--compare", "lora"), capsys)
+    assert "--compare lora needs PEFT: pip install peft" in err
 
 
 def test_finetune_compare_lora_prints_a_table(tiny_model, csv_file, tmp_path, capsys):
@@ -486,3 +504,11 @@ def test_demo_option_errors_come_before_training(tmp_path, capsys, no_training):
                            (["--max-train", "100000"], r"a balanced split of 100000 train .* needs 50500 per class"),
                            (["--max-train", "1"], r"goft demo: the split left the training or the test set empty")]:
         assert re.search(message, _error(["demo", "--no-progress", *extra], capsys))
+
+
+@pytest.mark.skipif(not _DEMO_PACKAGES, reason=f"demo packages missing: {demo.INSTALL_COMMAND}")
+def test_demo_compare_options_are_checked_before_the_goft_run(capsys, nothing_trains, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    err = _error(["demo", "--no-progress", "--max-train", "16", "--max-test", "16", "--compare", "lora"], capsys)
+    assert "goft demo: --compare lora needs PEFT: pip install peft" in err

@@ -167,7 +167,14 @@ def run_demo(
             epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, threads=threads,
             eval_before=True, check_merge=True, output_dir=output_dir, progress=progress,
         )
-    except ValueError as e:
+        compared = [
+            dataclasses.replace(config, method=m, scale=False, lr=compare_lr or COMPARE_LR.get(m, lr),
+                                eval_before=False, check_merge=False, output_dir=None)
+            for m in dict.fromkeys(compare) if m != variant or scale
+        ]
+        if compared:  # before the goft run trains, not after
+            finetune.check_options([config] + compared, split)
+    except ValueError as e:  # OptionError included
         raise DemoOptionError(str(e).replace("goft finetune:", "goft demo:", 1)) from None
     log(f"model: all-MiniLM-L6-v2 from {model_dir}")
     log(f"data: Rotten Tomatoes snippets, seeded balanced split: {split.describe()}")
@@ -189,13 +196,8 @@ def run_demo(
     log(f"adapter                {result.adapter_path} ({_human(result.adapter_bytes)})")
     results = [result]
 
-    if compare:
-        configs = [
-            dataclasses.replace(config, method=m, scale=False, lr=compare_lr or COMPARE_LR.get(m, lr),
-                                eval_before=False, check_merge=False, output_dir=None)
-            for m in dict.fromkeys(compare) if m != variant or scale
-        ]
-        results += finetune.compare(configs, split, log=log)
+    if compared:
+        results += finetune.compare(compared, split, log=log)
         log("")
         log(finetune.format_table(results))
         log("(the first row trained in this process after an evaluation pass; each compared row in a fresh process)")

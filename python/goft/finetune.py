@@ -12,6 +12,7 @@ import bz2
 import csv
 import dataclasses
 import gzip
+import importlib.util
 import json
 import lzma
 import math
@@ -598,10 +599,9 @@ def _apply_method(model, config: RunConfig, targets: List[str], heads: List[str]
         )
         return goft.inject(model, goft_config)
     if config.method in ("lora", "oft"):
-        try:
-            import peft
-        except ImportError:
-            raise RuntimeError(f"goft finetune: --compare {config.method} needs PEFT: pip install peft") from None
+        _check_method_options(model, config, targets)
+        import peft
+
         if config.method == "lora":
             # alpha = 2r is PEFT's and the LoRA paper's common choice; no dropout, like the goft runs.
             peft_config = peft.LoraConfig(
@@ -609,12 +609,6 @@ def _apply_method(model, config: RunConfig, targets: List[str], heads: List[str]
                 target_modules=targets, modules_to_save=heads,
             )
         else:
-            # PEFT would quietly take another block size for such a layer; the table would then
-            # name one the run did not use.
-            widths = sorted({model.get_submodule(t).in_features for t in targets})
-            if any(width % config.oft_block_size for width in widths):
-                raise OptionError(f"goft finetune: --oft-block-size {config.oft_block_size} does not divide every "
-                                  f"adapted layer's input width {widths}; pick a common divisor")
             peft_config = peft.OFTConfig(
                 r=0, oft_block_size=config.oft_block_size, target_modules=targets, modules_to_save=heads,
             )
@@ -625,6 +619,33 @@ def _apply_method(model, config: RunConfig, targets: List[str], heads: List[str]
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     return model
+
+
+def _check_method_options(model, config: RunConfig, targets: List[str]) -> None:
+    """Refuses what a method's own options cannot do on this model (PEFT's methods only)."""
+    if config.method in ("lora", "oft") and importlib.util.find_spec("peft") is None:
+        raise OptionError(f"goft finetune: --compare {config.method} needs PEFT: pip install peft")
+    if config.method == "oft":
+        # PEFT would quietly take another block size for such a layer; the table would then
+        # name one the run did not use.
+        widths = sorted({model.get_submodule(t).in_features for t in targets})
+        if any(width % config.oft_block_size for width in widths):
+            raise OptionError(f"goft finetune: --oft-block-size {config.oft_block_size} does not divide every "
+                              f"adapted layer's input width {widths}; pick a common divisor")
+
+
+def check_options(configs: Sequence[RunConfig], split: Split) -> None:
+    """Raises OptionError for any option that one of ``configs``' runs would refuse once its model
+    is loaded: compare() runs the methods one after another, each in a process of its own, so a
+    bad option of the last method would otherwise be found after the others had trained.
+
+    Loads the model once (the configs share it) and trains nothing.
+    """
+    tokenizer, model, heads = _load(configs[0], split.label_names)
+    ids = _tokenize(tokenizer, split.train_texts + split.test_texts, max(c.max_length for c in configs))
+    _check_lengths(model, tokenizer, max(c.max_length for c in configs), max(map(len, ids)))
+    for config in configs:
+        _check_method_options(model, config, _resolve_targets(model, config, heads))
 
 
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> List[List[int]]:
@@ -859,7 +880,9 @@ def run_isolated(config: RunConfig, split: Split) -> RunResult:
 
 
 def compare(configs: Sequence[RunConfig], split: Split, log: Callable[[str], None] = print) -> List[RunResult]:
-    """Runs each config in its own process on the same split, one after another."""
+    """Runs each config in its own process on the same split, one after another, once all their
+    options are checked (``check_options``)."""
+    check_options(configs, split)
     results = []
     for config in configs:
         log(f"--- {config.label} (lr {config.lr:g}, seed {config.seed}) ---")
