@@ -16,6 +16,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -83,6 +84,46 @@ def loadavg() -> str:
         return "n/a"
 
 
+def memory_gib() -> str:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 2**20:.0f}"
+    except OSError:
+        pass
+    return "n/a"
+
+
+def vector_width() -> str:
+    """The SIMD extension goft's CPU kernels run with here (they are built for three)."""
+    try:
+        import goft._C
+
+        return {64: "AVX-512", 32: "AVX2", 16: "SSE"}.get(goft._C.cpu_lane_bytes(), "unknown")
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
+def source_commit() -> str:
+    """The checkout's commit, with "+changes" when tracked files differ from it: the code measured.
+
+    GOFT_SOURCE_COMMIT overrides it, for a copy of the tree without its git folder (a lent GPU
+    machine gets one).
+    """
+    if os.environ.get("GOFT_SOURCE_COMMIT"):
+        return os.environ["GOFT_SOURCE_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short=10", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if changed else "")
+
+
 def machine_info() -> Dict[str, str]:
     import importlib.metadata as md
 
@@ -93,7 +134,10 @@ def machine_info() -> Dict[str, str]:
             return "not installed"
 
     return {
+        "commit": source_commit(),
         "cpu": cpu_model(),
+        "vector": vector_width(),
+        "memory_gib": memory_gib(),
         "cores": str(os.cpu_count()),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
@@ -107,10 +151,12 @@ def machine_info() -> Dict[str, str]:
 
 def run_header(info: Dict[str, str], load_after: str, wall_s: float, command: str) -> str:
     """The lines each section starts with: how, where and when its numbers were taken."""
+    # .get: sections written before the commit, vector width and memory were recorded.
     return (
-        f"`{command}` on {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
-        f"torch {info['torch']}, {info['date']}; load average (1/5/15 min) {info['load']} before, "
-        f"{load_after} after; {wall_s:.0f} s.\n"
+        f"`{command}` at commit {info.get('commit', 'unrecorded')} on {info['cpu']} "
+        f"({info.get('vector', '?')}), {info['cores']} cores, {info.get('memory_gib', '?')} GiB, "
+        f"{info['threads']} torch threads, torch {info['torch']}, {info['date']}; load average "
+        f"(1/5/15 min) {info['load']} before, {load_after} after; {wall_s:.0f} s.\n"
     )
 
 
@@ -131,10 +177,10 @@ def time_interleaved(
     took under a second: the heap takes a few steps to settle, e.g. an adapted nn.Linear(768) took
     page faults on 17-30k fresh pages (+15-35% time) in each of its first 6 steps and on none in
     most steps after; slower callables run once (their page faults weigh little, and warm-up
-    time would dominate the benchmark). A callable whose warm-up took more than ``slow_s`` keeps
-    that one run as its only sample (repeating it would not fit the time budget and changes nothing at that
-    scale). The others get ``min(repeats, budget_s / warm-up time)`` samples, at least 3, one per
-    round; each round starts at a different callable.
+    time would dominate the benchmark). A callable whose warm-up took more than ``slow_s`` gets one
+    timed run after it (more would not fit the time budget; the first, cold run is never a sample).
+    The others get ``min(repeats, budget_s / warm-up time)`` samples, at least 3, one per round;
+    each round starts at a different callable, and sample i of every callable comes from round i.
     """
     names = list(fns)
     wanted: Dict[str, int] = {}
@@ -148,7 +194,6 @@ def time_interleaved(
             for _ in range(warmup - 1):
                 fns[n]()
         if t > slow_s:
-            samples[n].append(t)
             wanted[n] = 1
         else:
             fit = budget_s / max(t, 1e-6)
@@ -168,6 +213,17 @@ def time_interleaved(
 
 def median(xs: List[float]) -> float:
     return statistics.median(xs)
+
+
+def round_ratios(samples: List[float], reference: List[float]) -> List[float]:
+    """The ratio of ``samples`` to ``reference`` in each round both were timed in (time_interleaved
+    times every callable once per round, so sample i of each came from the same round)."""
+    return [a / b for a, b in zip(samples, reference)]
+
+
+def fmt_range(ratios: List[float]) -> str:
+    """The lowest and highest of the rounds' ratios: how far one round can stray from the median."""
+    return f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "n/a"
 
 
 def counting_faults(fn: Callable[[], object]):
@@ -210,8 +266,10 @@ def saved_for_backward(fn: Callable[[], object], exclude: Optional[List[torch.Te
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        # A sparse COO tensor (as the dense baseline's layer matrices) has no storage of its own.
+        for part in (t._indices(), t._values()) if t.is_sparse else (t,):
+            s = part.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -9,6 +9,7 @@
 #   bash bench/gpu_check.sh            # build + benchmark + tests + sweep + ncu
 #   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
 #   GOFT_SKIP_NCU=1 bash bench/gpu_check.sh     # without the Nsight Compute pass
+#   GOFT_SOURCE_COMMIT=abc1234 bash ...         # a copy of the tree without .git: the commit measured
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -120,7 +120,10 @@ def layer_breakdown(rows: int, d: int) -> None:
     grad_y = torch.randn(rows, d, device=dev, dtype=dt)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     for name, layer in (("frozen nn.Linear", base), ("GivensLinear", adapted)):
-        def step():
+        def step():  # as gpu_bench.py's layer steps: no gradient of x or of a parameter accumulates
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
             layer(x).backward(grad_y)
 
         for _ in range(3):

@@ -127,6 +127,8 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
     for name, m in variants.items():
         t = common.median(samples[name])
         record = dict(d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]), ratio=t / t_frozen,
+                      round_ratios=common.round_ratios(samples[name], samples["frozen"]),
+                      samples_ms=[s * 1e3 for s in samples[name]],
                       **common.fault_summary(faults[name], len(samples[name])), trainable=trainable[name],
                       x_bytes=x_bytes)
         if not timing_only:
@@ -140,6 +142,34 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
             continue
         print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen), "
               f"saved {common.fmt_bytes(record['saved_total'])}", flush=True)
+    return records
+
+
+# Plain PyTorch forms of the same transform in front of the frozen layer (bench/baselines.py), for
+# the memory they save for backward; their times are in the op section.
+MEMORY_BASELINES = {
+    "per-layer PyTorch (autograd through each layer)": "rotate_per_layer",
+    "dense chain, as the authors' ICML code": "rotate_dense",
+}
+
+
+def saved_by_baselines(d: int, rows: int) -> List[dict]:
+    """What autograd saves for one forward of the frozen layer behind each MEMORY_BASELINES form."""
+    import baselines
+
+    gen = torch.Generator().manual_seed(d)
+    torch.manual_seed(d)
+    layer = OneLinear(d).lin.requires_grad_(False)
+    x = torch.randn(rows, d, generator=gen).requires_grad_()
+    angles = torch.zeros(d - 1, requires_grad=True)
+    records = []
+    for label, function in MEMORY_BASELINES.items():
+        rotate = getattr(baselines, function)
+        saved = common.saved_for_backward(lambda: layer(rotate(x, angles)), exclude=[layer.weight, layer.bias, angles])
+        records.append(dict(d=d, rows=rows, implementation=label, saved_total=saved["total"],
+                            saved_activations=saved["activations"], saved_count=saved["count"],
+                            x_bytes=x.numel() * x.element_size()))
+        print(f"  d={d} {label}: saved {common.fmt_bytes(saved['total'])}", flush=True)
     return records
 
 
@@ -182,12 +212,13 @@ def targets(records: List[dict], pinned: List[dict] = ()) -> List[List[str]]:
     return rows
 
 
-def render(records: List[dict], pinned: List[dict], info, load_after, wall, command) -> str:
+def render(records: List[dict], pinned: List[dict], memory: List[dict], info, load_after, wall, command) -> str:
     out = [common.run_header(info, load_after, wall, command)]
     out.append(
         "One `nn.Linear(d, d)` (bias, frozen) on float32 x of shape (rows, d) requiring grad; "
         "forward + `torch.autograd.grad` to x and the trainable parameters; median over interleaved "
-        "repeats, ratio to the frozen layer alone measured in the same rounds. goft variants via "
+        "repeats, ratio to the frozen layer alone measured in the same rounds (rounds' range: the "
+        "lowest and highest ratio of a single round). goft variants via "
         "`goft.inject` (strict: angles pi*tanh(p); goft+scale: GOFT* per-feature scale; qgoft: free "
         "2x2 blocks); goft weight-rotated: the strict transform applied to the weight's rows by "
         "`goft.rotated_linear` (what `goft.inject`'s layers run for CUDA inputs with at least as "
@@ -203,22 +234,31 @@ def render(records: List[dict], pinned: List[dict], info, load_after, wall, comm
     rows = []
     for r in records:
         rows.append([str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
-                     common.fmt_faults(r),
+                     common.fmt_range(r["round_ratios"]), common.fmt_faults(r),
                      common.fmt_bytes(r["saved_total"]), common.fmt_bytes(r["saved_activations"]),
                      common.fmt_bytes(r["rss_growth"]), f"{r['trainable']:,}"])
     out.append(common.md_table(
-        ["d", "rows", "variant", "ms", "n", "time / frozen", "page faults / step (steps >= 1000)",
+        ["d", "rows", "variant", "ms", "n", "time / frozen", "rounds' range", "page faults / step (steps >= 1000)",
          "saved (total)", "saved (activations)", "peak RSS growth", "trainable"],
-        rows, align="lrlrrrrrrrr"))
+        rows, align="lrlrrrrrrrrr"))
+    if memory:
+        out.append("\nSaved for backward by plain PyTorch forms of the same transform in front of the same "
+                   "frozen layer (`bench/baselines.py`; memory only, their times are in the op section):\n")
+        out.append(common.md_table(
+            ["d", "rows", "implementation", "saved (total)", "saved (activations)", "activations / x"],
+            [[str(r["d"]), str(r["rows"]), r["implementation"], common.fmt_bytes(r["saved_total"]),
+              common.fmt_bytes(r["saved_activations"]), f"{r['saved_activations'] / r['x_bytes']:.2f}"]
+             for r in memory],
+            align="lrlrrr"))
     if pinned:
         env = " ".join(f"{k}={v}" for k, v in PINNED_HEAP_ENV.items())
         out.append(f"\nThe same with glibc's heap thresholds pinned (a child process with `{env}`; "
                    "same repeats):\n")
         out.append(common.md_table(
-            ["d", "rows", "variant", "ms", "n", "time / frozen", "page faults / step (steps >= 1000)"],
+            ["d", "rows", "variant", "ms", "n", "time / frozen", "rounds' range", "page faults / step (steps >= 1000)"],
             [[str(r["d"]), str(r["rows"]), r["variant"], f"{r['ms']:.1f}", str(r["n"]), f"{r['ratio']:.3f}x",
-              common.fmt_faults(r)] for r in pinned],
-            align="lrlrrrr"))
+              common.fmt_range(r["round_ratios"]), common.fmt_faults(r)] for r in pinned],
+            align="lrlrrrrr"))
         out.append(reading(records, pinned))
     t = targets(records, pinned)
     if t:
@@ -287,7 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, for checking the script")
     ap.add_argument("--dims", type=int, nargs="+", default=None)
     ap.add_argument("--rows", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 15 at d<=1024, 5 above)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 15 at d<=1024, 9 above)")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--pinned-heap-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeats-per-dim", default=None, help=argparse.SUPPRESS)
@@ -306,20 +346,21 @@ def main(argv=None) -> int:
     info = common.machine_info()
     t_start = time.perf_counter()
     records = []
-    repeats = {d: args.repeats or (3 if args.quick else (15 if d <= 1024 else 5)) for d in dims}
+    repeats = {d: args.repeats or (3 if args.quick else (15 if d <= 1024 else 9)) for d in dims}
     for d in dims:
         records += bench_dim(d, rows, repeats[d], names)
+    memory = [r for d in dims for r in saved_by_baselines(d, rows)]
     pinned = []
     if all(v in names for v in PINNED_VARIANTS):
         print("  glibc heap thresholds pinned (child process):", flush=True)
         pinned = bench_pinned_heap(dims, rows, repeats)
     wall = time.perf_counter() - t_start
     command = "python bench/layer_bench.py" + (" --quick" if args.quick else "")
-    body = render(records, pinned, info, common.loadavg(), wall, command)
+    body = render(records, pinned, memory, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "layer_bench.png")
     common.write_section(STEM, "Layer level: one adapted nn.Linear, forward + backward", body,
                          {"machine": info, "command": command, "records": records, "pinned_heap": pinned,
-                          "wall_s": wall})
+                          "baselines_saved": memory, "wall_s": wall})
     print(body)
     return 0
 

@@ -106,7 +106,7 @@ def render(records: List[dict], compile_times: Dict[str, dict], info, load_after
     out = [common.run_header(info, load_after, wall, command)]
     out.append(
         "Strict GOFT on x of shape (rows, d); angles float32; each time is the median over "
-        "interleaved repeats (n = samples; a method whose single run exceeds 3 s is run once). "
+        "interleaved repeats (n = samples; a method whose first, untimed run exceeds 3 s is timed once after it). "
         "`fwd` is a training-mode forward (inputs require grad), `fwd+bwd` adds "
         "`torch.autograd.grad` to x and the angles. Methods: **goft** the fused op; **per-layer** "
         "plain PyTorch, one layer at a time with elementwise ops on strided views "

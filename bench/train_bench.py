@@ -153,7 +153,10 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
     for name in names:
         t = common.median(samples[name])
         records.append(dict(model=title, variant=name, ms=t * 1e3, n=len(samples[name]),
-                            vs_lora=(t / t_ref) if t_ref else None, **common.fault_summary(faults[name], len(samples[name])),
+                            vs_lora=(t / t_ref) if t_ref else None,
+                            round_ratios=common.round_ratios(samples[name], samples["lora r=8"]) if t_ref else [],
+                            samples_ms=[s * 1e3 for s in samples[name]],
+                            **common.fault_summary(faults[name], len(samples[name])),
                             rss_growth=common.peak_rss_growth(steps[name]), trainable=trainable[name], total=total[name]))
         print(f"  {title} {name}: {t * 1e3:.0f} ms" + (f" ({t / t_ref:.2f}x LoRA)" if t_ref else ""), flush=True)
     return records
@@ -174,7 +177,8 @@ def render(records: List[dict], info, load_after, wall, command, batch_size, seq
     out.append(
         f"One AdamW step (zero_grad, forward with loss, backward, optimizer step), float32, train "
         f"mode, batch {batch_size} x seq {seq}, random weights; median over interleaved repeats after "
-        "one warm-up step each. All linear layers of every block adapted (DeBERTa: query/key/value_proj, "
+        "one warm-up step each (rounds' range: the lowest and highest ratio of a single round). "
+        "All linear layers of every block adapted (DeBERTa: query/key/value_proj, "
         "attention.output.dense, intermediate.dense, output.dense; LLaMA: q/k/v/o_proj, "
         "gate/up/down_proj); heads frozen. **frozen**: no adapter, one trainable scalar on the "
         "word-embedding output so backward still runs through every block. goft/qgoft via "
@@ -188,12 +192,13 @@ def render(records: List[dict], info, load_after, wall, command, batch_size, seq
     rows = []
     for r in records:
         rows.append([r["model"], r["variant"], f"{r['ms']:.0f}", str(r["n"]),
-                     "-" if r["vs_lora"] is None else f"{r['vs_lora']:.3f}x", common.fmt_faults(r),
+                     "-" if r["vs_lora"] is None else f"{r['vs_lora']:.3f}x",
+                     common.fmt_range(r.get("round_ratios", [])), common.fmt_faults(r),
                      common.fmt_bytes(r["rss_growth"]), f"{r['trainable']:,}",
                      f"{100.0 * r['trainable'] / r['total']:.3f}%"])
-    out.append(common.md_table(["model", "variant", "step ms", "n", "time / LoRA",
+    out.append(common.md_table(["model", "variant", "step ms", "n", "time / LoRA", "rounds' range",
                                 "page faults / step (steps >= 1000)", "peak RSS growth", "trainable params",
-                                "trainable %"], rows, align="llrrrrrrr"))
+                                "trainable %"], rows, align="llrrrrrrrr"))
     tg = targets(records)
     if tg:
         out.append("\n### Issue 5 targets (training step)\n")
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 3)
+    repeats = args.repeats or (3 if args.quick else 5)
     batch_size, seq = (2, 32) if args.quick else (8, 128)
     names = list(dict.fromkeys(args.variants))
     info = common.machine_info()

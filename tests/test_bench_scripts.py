@@ -23,3 +23,47 @@ def test_host_bench_records_every_variant():
     assert {"goft", "goft+scale", "qgoft", "lora r=8", "oft", "boft", host_bench.WEIGHT_SIDE} <= set(names)
     assert all(r["us_per_step"] > 0 for r in records)
     assert goft.layers.WEIGHT_SIDE is None, "the weight-side variant must restore the switch"
+
+
+def test_saved_for_backward_counts_what_autograd_keeps():
+    # goft keeps x (and its angles); a per-layer autograd implementation one tensor of x's size
+    # per layer; the dense chain of the authors' code x and a d x d matrix per layer, some of them
+    # sparse (which have no storage of their own and used to stop the probe).
+    import torch
+
+    import baselines
+    import layer_bench
+
+    d, rows = 64, 256
+    x = torch.randn(rows, d, requires_grad=True)
+    angles = torch.zeros(d - 1, requires_grad=True)
+    x_bytes, layers = x.numel() * 4, len(baselines.layer_slices(d))
+    goft_saved = common.saved_for_backward(lambda: goft.rotate(x, angles), exclude=[angles])
+    assert goft_saved["activations"] == x_bytes
+    per_layer = common.saved_for_backward(lambda: baselines.rotate_per_layer(x, angles), exclude=[angles])
+    assert per_layer["activations"] >= layers * x_bytes
+    dense = common.saved_for_backward(lambda: baselines.rotate_dense(x, angles), exclude=[angles])
+    assert dense["activations"] >= x_bytes + (layers - 1) * d * d * 4
+    records = layer_bench.saved_by_baselines(d, rows)
+    assert [r["implementation"] for r in records] == list(layer_bench.MEMORY_BASELINES)
+    assert [r["saved_activations"] for r in records] == [per_layer["activations"], dense["activations"]]
+
+
+def test_round_ratios_pair_samples_of_the_same_round():
+    calls = []
+    samples = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      repeats=4, warmup=1)
+    assert len(samples["a"]) == len(samples["b"]) == 4
+    ratios = common.round_ratios(samples["a"], samples["b"])
+    assert ratios == [a / b for a, b in zip(samples["a"], samples["b"])]
+    assert common.fmt_range([1.25, 0.5, 1.0]) == "0.500-1.250"
+
+
+def test_a_slow_callable_is_timed_after_its_cold_run():
+    runs = []
+
+    def slow():
+        runs.append(None)
+
+    samples = common.time_interleaved({"slow": slow}, repeats=5, slow_s=-1.0, warmup=1)
+    assert len(runs) == 2 and len(samples["slow"]) == 1
