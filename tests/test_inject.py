@@ -193,7 +193,32 @@ def test_a_second_adapter_cannot_save_or_adapt_across_the_firsts_layers():
                                          r"modules_to_save of adapters \['a'\]"):
         goft.add_adapter(saver, "b", target_modules=["up_proj"])
     assert list(goft.adapter_configs(model)) == ["a"] and list(goft.adapter_configs(saver)) == ["a"]
-    goft.add_adapter(saver, "b", target_modules=["k_proj"], modules_to_save=["mlp"])  # the same saved module: fine
+    goft.add_adapter(saver, "b", target_modules=["k_proj"], modules_to_save=["lm_head"])  # another saved module: fine
+
+
+@pytest.mark.parametrize("first_saves, second_saves", [(["classifier"], ["classifier"]),
+                                                        (["pooler"], ["pooler.dense"]),
+                                                        (["pooler.dense"], ["pooler"])])
+def test_two_adapters_cannot_save_the_same_module(tmp_path, first_saves, second_saves):
+    # One copy of a head per model: the second task's head would replace the first's (logits of
+    # the first task off, and its next save_adapter would write the second's head into its file).
+    model = build("deberta-v2")
+    goft.inject(model, adapter_name="sentiment", modules_to_save=first_saves + ["deberta.encoder.rel_embeddings"])
+    with pytest.raises(ValueError, match=r"modules_to_save \[.*\] are also saved by adapter 'sentiment'.* "
+                                         r"goft.delete_adapter\(model, 'sentiment'\)"):
+        goft.add_adapter(model, "topic", target_modules=["query_proj"], modules_to_save=second_saves)
+    assert list(goft.adapter_configs(model)) == ["sentiment"]
+
+    topic = build("deberta-v2")
+    goft.inject(topic, adapter_name="topic", target_modules=["query_proj"], modules_to_save=second_saves)
+    goft.save_adapter(topic, str(tmp_path / "topic"))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"goft.load_adapter\(.*\): modules_to_save \[.*\] are also saved "
+                                         r"by adapter 'sentiment'"):
+        goft.load_adapter(model, str(tmp_path / "topic"), "topic")
+    assert_unchanged(model, before)
+    goft.delete_adapter(model, "sentiment")
+    goft.load_adapter(model, str(tmp_path / "topic"), "topic")
 
 
 def test_loading_an_adapter_checks_the_other_adapters_as_inject_does(tmp_path):

@@ -252,6 +252,19 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
     if inside_saved:
         raise ValueError(f"{where}: modules {inside_saved} are targeted but inside the modules_to_save of "
                          f"adapters {list(configs)}; target layers outside them")
+    # A model holds one copy of a module: two adapters saving the same one (a classification head
+    # per task) would share it, and the second would silently replace or retrain the first's,
+    # which its next save_adapter would then write into the first's file.
+    for other_name, other in configs.items():
+        theirs = _saved_module_paths(paths, other)
+        shared = sorted(n for n in save_names if _inside(n, theirs) or any(_inside(t, [n]) for t in theirs))
+        if shared:
+            raise ValueError(
+                f"{where}: modules_to_save {shared} are also saved by adapter {other_name!r}; the adapters of a "
+                "model share one copy of a module, so this adapter would replace (load) or retrain (inject) "
+                f"{other_name!r}'s. Use one model instance per adapter with its own head, or "
+                f"goft.delete_adapter(model, {other_name!r}) first"
+            )
 
 
 def _saved_module_paths(paths: List[Tuple[str, nn.Module]], config: GOFTConfig) -> set:
