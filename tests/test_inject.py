@@ -403,6 +403,31 @@ def test_bf16_autocast_and_bf16_base_weights():
     assert losses[-1] < losses[0]
 
 
+def test_casting_the_adapters_to_16_bit_floats_is_warned_about_once(monkeypatch):
+    # Adam's first steps (about lr) round away on blocks that start at 1.0 in bfloat16: the
+    # diagonals would never train, silently. The warning's recipe puts them back in float32.
+    monkeypatch.setattr(goft.layers, "_LOW_PRECISION_WARNED", False)
+    inputs = batch("llama")
+    model = build("llama")
+    goft.inject(model, variant="qgoft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.to("cpu").float()  # casts nothing of the adapters
+    with pytest.warns(UserWarning, match=r"made the adapter parameters bfloat16; trained so, optimizer steps"):
+        model.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.half().to(torch.bfloat16)  # once per process
+    diagonals = [layer.goft_blocks["default"][:, [0, 1], [0, 1]] for layer in goft_layers(model)]
+    assert all(d.dtype == torch.bfloat16 for d in diagonals)
+    for n, p in model.named_parameters():
+        p.data = p.data.float() if ".goft_" in n else p.data
+    _train(model, inputs, steps=3, lr=1e-3)
+    moved = [(layer.goft_blocks["default"][:, [0, 1], [0, 1]].detach() != d.float()).float().mean().item()
+             for layer, d in zip(goft_layers(model), diagonals)]
+    assert min(moved) > 0.9, "float32 blocks: Adam moves every diagonal entry"
+
+
 def test_hf_trainer_run():
     model = build("llama")
     goft.inject(model, variant="qgoft")

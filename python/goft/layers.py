@@ -18,6 +18,8 @@ __all__ = ["GivensLinear", "ADAPTER_PREFIX", "adapter_shapes", "input_width", "i
 
 # Every adapter parameter's name starts with this, so freezing and saving select them by name.
 ADAPTER_PREFIX = "goft_"
+# Whether GivensLinear._apply has warned about adapters cast to 16-bit floats (once per process).
+_LOW_PRECISION_WARNED = False
 
 
 def _weight_side_from_env() -> Optional[bool]:
@@ -148,7 +150,8 @@ class GivensLinear(nn.Module):
     Holds any number of named adapters; one (``active_adapter``) is applied, or none while
     ``disabled``. Per adapter ``name`` the parameters, created float32 whatever the base dtype
     (the op's params are float32, and bf16 angles would lose the small updates of training; a
-    later ``model.to(dtype)`` casts them like any parameter, and adapter files hold float32), are:
+    later ``model.to(dtype)`` casts them like any parameter, with a warning for 16-bit floats, and
+    adapter files hold float32), are:
         goft_angles[name]: (d-1,) strict GOFT; the angle is pi * tanh(p) or p
                            (config.angle_parameterisation); init 0 (identity).
         goft_blocks[name]: (d-1, 2, 2) qGOFT free blocks; init identity.
@@ -180,6 +183,30 @@ class GivensLinear(nn.Module):
         self._merged_transforms: List[Tuple[torch.Tensor, Optional[torch.Tensor], str]] = []
         # The module's name in its model, set by goft.inject, so errors can say which layer failed.
         self.layer_name: Optional[str] = None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) after goft.inject casts the adapters too. Trained in bfloat16 or
+        # float16, an optimizer step below half their spacing rounds away: GOFT* scales and qGOFT's
+        # block diagonals start at 1.0 (bfloat16 spacing 2^-8 just below), so at usual learning
+        # rates they would never move while the loss still falls. Said once per process, where it
+        # happens, since nothing fails later.
+        global _LOW_PRECISION_WARNED
+        module = super()._apply(fn, recurse)
+        if not _LOW_PRECISION_WARNED:
+            cast = sorted({str(p.dtype).replace("torch.", "") for store in (self.goft_angles, self.goft_blocks,
+                           self.goft_scale) for p in store.values() if p.dtype in (torch.bfloat16, torch.float16)})
+            if cast:
+                _LOW_PRECISION_WARNED = True
+                warnings.warn(
+                    f"goft: a cast of the model made the adapter parameters {'/'.join(cast)}; trained so, "
+                    "optimizer steps smaller than their rounding are lost (GOFT* scales and qGOFT blocks start at "
+                    "1.0, where bfloat16 steps by 2^-8) unless the optimizer keeps float32 master weights "
+                    "(DeepSpeed's bf16 mode does). To train, cast the model before goft.inject (adapters are "
+                    "created float32), or the adapters back: for n, p in model.named_parameters(): "
+                    "p.data = p.data.float() if '.goft_' in n else p.data",
+                    stacklevel=2,
+                )
+        return module
 
     # Attribute pass-through, so code that reads e.g. ``q_proj.weight.dtype`` keeps working.
     @property
