@@ -131,6 +131,7 @@ def add_adapter(
     targets = find_target_modules(model, config, adapter_name)
     with undone_on_failure(model, adapter_name):
         _attach(model, targets, adapter_name, config)
+    _let_checkpointing_reach_the_adapters(model)
     # Trained by any adapter's modules_to_save, or adapted itself: the user has seen to the head.
     head_params = {h: list(model.get_submodule(h).parameters()) for h in _classification_heads(model)}
     frozen_heads = [h for h, params in head_params.items() if params and not any(p.requires_grad for p in params)
@@ -604,6 +605,23 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # ---- helpers ----
+
+
+def _let_checkpointing_reach_the_adapters(model: nn.Module) -> None:
+    """Makes the input embeddings' output require grad when the model already checkpoints, as PEFT does.
+
+    Reentrant activation checkpointing runs a block's backward only if one of the block's inputs
+    requires grad, and with the base model frozen none does: the adapters would get no gradient.
+    transformers takes care of it when checkpointing is enabled on a model fed ``input_ids``; an
+    image model (``pixel_values``: ViT) with checkpointing enabled before goft.inject is left here.
+    """
+    # transformers 5 renamed the property (the old name warns); 4.x has the old one only.
+    renamed = hasattr(type(model), "is_activation_checkpointing")
+    checkpointing = getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False)
+    if (checkpointing and getattr(model, "main_input_name", None) != "input_ids"
+            and callable(getattr(model, "enable_input_require_grads", None))
+            and not getattr(model, "_require_grads_hooks", None)):
+        model.enable_input_require_grads()
 
 
 def _set_trainable(model: nn.Module) -> None:

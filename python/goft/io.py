@@ -25,6 +25,7 @@ from torch import nn
 from goft.config import GOFTConfig, check_adapter_name
 from goft.inject import (
     _attach,
+    _let_checkpointing_reach_the_adapters,
     _candidate_modules,
     _check_not_distributed,
     _check_targets,
@@ -194,6 +195,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
             with _gathered_by_zero3([t for _, t in saved_entries if managed_by_zero3(t)], modifier_rank=0):
                 for key, target in saved_entries:
                     target.copy_(tensors[key])
+    _let_checkpointing_reach_the_adapters(model)
     set_adapter(model, adapter_name)
     return model
 
