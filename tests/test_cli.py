@@ -176,6 +176,32 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model, three_
     assert bf16.classifier.weight.dtype == torch.bfloat16
 
 
+def test_merge_of_a_decoder_without_a_pad_token_batches_as_save_merged_does(tiny_model, csv_file, tmp_path, capsys):
+    # Decoders ship without a pad token; goft finetune trains with the end-of-text one (unknown
+    # here) and --save-merged writes it into the folder, so goft merge must too: a classifier
+    # reads the last token before the padding, and a pipeline refuses to batch without one.
+    decoder = tmp_path / "decoder"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(decoder)
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaModel(config).save_pretrained(decoder)
+    out = tmp_path / "run"
+    assert cli.main(_finetune_args(decoder, csv_file, "--epochs", "1", "--output-dir", str(out), "--save-merged")) == 0
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--model", str(decoder), "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    predictions = {}
+    for folder in (merged, out / "merged"):
+        assert transformers.AutoConfig.from_pretrained(folder).pad_token_id == tokenizer.unk_token_id
+        classify = transformers.pipeline("text-classification", model=str(folder), device="cpu")
+        texts = ["good film", "the plot was dull and boring", "film"]
+        predictions.setdefault(str(folder), classify(texts, batch_size=3))
+    assert predictions[str(merged)] == predictions[str(out / "merged")]
+
+
 def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model, three_label_adapter, tmp_path):
     # The base folder holds a trained 2-label head; the adapter carries its own 3-label one.
     adapted, adapter = three_label_adapter

@@ -40,6 +40,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     import transformers
 
     import goft
+    from goft.finetune import ensure_pad_token
     from goft.io import MERGED_ADAPTERS_KEY, _directory_path, _read, merged_into
 
     where = "goft merge"
@@ -92,13 +93,18 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
         model.config.id2label = id2label  # the names the adapter's head was trained with
         model.config.label2id = {v: k for k, v in id2label.items()}
-    model.save_pretrained(out)
+    processor = None
     for processor_class in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:
-            processor_class.from_pretrained(model_dir, local_files_only=True).save_pretrained(out)
+            processor = processor_class.from_pretrained(model_dir, local_files_only=True)
             break
         except (OSError, ValueError, KeyError):  # the folder has none of this kind
             continue
+    if class_name.endswith("ForSequenceClassification") and isinstance(processor, transformers.PreTrainedTokenizerBase):
+        ensure_pad_token(processor, model)  # as goft finetune trained it; batches need it
+    model.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
     log(f"merged model ({str(target_dtype).removeprefix('torch.')}) saved to {out}")
     return out
 

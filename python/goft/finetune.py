@@ -527,11 +527,7 @@ def _load(config: RunConfig, label_names: Sequence[str]):
         dtype=torch.float32,
         ignore_mismatched_sizes=True,
     )
-    if tokenizer.pad_token is None:
-        # Decoder-only models ship without a pad token; any token works under the attention mask.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    ensure_pad_token(tokenizer, model)
     fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
     modules = dict(model.named_modules())
     heads = {key.rsplit(".", 1)[0] for key in fresh if "." in key and key.rsplit(".", 1)[0] in modules}
@@ -539,6 +535,16 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     # saved after fine-tuning), which the loading report above does not show.
     heads |= {name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES}
     return tokenizer, model, sorted(heads)
+
+
+def ensure_pad_token(tokenizer, model) -> None:
+    """Gives a tokenizer without a pad token (decoder-only models ship without one) its end-of-text
+    token as padding, and the model's config that id: a classifier batches padded texts and reads
+    the last token before the padding. Any token works under the attention mask."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def linear_layer_names(model: torch.nn.Module, exclude: Sequence[str] = ()) -> List[str]:
