@@ -1,6 +1,7 @@
 """The `goft` command line: finetune on a CSV/TSV with a tiny random BERT, its errors, and a demo smoke test."""
 
 import bz2
+import gzip
 import importlib.util
 import json
 import random
@@ -472,6 +473,48 @@ def test_read_table_compressed_keep_labels_and_sniffing(tmp_path):
     odd = _write(tmp_path / "data.txt", _rows(6), sep=";")
     texts, labels = finetune.read_table(odd, "review", "sentiment")
     assert len(texts) == 6 and set(labels) == {"pos", "neg"}
+
+
+def test_read_table_json_lines_and_arrays(tmp_path):
+    records = [{"text": "A fine, funny film.", "label": 1, "id": 0}, {"text": "Dull.", "label": 0},
+               {"text": "", "label": 1}, {"text": "No label."}, {"text": "True to life.", "label": True}]
+    lines = tmp_path / "reviews.jsonl.gz"
+    with gzip.open(lines, "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
+    array = tmp_path / "reviews.json"
+    array.write_text(json.dumps(records, indent=1))
+    for path in (lines, array):
+        texts, labels = finetune.read_table(path, "text", "label")
+        assert texts == ["A fine, funny film.", "Dull.", "True to life."] and labels == ["1", "0", "True"]
+        assert finetune.read_table(path, "text", "label", keep_labels=["0"]) == (["Dull."], ["0"])
+        with pytest.raises(ValueError, match=r"--label-column 'sentiment' is not a column of .*; its columns are "
+                                             r"'text', 'label', 'id'"):
+            finetune.read_table(path, "text", "sentiment")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok", "label": 1}\n{"text": "cut off", "lab\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl' line 2 is not JSON \(.*\); expected one object per line"):
+        finetune.read_table(broken, "text", "label")
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text('{"text": "ok", "label": 1}\n{"text": ["a", "list"], "label": 0}\n')
+    with pytest.raises(ValueError, match=r"column 'text' of .* holds a JSON list, expected a string or a number"):
+        finetune.read_table(nested, "text", "label")
+    scalars = tmp_path / "scalars.jsonl"
+    scalars.write_text('{"text": "ok", "label": 1}\n"just a string"\n')
+    with pytest.raises(ValueError, match=r"scalars.jsonl' line 2 is a JSON str, expected an object"):
+        finetune.read_table(scalars, "text", "label")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="is empty: expected JSON objects"):
+        finetune.read_table(tmp_path / "empty.jsonl", "text", "label")
+
+
+def test_finetune_on_json_lines(tiny_model, tmp_path, capsys):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"review": t, "sentiment": l}) + "\n" for t, l in _rows(48)))
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(tiny_model, data, "--epochs", "1", "--output-dir", str(out))) == 0
+    split = json.loads((out / "metrics.json").read_text())["split"]
+    assert sum(int(n) for n in re.findall(r"(\d+) (?:train|test)", split)) == 48
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_splits_and_deduplication():

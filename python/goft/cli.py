@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo", help="adapter and metrics.json (default runs/demo)")
 
     ft = sub.add_parser(
-        "finetune", help="sequence classification with a local transformers model and a CSV/TSV file",
+        "finetune", help="sequence classification with a local transformers model and a CSV/TSV or JSON Lines file",
         description="Fine-tunes a local transformers model directory for sequence classification on a CSV or "
-                    "TSV file (header row required) with GOFT or qGOFT, optionally next to PEFT baselines.",
+                    "TSV file (header row required) or JSON Lines with GOFT or qGOFT, optionally next to PEFT "
+                    "baselines.",
     )
     io = ft.add_argument_group("model and data")
     io.add_argument("--model", required=True, help="local transformers model directory (config.json, weights, tokenizer)")
-    io.add_argument("--data", required=True, help="CSV/TSV file (.csv, .tsv, also .gz/.bz2/.xz) with a header row")
+    io.add_argument("--data", required=True, help="CSV/TSV file (.csv, .tsv) with a header row, or JSON Lines (.jsonl: "
+                    "one object per line, keyed by column); also compressed (.gz/.bz2/.xz)")
     io.add_argument("--test-data", default=None, help="a separate test file with the same columns "
                                                      "(default: a seeded stratified split of --data)")
     io.add_argument("--text-column", default="text", help="default 'text'")

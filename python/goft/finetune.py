@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import gzip
 import importlib.util
+import itertools
 import json
 import lzma
 import math
@@ -24,7 +25,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,11 +73,17 @@ def _open_text(path: Path):
     return open(path, "rt", encoding="utf-8-sig", newline="")
 
 
-def _delimiter(path: Path, sample: str) -> str:
+def _format_name(path: Path) -> str:
+    """The file name without a compression suffix, lower-cased: what says the format."""
     name = path.name.lower()
     for suffix in (".bz2", ".gz", ".xz"):
         if name.endswith(suffix):
-            name = name[: -len(suffix)]
+            return name[: -len(suffix)]
+    return name
+
+
+def _delimiter(path: Path, sample: str) -> str:
+    name = _format_name(path)
     if name.endswith((".tsv", ".tab")):
         return "\t"
     if name.endswith(".csv"):
@@ -87,18 +94,77 @@ def _delimiter(path: Path, sample: str) -> str:
         return ","
 
 
+def _csv_rows(f, path: Path) -> Tuple[List[str], Iterator[Dict[str, Any]]]:
+    sample = f.read(64 * 1024)
+    f.seek(0)
+    reader = csv.DictReader(f, delimiter=_delimiter(path, sample))
+    if not reader.fieldnames:
+        raise ValueError(f"goft finetune: {str(path)!r} is empty: expected a header row naming the columns")
+    return list(reader.fieldnames), iter(reader)
+
+
+def _json_rows(f, path: Path) -> Tuple[List[str], Iterator[Dict[str, Any]]]:
+    """JSON Lines (one object per line) or one JSON array of objects; columns are the first object's keys."""
+    first = ""
+    while not first.strip():
+        first = f.readline()
+        if not first:
+            raise ValueError(f"goft finetune: {str(path)!r} is empty: expected JSON objects with the columns as keys")
+    if first.lstrip().startswith("["):
+        records = iter(json.loads(first + f.read()))
+        lines: Iterator[Tuple[int, Any]] = ((i, r) for i, r in enumerate(records, 1))
+        where = "entry"
+    else:
+        def parsed():
+            for number, line in enumerate(itertools.chain([first], f), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"goft finetune: {str(path)!r} line {number} is not JSON ({e.msg}, column "
+                                     f"{e.colno}); expected one object per line (JSON Lines)") from None
+                yield number, record
+        lines, where = parsed(), "line"
+
+    def objects():
+        for number, record in lines:
+            if not isinstance(record, dict):
+                raise ValueError(f"goft finetune: {str(path)!r} {where} {number} is a JSON {type(record).__name__}, "
+                                 "expected an object with the columns as keys")
+            yield record
+
+    rows = objects()
+    head = next(rows, None)
+    if head is None:
+        raise ValueError(f"goft finetune: {str(path)!r} holds no JSON object")
+    return list(head), itertools.chain([head], rows)
+
+
+def _cell(value: Any, column: str, path: Path) -> str:
+    # JSON labels are often numbers or booleans; a list or an object is no text or label.
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"goft finetune: column {column!r} of {str(path)!r} holds a JSON {type(value).__name__}, "
+                         "expected a string or a number")
+    return str(value).strip()
+
+
 def read_table(
     path,
     text_column: str,
     label_column: str,
     keep_labels: Optional[Sequence[str]] = None,
 ) -> Tuple[List[str], List[str]]:
-    """Reads (text, label) string pairs from a CSV or TSV file with a header row.
+    """Reads (text, label) string pairs from a CSV or TSV file with a header row, or from JSON
+    Lines (.jsonl, .ndjson; .json may also hold one array) of objects keyed by column.
 
-    The delimiter comes from the extension (.csv, .tsv, .tab; also compressed as .gz, .bz2,
-    .xz), else it is sniffed. Rows with an empty text or label are skipped; with ``keep_labels``
-    only rows whose label is listed are kept. Raises FileNotFoundError or ValueError (naming the
-    file and the column) before anything is trained.
+    The format comes from the extension (.csv, .tsv, .tab, .jsonl, .ndjson, .json; also compressed
+    as .gz, .bz2, .xz), else it is sniffed as CSV. Rows with an empty text or label are skipped;
+    JSON numbers and booleans are read as their text; with ``keep_labels`` only rows whose label is
+    listed are kept. Raises FileNotFoundError or ValueError (naming the file and the column)
+    before anything is trained.
     """
     path = Path(path)
     if not path.exists():
@@ -106,14 +172,11 @@ def read_table(
     if not path.is_file():
         raise ValueError(f"goft finetune: data path {str(path)!r} is not a file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    is_json = _format_name(path).endswith((".jsonl", ".ndjson", ".json"))
+    kind = "JSON Lines" if is_json else "CSV/TSV"
     try:
         with _open_text(path) as f:
-            sample = f.read(64 * 1024)
-            f.seek(0)
-            reader = csv.DictReader(f, delimiter=_delimiter(path, sample))
-            columns = reader.fieldnames
-            if not columns:
-                raise ValueError(f"goft finetune: {str(path)!r} is empty: expected a header row naming the columns")
+            columns, rows = (_json_rows if is_json else _csv_rows)(f, path)
             for option, column in (("--text-column", text_column), ("--label-column", label_column)):
                 if column not in columns:
                     raise ValueError(
@@ -122,14 +185,16 @@ def read_table(
                     )
             keep = set(keep_labels) if keep_labels else None
             texts, labels = [], []
-            for row in reader:
-                text, label = (row.get(text_column) or "").strip(), (row.get(label_column) or "").strip()
+            for row in rows:
+                text, label = _cell(row.get(text_column), text_column, path), _cell(row.get(label_column), label_column, path)
                 if not text or not label or (keep is not None and label not in keep):
                     continue
                 texts.append(text)
                 labels.append(label)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"goft finetune: cannot read {str(path)!r} as {kind}: {e}") from None
     except (UnicodeDecodeError, OSError, EOFError, lzma.LZMAError, csv.Error) as e:
-        raise ValueError(f"goft finetune: cannot read {str(path)!r} as a UTF-8 CSV/TSV file: {e}") from None
+        raise ValueError(f"goft finetune: cannot read {str(path)!r} as a UTF-8 {kind} file: {e}") from None
     return texts, labels
 
 
