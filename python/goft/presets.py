@@ -63,8 +63,9 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
 
 # The top-level children that hold a transformers model's classification head
 # (BertForSequenceClassification's classifier, LlamaForSequenceClassification's score), by the
-# names PEFT also uses.
-CLASSIFICATION_HEAD_NAMES = ("classifier", "score")
+# names PEFT also uses, and DeBERTa's pooler, which its classification classes add beside the
+# classifier (BERT's lives inside the base model): a base checkpoint has neither.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "pooler")
 
 
 def default_target_modules(model_type: Optional[str]) -> Optional[List[str]]:
