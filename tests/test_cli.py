@@ -163,7 +163,10 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model, three_
     out = tmp_path / "merged"
     assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), "--output", str(out),
                      "--num-labels", "3"]) == 0
-    assert "merged model (float32) saved to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "merged model (float32) saved to" in printed
+    # The base folder has no classifier: transformers reports it fresh, the adapter supplies it.
+    assert "taken from the adapter: classifier.bias, classifier.weight" in printed
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert not any(type(m).__module__.startswith("goft") for m in merged.modules())
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # copied from the base folder

@@ -87,6 +87,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         raise ValueError(f"{where}: weights {uncovered} are not in the checkpoint of {model_dir!r} at these shapes "
                          "and not in the adapter either, so the merged model would hold random values there"
                          + ("; check --num-labels" if num_labels is not None else ""))
+    covered = sorted(fresh & set(description.get("tensors", {})))
+    if covered:  # transformers' loading report, printed above, calls them newly initialised
+        log(f"weights missing from the base checkpoint, taken from the adapter: {', '.join(covered)}")
     model = goft.merge_and_unload(model).to(target_dtype)
     record_merge(model, description["weights_sha256"])
     id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
