@@ -118,7 +118,9 @@ def source_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short=10", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+        # The benchmarks' own outputs (written by the sections run before this one) are not code.
+        outputs = [f":(top,exclude){p}" for p in ("bench/results", "bench/RESULTS*.md", "bench/*.png")]
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + ("+changes" if changed else "")
