@@ -17,6 +17,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -149,6 +150,14 @@ def machine_info() -> Dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load": loadavg(),
     }
+
+
+def command_line(script: str, argv: Optional[List[str]]) -> str:
+    """How a benchmark was run, with its options, as a section records it."""
+    import shlex
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"bench/{pathlib.Path(script).name}", *args])
 
 
 def run_header(info: Dict[str, str], load_after: str, wall_s: float, command: str) -> str:

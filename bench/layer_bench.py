@@ -355,7 +355,7 @@ def main(argv=None) -> int:
         print("  glibc heap thresholds pinned (child process):", flush=True)
         pinned = bench_pinned_heap(dims, rows, repeats)
     wall = time.perf_counter() - t_start
-    command = "python bench/layer_bench.py" + (" --quick" if args.quick else "")
+    command = common.command_line(__file__, argv)
     body = render(records, pinned, memory, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "layer_bench.png")
     common.write_section(STEM, "Layer level: one adapted nn.Linear, forward + backward", body,

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             if comp:
                 compile_times[f"{d}/{dt}"] = comp
     wall = time.perf_counter() - t_start
-    command = "python bench/ops_bench.py" + (" --quick" if args.quick else "")
+    command = common.command_line(__file__, argv)
     body = render(records, compile_times, info, common.loadavg(), wall, command)
     plot(records, common.BENCH_DIR / "op_bench.png")
     common.write_section(STEM, "Op level: goft.rotate vs plain PyTorch", body,

@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         print(f"  d={d}: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in passes.items())
               + f"; layer frozen {layer['ms']['frozen']:.1f} ms, goft {layer['ms']['goft']:.1f} ms", flush=True)
     wall = time.perf_counter() - t_start
-    command = "python bench/profile_op.py" + (" --quick" if args.quick else "")
+    command = common.command_line(__file__, argv)
     body = render(results, info, common.loadavg(), wall, command)
     common.write_section(STEM, "Profile: where goft's time goes on this CPU", body,
                          {"machine": info, "command": command, "results": results, "wall_s": wall})

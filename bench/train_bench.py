@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     for title in args.models:
         records += bench_model(title, MODELS[title], args.quick, repeats, names, batch_size, seq)
     wall = time.perf_counter() - t_start
-    command = "python bench/train_bench.py" + (" --quick" if args.quick else "")
+    command = common.command_line(__file__, argv)
     body = render(records, info, common.loadavg(), wall, command, batch_size, seq)
     plot(records, common.BENCH_DIR / "train_bench.png", batch_size, seq)
     common.write_section(STEM, "Training step: DeBERTaV3-base and a small LLaMA", body,
