@@ -1,6 +1,6 @@
 """Runs every benchmark (core op targets, op, layer, host time, training step, op profile, CUDA register use) and rebuilds bench/RESULTS.md.
 
-    python bench/run_all.py            # the full run, about 13-15 minutes on an idle 2-core CPU
+    python bench/run_all.py            # the full run, about 30-35 minutes on an idle 2-core CPU
     python bench/run_all.py --quick    # small sizes, a minute or two: checks that everything runs
 
 Each benchmark runs in its own process (no compile caches or allocator state shared between them),

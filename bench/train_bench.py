@@ -147,7 +147,10 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
         trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total[name] = sum(p.numel() for p in model.parameters())
     del base
-    samples = common.time_interleaved(steps, repeats, budget_s=float("inf"), slow_s=float("inf"))
+    # 15 rounds: a single round's ratio strays 10-30% on a shared 2-core machine, and two 5-round
+    # runs an hour apart put goft's step at 0.85x and 1.07x LoRA's. A minute per method caps the
+    # slow ones (BOFT: about 40 s a step on DeBERTa) at the minimum of 3 samples.
+    samples = common.time_interleaved(steps, repeats, budget_s=60.0, slow_s=float("inf"))
     records = []
     t_ref = common.median(samples["lora r=8"]) if "lora r=8" in samples else None
     for name in names:
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 15)
     batch_size, seq = (2, 32) if args.quick else (8, 128)
     names = list(dict.fromkeys(args.variants))
     info = common.machine_info()

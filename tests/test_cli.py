@@ -329,15 +329,20 @@ def test_a_test_file_sharing_training_texts_and_a_test_fraction_beside_it(tiny_m
     assert "--test-fraction splits --data, which --test-data replaces" in err
 
 
+def _forbid(monkeypatch, what: str, *names: str) -> None:
+    """Makes each of finetune's ``names`` fail the test: ``what`` happened before the error was reported."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError(f"{what} before the error was reported")
+
+    for name in names:
+        monkeypatch.setattr(finetune, name, boom)
+
+
 @pytest.fixture
 def nothing_trains(monkeypatch):
     """Fails the test if --compare starts a run: its options must be refused before any method trains."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a method started training before the option error was reported")
-
-    monkeypatch.setattr(finetune, "run", boom)
-    monkeypatch.setattr(finetune, "run_isolated", boom)
+    _forbid(monkeypatch, "a method started training", "run", "run_isolated")
 
 
 def test_an_oft_block_size_peft_would_change_is_a_usage_error(tiny_model, csv_file, capsys, nothing_trains):
@@ -374,12 +379,7 @@ def test_finetune_compare_lora_prints_a_table(tiny_model, csv_file, tmp_path, ca
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if a model is loaded or trained: input errors must come first."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input error was reported")
-
-    monkeypatch.setattr(finetune, "run", boom)
-    monkeypatch.setattr(finetune, "_load", boom)
+    _forbid(monkeypatch, "a model was loaded", "run", "_load")
 
 
 def _error(args, capsys):
