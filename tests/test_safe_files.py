@@ -320,11 +320,15 @@ def test_a_refused_load_into_an_injected_model_changes_nothing(previous):
     description = json.loads((path / CONFIG_NAME).read_text())
     description["tensors"]["head.weight"]["shape"] = [1, 12]
     (path / CONFIG_NAME).write_text(json.dumps(description))
-    model = _adapted(3)
-    goft.set_adapter(model, "default")
-    state = _state(model)
-    grads = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"modules_to_save entry head.weight is torch.float32 \(2, 12\) in the model"):
-        goft.load_adapter(model, str(path), adapter_name="other")
-    _assert_same(model, state)
-    assert [p.requires_grad for p in model.parameters()] == grads and goft.active_adapter(model) == "default"
+    torch.manual_seed(0)
+    adapting_up = _Net()  # an adapter of its own on one of the file's layers, the head not saved
+    goft.inject(adapting_up, target_modules=["up"])
+    # A model whose adapter saves the head too is refused for that first (one head per model).
+    for model, message in ((adapting_up, r"modules_to_save entry head.weight is torch.float32 \(2, 12\) in the model"),
+                           (_adapted(3), r"modules_to_save \['head'\] are also saved by adapter 'default'")):
+        state = _state(model)
+        grads = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match=message):
+            goft.load_adapter(model, str(path), adapter_name="other")
+        _assert_same(model, state)
+        assert [p.requires_grad for p in model.parameters()] == grads and goft.active_adapter(model) == "default"
