@@ -494,8 +494,8 @@ def test_read_table_json_lines_and_arrays(tmp_path):
                                              r"'text', 'label', 'id'"):
             finetune.read_table(path, "text", "sentiment")
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"text": "ok", "label": 1}\n{"text": "cut off", "lab\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl' line 2 is not JSON \(.*\); expected one object per line"):
+    broken.write_text('\n{"text": "ok", "label": 1}\n{"text": "cut off", "lab\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl' line 3 is not JSON \(.*\); expected one object per line"):
         finetune.read_table(broken, "text", "label")
     nested = tmp_path / "nested.jsonl"
     nested.write_text('{"text": "ok", "label": 1}\n{"text": ["a", "list"], "label": 0}\n')

@@ -105,9 +105,9 @@ def _csv_rows(f, path: Path) -> Tuple[List[str], Iterator[Dict[str, Any]]]:
 
 def _json_rows(f, path: Path) -> Tuple[List[str], Iterator[Dict[str, Any]]]:
     """JSON Lines (one object per line) or one JSON array of objects; columns are the first object's keys."""
-    first = ""
+    first, first_line = "", 0
     while not first.strip():
-        first = f.readline()
+        first, first_line = f.readline(), first_line + 1
         if not first:
             raise ValueError(f"goft finetune: {str(path)!r} is empty: expected JSON objects with the columns as keys")
     if first.lstrip().startswith("["):
@@ -116,7 +116,7 @@ def _json_rows(f, path: Path) -> Tuple[List[str], Iterator[Dict[str, Any]]]:
         where = "entry"
     else:
         def parsed():
-            for number, line in enumerate(itertools.chain([first], f), 1):
+            for number, line in enumerate(itertools.chain([first], f), first_line):
                 if not line.strip():
                     continue
                 try:

@@ -25,10 +25,10 @@ from torch import nn
 from goft.config import GOFTConfig, check_adapter_name
 from goft.inject import (
     _attach,
-    _let_checkpointing_reach_the_adapters,
     _candidate_modules,
     _check_not_distributed,
     _check_targets,
+    _let_checkpointing_reach_the_adapters,
     _match_all,
     _model_type,
     _require_injected,
