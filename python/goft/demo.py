@@ -197,7 +197,7 @@ def run_demo(
     results = [result]
 
     if compared:
-        results += finetune.compare(compared, split, log=log)
+        results += finetune.compare(compared, split, log=log, options_checked=True)
         log("")
         log(finetune.format_table(results))
         log("(the first row trained in this process after an evaluation pass; each compared row in a fresh process)")

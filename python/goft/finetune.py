@@ -186,7 +186,8 @@ def read_table(
             keep = set(keep_labels) if keep_labels else None
             texts, labels = [], []
             for row in rows:
-                text, label = _cell(row.get(text_column), text_column, path), _cell(row.get(label_column), label_column, path)
+                text = _cell(row.get(text_column), text_column, path)
+                label = _cell(row.get(label_column), label_column, path)
                 if not text or not label or (keep is not None and label not in keep):
                     continue
                 texts.append(text)
@@ -950,10 +951,12 @@ def run_isolated(config: RunConfig, split: Split) -> RunResult:
         return pool.submit(_run_child, config, split).result()
 
 
-def compare(configs: Sequence[RunConfig], split: Split, log: Callable[[str], None] = print) -> List[RunResult]:
+def compare(configs: Sequence[RunConfig], split: Split, log: Callable[[str], None] = print,
+            options_checked: bool = False) -> List[RunResult]:
     """Runs each config in its own process on the same split, one after another, once all their
-    options are checked (``check_options``)."""
-    check_options(configs, split)
+    options are checked (``check_options``, unless the caller has: it loads the model)."""
+    if not options_checked:
+        check_options(configs, split)
     results = []
     for config in configs:
         log(f"--- {config.label} (lr {config.lr:g}, seed {config.seed}) ---")

@@ -247,8 +247,8 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
     if adapted:
         raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} holds layers that adapters "
                          f"{list(configs)} adapt: {_preview(adapted)}; save modules without adapted layers")
-    saved_by_others = {n for other in configs.values() if other.modules_to_save
-                       for n in _match_all(modules, other.modules_to_save)}
+    saved_by = {name: _saved_module_paths(paths, other) for name, other in configs.items()}
+    saved_by_others = set().union(*saved_by.values())
     inside_saved = sorted({n for n, m in paths if id(m) in target_ids and _inside(n, saved_by_others)})
     if inside_saved:
         raise ValueError(f"{where}: modules {inside_saved} are targeted but inside the modules_to_save of "
@@ -256,8 +256,7 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
     # A model holds one copy of a module: two adapters saving the same one (a classification head
     # per task) would share it, and the second would silently replace or retrain the first's,
     # which its next save_adapter would then write into the first's file.
-    for other_name, other in configs.items():
-        theirs = _saved_module_paths(paths, other)
+    for other_name, theirs in saved_by.items():
         shared = sorted(n for n in save_names if _inside(n, theirs) or any(_inside(t, [n]) for t in theirs))
         if shared:
             raise ValueError(
