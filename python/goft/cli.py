@@ -170,30 +170,30 @@ def _demo(parser, args) -> int:
 
 
 def _finetune(parser, args) -> int:
-    from goft import finetune
+    from goft import data, finetune
 
     _check_common(parser, args)
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     try:
         finetune.check_model_dir(args.model)
-        texts, labels = finetune.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
+        texts, labels = data.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
         absent = sorted(set(args.keep_labels or ()) - set(labels))
         if absent:  # a misspelt label would otherwise just shrink the task
             raise ValueError(f"goft finetune: --keep-labels {', '.join(map(repr, absent))} do not occur in the "
                              f"{args.label_column!r} column of {args.data!r}")
-        texts, labels, dropped = finetune.deduplicate(texts, labels)
+        texts, labels, dropped = data.deduplicate(texts, labels)
         test_texts = test_labels = None
         in_test = 0
         if args.test_data:
             if args.test_fraction is not None:
                 raise ValueError("goft finetune: --test-fraction splits --data, which --test-data replaces; "
                                  "pass one of them")
-            test_texts, test_labels = finetune.read_table(args.test_data, args.text_column, args.label_column,
-                                                          args.keep_labels)
-            test_texts, test_labels, _ = finetune.deduplicate(test_texts, test_labels)
+            test_texts, test_labels = data.read_table(args.test_data, args.text_column, args.label_column,
+                                                      args.keep_labels)
+            test_texts, test_labels, _ = data.deduplicate(test_texts, test_labels)
             # A training text in the test set would count as a test success it was trained on.
-            texts, labels, in_test = finetune.without_texts(texts, labels, set(test_texts))
-        split = finetune.make_split(
+            texts, labels, in_test = data.without_texts(texts, labels, set(test_texts))
+        split = data.make_split(
             texts, labels, test_texts=test_texts, test_labels=test_labels,
             test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
             n_train=args.max_train, n_test=args.max_test, seed=args.split_seed,

