@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers runs at the base model's cost without goft.",
     )
     mg.add_argument("--model", required=True, help="local transformers folder of the base model")
-    mg.add_argument("--adapter", required=True, help="folder written by goft.save_adapter (or goft finetune)")
+    mg.add_argument("--adapter", required=True,
+                    help="folder written by goft.save_adapter (or goft finetune), or a Hugging Face Hub repository "
+                         "id (owner/name) holding one")
+    mg.add_argument("--adapter-revision", default=None, help="branch, tag or commit of the --adapter Hub repository")
     mg.add_argument("--output", required=True, help="new (or empty) folder for the merged model")
     mg.add_argument("--num-labels", type=_positive_int, default=None,
                     help="labels of the classification head the adapter carries, if not the base config's")
@@ -249,8 +252,9 @@ def _merge(parser, args) -> int:
     from goft import export
 
     try:
-        export.merge_to_directory(args.model, args.adapter, args.output, num_labels=args.num_labels, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
+        export.merge_to_directory(args.model, args.adapter, args.output, num_labels=args.num_labels, dtype=args.dtype,
+                                  adapter_revision=args.adapter_revision)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         parser.error(str(e))
     return 0
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -169,8 +170,24 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
 
 
 @accepts_compiled
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    adapter_name: str = "default",
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    token: Union[str, bool, None] = None,
+    local_files_only: bool = False,
+) -> nn.Module:
     """Adds the adapter saved in ``path`` to ``model`` as ``adapter_name`` and makes it active.
+
+    ``path`` is a directory written by save_adapter, or the id of a Hugging Face Hub repository
+    holding one (``"owner/name"``, when no such local directory exists), downloaded with
+    huggingface_hub into its cache: ``revision`` (branch, tag or commit), ``cache_dir``, ``token``
+    and ``local_files_only`` (also ``HF_HUB_OFFLINE=1``) are passed to it. ``subfolder`` is the
+    adapter's folder inside the directory or repository.
 
     Everything (JSON, checksum, tensor names/shapes/dtypes, model_type, every target layer and
     its width, modules_to_save entries) is checked before the model is touched; any mismatch
@@ -179,8 +196,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     A model built under DeepSpeed's ``zero.Init`` (``from_pretrained`` with a ZeRO-3 config):
     load on every rank, before ``deepspeed.initialize``; modules_to_save are gathered to be set.
     """
-    path = _directory_path(path, "goft.load_adapter")
     check_adapter_name(adapter_name, "goft.load_adapter")
+    path = resolve_adapter_directory(path, "goft.load_adapter", revision=revision, subfolder=subfolder,
+                                     cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     description, tensors = _read(path)
     config, names, saved_entries = _validate(model, description, tensors, adapter_name, path)
     with undone_on_failure(model, adapter_name), torch.no_grad():
@@ -229,6 +247,75 @@ def _directory_path(path: Any, where: str, argument: str = "path") -> str:
     if not isinstance(path, str) or not path:
         raise ValueError(f"{where}: expected {argument} a non-empty directory path, got {path!r}")
     return path
+
+
+def resolve_adapter_directory(
+    path: Any,
+    where: str,
+    argument: str = "path",
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    token: Union[str, bool, None] = None,
+    local_files_only: bool = False,
+) -> str:
+    """The local directory of a saved adapter: ``path`` itself, or the Hub repository ``path``
+    downloaded into huggingface_hub's cache (its two files only) when no local directory has
+    that name. Raises FileNotFoundError naming both places when neither has it."""
+    path = _directory_path(path, where, argument)
+    for option, value in (("revision", revision), ("subfolder", subfolder)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{where}: expected {option} a non-empty string or None, got {value!r}")
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"{where}: revision={revision!r} applies to Hub repositories, but {path!r} is a "
+                             "local directory")
+        return os.path.join(path, subfolder) if subfolder else path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{where}: {argument} {path!r} is a file; expected the directory save_adapter wrote")
+    if not _is_hub_repo_id(path):
+        return path  # _read names the missing files
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{where}: no local directory {path!r}; to download it from the Hugging Face Hub "
+                                "install huggingface_hub (pip install huggingface_hub)") from None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(path, revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=local_files_only,
+                                     allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME])
+    except Exception as e:  # huggingface_hub's errors: not found, gated, offline and not cached, network
+        raise FileNotFoundError(
+            f"{where}: no local directory {path!r}, and the Hugging Face Hub repository {path!r}"
+            f"{f' (revision {revision!r})' if revision else ''} could not be used: {type(e).__name__}: "
+            f"{' '.join(str(e).split())[:500]}"
+        ) from e
+    directory = os.path.join(snapshot, subfolder.strip("/")) if subfolder else snapshot
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, name))]
+    if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
+        raise FileNotFoundError(
+            f"{where}: the Hugging Face Hub repository {path!r}{f' (revision {revision!r})' if revision else ''} "
+            f"has no {' or '.join(prefix + name for name in missing)}"
+            f"{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; is it a goft adapter?"
+        )
+    return directory
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _is_hub_repo_id(path: str) -> bool:
+    """Whether ``path`` reads as "owner/name" (a repository id) rather than a file path: exactly one
+    "/", no leading "." or "~", nothing but the characters the Hub allows in names."""
+    owner, slash, name = path.partition("/")
+    allowed = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+    return bool(slash) and "/" not in name and all(
+        allowed.fullmatch(part) and ".." not in part and not part.endswith(".") for part in (owner, name))
 
 
 def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
