@@ -115,6 +115,32 @@ def test_op_misuse_raises_naming_the_argument(call, error, message):
     assert "goft" in str(info.value)
 
 
+# Cases whose inputs fake tensors cannot stand for: a sparse x (FakeTensorMode fakes strided layouts).
+UNTRACED = {"x sparse"}
+
+
+def _traced_cases():
+    from test_ops import ERRORS as ROTATE_ERRORS
+    from test_rotated_linear import ERRORS as LINEAR_ERRORS
+
+    for name, call, error, message in OP_ERRORS:
+        if name not in UNTRACED:
+            yield pytest.param(call, error, message, id=name)
+    for name, call, message in ROTATE_ERRORS + LINEAR_ERRORS:
+        yield pytest.param(call, RuntimeError, message, id=name)
+
+
+@pytest.mark.parametrize("call,error,message", _traced_cases())
+def test_fake_kernels_refuse_what_the_kernels_refuse(call, error, message):
+    # torch.compile traces with fake tensors, which reach the Python fake kernels (goft/ops.py)
+    # instead of the C++ checks: the same error, with the same message, must come from both.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(error, match=message) as info, FakeTensorMode():
+        call()
+    assert "goft" in str(info.value)
+
+
 def test_op_misuse_never_crashes_the_process():
     # The same table in a fresh interpreter: a segfault or abort there fails this test instead of
     # killing pytest, and the timeout turns a hang into a failure.

@@ -359,12 +359,13 @@ def test_opcheck(quasi, with_scale):
         for angles in parameterisations:
             torch.library.opcheck(torch.ops.goft.rotate.default, (x, params, scale, transpose, angles))
     grad_out = torch.randn(3, 4, d)
+    # Every mask: a gradient not asked for is an empty tensor, in the fake kernel as in the real one.
     for angles in parameterisations:
-        torch.library.opcheck(
-            torch.ops.goft.rotate_backward.default,
-            (grad_out, x.detach(), params.detach(), None if scale is None else scale.detach(), False,
-             [True, True, with_scale], angles),
-        )
+        for mask in ([True, True, with_scale], [True, False, False], [False, True, False], [False, False, with_scale]):
+            torch.library.opcheck(
+                torch.ops.goft.rotate_backward.default,
+                (grad_out, x.detach(), params.detach(), None if scale is None else scale.detach(), False, mask, angles),
+            )
 
 
 @pytest.mark.parametrize("angle_parameterisation", ["raw", "tanh"])

@@ -74,17 +74,35 @@ def rotated_linear(
     return torch.ops.goft.rotated_linear.default(x, weight, bias, params, scale, angle_parameterisation)
 
 
+# c10's names of the dtypes, which the compiled kernels' messages print ("got Double").
+_SCALAR_TYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def _check_args(
     op: str, x: torch.Tensor, params: torch.Tensor, scale: Optional[torch.Tensor], angle_parameterisation: str
 ) -> None:
-    # The compiled kernels check the same; fake tensors never reach them, so tracing checks here.
-    d = x.shape[-1] if x.dim() >= 1 else None
-    if d is None:
+    # What cpp/torch/checks.h check_rotate_args checks, in its order and with its messages: fake
+    # tensors never reach the compiled kernels, so tracing (torch.compile) checks here.
+    if x is None:
+        raise RuntimeError(f"{op}: expected x to be a tensor of shape (..., d), got None")
+    if params is None:
+        raise RuntimeError(f"{op}: expected params to be a tensor of angles (d-1,) or blocks (d-1, 2, 2), got None")
+    if x.dim() < 1:
         raise RuntimeError(f"{op}: expected x of shape (..., d) with at least one dimension, got a 0-d tensor")
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise RuntimeError(f"{op}: expected x of dtype float32, float64, bfloat16 or float16, got {x.dtype}")
+        raise RuntimeError(f"{op}: expected x of dtype float32, float64, bfloat16 or float16, got {_type_name(x.dtype)}")
+    d = x.shape[-1]
+    torch._check(d >= 1, lambda: f"{op}: expected x with a last dimension d >= 1, got shape {tuple(x.shape)}")
     if params.dtype not in (torch.float32, torch.float64):
-        raise RuntimeError(f"{op}: expected params of dtype float32 or float64, got {params.dtype}")
+        raise RuntimeError(f"{op}: expected params of dtype float32 or float64, got {_type_name(params.dtype)}")
     torch._check(
         (params.dim() == 1 and params.shape[0] == d - 1)
         or (params.dim() == 3 and params.shape[0] == d - 1 and params.shape[1] == 2 and params.shape[2] == 2),
@@ -93,14 +111,14 @@ def _check_args(
     if params.device != x.device:
         raise RuntimeError(f"{op}: expected params on x's device {x.device}, got {params.device}")
     if scale is not None:
-        if scale.device != x.device:
-            raise RuntimeError(f"{op}: expected scale on x's device {x.device}, got {scale.device}")
         if scale.dtype not in (torch.float32, torch.float64):
-            raise RuntimeError(f"{op}: expected scale of dtype float32 or float64, got {scale.dtype}")
+            raise RuntimeError(f"{op}: expected scale of dtype float32 or float64, got {_type_name(scale.dtype)}")
         torch._check(
             scale.dim() == 1 and scale.shape[0] == d,
             lambda: f"{op}: expected scale of shape ({d},) for d={d}, got {tuple(scale.shape)}",
         )
+        if scale.device != x.device:
+            raise RuntimeError(f"{op}: expected scale on x's device {x.device}, got {scale.device}")
     if angle_parameterisation not in ANGLE_PARAMETERISATIONS:
         raise RuntimeError(f'{op}: expected angle_parameterisation "raw" or "tanh", got "{angle_parameterisation}"')
     if angle_parameterisation == "tanh" and params.dim() != 1:
@@ -108,6 +126,18 @@ def _check_args(
             f'{op}: angle_parameterisation "tanh" maps angles, but params are free 2x2 blocks (qGOFT); '
             'pass "raw" with blocks'
         )
+
+
+def _check_grad_like_x(op: str, name: str, grad: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    # checks.h check_grad_like_x: grad_out of rotate_backward, grad_x of rotate_angle_grads.
+    if grad is None:
+        raise RuntimeError(f"{op}: expected {name} to be a tensor of x's shape {tuple(x.shape)}, got None")
+    if grad.shape != x.shape:
+        raise RuntimeError(f"{op}: expected {name} of x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise RuntimeError(f"{op}: expected {name} of x's dtype {_type_name(x.dtype)}, got {_type_name(grad.dtype)}")
+    if grad.device != x.device:
+        raise RuntimeError(f"{op}: expected {name} on x's device {x.device}, got {grad.device}")
 
 
 @torch.library.register_fake("goft::rotate")
@@ -119,6 +149,7 @@ def _rotate_fake(x, params, scale=None, transpose=False, angle_parameterisation=
 @torch.library.register_fake("goft::rotate_backward")
 def _rotate_backward_fake(grad_out, x, params, scale, transpose, output_mask, angle_parameterisation="raw"):
     _check_args("goft.rotate_backward", x, params, scale, angle_parameterisation)
+    _check_grad_like_x("goft.rotate_backward", "grad_out", grad_out, x)
     grad_x = grad_out.new_empty(x.shape) if output_mask[0] else grad_out.new_empty((0,))
     grad_params = params.new_empty(params.shape) if output_mask[1] else params.new_empty((0,))
     if output_mask[2] and scale is not None:
@@ -137,29 +168,27 @@ def _rotate_angle_grads_fake(x, grad_x, params, transpose=False, angle_parameter
             f"(qGOFT) do not make an orthogonal transform, so the gradient at x does not determine theirs; "
             f"got {tuple(params.shape)}. Use torch.ops.goft.rotate_backward with the gradient at the output instead"
         )
-    if grad_x.shape != x.shape or grad_x.dtype != x.dtype or grad_x.device != x.device:
-        raise RuntimeError(
-            f"goft.rotate_angle_grads: expected grad_x of x's shape, dtype and device {tuple(x.shape)}, "
-            f"{x.dtype}, {x.device}; got {tuple(grad_x.shape)}, {grad_x.dtype}, {grad_x.device}"
-        )
+    _check_grad_like_x("goft.rotate_angle_grads", "grad_x", grad_x, x)
     return params.new_empty(params.shape)
 
 
 def _check_linear_args(op: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    # The same checks as checks.h check_linear_args, for tracing.
+    # checks.h check_linear_args, for tracing, as _check_args.
     d = x.shape[-1]
+    if weight is None:
+        raise RuntimeError(f"{op}: expected weight to be a tensor of shape (out, d), got None")
     if weight.dim() != 2 or weight.shape[1] != d:
         raise RuntimeError(f"{op}: expected weight of shape (out, {d}) for x of shape {tuple(x.shape)}, "
                            f"got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        raise RuntimeError(f"{op}: expected weight of x's dtype {x.dtype}, got {weight.dtype}")
+        raise RuntimeError(f"{op}: expected weight of x's dtype {_type_name(x.dtype)}, got {_type_name(weight.dtype)}")
     if weight.device != x.device:
         raise RuntimeError(f"{op}: expected weight on x's device {x.device}, got {weight.device}")
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise RuntimeError(f"{op}: expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
-            raise RuntimeError(f"{op}: expected bias of x's dtype {x.dtype}, got {bias.dtype}")
+            raise RuntimeError(f"{op}: expected bias of x's dtype {_type_name(x.dtype)}, got {_type_name(bias.dtype)}")
         if bias.device != x.device:
             raise RuntimeError(f"{op}: expected bias on x's device {x.device}, got {bias.device}")
 
