@@ -39,11 +39,26 @@ def saved(tmp_path):
 def test_round_trip_is_bitwise(saved):
     path, expected = saved
     assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME], "no temporary files left behind"
+    # The mode open() gives (0666 less the umask), as for any checkpoint, not the temporary files' 0600.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert all(os.stat(path / name).st_mode & 0o777 == 0o666 & ~mask for name in (CONFIG_NAME, WEIGHTS_NAME))
     model = build("deberta-v2")  # same seed: same frozen base
     model.classifier.reset_parameters()
     goft.load_adapter(model, str(path))
     assert goft.active_adapter(model) == "default"
     assert torch.equal(_logits(model, batch("deberta-v2")), expected)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    model = build("llama")
+    goft.inject(model)
+    previous = os.umask(0o077)
+    try:
+        goft.save_adapter(model, str(tmp_path))
+    finally:
+        os.umask(previous)
+    assert all(os.stat(tmp_path / name).st_mode & 0o777 == 0o600 for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def _compile_encoder(model):

@@ -564,13 +564,26 @@ def _write_files_atomically(directory: str, files: List[Tuple[str, bytes]]) -> N
     _fsync_directory(directory)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022  # the usual default, where /proc does not say (not Linux)
+
+
 def _written_temporary(directory: str, name: str, data: bytes) -> str:
     """A new temporary file in ``directory`` holding ``data``, on disk (fsynced); its path."""
     fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp creates the file private (0600); an adapter is meant to be shared like any checkpoint.
-            os.chmod(tmp, 0o644)
+            # mkstemp creates the file private (0600); give it the mode open() would, as torch.save's
+            # checkpoints have: 0666 less the user's umask.
+            os.chmod(tmp, 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
