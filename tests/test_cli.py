@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -204,6 +205,20 @@ def test_merge_of_a_decoder_without_a_pad_token_batches_as_save_merged_does(tiny
     assert predictions[str(merged)] == predictions[str(out / "merged")]
 
 
+def test_merge_saves_in_the_base_checkpoints_dtype_unless_told(tiny_model, three_label_adapter, tmp_path, capsys):
+    _, adapter = three_label_adapter
+    base = tmp_path / "bf16-base"
+    transformers.AutoModel.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    for extra, dtype in [([], torch.bfloat16), (["--dtype", "float32"], torch.float32)]:
+        out = tmp_path / f"merged-{dtype}"
+        assert cli.main(["merge", "--model", str(base), "--adapter", str(adapter), "--output", str(out),
+                         "--num-labels", "3", *extra]) == 0
+        assert f"merged model ({str(dtype).removeprefix('torch.')}) saved to" in capsys.readouterr().out
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype="auto")
+        assert {p.dtype for p in merged.parameters()} == {dtype}
+
+
 def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model, three_label_adapter, tmp_path):
     # The base folder holds a trained 2-label head; the adapter carries its own 3-label one.
     adapted, adapter = three_label_adapter
@@ -289,6 +304,75 @@ def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["merge", "--model", str(tmp_path), "--adapter", str(adapter), "--output", str(tmp_path / "b")])
     assert "is not a transformers model folder" in capsys.readouterr().err
+
+
+def _run(tiny_model, split, out, **options):
+    """One quiet finetune.run on the tiny BERT; its result and the adapter tensors it saved."""
+    config = finetune.RunConfig(str(tiny_model), epochs=1, batch_size=16, lr=3e-2, progress=False,
+                                output_dir=str(out), **options)
+    result = finetune.run(config, split, log=lambda _: None)
+    return result, safetensors.torch.load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_finetune_trains_what_its_options_say(tiny_model, tmp_path):
+    texts, labels = zip(*_rows(64))
+    split = data.make_split(list(texts), list(labels), seed=0)
+    # GOFT*: the scales are saved, and trained.
+    _, star = _run(tiny_model, split, tmp_path / "star", method="goft", scale=True)
+    scales = [t for k, t in star.items() if k.endswith(".goft_scale")]
+    assert len(scales) == 13 and all(not torch.equal(s, torch.ones_like(s)) for s in scales)
+
+    # qGOFT: the penalty (lambda * sum <A[:,0], A[:,1]>^2) keeps the blocks' columns nearer orthogonal.
+    def non_orthogonality(tensors):
+        blocks = [b for k, b in tensors.items() if k.endswith(".goft_blocks")]
+        assert len(blocks) == 13
+        return sum(((b[:, :, 0] * b[:, :, 1]).sum(-1) ** 2).sum().item() for b in blocks)
+
+    _, free = _run(tiny_model, split, tmp_path / "free", method="qgoft", orth_lambda=0.0)
+    _, held = _run(tiny_model, split, tmp_path / "held", method="qgoft", orth_lambda=10.0)
+    assert non_orthogonality(held) < 0.5 * non_orthogonality(free)
+
+    # One seed, one run: the fresh head, the batches and the dropout masks are all seeded.
+    first, tensors = _run(tiny_model, split, tmp_path / "first", method="goft", seed=3)
+    again, tensors_again = _run(tiny_model, split, tmp_path / "again", method="goft", seed=3)
+    assert first.final_loss == again.final_loss
+    assert tensors.keys() == tensors_again.keys() and all(torch.equal(tensors[k], tensors_again[k]) for k in tensors)
+    _, other_seed = _run(tiny_model, split, tmp_path / "other", method="goft", seed=4)
+    assert not torch.equal(tensors["classifier.weight"], other_seed["classifier.weight"])
+
+
+def test_the_merge_check_reports_a_merge_that_changes_predictions(tiny_model, tmp_path, monkeypatch):
+    import goft
+
+    texts, labels = zip(*_rows(48))
+    split = data.make_split(list(texts), list(labels), seed=0)
+    result, _ = _run(tiny_model, split, tmp_path / "good", method="goft", check_merge=True)
+    assert result.merge["same_predictions"] == result.merge["examples"] == len(split.test_texts)
+    assert result.merge["max_abs_logit_diff"] < 1e-4 and result.merge["goft_modules_left"] == 0
+
+    real = goft.merge_and_unload
+
+    def merged_wrongly(model):  # a merge whose model predicts the other class
+        plain = real(model)
+        with torch.no_grad():
+            plain.classifier.weight.neg_()
+            plain.classifier.bias.neg_()
+        return plain
+
+    monkeypatch.setattr(goft, "merge_and_unload", merged_wrongly)
+    result, _ = _run(tiny_model, split, tmp_path / "bad", method="goft", check_merge=True)
+    assert result.merge["same_predictions"] == 0 and result.merge["max_abs_logit_diff"] > 1e-3
+
+
+def test_evaluation_masks_the_padding(tiny_model):
+    # Texts of different lengths share a padded batch: each one's logits must be its own.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    ids = finetune._tokenize(tokenizer, ["good", "the film was really a lovely story and the acting superb"], 32)
+    _, batched = finetune.evaluate(model, ids, [0, 1], tokenizer.pad_token_id, batch_size=2, progress=False)
+    _, alone = finetune.evaluate(model, ids, [0, 1], tokenizer.pad_token_id, batch_size=1, progress=False)
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_finetune_learns_the_toy_task(tiny_model, tmp_path):

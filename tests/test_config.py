@@ -10,6 +10,7 @@ from goft import GOFTConfig
 def test_defaults_are_the_papers_strict_goft():
     c = GOFTConfig()
     assert (c.variant, c.scale, c.angle_parameterisation) == ("goft", False, "tanh")
+    assert c.orth_lambda == 0.01, "the paper's qGOFT penalty for LLaMA-2, inside its GLUE range 0.001-0.05"
     assert c.target_modules is None and c.modules_to_save is None
     assert not c.is_quasi and GOFTConfig(variant="qgoft").is_quasi
 

@@ -83,3 +83,24 @@ def test_splits_and_deduplication():
     for n_train, n_test, option in ((2, None, "--max-train 2"), (None, 1, "--max-test 1")):
         with pytest.raises(ValueError, match=f"{option} is below the number of labels \\(3\\)"):
             data.make_split(texts3, labels3, n_train=n_train, n_test=n_test, seed=0)
+
+
+def test_every_class_keeps_a_training_example_and_a_test_one():
+    # A class of two at a 90% test fraction: one example each side, never all of it in test.
+    ids = [0] * 10 + [1] * 2 + [2]
+    train, test = data.stratified_split(ids, 0.9, seed=0)
+    assert {ids[i] for i in train} == {0, 1, 2} and {ids[i] for i in test} == {0, 1}
+    assert sorted(train + test) == list(range(len(ids))) and not set(train) & set(test)
+
+
+def test_a_given_test_set_is_capped_by_max_test():
+    texts, labels = [f"t{i}" for i in range(40)], ["a", "b"] * 20
+    test_texts, test_labels = [f"u{i}" for i in range(30)], ["a", "b"] * 15
+    split = data.make_split(texts, labels, test_texts=test_texts, test_labels=test_labels, n_train=10, n_test=6, seed=0)
+    assert len(split.train_texts) == 10 and len(split.test_texts) == 6
+    assert set(split.test_texts) <= set(test_texts) and sorted(split.test_labels) == [0, 0, 0, 1, 1, 1]
+
+
+def test_only_exact_duplicates_of_test_texts_are_dropped():
+    texts, labels, dropped = data.without_texts(["Good film", "good film", "Dull"], ["pos", "pos", "neg"], {"good film"})
+    assert texts == ["Good film", "Dull"] and labels == ["pos", "neg"] and dropped == 1

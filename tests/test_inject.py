@@ -102,6 +102,19 @@ def test_target_forms_exclude_and_layers_to_transform():
     goft.inject(model, target_modules="all-linear", modules_to_save=["pooler", "classifier"])
     assert len(_adapted(model)) == 12, "all-linear leaves modules_to_save alone"
 
+    # A regex must match the whole name: "q_proj" alone selects nothing, and ".*q" no "q_proj".
+    model = build("llama")
+    with pytest.raises(ValueError, match="matched no layer"):
+        goft.inject(model, target_modules=r"q_proj")
+    goft.inject(model, target_modules=r".*layers\.0\.self_attn\.q_proj")
+    assert _adapted(model) == ["model.layers.0.self_attn.q_proj"]
+
+    # GPT-2 names its blocks "h": transformer.h.1.attn.c_attn is in block 1.
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    goft.inject(model, target_modules=["c_attn", "c_fc"], layers_to_transform=[1])
+    assert _adapted(model) == ["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+
 
 @pytest.mark.parametrize("model_name, heads", [("bert", ["classifier"]), ("deberta-v2", ["pooler", "classifier"]),
                                                ("vit", ["classifier"]), ("llama-classifier", ["score"])])
@@ -221,6 +234,8 @@ def test_two_adapters_cannot_save_the_same_module(tmp_path, first_saves, second_
         goft.load_adapter(model, str(tmp_path / "topic"), "topic")
     assert_unchanged(model, before)
     goft.delete_adapter(model, "sentiment")
+    # The deleted adapter's saved modules (the head) freeze again with it, as the base is.
+    assert not any(p.requires_grad for p in model.parameters())
     goft.load_adapter(model, str(tmp_path / "topic"), "topic")
 
 
@@ -454,6 +469,10 @@ def test_casting_the_adapters_to_16_bit_floats_is_warned_about_once(monkeypatch)
         model.half().to(torch.bfloat16)  # once per process
     diagonals = [layer.goft_blocks["default"][:, [0, 1], [0, 1]] for layer in goft_layers(model)]
     assert all(d.dtype == torch.bfloat16 for d in diagonals)
+    monkeypatch.setattr(goft.layers, "_LOW_PRECISION_WARNED", False)
+    half = goft.inject(build("llama"), scale=True)
+    with pytest.warns(UserWarning, match=r"made the adapter parameters float16"):
+        half.half()
     for n, p in model.named_parameters():
         p.data = p.data.float() if ".goft_" in n else p.data
     _train(model, inputs, steps=3, lr=1e-3)

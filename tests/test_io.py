@@ -88,6 +88,22 @@ def test_files_name_layers_as_the_plain_model_whatever_is_compiled(saved, tmp_pa
     assert torch.equal(_logits(plain, batch("deberta-v2")), expected)
 
 
+def test_a_saved_module_inside_a_compiled_submodule_is_named_as_in_the_plain_model(tmp_path):
+    model = _compile_encoder(build("deberta-v2"))
+    goft.inject(model, target_modules=["query_proj"], modules_to_save=["layer.1.output.LayerNorm"])
+    with torch.no_grad():
+        model.deberta.encoder.layer[1].output.LayerNorm.weight.add_(0.5)
+    perturb_adapters(model, 0.1)
+    expected = _logits(model, batch("deberta-v2"))
+    goft.save_adapter(model, str(tmp_path))
+    description = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert description["modules_to_save"] == ["deberta.encoder.layer.1.output.LayerNorm"]
+    assert not any("_orig_mod" in key for key in description["tensors"])
+    plain = build("deberta-v2")
+    goft.load_adapter(plain, str(tmp_path))
+    assert torch.equal(_logits(plain, batch("deberta-v2")), expected)
+
+
 def test_model_level_calls_take_a_compiled_model():
     model = build("llama")
     compiled = torch.compile(model, backend="eager")
@@ -240,6 +256,13 @@ def _newer_format(description):
         ({"mutate_description": _newer_format}, "unsupported format_version"),
         ({"mutate_description": lambda d: d.update(id2label=["neg", "pos"])}, "field 'id2label' must be an object"),
         ({"mutate_tensors": lambda t, d: t.update({_first_key(t): t[_first_key(t)] + 1}), "fix_checksum": False}, "checksum"),
+        # The two files disagree with each other, each well-formed on its own.
+        ({"mutate_tensors": lambda t, d: t.pop(_first_key(t))},
+         rf"tensors differ from {CONFIG_NAME}: missing \['deberta\..*goft_blocks'\], unexpected \[\]"),
+        ({"mutate_description": lambda d: d["tensors"][_first_key(d["tensors"])].update(shape=[31, 4])},
+         rf"tensor deberta\..*goft_blocks is float32 \[31, 2, 2\], {CONFIG_NAME} says float32 \[31, 4\]"),
+        ({"mutate_description": lambda d: d["tensors"][_first_key(d["tensors"])].update(dtype="bfloat16")},
+         rf"{CONFIG_NAME} says bfloat16 \[31, 2, 2\]"),
     ],
 )
 def test_tampered_files_are_refused_and_the_model_is_unchanged(saved, tamper, message):

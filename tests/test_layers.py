@@ -9,7 +9,7 @@ from torch import nn
 
 import goft
 from goft import GivensLinear, GOFTConfig
-from goft.reference import dense_transform
+from goft.reference import dense_transform, rotate_dense_ref
 
 from tiny_models import max_rel, transformers
 
@@ -253,6 +253,14 @@ def test_only_the_active_adapter_is_applied_and_trainable():
     layer.disabled = False
     layer.delete_adapter("b")
     assert layer.adapter_names == ["a"] and layer.active_adapter is None and "b" not in layer.goft_blocks
+    # A merged adapter lives on in the weight: deleting it would lose the only way back.
+    weight = base.weight.detach().clone()
+    layer.set_adapter("a")
+    layer.merge("a")
+    with pytest.raises(ValueError, match="adapter 'a' is merged; unmerge it first"):
+        layer.delete_adapter("a")
+    assert layer.adapter_names == ["a"] and layer.unmerge() == ["a"]
+    torch.testing.assert_close(base.weight, weight)
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("a", GOFTConfig())
 
@@ -316,6 +324,13 @@ def _adapted(base: nn.Module, variant: str) -> GivensLinear:
     return layer
 
 
+def _adapted_reference(layer: GivensLinear, x: torch.Tensor) -> torch.Tensor:
+    """F.linear of the dense float64 reference rotation of x: the layer's output for a plain base."""
+    angles, scale = layer.transform("default")
+    rotated = rotate_dense_ref(x.double(), angles.double(), None if scale is None else scale.double())
+    return nn.functional.linear(rotated, layer.base_layer.weight.double(), layer.base_layer.bias.double()).to(x.dtype)
+
+
 def _step(layer: GivensLinear, x: torch.Tensor):
     """Output and the gradients of x and the adapter's parameters for a fixed probe."""
     x = x.detach().clone().requires_grad_(True)
@@ -348,6 +363,14 @@ def test_weight_side_is_only_taken_where_it_computes_the_same(monkeypatch, rotat
     conv = _adapted(transformers.pytorch_utils.Conv1D(5, 8), "strict")
     conv(x)
     assert not rotated_linear_calls, "Conv1D is not an nn.Linear"
+
+    class Doubled(nn.Linear):  # a subclass's own forward must run, not F.linear on its weight
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = _adapted(Doubled(8, 5), "strict")
+    torch.testing.assert_close(doubled(x), 2 * _adapted_reference(doubled, x))
+    assert not rotated_linear_calls, "an nn.Linear subclass is not a plain nn.Linear"
 
     layer = _adapted(nn.Linear(8, 5), "strict")
     seen = []

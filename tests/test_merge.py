@@ -53,6 +53,23 @@ def test_merge_keeps_outputs_and_unmerge_restores_weights(model_name, variant):
     assert max_rel(_logits(model, inputs), adapted) < 1e-5
 
 
+def test_two_merged_adapters_unmerge_newest_first_to_the_base_weights():
+    # Rotations of two adapters on one layer do not commute: W T1^T T2^T is undone by T2 first.
+    model, inputs = _injected("llama", "goft")
+    weights = _base_weights(model)
+    goft.add_adapter(model, "second", target_modules=["q_proj", "v_proj"], variant="qgoft")
+    perturb_adapters(model, 0.3, seed=1)
+    goft.merge(model)
+    with pytest.warns(UserWarning, match="stay merged"):
+        goft.set_adapter(model, "second")
+    goft.merge(model)
+    stacked = [m for m in model.modules() if isinstance(m, GivensLinear) and len(m.merged_adapters) == 2]
+    assert len(stacked) == 4 and all(m.merged_adapters == ["default", "second"] for m in stacked)
+    goft.unmerge(model)
+    for n, w in _base_weights(model).items():
+        assert max_rel(w, weights[n]) < 1e-5, n
+
+
 def test_merge_and_unload_returns_the_plain_model():
     model, inputs = _injected("llama", "qgoft")
     plain_keys = set(build("llama").state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import types
 import warnings
@@ -114,6 +115,17 @@ def test_every_checkpoint_and_the_output_folder_hold_a_loadable_adapter(tmp_path
         for name, value in trained.items():
             assert torch.equal(saved[when][name], value), f"{when}: {name}"
     assert any(not torch.equal(saved[1][n], saved[2][n]) for n in trained), "step 2 changed nothing"
+
+
+def test_save_adapter_callback_saves_the_adapter_it_names(tmp_path):
+    # A callback named for one adapter writes that one, not the active adapter being trained.
+    model = qgoft_model()
+    goft.add_adapter(model, "other", target_modules=["q_proj"])
+    run_trainer(model, str(tmp_path), [SaveAdapterCallback(adapter_name="other")], max_steps=1,
+                save_strategy="steps", save_steps=1)
+    for folder in (tmp_path / "checkpoint-1" / "goft_adapter", tmp_path / "goft_adapter"):
+        assert json.loads((folder / goft.io.CONFIG_NAME).read_text())["adapter_name"] == "other"
+    assert goft.active_adapter(model) == "default"
 
 
 def test_save_adapter_callback_refusals(tmp_path):
