@@ -179,7 +179,7 @@ def test_unknown_architecture_lists_linear_layers():
         ({"target_modules": ["embed_tokens"]}, r"not linear layers: \[model\.embed_tokens \(Embedding\)\]"),
         ({"target_modules": ["mlp"]}, "not linear layers"),
         ({"target_modules": ["q_proj"], "layers_to_transform": [7]}, "matched no layer"),
-        ({"target_modules": ["q_proj"], "modules_to_save": ["nope"]}, "modules_to_save"),
+        ({"target_modules": ["q_proj"], "modules_to_save": ["nope"]}, r"modules_to_save=\['nope'\] matched no module"),
         ({"target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]}, r"both targeted and in \(or inside\) modules_to_save"),
         ({"adapter_name": "a.b"}, "adapter_name"),
         ({"varient": "qgoft"}, "unknown field"),

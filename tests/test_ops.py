@@ -238,7 +238,14 @@ def test_gradcheck_tanh_parameterisation(transpose, d):
     assert torch.autograd.gradcheck(lambda *a: goft.rotate(*a, transpose, "tanh"), (x, p, scale))
 
 
-def test_golden_vectors(golden_path):
+def _in_x_dtype(reference):
+    return lambda x, params, scale=None, transpose=False: reference(x, params, scale, transpose).to(x.dtype)
+
+
+# The golden vectors pin the op and both references each, not only through each other.
+@pytest.mark.parametrize("rotate", [goft.rotate, _in_x_dtype(rotate_dense_ref), _in_x_dtype(rotate_layers_ref)],
+                         ids=["op", "dense reference", "layer reference"])
+def test_golden_vectors(golden_path, rotate):
     np = pytest.importorskip("numpy")
     golden = np.load(golden_path)
     cases = sorted({tuple(key.split("/")[:2]) for key in golden.files})
@@ -249,13 +256,13 @@ def test_golden_vectors(golden_path):
         scale = g["scale"].clone().requires_grad_() if "scale" in g else None
         raw = (g["blocks"] if case == "qgoft" else g["p"]).clone().requires_grad_()
         params = raw if case == "qgoft" else math.pi * torch.tanh(raw)
-        y = torch.nn.functional.linear(goft.rotate(x, params, scale), g["weight"], g["bias"])
+        y = torch.nn.functional.linear(rotate(x, params, scale), g["weight"], g["bias"])
         (y * g["grad_y"]).sum().backward()
         checks = {"y": (y, g["y"]), "grad_x": (x.grad, g["grad_x"])}
         checks["grad_blocks" if case == "qgoft" else "grad_p"] = (raw.grad, g["grad_blocks" if case == "qgoft" else "grad_p"])
         if scale is not None:
             checks["grad_scale"] = (scale.grad, g["grad_scale"])
-        merged = goft.rotate(g["weight"], params.detach(), None if scale is None else scale.detach(), transpose=True)
+        merged = rotate(g["weight"], params.detach(), None if scale is None else scale.detach(), transpose=True)
         checks["merged_weight"] = (merged, g["merged_weight"])
         for name, (got, want) in checks.items():
             assert rel_err(got, want) < 1e-5, (case, dim, name, rel_err(got, want))
