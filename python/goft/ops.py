@@ -98,7 +98,8 @@ def _check_args(
     if x.dim() < 1:
         raise RuntimeError(f"{op}: expected x of shape (..., d) with at least one dimension, got a 0-d tensor")
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise RuntimeError(f"{op}: expected x of dtype float32, float64, bfloat16 or float16, got {_type_name(x.dtype)}")
+        raise RuntimeError(
+            f"{op}: expected x of dtype float32, float64, bfloat16 or float16, got {_type_name(x.dtype)}")
     d = x.shape[-1]
     torch._check(d >= 1, lambda: f"{op}: expected x with a last dimension d >= 1, got shape {tuple(x.shape)}")
     if params.dtype not in (torch.float32, torch.float64):
