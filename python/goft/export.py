@@ -36,8 +36,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     The merge runs in float32; the weights are saved in ``dtype`` (float32, bfloat16, float16),
     by default the dtype the base checkpoint was saved in. ``num_labels`` sets the size of a
     classification head that the adapter carries (modules_to_save) when it differs from the base
-    config's. ``adapter_dir`` may be a Hugging Face Hub repository id (``adapter_revision``: its branch,
-    tag or commit), as for goft.load_adapter. Raises ValueError (FileNotFoundError for missing folders) before writing anything.
+    config's. ``adapter_dir`` may be a Hugging Face Hub repository id (``adapter_revision``: its
+    branch, tag or commit), as for goft.load_adapter. Raises ValueError (FileNotFoundError for
+    missing folders) before writing anything.
     """
     import transformers
 
