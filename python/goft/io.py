@@ -281,7 +281,8 @@ def resolve_adapter_directory(
     except ImportError:
         raise FileNotFoundError(f"{where}: no local directory {path!r}; to download it from the Hugging Face Hub "
                                 "install huggingface_hub (pip install huggingface_hub)") from None
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    folder = subfolder.strip("/") if subfolder else ""
+    prefix = folder + "/" if folder else ""  # the files' paths inside the repository
     try:
         snapshot = snapshot_download(path, revision=revision, cache_dir=cache_dir, token=token,
                                      local_files_only=local_files_only,
@@ -292,7 +293,7 @@ def resolve_adapter_directory(
             f"{f' (revision {revision!r})' if revision else ''} could not be used: {type(e).__name__}: "
             f"{' '.join(str(e).split())[:500]}"
         ) from e
-    directory = os.path.join(snapshot, subfolder.strip("/")) if subfolder else snapshot
+    directory = os.path.join(snapshot, folder) if folder else snapshot
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, name))]
     if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
         raise FileNotFoundError(
