@@ -44,10 +44,13 @@ def run_trainer(model, out, callbacks, **overrides):
     return trainer
 
 
-def test_penalty_gradient_is_added_once_per_optimizer_step(tmp_path):
+@pytest.mark.parametrize("precision", [{}, {"fp16": True}], ids=["float32", "fp16"])
+def test_penalty_gradient_is_added_once_per_optimizer_step(tmp_path, precision):
     """One SGD step over two accumulated micro-batches, with and without the callback: the
     adapter's parameters differ by exactly lr * grad(penalty) at the starting point, i.e. the
-    penalty counts once per optimizer step, not once per micro-batch, and nothing else moves."""
+    penalty counts once per optimizer step, not once per micro-batch, and nothing else moves.
+    (fp16 on the CPU runs forward in float16 without a loss scaler; the scaler's part is tested
+    below.)"""
     start = qgoft_model()
     penalty_grads = {}
     probe = copy.deepcopy(start)
@@ -60,8 +63,8 @@ def test_penalty_gradient_is_added_once_per_optimizer_step(tmp_path):
     assert penalty_grads and all(".goft_blocks." in n for n in penalty_grads)
 
     with_penalty, without = copy.deepcopy(start), copy.deepcopy(start)
-    run_trainer(with_penalty, str(tmp_path / "a"), [OrthogonalityPenaltyCallback()])
-    run_trainer(without, str(tmp_path / "b"), [])
+    run_trainer(with_penalty, str(tmp_path / "a"), [OrthogonalityPenaltyCallback()], **precision)
+    run_trainer(without, str(tmp_path / "b"), [], **precision)
     params_without = dict(without.named_parameters())
     for name, param in with_penalty.named_parameters():
         moved = params_without[name].detach() - param.detach()
@@ -80,12 +83,46 @@ def test_goft_adapters_have_no_penalty_and_train_as_without(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("unscaled_before", [False, True], ids=["scaled", "unscaled-by-clipping"])
+def test_penalty_gradient_joins_loss_scaled_gradients_at_their_scale(unscaled_before):
+    """fp16's loss scaler (accelerate's optimizer wrapper around a real GradScaler): the step
+    follows loss + penalty, whether the task gradients still carry the scale when the callback runs
+    or gradient clipping has unscaled them; one overflowing gradient skips the whole step."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # the state accelerate's optimizer wrapper reads
+    start = qgoft_model()
+    inputs = {"input_ids": batch("llama")["input_ids"], "labels": batch("llama")["input_ids"]}
+
+    reference = copy.deepcopy(start)
+    (reference(**inputs).loss + goft.orthogonality_penalty(reference)).backward()
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.grad is not None:
+                param -= LR * param.grad
+
+    for overflow in (False, True):
+        model = copy.deepcopy(start)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        optimizer = AcceleratedOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR),
+                                         scaler=scaler)
+        scaler.scale(model(**inputs).loss).backward()
+        if overflow:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        if unscaled_before:
+            scaler.unscale_(optimizer.optimizer)
+        OrthogonalityPenaltyCallback().on_pre_optimizer_step(None, None, None, model=model, optimizer=optimizer)
+        optimizer.step()
+        assert optimizer.step_was_skipped == overflow
+        expected = start if overflow else reference
+        for (name, param), want in zip(model.named_parameters(), expected.parameters()):
+            torch.testing.assert_close(param, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_penalty_callback_refusals(tmp_path):
     callback = OrthogonalityPenaltyCallback()
     model = qgoft_model()
-    args = types.SimpleNamespace(fp16=True, deepspeed=None)
-    with pytest.raises(ValueError, match="fp16=True is not supported"):
-        callback.on_train_begin(args, None, None, model=model)
     args = types.SimpleNamespace(fp16=False, deepspeed="ds_config.json")
     with pytest.raises(ValueError, match="DeepSpeed"):
         callback.on_train_begin(args, None, None, model=model)

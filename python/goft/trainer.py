@@ -50,24 +50,38 @@ def _sharded_by_fsdp1(model) -> bool:
     return any(is_fsdp1_unit(m) for m in model.modules()) or any(flattened_by_fsdp1(p) for p in model.parameters())
 
 
+def _unscale_gradients(optimizer) -> None:
+    """Divides the gradients by fp16's loss scale unless that is done already, as the optimizer
+    step would (``GradScaler.step`` unscales only what is not unscaled yet)."""
+    scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer under fp16
+    if scaler is None or not scaler.is_enabled():
+        return
+    try:
+        # The optimizer the scaler knows: accelerate unscales and steps the wrapped one.
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+    except RuntimeError as e:
+        # Trainer's gradient clipping unscales before the callbacks run; the scaler refuses twice.
+        if "already been called" not in str(e):
+            raise
+
+
 class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
     """Adds the gradient of ``goft.orthogonality_penalty(model)`` (qGOFT's ``lambda * sum <A[:,0],
     A[:,1]>^2``, zero for GOFT adapters) to the adapter's gradients once per optimizer step.
 
-    Refused at the start of training: fp16 mixed precision (its gradients are still multiplied by
-    the loss scale at that point, the penalty's would not be), DeepSpeed (it owns the gradients)
-    and qGOFT under FSDP1 (whose flat shards hold no whole blocks outside forward); use bf16 or
-    float32, FSDP2 (``fsdp_config={"fsdp_version": 2}``), or add the penalty to the loss in a
-    training loop of your own.
+    Under fp16 mixed precision the task gradients are divided by the loss scale first (what the
+    optimizer step would do; ``Trainer``'s gradient clipping may have done it already), so the
+    penalty's gradient joins them at the same scale, and a step that the scaler skips for an
+    overflow skips both.
+
+    Refused at the start of training: DeepSpeed (it owns the gradients) and qGOFT under FSDP1
+    (whose flat shards hold no whole blocks outside forward); use FSDP2
+    (``fsdp_config={"fsdp_version": 2}``), or add the penalty to the loss in a training loop of
+    your own.
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _require_goft_model(model, "OrthogonalityPenaltyCallback")
-        if args.fp16:
-            raise ValueError(
-                "goft.trainer.OrthogonalityPenaltyCallback: fp16=True is not supported (the loss scaler "
-                "still multiplies the gradients when the penalty's are added); train with bf16=True or in "
-                "float32, or add goft.orthogonality_penalty(model) to the loss in your own loop")
         if getattr(args, "deepspeed", None):
             raise ValueError(
                 "goft.trainer.OrthogonalityPenaltyCallback: DeepSpeed manages the gradients itself; add "
@@ -78,10 +92,11 @@ class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
         except ValueError as e:
             raise ValueError(f"goft.trainer.OrthogonalityPenaltyCallback: {e}") from None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         penalty = orthogonality_penalty(model)
         if not penalty.requires_grad:  # no active, trainable qGOFT adapter
             return
+        _unscale_gradients(optimizer)
         # autograd.grad, then an add: only the penalty's own graph runs, and none of the hooks that
         # wrappers (DDP, FSDP) put on gradient accumulation fire outside their own backward.
         params = [p for p in model.parameters() if p.requires_grad]
