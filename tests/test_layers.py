@@ -391,6 +391,23 @@ def test_weight_side_is_only_taken_where_it_computes_the_same(monkeypatch, rotat
     assert len(rotated_linear_calls) == 1
 
 
+def test_automatic_weight_side_threshold_for_cuda_inputs(monkeypatch):
+    """The automatic choice (WEIGHT_SIDE None) decided for CUDA inputs, which fake tensors give
+    without a GPU: the weight's rows once x has as many rows (all leading dimensions together)
+    as the layer has outputs, never for CPU inputs, and not when x's dtype differs from the weight's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", None)
+    layer = goft.GivensLinear(torch.nn.Linear(8, 6))
+    layer.add_adapter("default", goft.GOFTConfig())
+    with FakeTensorMode():
+        for shape, expected in (((6, 8), True), ((5, 8), False), ((2, 3, 8), True), ((1, 5, 8), False),
+                                ((7, 8), True)):
+            assert layer._rotates_weight(torch.empty(*shape, device="cuda")) is expected, shape
+            assert layer._rotates_weight(torch.empty(*shape)) is False, shape
+        assert layer._rotates_weight(torch.empty(64, 8, device="cuda", dtype=torch.bfloat16)) is False
+
+
 def test_weight_side_env_values(monkeypatch):
     for value, mode in (("", None), ("auto", None), ("0", False), ("1", True)):
         monkeypatch.setenv("GOFT_WEIGHT_SIDE", value)
