@@ -1,11 +1,13 @@
-"""Adapters from a Hugging Face Hub repository id: goft.load_adapter and goft merge resolve it
-through huggingface_hub's cache; a local directory of the same name comes first."""
+"""Adapters and models from a Hugging Face Hub repository id: goft.load_adapter, goft merge and goft
+finetune resolve it through huggingface_hub's cache; a local directory of the same name comes first."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,16 +36,16 @@ def _saved_adapter(path, seed):
     return _logits(model)
 
 
-def _put_in_cache(cache, repo, folder, revision="main", subfolder=""):
-    """Lays ``folder``'s adapter files out as huggingface_hub's cache holds a download of ``repo`` at
-    ``revision``: refs/<revision> names a commit, snapshots/<commit>/ holds the files."""
+def _put_in_cache(cache, repo, folder, revision="main", subfolder="", names=(CONFIG_NAME, WEIGHTS_NAME)):
+    """Lays ``folder``'s files (``names``; None: all) out as huggingface_hub's cache holds a download
+    of ``repo`` at ``revision``: refs/<revision> names a commit, snapshots/<commit>/ holds the files."""
     commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
     root = cache / ("models--" + repo.replace("/", "--"))
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "refs" / revision).write_text(commit)
     target = root / "snapshots" / commit / subfolder
     target.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in names if names is not None else [p.name for p in folder.iterdir()]:
         shutil.copy(folder / name, target / name)
     return commit
 
@@ -132,3 +134,136 @@ def test_goft_merge_takes_an_adapter_from_the_hub_cache(hub_cache, tmp_path):
     missing = subprocess.run(command[:7] + ["goft-tests/missing", "--output", str(tmp_path / "m2")], env=env,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no local directory 'goft-tests/missing'" in missing.stderr, missing.stderr
+
+
+# ---- base models from the Hub (goft finetune --model, goft merge --model) ----
+
+MODEL_REPO = "goft-tests/tiny-bert"
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "awful", "the", "film", "was"]
+
+
+def _tiny_bert(path):
+    """A 1-layer random BERT with its WordPiece tokenizer, as a transformers model folder."""
+    import transformers
+
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    transformers.BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def model_cache(tmp_path, monkeypatch):
+    """huggingface_hub's cache, offline, holding MODEL_REPO at tag v1 (its main is another model)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    local = _tiny_bert(tmp_path / "tiny-bert")
+    _put_in_cache(cache, MODEL_REPO, local, revision="v1", names=None)
+    other = tmp_path / "other"
+    shutil.copytree(local, other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"hidden_act": "gelu"',
+                                                                                 '"hidden_act": "relu"'))
+    _put_in_cache(cache, MODEL_REPO, other, names=None)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache, local
+
+
+def test_goft_finetune_and_merge_take_a_model_from_the_hub_cache(model_cache, tmp_path):
+    import transformers
+
+    from goft import export
+
+    cache, local = model_cache
+    rows = ["text,label"] + [f"the film was {w},{'pos' if w in ('good', 'great') else 'neg'}"
+                             for w in ("good", "great", "bad", "awful") for _ in range(6)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    # A separate process, as a user runs it: the cache and offline mode come from the environment.
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "goft", "finetune", "--model", MODEL_REPO, "--model-revision", "v1",
+               "--data", str(tmp_path / "data.csv"), "--epochs", "1", "--batch-size", "8", "--threads", "1",
+               "--no-progress", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    trained_on = metrics["config"]["model_dir"]
+    assert trained_on.startswith(str(cache / "models--goft-tests--tiny-bert" / "snapshots")), trained_on
+    assert json.loads((Path(trained_on) / "config.json").read_text())["hidden_act"] == "gelu", "not revision v1"
+
+    # goft merge of the adapter into the Hub's v1 gives the model a merge into the local copy gives.
+    merged = {}
+    for name, base, revision in (("merged-hub", MODEL_REPO, "v1"), ("merged-local", str(local), None)):
+        export.merge_to_directory(base, str(tmp_path / "run" / "adapter"), str(tmp_path / name),
+                                  model_revision=revision, log=lambda _: None)
+        merged[name] = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / name).eval()
+    ids = torch.tensor([[2, 9, 10, 11, 5, 3], [2, 9, 10, 11, 8, 3]])
+    with torch.no_grad():
+        assert torch.equal(merged["merged-hub"](input_ids=ids).logits, merged["merged-local"](input_ids=ids).logits)
+
+
+def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache, tmp_path, capsys):
+    from goft import cli
+    from goft.io import resolve_model_directory
+
+    cache, local = model_cache
+    tokenizer_only = tmp_path / "tokenizer-only"
+    tokenizer_only.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        shutil.copy(local / name, tokenizer_only / name)
+    _put_in_cache(cache, "goft-tests/no-weights", tokenizer_only, names=None)
+    with pytest.raises(FileNotFoundError, match="'goft-tests/no-weights' has no weights .* in the cache .offline."):
+        resolve_model_directory("goft-tests/no-weights", "goft finetune")
+    with pytest.raises(FileNotFoundError, match="no local directory 'goft-tests/missing', and the Hugging Face Hub "
+                                                "repository 'goft-tests/missing' could not be used"):
+        resolve_model_directory("goft-tests/missing", "goft finetune")
+    with pytest.raises(ValueError, match="a revision .'v1'. applies to Hub repositories, but --model .* is a local"):
+        resolve_model_directory(str(local), "goft finetune", revision="v1")
+    (tmp_path / "data.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--model", "goft-tests/missing", "--data", str(tmp_path / "data.csv")])
+    assert "goft finetune: no local directory 'goft-tests/missing'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--model", "goft-tests/missing", "--adapter", str(tmp_path), "--output",
+                  str(tmp_path / "m")])
+    assert "goft merge: no local directory 'goft-tests/missing'" in capsys.readouterr().err
+
+
+def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, tmp_path):
+    from goft.io import resolve_model_directory
+
+    cache, local = model_cache
+    bin_only = tmp_path / "bin-only"
+    shutil.copytree(local, bin_only)
+    (bin_only / "model.safetensors").unlink()
+    (bin_only / "pytorch_model.bin").write_bytes(b"")  # only its name is looked at here
+    _put_in_cache(cache, "goft-tests/bin-only", bin_only, names=None)
+    folder = resolve_model_directory("goft-tests/bin-only", "goft finetune")
+    assert (Path(folder) / "pytorch_model.bin").is_file()
+
+
+def test_model_downloads_take_one_copy_of_the_weights():
+    """The patterns goft asks snapshot_download for, applied by huggingface_hub's own filter to the
+    file list of a typical repository: configuration, tokenizer and safetensors weights, no other
+    copy of the weights; the .bin files are a pattern set of their own, for repositories without
+    safetensors."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from goft.io import MODEL_BIN_FILES, MODEL_FILES
+
+    repository = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+                  "onnx/model.onnx", "onnx/config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                  "special_tokens_map.json", "README.md", ".gitattributes", "1_Pooling/config.json",
+                  "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                  "model.safetensors.index.json", "openvino/openvino_model.bin", "coreml/model.mlpackage"]
+    taken = set(filter_repo_objects(repository, allow_patterns=list(MODEL_FILES)))
+    assert taken == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                     "special_tokens_map.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
+    assert set(filter_repo_objects(repository + ["pytorch_model-00001-of-00002.bin"],
+                                   allow_patterns=list(MODEL_BIN_FILES))) == {
+        "pytorch_model.bin", "pytorch_model-00001-of-00002.bin"}

@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo", help="adapter and metrics.json (default runs/demo)")
 
     ft = sub.add_parser(
-        "finetune", help="sequence classification with a local transformers model and a CSV/TSV or JSON Lines file",
-        description="Fine-tunes a local transformers model directory for sequence classification on a CSV or "
-                    "TSV file (header row required) or JSON Lines with GOFT or qGOFT, optionally next to PEFT "
-                    "baselines.",
+        "finetune", help="sequence classification with a transformers model and a CSV/TSV or JSON Lines file",
+        description="Fine-tunes a transformers model (a local directory or a Hugging Face Hub repository) for "
+                    "sequence classification on a CSV or TSV file (header row required) or JSON Lines with GOFT "
+                    "or qGOFT, optionally next to PEFT baselines.",
     )
     io = ft.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="local transformers model directory (config.json, weights, tokenizer)")
+    io.add_argument("--model", required=True, help="transformers model: a local directory (config.json, weights, "
+                    "tokenizer) or a Hugging Face Hub repository id (owner/name), downloaded into its cache")
+    io.add_argument("--model-revision", default=None, help="branch, tag or commit of the --model Hub repository")
     io.add_argument("--data", required=True, help="CSV/TSV file (.csv, .tsv) with a header row, or JSON Lines (.jsonl: "
                     "one object per line, keyed by column); also compressed (.gz/.bz2/.xz)")
     io.add_argument("--test-data", default=None, help="a separate test file with the same columns "
@@ -131,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser(
         "merge", help="merge a saved adapter into its base model: a plain transformers model folder",
-        description="Loads a local base model as the class the adapter was trained on, merges the adapter into its "
+        description="Loads the base model as the class the adapter was trained on, merges the adapter into its "
                     "weights and saves the plain model (with the base folder's tokenizer or image processor), which "
                     "transformers runs at the base model's cost without goft.",
     )
-    mg.add_argument("--model", required=True, help="local transformers folder of the base model")
+    mg.add_argument("--model", required=True, help="the base model: a local transformers folder or a Hugging Face "
+                    "Hub repository id (owner/name)")
+    mg.add_argument("--model-revision", default=None, help="branch, tag or commit of the --model Hub repository")
     mg.add_argument("--adapter", required=True,
                     help="folder written by goft.save_adapter (or goft finetune), or a Hugging Face Hub repository "
                          "id (owner/name) holding one")
@@ -174,11 +178,13 @@ def _demo(parser, args) -> int:
 
 def _finetune(parser, args) -> int:
     from goft import data, finetune
+    from goft.io import resolve_model_directory
 
     _check_common(parser, args)
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     try:
-        finetune.check_model_dir(args.model)
+        model_dir = resolve_model_directory(args.model, "goft finetune", revision=args.model_revision)
+        finetune.check_model_dir(model_dir)
         texts, labels = data.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
         absent = sorted(set(args.keep_labels or ()) - set(labels))
         if absent:  # a misspelt label would otherwise just shrink the task
@@ -202,7 +208,7 @@ def _finetune(parser, args) -> int:
             n_train=args.max_train, n_test=args.max_test, seed=args.split_seed,
         )
         config = finetune.RunConfig(
-            model_dir=args.model, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
+            model_dir=model_dir, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
             epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             threads=args.threads, target_modules=args.target_modules, lora_rank=args.lora_rank,
             oft_block_size=args.oft_block_size, output_dir=args.output_dir, save_merged=args.save_merged,
@@ -253,7 +259,7 @@ def _merge(parser, args) -> int:
 
     try:
         export.merge_to_directory(args.model, args.adapter, args.output, num_labels=args.num_labels, dtype=args.dtype,
-                                  adapter_revision=args.adapter_revision)
+                                  adapter_revision=args.adapter_revision, model_revision=args.model_revision)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         parser.error(str(e))
     return 0

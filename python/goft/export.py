@@ -28,7 +28,7 @@ def record_merge(model, weights_sha256: str) -> None:
 
 def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_labels: Optional[int] = None,
                        dtype: Optional[str] = None, log: Callable[[str], None] = print,
-                       adapter_revision: Optional[str] = None) -> Path:
+                       adapter_revision: Optional[str] = None, model_revision: Optional[str] = None) -> Path:
     """Loads ``model_dir`` as the class the adapter was trained on, loads the adapter, merges it
     (``goft.merge_and_unload``) and saves the plain model, with the tokenizer or image processor
     of ``model_dir``, to ``output_dir``, which must not exist or be empty.
@@ -36,15 +36,17 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     The merge runs in float32; the weights are saved in ``dtype`` (float32, bfloat16, float16),
     by default the dtype the base checkpoint was saved in. ``num_labels`` sets the size of a
     classification head that the adapter carries (modules_to_save) when it differs from the base
-    config's. ``adapter_dir`` may be a Hugging Face Hub repository id (``adapter_revision``: its
-    branch, tag or commit), as for goft.load_adapter. Raises ValueError (FileNotFoundError for
-    missing folders) before writing anything.
+    config's. ``model_dir`` and ``adapter_dir`` may be Hugging Face Hub repository ids
+    (``model_revision``, ``adapter_revision``: branch, tag or commit), downloaded into
+    huggingface_hub's cache when no local directory has the name. Raises ValueError
+    (FileNotFoundError for missing folders) before writing anything.
     """
     import transformers
 
     import goft
     from goft.finetune import ensure_pad_token
-    from goft.io import MERGED_ADAPTERS_KEY, _directory_path, _read, merged_into, resolve_adapter_directory
+    from goft.io import (MERGED_ADAPTERS_KEY, _directory_path, _read, merged_into, resolve_adapter_directory,
+                         resolve_model_directory)
 
     where = "goft merge"
     model_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
@@ -52,6 +54,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{where}: output folder {output_dir!r} exists and is not empty; pick a new one")
+    model_dir = resolve_model_directory(model_dir, where, "model_dir", revision=model_revision)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{where}: {model_dir!r} is not a transformers model folder (no config.json)")
     if dtype is not None and dtype not in DTYPES:

@@ -65,7 +65,8 @@ def check_model_dir(path) -> Path:
     """Raises ValueError unless ``path`` is a local transformers model directory."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"goft finetune: --model {str(path)!r} is not a directory (a local transformers model is expected)")
+        raise ValueError(f"goft finetune: --model {str(path)!r} is not a directory (a local transformers model, or "
+                         "the id of a Hugging Face Hub repository holding one, owner/name, is expected)")
     if not (path / "config.json").is_file():
         raise ValueError(f"goft finetune: --model {str(path)!r} has no config.json: not a transformers model directory")
     if not any((path / name).is_file() for name in WEIGHT_FILES):

@@ -13,6 +13,7 @@ tensors file that does not belong to its JSON.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -276,23 +277,10 @@ def resolve_adapter_directory(
         raise NotADirectoryError(f"{where}: {argument} {path!r} is a file; expected the directory save_adapter wrote")
     if not _is_hub_repo_id(path):
         return path  # _read names the missing files
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{where}: no local directory {path!r}; to download it from the Hugging Face Hub "
-                                "install huggingface_hub (pip install huggingface_hub)") from None
     folder = subfolder.strip("/") if subfolder else ""
     prefix = folder + "/" if folder else ""  # the files' paths inside the repository
-    try:
-        snapshot = snapshot_download(path, revision=revision, cache_dir=cache_dir, token=token,
-                                     local_files_only=local_files_only,
-                                     allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME])
-    except Exception as e:  # huggingface_hub's errors: not found, gated, offline and not cached, network
-        raise FileNotFoundError(
-            f"{where}: no local directory {path!r}, and the Hugging Face Hub repository {path!r}"
-            f"{f' (revision {revision!r})' if revision else ''} could not be used: {type(e).__name__}: "
-            f"{' '.join(str(e).split())[:500]}"
-        ) from e
+    snapshot = _download_from_hub(path, where, [prefix + CONFIG_NAME, prefix + WEIGHTS_NAME], revision=revision,
+                                  cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     directory = os.path.join(snapshot, folder) if folder else snapshot
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, name))]
     if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
@@ -302,6 +290,86 @@ def resolve_adapter_directory(
             f"{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; is it a goft adapter?"
         )
     return directory
+
+
+# What a transformers model folder needs to be loaded with its tokenizer or image processor:
+# configuration, safetensors weights (one file or shards and their index) and the preprocessing
+# files. Repositories often hold other copies of the weights (PyTorch .bin, ONNX, TensorFlow,
+# Flax, GGUF) that would multiply the download; the .bin files are fetched only where no
+# safetensors weights came (MODEL_BIN_FILES).
+MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "spm.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json",
+)
+MODEL_BIN_FILES = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_model_directory(
+    path: Any,
+    where: str,
+    argument: str = "--model",
+    *,
+    revision: Optional[str] = None,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    token: Union[str, bool, None] = None,
+    local_files_only: bool = False,
+) -> str:
+    """The local folder of a transformers model: ``path`` itself, or the Hub repository ``path``
+    downloaded into huggingface_hub's cache (MODEL_FILES, the .bin weights only where it has no
+    safetensors ones) when no local directory has that name. Raises FileNotFoundError naming both
+    places when neither has it, and when the repository holds no config.json or weights."""
+    path = _directory_path(path, where, argument)
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise TypeError(f"{where}: expected the revision a non-empty string or None, got {revision!r}")
+    if os.path.isdir(path):
+        if revision is not None:
+            raise ValueError(f"{where}: a revision ({revision!r}) applies to Hub repositories, but {argument} "
+                             f"{path!r} is a local directory")
+        return path
+    if os.path.exists(path) or not _is_hub_repo_id(path):
+        return path  # the callers' checks say what is wrong with the local path
+    options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    snapshot = _download_from_hub(path, where, list(MODEL_FILES), **options)
+    if not _has_weights(snapshot):
+        snapshot = _download_from_hub(path, where, list(MODEL_BIN_FILES), **options)
+    missing = [what for what, found in (("config.json", os.path.isfile(os.path.join(snapshot, "config.json"))),
+                                        ("weights", _has_weights(snapshot))) if not found]
+    if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
+        raise FileNotFoundError(
+            f"{where}: the Hugging Face Hub repository {path!r}{f' (revision {revision!r})' if revision else ''} "
+            f"has no {' and no '.join(missing)} (model.safetensors, its shards, or pytorch_model.bin)"
+            f"{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; is it a transformers model?"
+        )
+    return snapshot
+
+
+def _has_weights(folder: str) -> bool:
+    names = os.listdir(folder)
+    return any(fnmatch.fnmatch(name, pattern) for name in names
+               for pattern in ("model.safetensors", "model.safetensors.index.json") + MODEL_BIN_FILES)
+
+
+def _download_from_hub(repo_id: str, where: str, allow_patterns: List[str], **options: Any) -> str:
+    """snapshot_download of the files of ``repo_id`` that match ``allow_patterns`` (``options``: revision,
+    cache_dir, token, local_files_only); returns the snapshot folder. Every failure is a
+    FileNotFoundError that names the local directory not found and the Hub's reason."""
+    revision = options.get("revision")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{where}: no local directory {repo_id!r}; to download it from the Hugging Face Hub "
+                                "install huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        return snapshot_download(repo_id, allow_patterns=allow_patterns, **options)
+    except Exception as e:  # huggingface_hub's errors: not found, gated, offline and not cached, network
+        raise FileNotFoundError(
+            f"{where}: no local directory {repo_id!r}, and the Hugging Face Hub repository {repo_id!r}"
+            f"{f' (revision {revision!r})' if revision else ''} could not be used: {type(e).__name__}: "
+            f"{' '.join(str(e).split())[:500]}"
+        ) from e
 
 
 def _hub_offline() -> bool:
