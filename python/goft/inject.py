@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import sys
 import warnings
@@ -572,11 +573,19 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
                     f"count_parameters: {name} is a shard ({FLATTENED_BY_FSDP1}) whose unit is outside "
                     "`model`: pass the outermost FullyShardedDataParallel wrapper, or count before wrapping"
                 )
-            numel = whole_numel(p)  # DeepSpeed ZeRO-3 records it beside the partition
+            numel = _unpacked_numel(p)
         total += numel
         if p.requires_grad:
             trainable += numel
     return trainable, total
+
+
+def _unpacked_numel(param: torch.Tensor) -> int:
+    """The parameter's number of weights: bitsandbytes packs two 4-bit weights per byte (Params4bit)
+    and keeps the matrix's shape in its quant_state; DeepSpeed ZeRO-3 records the whole size
+    beside the partition."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else whole_numel(param)
 
 
 def _fsdp1_whole_numels(model: nn.Module) -> Dict[int, int]:

@@ -493,6 +493,16 @@ class GivensLinear(nn.Module):
                 f"goft.merge: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): merging is defined "
                 "for nn.Linear and transformers' Conv1D, whose weight layouts are known; keep this adapter unmerged"
             )
+        if isinstance(weight, torch.Tensor) and not weight.is_floating_point() and not flattened_by_fsdp1(weight):
+            # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA-style training) and other integer weights.
+            raise NotImplementedError(
+                f"goft.merge: the weight of layer {self.layer_name or base_kind} is quantized ({base_kind}, "
+                f"{weight.dtype}): merging would dequantize it, rotate it and round it to the quantized precision "
+                "again. Merge into the unquantized base model instead: load it without quantization_config, then "
+                "goft.load_adapter(model, <the saved adapter>) and goft.merge_and_unload(model), or run goft merge "
+                "--model <base> --adapter <the saved adapter>; the adapter trained on the quantized model applies "
+                "there unchanged"
+            )
         if (
             not isinstance(weight, torch.Tensor)
             or not weight.is_floating_point()

@@ -1,0 +1,133 @@
+"""GOFT on a bitsandbytes-quantized base model (QLoRA-style): a tiny LLaMA loaded by transformers in
+4-bit NF4 or 8-bit on the CPU, against a float model holding the dequantized weights."""
+
+import warnings
+
+import pytest
+import torch
+
+import goft
+from tiny_models import assert_unchanged, batch, build, perturb_adapters, snapshot, transformers
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build("llama").save_pretrained(path)
+    return path
+
+
+def _quantized(base_dir, bits):
+    options = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
+               if bits == 4 else {"load_in_8bit": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.LlamaForCausalLM.from_pretrained(
+            base_dir, quantization_config=transformers.BitsAndBytesConfig(**options), device_map="cpu")
+
+
+def _dequantized_twin(quantized, base_dir):
+    """The float model with every 4-bit weight replaced by its dequantized value: the reference
+    for what the quantized model computes."""
+    twin = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    count = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = module.weight
+                twin.get_submodule(name).weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+                count += 1
+    assert count == 14  # q, k, v, o, gate, up, down in each of the two layers
+    return twin
+
+
+def _loss_and_adapter_grads(model):
+    model.zero_grad()
+    loss = model(**batch("llama")).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "goft_" in n}
+
+
+def test_training_on_a_4bit_base_follows_the_dequantized_weights(base_dir):
+    quantized = _quantized(base_dir, 4)
+    twin = _dequantized_twin(quantized, base_dir)
+    for model in (quantized, twin):
+        goft.inject(model)
+        perturb_adapters(model, 0.2, seed=1)
+    loss, grads = _loss_and_adapter_grads(quantized)
+    twin_loss, twin_grads = _loss_and_adapter_grads(twin)
+    torch.testing.assert_close(loss, twin_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == twin_grads.keys() and len(grads) == 14
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, twin_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # Parameters are counted as weights, not as the bytes 4-bit packing stores them in.
+    assert goft.count_parameters(quantized) == goft.count_parameters(twin)
+
+
+def test_an_adapter_trained_on_a_4bit_base_merges_into_the_float_base(base_dir, tmp_path):
+    quantized = _quantized(base_dir, 4)
+    goft.inject(quantized)
+    perturb_adapters(quantized, 0.2, seed=2)
+    before = snapshot(quantized)
+    for merge in (goft.merge, goft.merge_and_unload):
+        with pytest.raises(NotImplementedError, match=r"layer model\.layers\.0\.self_attn\.q_proj is quantized "
+                                                      r"\(Linear4bit, torch\.uint8\).*goft\.load_adapter"):
+            merge(quantized)
+        assert_unchanged(quantized, before)
+
+    goft.save_adapter(quantized, str(tmp_path / "adapter"))
+    base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    goft.load_adapter(base, str(tmp_path / "adapter"))
+    trained = {n: p for n, p in quantized.named_parameters() if "goft_" in n}
+    loaded = {n: p for n, p in base.named_parameters() if "goft_" in n}
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[n], loaded[n]) for n in trained)
+    inputs = {"input_ids": batch("llama")["input_ids"]}
+    with torch.no_grad():
+        adapted = base(**inputs).logits
+        plain = goft.merge_and_unload(base)
+        merged = plain(**inputs).logits
+    assert not any(isinstance(m, goft.GivensLinear) for m in plain.modules())
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_an_8bit_base_trains_and_refuses_a_merge(base_dir):
+    quantized = _quantized(base_dir, 8)
+    twin = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    for model in (quantized, twin):
+        goft.inject(model)
+        perturb_adapters(model, 0.2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LLM.int8 says it casts the activations to float16
+        loss, grads = _loss_and_adapter_grads(quantized)
+    twin_loss, twin_grads = _loss_and_adapter_grads(twin)
+    # LLM.int8 rounds the activations as well as the weights: close to the float model, not equal.
+    assert abs(loss - twin_loss) < 0.05 * twin_loss
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), twin_grads[name].flatten(), dim=0)
+        assert cosine > 0.9, (name, cosine)
+    assert goft.count_parameters(quantized) == goft.count_parameters(twin)
+    with pytest.raises(NotImplementedError, match=r"is quantized \(Linear8bitLt, torch\.int8\)"):
+        goft.merge(quantized)
+
+
+def test_peft_kbit_preparation_and_reentrant_checkpointing_give_the_same_gradients(base_dir):
+    """PEFT's prepare_model_for_kbit_training (reentrant activation checkpointing, embeddings'
+    output requiring grad), then goft.inject: the adapters get the gradients they get without it."""
+    peft = pytest.importorskip("peft")
+    plain = _quantized(base_dir, 4)
+    prepared = peft.prepare_model_for_kbit_training(_quantized(base_dir, 4),
+                                                gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in prepared.modules())
+    for model in (plain, prepared):
+        goft.inject(model)
+        perturb_adapters(model, 0.2, seed=3)
+        model.train()
+    loss, grads = _loss_and_adapter_grads(plain)
+    prepared_loss, prepared_grads = _loss_and_adapter_grads(prepared)
+    torch.testing.assert_close(prepared_loss, loss)
+    assert grads.keys() == prepared_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(prepared_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
