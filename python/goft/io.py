@@ -282,13 +282,9 @@ def resolve_adapter_directory(
     snapshot = _download_from_hub(path, where, [prefix + CONFIG_NAME, prefix + WEIGHTS_NAME], revision=revision,
                                   cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     directory = os.path.join(snapshot, folder) if folder else snapshot
-    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, name))]
-    if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
-        raise FileNotFoundError(
-            f"{where}: the Hugging Face Hub repository {path!r}{f' (revision {revision!r})' if revision else ''} "
-            f"has no {' or '.join(prefix + name for name in missing)}"
-            f"{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; is it a goft adapter?"
-        )
+    missing = [prefix + name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise _missing_from_repository(where, path, revision, local_files_only, " or ".join(missing), "a goft adapter")
     return directory
 
 
@@ -335,14 +331,12 @@ def resolve_model_directory(
     snapshot = _download_from_hub(path, where, list(MODEL_FILES), **options)
     if not _has_weights(snapshot):
         snapshot = _download_from_hub(path, where, list(MODEL_BIN_FILES), **options)
-    missing = [what for what, found in (("config.json", os.path.isfile(os.path.join(snapshot, "config.json"))),
-                                        ("weights", _has_weights(snapshot))) if not found]
-    if missing:  # offline, huggingface_hub returns the cached snapshot without checking its files
-        raise FileNotFoundError(
-            f"{where}: the Hugging Face Hub repository {path!r}{f' (revision {revision!r})' if revision else ''} "
-            f"has no {' and no '.join(missing)} (model.safetensors, its shards, or pytorch_model.bin)"
-            f"{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; is it a transformers model?"
-        )
+    missing = [what for what, found in (
+        ("config.json", os.path.isfile(os.path.join(snapshot, "config.json"))),
+        ("weights (model.safetensors, its shards, or pytorch_model.bin)", _has_weights(snapshot))) if not found]
+    if missing:
+        raise _missing_from_repository(where, path, revision, local_files_only, " and no ".join(missing),
+                                       "a transformers model")
     return snapshot
 
 
@@ -370,6 +364,16 @@ def _download_from_hub(repo_id: str, where: str, allow_patterns: List[str], **op
             f"{f' (revision {revision!r})' if revision else ''} could not be used: {type(e).__name__}: "
             f"{' '.join(str(e).split())[:500]}"
         ) from e
+
+
+def _missing_from_repository(where: str, repo_id: str, revision: Optional[str], local_files_only: bool,
+                             missing: str, expected: str) -> FileNotFoundError:
+    # Offline, huggingface_hub returns the cached snapshot without checking that it holds the files.
+    return FileNotFoundError(
+        f"{where}: the Hugging Face Hub repository {repo_id!r}{f' (revision {revision!r})' if revision else ''} "
+        f"has no {missing}{' in the cache (offline)' if local_files_only or _hub_offline() else ''}; "
+        f"is it {expected}?"
+    )
 
 
 def _hub_offline() -> bool:
