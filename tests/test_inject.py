@@ -1,5 +1,6 @@
 """goft.inject on tiny Hugging Face models: targets, freezing, identity, training, adapters, errors, integrations."""
 
+import copy
 import dataclasses
 import re
 import tempfile
@@ -401,8 +402,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-7)
 
 
+def _enable_reentrant_checkpointing(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+@pytest.mark.parametrize("order", ["checkpointing first", "checkpointing after"])
 @pytest.mark.parametrize("add", ["inject", "load_adapter"])
-def test_reentrant_checkpointing_of_an_image_model_enabled_first_reaches_the_adapters(tmp_path, add):
+def test_reentrant_checkpointing_of_an_image_model_reaches_the_adapters(tmp_path, add, order):
     # transformers makes the embeddings' output require grad for input_ids models only; without
     # it, reentrant checkpointing of ViT's frozen blocks would give the adapters no gradient.
     inputs = batch("vit")
@@ -414,14 +422,15 @@ def test_reentrant_checkpointing_of_an_image_model_enabled_first_reaches_the_ada
     plain(**inputs).loss.backward()
     expected = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     model = build("vit")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if order == "checkpointing first":
+        _enable_reentrant_checkpointing(model)
     if add == "inject":
         goft.inject(model, modules_to_save=["classifier"])
         perturb_adapters(model, 0.2)
     else:
         goft.load_adapter(model, str(tmp_path))
+    if order == "checkpointing after":  # as Trainer(gradient_checkpointing=True) does
+        _enable_reentrant_checkpointing(model)
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when a checkpointed block's inputs need no grad
@@ -430,6 +439,50 @@ def test_reentrant_checkpointing_of_an_image_model_enabled_first_reaches_the_ada
     assert grads.keys() == expected.keys() and any(".goft_" in n for n in grads)
     for n, g in expected.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
+
+
+def _embeddings_output_requires_grad(model, inputs):
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        model(**inputs).loss.backward()
+    finally:
+        handle.remove()
+    return seen == [True]
+
+
+def test_checkpointing_reaches_the_adapters_without_transformers_own_hook():
+    """transformers 4.x checkpoints reentrantly by default and makes the embeddings' output require
+    grad only for its own PEFT integration: LLaMA without transformers' hook stands for it. The
+    hook goft adds acts only while checkpointing is on, survives deepcopy (acting on the copy's
+    switches) and goes with goft.unload."""
+    inputs = batch("llama")
+    model = build("llama")
+    goft.inject(model)
+    perturb_adapters(model, 0.2)
+    model.train()
+    twin = copy.deepcopy(model)
+    model(**inputs).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    assert not _embeddings_output_requires_grad(model, inputs), "no extra backward work without checkpointing"
+
+    for subject in (model, twin):
+        _enable_reentrant_checkpointing(subject)
+        subject.disable_input_require_grads()  # transformers' own hook (5.x, input_ids models)
+        subject.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            subject(**inputs).loss.backward()
+        grads = {n: p.grad for n, p in subject.named_parameters() if p.requires_grad}
+        assert grads.keys() == expected.keys()
+        for n, g in expected.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
+        subject.zero_grad(set_to_none=True)
+        assert _embeddings_output_requires_grad(subject, inputs)
+
+    goft.unload(model)
+    assert not model.get_input_embeddings()._forward_hooks, "goft.unload leaves a hook behind"
 
 
 def test_bf16_autocast_and_bf16_base_weights():

@@ -519,6 +519,7 @@ def _strip(model: nn.Module) -> nn.Module:
     for attr in (CONFIGS_ATTR, ACTIVE_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
+    _remove_checkpointing_hook(model)
     return model
 
 
@@ -616,20 +617,51 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def _let_checkpointing_reach_the_adapters(model: nn.Module) -> None:
-    """Makes the input embeddings' output require grad when the model already checkpoints, as PEFT does.
+    """Hooks the input embeddings (once) so that their output requires grad whenever the model
+    trains with activation checkpointing, as PEFT and transformers arrange for their adapters.
 
-    Reentrant activation checkpointing runs a block's backward only if one of the block's inputs
-    requires grad, and with the base model frozen none does: the adapters would get no gradient.
-    transformers takes care of it when checkpointing is enabled on a model fed ``input_ids``; an
-    image model (``pixel_values``: ViT) with checkpointing enabled before goft.inject is left here.
+    Reentrant checkpointing (torch.utils.checkpoint with use_reentrant=True) runs a block's
+    backward only if one of the block's inputs requires grad, and with the base model frozen none
+    does: the adapters would get no gradient, with only a warning from torch. transformers makes
+    the embeddings' output require grad when checkpointing is enabled, but only for models fed
+    ``input_ids`` (5.x) or holding adapters of its own PEFT integration (4.x, whose checkpointing
+    is reentrant by default): not for image models, nor for any goft model under 4.x, e.g. with
+    ``Trainer(gradient_checkpointing=True)``, which enables it after goft.inject. The hook looks
+    at each forward, so the order of the two does not matter; without checkpointing it leaves the
+    output alone, so backward does no extra work.
     """
-    # transformers 5 renamed the property (the old name warns); 4.x has the old one only.
-    renamed = hasattr(type(model), "is_activation_checkpointing")
-    checkpointing = getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False)
-    if (checkpointing and getattr(model, "main_input_name", None) != "input_ids"
-            and callable(getattr(model, "enable_input_require_grads", None))
-            and not getattr(model, "_require_grads_hooks", None)):
-        model.enable_input_require_grads()
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except (NotImplementedError, AttributeError):  # a model without one
+        return
+    if not isinstance(embeddings, nn.Module) or _checkpointing_hook_key(embeddings) is not None:
+        return
+    # transformers' switches: the encoder/decoder stacks and (5.x) every checkpointed block.
+    switches = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    if switches:
+        # A partial of the modules, not a closure: deepcopy and pickle then carry it to the copy's.
+        embeddings.register_forward_hook(functools.partial(_require_grad_when_checkpointing, switches))
+
+
+def _require_grad_when_checkpointing(switches: List[nn.Module], module: nn.Module, args, output):
+    if (isinstance(output, torch.Tensor) and not output.requires_grad and output.is_floating_point()
+            and torch.is_grad_enabled() and any(m.gradient_checkpointing and m.training for m in switches)):
+        output.requires_grad_(True)
+
+
+def _checkpointing_hook_key(embeddings: nn.Module) -> Optional[int]:
+    for key, hook in embeddings._forward_hooks.items():
+        if isinstance(hook, functools.partial) and hook.func is _require_grad_when_checkpointing:
+            return key
+    return None
+
+
+def _remove_checkpointing_hook(model: nn.Module) -> None:
+    for module in model.modules():
+        key = _checkpointing_hook_key(module)
+        if key is not None:
+            del module._forward_hooks[key]
 
 
 def _set_trainable(model: nn.Module) -> None:
