@@ -295,7 +295,10 @@ def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
     cases = [
         (["--output", str(taken), "--num-labels", "3"], "output folder .* exists and is not empty"),
         (["--output", str(tmp_path / "a")], "another number of labels than the base config \\(2\\): pass --num-labels"),
+        (["--output", str(taken / "keep.txt" / "m")], "output .* cannot be a folder: .*keep.txt' is a file"),
+        (["--output", str(tmp_path / "dangling")], "cannot be a folder: .* is a symbolic link to .*, which does not exist"),
     ]
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     for extra, message in cases:
         with pytest.raises(SystemExit):
             cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), *extra])
@@ -492,9 +495,14 @@ def test_keep_labels_that_do_not_occur_are_named(tiny_model, csv_file, capsys, n
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tiny_model, csv_file, tmp_path, capsys,
                                                                           no_training):
     (tmp_path / "a-file").write_text("mine")
-    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run"):
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    cases = [(tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "run", "is a file"),
+             (tmp_path / "dangling", "is a symbolic link to .*gone.*, which does not exist"),
+             (tmp_path / "dangling" / "run", "is a symbolic link"),
+             (tmp_path / ("x" * 300) / "run", "is longer than the file system allows")]
+    for out, reason in cases:
         err = _error(_finetune_args(tiny_model, csv_file, "--output-dir", str(out)), capsys)
-        assert f"--output-dir {str(out)!r} cannot be a folder" in err
+        assert re.search(re.escape(f"--output-dir {str(out)!r} cannot be a folder: ") + ".*" + reason, err), err
     assert (tmp_path / "a-file").read_text() == "mine"
 
 

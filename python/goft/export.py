@@ -45,12 +45,13 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
 
     import goft
     from goft.finetune import ensure_pad_token
-    from goft.io import (MERGED_ADAPTERS_KEY, _directory_path, _read, merged_into, resolve_adapter_directory,
-                         resolve_model_directory)
+    from goft.io import (MERGED_ADAPTERS_KEY, _directory_path, _read, check_output_folder, merged_into,
+                         resolve_adapter_directory, resolve_model_directory)
 
     where = "goft merge"
     model_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
                              (("model_dir", model_dir), ("output_dir", output_dir)))
+    check_output_folder(output_dir, where, "output")
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{where}: output folder {output_dir!r} exists and is not empty; pick a new one")

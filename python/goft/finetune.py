@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from goft.data import Split
+from goft.io import check_output_folder
 from goft.presets import CLASSIFICATION_HEAD_NAMES
 
 __all__ = [
@@ -52,13 +53,7 @@ class OptionError(ValueError):
 def check_output_dir(path) -> None:
     """Raises ValueError unless ``path`` is a folder or can become one: checked before training,
     which would otherwise be lost when its results cannot be written."""
-    here = Path(path).absolute()
-    while not here.exists() and here != here.parent:
-        here = here.parent
-    if not here.is_dir():
-        raise ValueError(f"goft finetune: --output-dir {str(path)!r} cannot be a folder: {str(here)!r} is a file")
-    if not os.access(here, os.W_OK):
-        raise ValueError(f"goft finetune: --output-dir {str(path)!r} is not writable ({str(here)!r})")
+    check_output_folder(path, "goft finetune", "--output-dir")
 
 
 def check_model_dir(path) -> Path:

@@ -250,6 +250,33 @@ def _directory_path(path: Any, where: str, argument: str = "path") -> str:
     return path
 
 
+def check_output_folder(path: Any, where: str, argument: str) -> None:
+    """Raises ValueError unless ``path`` is a writable folder or can become one. The command-line
+    tools check it before their long work (loading, training, merging), whose results would
+    otherwise be lost when they cannot be written."""
+    def refuse(reason: str) -> ValueError:
+        return ValueError(f"{where}: {argument} {str(path)!r} cannot be a folder: {reason}")
+
+    try:
+        here = os.path.abspath(os.fspath(path))
+        to_make = []  # the names mkdir would create, innermost first
+        while not os.path.lexists(here) and here != os.path.dirname(here):
+            here, name = os.path.split(here)
+            to_make.append(name)
+        if os.path.islink(here) and not os.path.exists(here):
+            raise refuse(f"{here!r} is a symbolic link to {os.readlink(here)!r}, which does not exist")
+        if not os.path.isdir(here):
+            raise refuse(f"{here!r} is a file")
+        name_max = os.pathconf(here, "PC_NAME_MAX")
+        too_long = [name for name in to_make if len(os.fsencode(name)) > name_max]
+        if too_long:  # lexists says False for these, as for a missing name
+            raise refuse(f"the name {too_long[0][:40]!r}... is longer than the file system allows ({name_max} bytes)")
+        if not os.access(here, os.W_OK):
+            raise refuse(f"{here!r} is not writable")
+    except OSError as e:
+        raise refuse(e.strerror or str(e)) from None
+
+
 def resolve_adapter_directory(
     path: Any,
     where: str,
