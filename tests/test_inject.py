@@ -117,20 +117,29 @@ def test_target_forms_exclude_and_layers_to_transform():
     assert _adapted(model) == ["transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
 
 
+_HEADED_MODELS = {
+    "llama-classifier": lambda: transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, num_labels=3)),
+    "distilbert": lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        dim=32, hidden_dim=64, n_layers=1, n_heads=4, vocab_size=100)),
+    "bart": lambda: transformers.BartForSequenceClassification(transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=64)),
+}
+
+
 @pytest.mark.parametrize("model_name, heads", [("bert", ["classifier"]), ("deberta-v2", ["pooler", "classifier"]),
-                                               ("vit", ["classifier"]), ("llama-classifier", ["score"])])
+                                               ("vit", ["classifier"]), ("llama-classifier", ["score"]),
+                                               ("distilbert", ["pre_classifier", "classifier"]),
+                                               ("bart", ["classification_head"])])
 def test_all_linear_leaves_the_classification_head_and_a_frozen_head_is_warned_about(model_name, heads):
     # A fresh head wrapped and frozen, or left frozen, cannot learn: the run trains in vain.
-    # DeBERTa's classification classes add a pooler beside the classifier, fresh as well.
-    if model_name == "llama-classifier":
-        def make():
-            torch.manual_seed(0)
-            config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, num_labels=3)
-            return transformers.LlamaForSequenceClassification(config)
-    else:
-        def make():
-            return build(model_name)
+    # DeBERTa's classification classes add a pooler beside the classifier, DistilBERT's a
+    # pre_classifier, fresh as well.
+    def make():
+        torch.manual_seed(0)
+        return _HEADED_MODELS[model_name]() if model_name in _HEADED_MODELS else build(model_name)
     model = make()
     listed = re.escape(repr(heads))
     with pytest.warns(UserWarning, match=rf"the classification head {listed} stays frozen; .*modules_to_save={listed}"):

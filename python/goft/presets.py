@@ -63,9 +63,10 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
 
 # The top-level children that hold a transformers model's classification head
 # (BertForSequenceClassification's classifier, LlamaForSequenceClassification's score), by the
-# names PEFT also uses, and DeBERTa's pooler, which its classification classes add beside the
-# classifier (BERT's lives inside the base model): a base checkpoint has neither.
-CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "pooler")
+# names PEFT also uses; the layers some classification classes add before it: DeBERTa's pooler
+# (BERT's lives inside the base model) and DistilBERT's pre_classifier; and BART's and T5's
+# classification_head. A base checkpoint has none of them.
+CLASSIFICATION_HEAD_NAMES = ("classifier", "score", "pooler", "pre_classifier", "classification_head")
 
 
 def default_target_modules(model_type: Optional[str]) -> Optional[List[str]]:
