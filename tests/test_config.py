@@ -49,6 +49,25 @@ def test_normalises_single_values():
     assert c.target_modules == ["q_proj", "v_proj"]
 
 
+def test_takes_the_containers_and_numbers_peft_users_pass():
+    """Sets of names (PEFT's configs hold sets), sorted so the saved JSON does not depend on
+    hashing; ranges and numpy integers as layer indices; numpy floats as lambda."""
+    import numpy as np
+
+    c = GOFTConfig(variant="qgoft", target_modules={"v_proj", "q_proj"}, exclude_modules=frozenset({"lm_head"}),
+                   modules_to_save={"score", "classifier"}, layers_to_transform=range(1, 3), orth_lambda=np.float32(0.5))
+    assert c.target_modules == ["q_proj", "v_proj"] and c.exclude_modules == ["lm_head"]
+    assert c.modules_to_save == ["classifier", "score"]
+    assert c.layers_to_transform == [1, 2] and all(type(i) is int for i in c.layers_to_transform)
+    assert c.orth_lambda == 0.5 and type(c.orth_lambda) is float
+    assert GOFTConfig(layers_to_transform=np.int64(3)).layers_to_transform == [3]
+    assert GOFTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    for field, value in (("layers_to_transform", range(0)), ("orth_lambda", np.float64("inf")),
+                         ("layers_to_transform", np.bool_(True)), ("target_modules", set())):
+        with pytest.raises(ValueError, match=f"GOFTConfig.{field}"):
+            GOFTConfig(**{field: value})
+
+
 @pytest.mark.parametrize(
     "config",
     [

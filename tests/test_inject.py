@@ -105,8 +105,12 @@ def test_target_forms_exclude_and_layers_to_transform():
 
     # A regex must match the whole name: "q_proj" alone selects nothing, and ".*q" no "q_proj".
     model = build("llama")
-    with pytest.raises(ValueError, match="matched no layer"):
+    with pytest.raises(ValueError, match=r"matched no layer .* A string is a regular expression matched against "
+                                         r"the whole module name; .* pass a list: target_modules=\['q_proj'\]"):
         goft.inject(model, target_modules=r"q_proj")
+    with pytest.raises(ValueError, match=r"matched no layer") as error:
+        goft.inject(model, target_modules=r"nothing_here")
+    assert "pass a list" not in str(error.value), "the hint only where a list would have matched"
     goft.inject(model, target_modules=r".*layers\.0\.self_attn\.q_proj")
     assert _adapted(model) == ["model.layers.0.self_attn.q_proj"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
@@ -66,7 +67,7 @@ class GOFTConfig:
                 f"GOFTConfig.angle_parameterisation: expected one of {ANGLE_PARAMETERISATIONS}, "
                 f"got {self.angle_parameterisation!r}"
             )
-        if isinstance(self.orth_lambda, bool) or not isinstance(self.orth_lambda, (int, float)) or not (
+        if isinstance(self.orth_lambda, bool) or not isinstance(self.orth_lambda, numbers.Real) or not (
             0.0 <= _as_float(self.orth_lambda) < math.inf
         ):
             raise ValueError(f"GOFTConfig.orth_lambda: expected a finite number >= 0, got {self.orth_lambda!r}")
@@ -81,7 +82,7 @@ class GOFTConfig:
                 raise ValueError(
                     f"GOFTConfig.modules_to_save: expected a list of non-empty module names, got {self.modules_to_save!r}"
                 )
-            self.modules_to_save = list(self.modules_to_save)
+            self.modules_to_save = _as_list(self.modules_to_save)
 
     @property
     def is_quasi(self) -> bool:
@@ -113,7 +114,13 @@ def _check_field_names(where: str, names: Dict[str, Any]) -> None:
 
 
 def _is_list_of_names(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
+    # Sets too: PEFT's configs hold their module names in sets.
+    return isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value)
+
+
+def _as_list(values: Any) -> list:
+    """A list of the values; a set's sorted, so that configs and saved files do not depend on hashing."""
+    return sorted(values) if isinstance(values, (set, frozenset)) else list(values)
 
 
 def _check_module_selector(name: str, value: Any, allow_all_linear: bool) -> Optional[Union[List[str], str]]:
@@ -130,7 +137,7 @@ def _check_module_selector(name: str, value: Any, allow_all_linear: bool) -> Opt
             raise ValueError(f"GOFTConfig.{name}: {value!r} is not a valid regular expression ({e})") from None
         return value
     if _is_list_of_names(value) and len(value) > 0:
-        return list(value)
+        return _as_list(value)
     forms = "a non-empty list of module names, a regular expression string"
     forms += ', "all-linear"' if allow_all_linear else ""
     raise ValueError(f"GOFTConfig.{name}: expected {forms} or None, got {value!r}")
@@ -139,14 +146,14 @@ def _check_module_selector(name: str, value: Any, allow_all_linear: bool) -> Opt
 def _check_layers(name: str, value: Any) -> Optional[List[int]]:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = [value]
     if (
-        isinstance(value, (list, tuple))
+        isinstance(value, (list, tuple, set, frozenset, range))
         and len(value) > 0
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in value)
     ):
-        return list(value)
+        return [int(v) for v in _as_list(value)]
     raise ValueError(f"GOFTConfig.{name}: expected a layer index >= 0 or a non-empty list of them, got {value!r}")
 
 

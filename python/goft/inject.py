@@ -188,10 +188,16 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
         names = [n for n in names if _layer_index(n) in wanted]
     names = list(dict.fromkeys(first_name[id(modules[n])] for n in names))
     if not names:
+        # A lone name as a string is a regular expression over the whole name, as in PEFT: say so
+        # when, as a list, it would have matched.
+        hint = ""
+        if isinstance(target_modules, str) and target_modules != "all-linear" and _match_all(modules, [target_modules]):
+            hint = (f" A string is a regular expression matched against the whole module name; for the layers "
+                    f"named {target_modules!r}, pass a list: target_modules=[{target_modules!r}].")
         raise ValueError(
             f"goft.inject: target_modules={target_modules!r} matched no layer of {type(model).__name__} "
-            f"(after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}). "
-            f"Linear layers found: {_preview(linear_names)}"
+            f"(after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})."
+            f"{hint} Linear layers found: {_preview(linear_names)}"
         )
     not_adaptable = [f"{n} ({_describe(modules[n])})" for n in names if not is_adaptable(modules[n])]
     if not_adaptable:
