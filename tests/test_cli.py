@@ -553,10 +553,32 @@ def test_option_errors(tiny_model, csv_file, capsys, no_training):
     assert f"expected a comma-separated list of {', '.join(cli.COMPARE_CHOICES)}, got 'adalora'" in _error(
         _finetune_args(tiny_model, csv_file, "--compare", "adalora"), capsys)
     assert "positive" in _error(_finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)
-    for value in ("nan", "inf", "-1"):
-        assert f"expected a finite number >= 0, got {value}" in _error(
+    for value in ("nan", "inf", "-1", "abc"):
+        assert f"argument --orth-lambda: expected a finite number >= 0, got {value!r}" in _error(
             _finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--orth-lambda", value), capsys)
-    assert "expected a positive finite number, got inf" in _error(_finetune_args(tiny_model, csv_file, "--lr", "inf"), capsys)
+    assert "expected a positive finite number, got 'inf'" in _error(_finetune_args(tiny_model, csv_file, "--lr", "inf"), capsys)
+    for option, value in (("--epochs", "1.5"), ("--batch-size", "x")):
+        assert f"argument {option}: expected a positive integer, got {value!r}" in _error(
+            _finetune_args(tiny_model, csv_file, option, value), capsys)
+
+
+class _Compared(Exception):
+    pass
+
+
+def test_orth_lambda_is_refused_where_no_run_is_qgoft(tiny_model, csv_file, capsys, monkeypatch, no_training):
+    # Silently ignored, it would let a user believe the goft run was penalised.
+    err = _error(_finetune_args(tiny_model, csv_file, "--orth-lambda", "0.1"), capsys)
+    assert "--orth-lambda sets qGOFT's penalty, which no run here has: pass --variant qgoft" in err
+
+    def compared(configs, split):
+        raise _Compared([(c.method, c.orth_lambda) for c in configs])
+
+    monkeypatch.setattr(finetune, "compare", compared)
+    for extra, expected in ((["--orth-lambda", "0.1"], 0.1), ([], 0.01)):
+        with pytest.raises(_Compared) as runs:
+            cli.main(_finetune_args(tiny_model, csv_file, "--compare", "qgoft", *extra))
+        assert runs.value.args[0] == [("goft", expected), ("qgoft", expected)]
 
 
 def test_finetune_on_json_lines(tiny_model, tmp_path, capsys):

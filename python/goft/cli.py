@@ -14,25 +14,28 @@ from typing import List, Optional, Sequence
 COMPARE_CHOICES = ("lora", "oft", "goft", "qgoft", "head")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+def _number(text: str, kind: type, expected: str, accept) -> float:
+    # argparse reports a ValueError by the converter's name ("invalid _positive_int value"); say
+    # what is expected instead.
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+    return _number(text, float, "a positive finite number", lambda v: 0 < v < math.inf)
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, "a finite number >= 0", lambda v: 0 <= v < math.inf)
 
 
 def _method_list(text: str) -> List[str]:
@@ -54,8 +57,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
     g.add_argument("--variant", choices=("goft", "qgoft"), default="goft",
                    help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
     g.add_argument("--scale", action="store_true", help="GOFT*: also learn a per-feature scale (goft variant only)")
-    g.add_argument("--orth-lambda", type=_non_negative_float, default=orth_lambda,
-                   help=f"qGOFT orthogonality penalty strength (default {orth_lambda:g})")
+    # None until _check_common: an --orth-lambda that no qGOFT run would use is refused there.
+    g.add_argument("--orth-lambda", type=_non_negative_float, default=None,
+                   help=f"qGOFT orthogonality penalty strength (default {orth_lambda:g}; qgoft runs only)")
+    p.set_defaults(default_orth_lambda=orth_lambda)
     g.add_argument("--lr", type=_positive_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
     g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
     g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"default {batch_size}")
@@ -155,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_common(parser: argparse.ArgumentParser, args) -> None:
     if args.scale and args.variant == "qgoft":
         parser.error("--scale (GOFT*) applies to --variant goft only: qGOFT blocks already learn a norm")
+    if args.orth_lambda is not None and args.variant != "qgoft" and "qgoft" not in args.compare:
+        parser.error("--orth-lambda sets qGOFT's penalty, which no run here has: pass --variant qgoft (or "
+                     "--compare qgoft)")
+    if args.orth_lambda is None:
+        args.orth_lambda = args.default_orth_lambda
 
 
 def _demo(parser, args) -> int:

@@ -29,7 +29,7 @@ class GOFTConfig:
             angle.
         orth_lambda: strength of the qGOFT penalty lambda * sum <A[:,0], A[:,1]>^2
             (goft.orthogonality_penalty); ignored for strict GOFT.
-        target_modules: which layers to adapt. A list of names matched on the module-name
+        target_modules: which layers to adapt. A list (or set) of names matched on the module-name
             suffix ("q_proj" matches "model.layers.0.self_attn.q_proj"), a string taken as a
             regular expression matched against the full module name, "all-linear" (every linear
             layer but the output head: the vocabulary projection, or a top-level ``classifier``
