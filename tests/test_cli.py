@@ -13,6 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from goft import cli, data, demo, finetune  # noqa: E402
+from tiny_models import bert_tokenizer  # noqa: E402
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
@@ -30,7 +31,7 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizer(vocab=str(path / "vocab.txt"))
+    tokenizer = bert_tokenizer(path / "vocab.txt")
     assert tokenizer.unk_token_id not in tokenizer("good film")["input_ids"]
     tokenizer.save_pretrained(path)
     config = transformers.BertConfig(

@@ -15,7 +15,7 @@ import torch
 import goft
 from goft.io import CONFIG_NAME, WEIGHTS_NAME, _is_hub_repo_id
 
-from tiny_models import assert_unchanged, batch, build, perturb_adapters, snapshot
+from tiny_models import assert_unchanged, batch, bert_tokenizer, build, perturb_adapters, snapshot
 
 pytest.importorskip("huggingface_hub")
 
@@ -148,7 +148,7 @@ def _tiny_bert(path):
 
     path.mkdir(parents=True)
     (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    transformers.BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    bert_tokenizer(path / "vocab.txt").save_pretrained(path)
     config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from torch import nn
 import goft
 from goft.layers import GivensLinear, is_conv1d
 
-from tiny_models import tiny_bert, tiny_deberta, tiny_gpt2, tiny_llama, tiny_vit, transformers
+from tiny_models import TRANSFORMERS_4, tiny_bert, tiny_deberta, tiny_gpt2, tiny_llama, tiny_vit, transformers
 
 # Special token ids inside the tiny vocabulary, for configs whose defaults lie outside it.
 _TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -86,6 +86,12 @@ BLOCK_LINEARS["xlm-roberta"] = BLOCK_LINEARS["electra"] = BLOCK_LINEARS["bert"]
 BLOCK_LINEARS["deberta"] = {"attention.self.in_proj", "attention.output.dense", "intermediate.dense", "output.dense"}
 BLOCK_LINEARS["distilbert"] = {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"}
 BLOCK_LINEARS["modernbert"] = {"attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"}
+if TRANSFORMERS_4:  # the ViT family's names before transformers 5
+    _VIT_ATTENTION = {"attention.attention.query", "attention.attention.key", "attention.attention.value",
+                      "attention.output.dense"}
+    for _vit_like in ("vit", "deit", "beit", "vit_mae"):
+        BLOCK_LINEARS[_vit_like] = _VIT_ATTENTION | {"intermediate.dense", "output.dense"}
+    BLOCK_LINEARS["dinov2"] = _VIT_ATTENTION | {"mlp.fc1", "mlp.fc2"}
 # A module inside block i: "model.layers.1.mlp", "transformer.h.0.attn", "deberta.encoder.layer.1.x", "layers.0.x".
 _IN_A_BLOCK = re.compile(r"(^|\.)(layers|layer|h)\.\d+\.")
 

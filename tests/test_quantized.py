@@ -24,8 +24,10 @@ def _quantized(base_dir, bits):
                if bits == 4 else {"load_in_8bit": True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # float32 for the layers left unquantized (transformers 4.x would pick float16 for them).
         return transformers.LlamaForCausalLM.from_pretrained(
-            base_dir, quantization_config=transformers.BitsAndBytesConfig(**options), device_map="cpu")
+            base_dir, quantization_config=transformers.BitsAndBytesConfig(**options), device_map="cpu",
+            dtype=torch.float32)
 
 
 def _dequantized_twin(quantized, base_dir):

@@ -19,6 +19,15 @@ torch.set_num_threads(1)
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 32, 64, 2, 4, 100
 
+# transformers 5 renamed some layers (ViT's attention.attention.query became attention.q_proj).
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
+def bert_tokenizer(vocab_file) -> "transformers.BertTokenizer":
+    """A WordPiece tokenizer of a vocabulary file (transformers 5 takes it as vocab=, 4.x as
+    vocab_file=; 5 ignores vocab_file=, giving a tokenizer that maps every word to [UNK])."""
+    return transformers.BertTokenizer(**{"vocab_file" if TRANSFORMERS_4 else "vocab": str(vocab_file)})
+
 
 def tiny_llama(cls_name: str = "LlamaForCausalLM", config_name: str = "LlamaConfig", **overrides) -> nn.Module:
     settings = dict(

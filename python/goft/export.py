@@ -44,7 +44,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     import transformers
 
     import goft
-    from goft.finetune import ensure_pad_token
+    from goft.finetune import TOKENIZER_FILES, ensure_pad_token, freshly_initialised
     from goft.io import (MERGED_ADAPTERS_KEY, _directory_path, _read, check_output_folder, merged_into,
                          resolve_adapter_directory, resolve_model_directory)
 
@@ -89,7 +89,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         hint = ("; the adapter's classification head has another number of labels than the base config "
                 f"({model.config.num_labels}): pass --num-labels") if num_labels is None and _head_differs(model, description) else ""
         raise ValueError(f"{where}: {e}{hint}") from None
-    fresh = set(loading.get("missing_keys", ())) | {key[0] for key in loading.get("mismatched_keys", ())}
+    fresh = freshly_initialised(loading)
     uncovered = sorted(fresh - set(description.get("tensors", {})))
     if uncovered:
         raise ValueError(f"{where}: weights {uncovered} are not in the checkpoint of {model_dir!r} at these shapes "
@@ -105,11 +105,16 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         model.config.id2label = id2label  # the names the adapter's head was trained with
         model.config.label2id = {v: k for k, v in id2label.items()}
     processor = None
-    for processor_class in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+    # Only where the folder has the files: without them transformers 4.x tries to convert a
+    # tokenizer from nothing and fails in ways of its own (ImportError for protobuf).
+    for processor_class, files in ((transformers.AutoTokenizer, TOKENIZER_FILES + ("tokenizer_config.json",)),
+                                   (transformers.AutoImageProcessor, ("preprocessor_config.json",))):
+        if not any(os.path.isfile(os.path.join(model_dir, name)) for name in files):
+            continue
         try:
             processor = processor_class.from_pretrained(model_dir, local_files_only=True)
             break
-        except (OSError, ValueError, KeyError):  # the folder has none of this kind
+        except (OSError, ValueError, KeyError):  # the files are of another kind
             continue
     if class_name.endswith("ForSequenceClassification") and isinstance(processor, transformers.PreTrainedTokenizerBase):
         ensure_pad_token(processor, model)  # as goft finetune trained it; batches need it

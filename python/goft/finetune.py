@@ -272,13 +272,21 @@ def _load(config: RunConfig, label_names: Sequence[str]):
         ignore_mismatched_sizes=True,
     )
     ensure_pad_token(tokenizer, model)
-    fresh = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
+    fresh = freshly_initialised(info)
     modules = dict(model.named_modules())
     heads = {key.rsplit(".", 1)[0] for key in fresh if "." in key and key.rsplit(".", 1)[0] in modules}
     # A classifier/score child is the head also when the checkpoint holds it already (a model
     # saved after fine-tuning), which the loading report above does not show.
     heads |= {name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES}
     return tokenizer, model, sorted(heads)
+
+
+def freshly_initialised(loading_info) -> set:
+    """The weights ``from_pretrained(..., output_loading_info=True)`` did not take from the
+    checkpoint: missing, or of another shape (transformers 5 reports those as (name, shapes)
+    tuples, 4.x as names)."""
+    mismatched = loading_info.get("mismatched_keys", ())
+    return set(loading_info.get("missing_keys", ())) | {k if isinstance(k, str) else k[0] for k in mismatched}
 
 
 def ensure_pad_token(tokenizer, model) -> None:

@@ -45,10 +45,10 @@ DEFAULT_TARGET_MODULES: Dict[str, List[str]] = {
     # the 4.x names (attention.attention.query, ..., intermediate.dense, output.dense) follow so
     # the preset works with either.
     "vit": _VIT + _BERT,
-    "deit": _VIT,
-    "dinov2": _VIT,
-    "beit": _VIT,
-    "vit_mae": _VIT,
+    "deit": _VIT + _BERT,
+    "dinov2": _VIT + _BERT,
+    "beit": _VIT + _BERT,
+    "vit_mae": _VIT + _BERT,
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
