@@ -256,7 +256,7 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     try:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError:
-        raise RuntimeError("goft finetune needs transformers: pip install 'transformers>=4.45' accelerate") from None
+        raise RuntimeError("goft finetune needs transformers: pip install 'transformers>=4.57' accelerate") from None
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
     # The seed fixes the fresh head's initial weights: every method compared starts from the same.
