@@ -31,7 +31,7 @@ def rows(copies=2):
     return [{"input_ids": i, "labels": i.clone()} for i in ids] * copies
 
 
-def run_trainer(model, out, callbacks, **overrides):
+def run_trainer(model, out, callbacks, dataset=None, **overrides):
     settings = dict(output_dir=out, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                     optim="sgd", learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
                     report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
@@ -39,7 +39,7 @@ def run_trainer(model, out, callbacks, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**settings),
-                                       train_dataset=rows(), callbacks=callbacks)
+                                       train_dataset=rows() if dataset is None else dataset, callbacks=callbacks)
         trainer.train()
     return trainer
 
@@ -118,6 +118,30 @@ def test_penalty_gradient_joins_loss_scaled_gradients_at_their_scale(unscaled_be
         expected = start if overflow else reference
         for (name, param), want in zip(model.named_parameters(), expected.parameters()):
             torch.testing.assert_close(param, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("reentrant", [None, True], ids=["transformers-default", "reentrant"])
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tmp_path, name, reentrant):
+    """Trainer(gradient_checkpointing=True) enables checkpointing after goft.inject, reentrant by
+    default under transformers 4.x; the adapters still train exactly as without it."""
+    model = build(name)
+    goft.inject(model)
+    perturb_adapters(model, 0.2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    twin = copy.deepcopy(model)
+    inputs = batch(name)
+    dataset = [{k: v[i] for k, v in inputs.items()} for i in range(len(inputs["labels"]))] * 2
+    kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+    run_trainer(model, str(tmp_path / "a"), [], dataset, gradient_checkpointing=True, **kwargs)
+    run_trainer(twin, str(tmp_path / "b"), [], dataset)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    moved = 0
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        if n in start:
+            moved += not torch.equal(p, start[n])
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert moved == len(start)
 
 
 def test_penalty_callback_refusals(tmp_path):
