@@ -454,6 +454,37 @@ def test_reentrant_checkpointing_of_an_image_model_reaches_the_adapters(tmp_path
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
 
 
+def test_reentrant_checkpointing_reaches_an_encoder_decoders_encoder_adapters():
+    """Whisper's encoder has input embeddings of its own (conv1), which the top-level model's
+    get_input_embeddings (the decoder's tokens) does not return."""
+    def make():
+        torch.manual_seed(0)
+        config = transformers.WhisperConfig(
+            vocab_size=60, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, num_mel_bins=8,
+            max_source_positions=16, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+        model = transformers.WhisperForConditionalGeneration(config)
+        goft.inject(model, target_modules=["q_proj", "v_proj"])
+        perturb_adapters(model, 0.2)
+        return model.train()
+
+    torch.manual_seed(1)
+    inputs = {"input_features": torch.randn(2, 8, 32), "labels": torch.randint(3, 60, (2, 5))}
+    plain, checkpointed = make(), make()
+    plain(**inputs).loss.backward()
+    _enable_reentrant_checkpointing(checkpointed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch warns when a checkpointed block's inputs need no grad
+        checkpointed(**inputs).loss.backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if ".goft_" in n}
+    assert any(".encoder." in n for n in expected)
+    for n, p in checkpointed.named_parameters():
+        if n in expected:
+            assert p.grad is not None, n
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7)
+
+
 def _embeddings_output_requires_grad(model, inputs):
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
@@ -480,7 +511,7 @@ def test_checkpointing_reaches_the_adapters_without_transformers_own_hook():
     model.zero_grad(set_to_none=True)
     assert not _embeddings_output_requires_grad(model, inputs), "no extra backward work without checkpointing"
 
-    for subject in (model, twin):
+    for subject in (twin, model):  # the copy first: its hook must read its own switches
         _enable_reentrant_checkpointing(subject)
         if not TRANSFORMERS_4:  # 4.x adds no hook of its own here
             subject.disable_input_require_grads()  # transformers' own hook (5.x, input_ids models)

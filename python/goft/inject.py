@@ -636,18 +636,32 @@ def _let_checkpointing_reach_the_adapters(model: nn.Module) -> None:
     at each forward, so the order of the two does not matter; without checkpointing it leaves the
     output alone, so backward does no extra work.
     """
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = get_embeddings() if callable(get_embeddings) else None
-    except (NotImplementedError, AttributeError):  # a model without one
-        return
-    if not isinstance(embeddings, nn.Module) or _checkpointing_hook_key(embeddings) is not None:
-        return
     # transformers' switches: the encoder/decoder stacks and (5.x) every checkpointed block.
     switches = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-    if switches:
-        # A partial of the modules, not a closure: deepcopy and pickle then carry it to the copy's.
-        embeddings.register_forward_hook(functools.partial(_require_grad_when_checkpointing, switches))
+    if not switches:
+        return
+    for embeddings in _input_embeddings(model):
+        if _checkpointing_hook_key(embeddings) is None:
+            # A partial of the modules, not a closure: deepcopy and pickle then carry it to the copy's.
+            embeddings.register_forward_hook(functools.partial(_require_grad_when_checkpointing, switches))
+
+
+def _input_embeddings(model: nn.Module) -> List[nn.Module]:
+    """The input embeddings of every model inside ``model`` (transformers' get_input_embeddings),
+    each once: an encoder-decoder's encoder (Whisper's conv1) and a multimodal model's towers have
+    their own, which the top-level model does not return."""
+    found: Dict[int, nn.Module] = {}
+    for module in model.modules():
+        get_embeddings = getattr(module, "get_input_embeddings", None)
+        if not callable(get_embeddings):
+            continue
+        try:
+            embeddings = get_embeddings()
+        except (NotImplementedError, AttributeError, TypeError):  # a model without one
+            continue
+        if isinstance(embeddings, nn.Module):
+            found.setdefault(id(embeddings), embeddings)
+    return list(found.values())
 
 
 def _require_grad_when_checkpointing(switches: List[nn.Module], module: nn.Module, args, output):
