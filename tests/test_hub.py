@@ -221,8 +221,10 @@ def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache
     with pytest.raises(FileNotFoundError, match="no local directory 'goft-tests/missing', and the Hugging Face Hub "
                                                 "repository 'goft-tests/missing' could not be used"):
         resolve_model_directory("goft-tests/missing", "goft finetune")
-    with pytest.raises(ValueError, match="a revision .'v1'. applies to Hub repositories, but --model .* is a local"):
+    with pytest.raises(ValueError, match="revision='v1' applies to Hub repositories, but --model .* is a local"):
         resolve_model_directory(str(local), "goft finetune", revision="v1")
+    with pytest.raises(ValueError, match="expected revision a non-empty string or None, got ''"):
+        resolve_model_directory(MODEL_REPO, "goft finetune", revision="")
     (tmp_path / "data.csv").write_text("text,label\ngood,pos\nbad,neg\n")
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--model", "goft-tests/missing", "--data", str(tmp_path / "data.csv")])
@@ -231,6 +233,15 @@ def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache
         cli.main(["merge", "--model", "goft-tests/missing", "--adapter", str(tmp_path), "--output",
                   str(tmp_path / "m")])
     assert "goft merge: no local directory 'goft-tests/missing'" in capsys.readouterr().err
+    # An empty revision (what a shell's "" gives) is a usage error, not a traceback.
+    for command in (["finetune", "--model", MODEL_REPO, "--model-revision", "", "--data", str(tmp_path / "data.csv")],
+                    ["merge", "--model", MODEL_REPO, "--model-revision", "", "--adapter", str(tmp_path), "--output",
+                     str(tmp_path / "m")],
+                    ["merge", "--model", str(local), "--adapter", "goft-tests/a", "--adapter-revision", "",
+                     "--output", str(tmp_path / "m")]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(command)
+        assert exit_.value.code == 2 and "expected revision a non-empty string or None, got ''" in capsys.readouterr().err
 
 
 def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, tmp_path):

@@ -292,13 +292,8 @@ def resolve_adapter_directory(
     downloaded into huggingface_hub's cache (its two files only) when no local directory has
     that name. Raises FileNotFoundError naming both places when neither has it."""
     path = _directory_path(path, where, argument)
-    for option, value in (("revision", revision), ("subfolder", subfolder)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise TypeError(f"{where}: expected {option} a non-empty string or None, got {value!r}")
+    _check_hub_options(where, path, argument, revision=revision, subfolder=subfolder)
     if os.path.isdir(path):
-        if revision is not None:
-            raise ValueError(f"{where}: revision={revision!r} applies to Hub repositories, but {path!r} is a "
-                             "local directory")
         return os.path.join(path, subfolder) if subfolder else path
     if os.path.exists(path):
         raise NotADirectoryError(f"{where}: {argument} {path!r} is a file; expected the directory save_adapter wrote")
@@ -345,12 +340,8 @@ def resolve_model_directory(
     safetensors ones) when no local directory has that name. Raises FileNotFoundError naming both
     places when neither has it, and when the repository holds no config.json or weights."""
     path = _directory_path(path, where, argument)
-    if revision is not None and (not isinstance(revision, str) or not revision):
-        raise TypeError(f"{where}: expected the revision a non-empty string or None, got {revision!r}")
+    _check_hub_options(where, path, argument, revision=revision)
     if os.path.isdir(path):
-        if revision is not None:
-            raise ValueError(f"{where}: a revision ({revision!r}) applies to Hub repositories, but {argument} "
-                             f"{path!r} is a local directory")
         return path
     if os.path.exists(path) or not _is_hub_repo_id(path):
         return path  # the callers' checks say what is wrong with the local path
@@ -365,6 +356,20 @@ def resolve_model_directory(
         raise _missing_from_repository(where, path, revision, local_files_only, " and no ".join(missing),
                                        "a transformers model")
     return snapshot
+
+
+def _check_hub_options(where: str, path: str, argument: str, **options: Optional[str]) -> None:
+    """Strings or None (TypeError), not empty (ValueError, as a command line's "" gives); a revision
+    is refused for a local directory, where it would be ignored."""
+    for option, value in options.items():
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{where}: expected {option} a non-empty string or None, got {value!r}")
+        if value == "":
+            raise ValueError(f"{where}: expected {option} a non-empty string or None, got ''")
+    revision = options.get("revision")
+    if revision is not None and os.path.isdir(path):
+        raise ValueError(f"{where}: revision={revision!r} applies to Hub repositories, but {argument} {path!r} is a "
+                         "local directory")
 
 
 def _has_weights(folder: str) -> bool:
