@@ -541,12 +541,14 @@ def test_a_single_label_is_refused(tiny_model, tmp_path, capsys, no_training):
     assert "at least two labels" in err and "'pos'" in err
 
 
-def test_empty_file_and_bad_model_dir(tiny_model, tmp_path, capsys, no_training):
+def test_empty_file_and_bad_model_dir(tiny_model, csv_file, tmp_path, capsys, no_training):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert "empty" in _error(_finetune_args(tiny_model, empty), capsys)
-    assert "not a directory" in _error(_finetune_args(tmp_path / "no-model", empty), capsys)
-    assert "no config.json" in _error(_finetune_args(tmp_path, empty), capsys)
+    assert "not a directory" in _error(_finetune_args(tmp_path / "no-model", csv_file), capsys)
+    assert "no config.json" in _error(_finetune_args(tmp_path, csv_file), capsys)
+    # The data is checked before the model, which may be a download.
+    assert "empty" in _error(_finetune_args(tmp_path / "no-model", empty), capsys)
 
 
 def test_option_errors(tiny_model, csv_file, capsys, no_training):

@@ -225,23 +225,41 @@ def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache
         resolve_model_directory(str(local), "goft finetune", revision="v1")
     with pytest.raises(ValueError, match="expected revision a non-empty string or None, got ''"):
         resolve_model_directory(MODEL_REPO, "goft finetune", revision="")
-    (tmp_path / "data.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    (tmp_path / "data.csv").write_text("text,label\n" + "".join(f"good {i},pos\nbad {i},neg\n" for i in range(8)))
     with pytest.raises(SystemExit):
         cli.main(["finetune", "--model", "goft-tests/missing", "--data", str(tmp_path / "data.csv")])
     assert "goft finetune: no local directory 'goft-tests/missing'" in capsys.readouterr().err
+    import transformers
+
+    adapter = tmp_path / "adapter"
+    base = transformers.BertModel.from_pretrained(local)
+    goft.inject(base)
+    goft.save_adapter(base, str(adapter))
     with pytest.raises(SystemExit):
-        cli.main(["merge", "--model", "goft-tests/missing", "--adapter", str(tmp_path), "--output",
+        cli.main(["merge", "--model", "goft-tests/missing", "--adapter", str(adapter), "--output",
                   str(tmp_path / "m")])
     assert "goft merge: no local directory 'goft-tests/missing'" in capsys.readouterr().err
     # An empty revision (what a shell's "" gives) is a usage error, not a traceback.
     for command in (["finetune", "--model", MODEL_REPO, "--model-revision", "", "--data", str(tmp_path / "data.csv")],
-                    ["merge", "--model", MODEL_REPO, "--model-revision", "", "--adapter", str(tmp_path), "--output",
+                    ["merge", "--model", MODEL_REPO, "--model-revision", "", "--adapter", str(adapter), "--output",
                      str(tmp_path / "m")],
                     ["merge", "--model", str(local), "--adapter", "goft-tests/a", "--adapter-revision", "",
                      "--output", str(tmp_path / "m")]):
         with pytest.raises(SystemExit) as exit_:
             cli.main(command)
         assert exit_.value.code == 2 and "expected revision a non-empty string or None, got ''" in capsys.readouterr().err
+    # A mistake in the data, the output folder or the adapter is found before the model is looked
+    # for (online, that is a download): these name the mistake, not the missing repository.
+    for command, mistake in (
+            (["finetune", "--model", "goft-tests/missing", "--data", str(tmp_path / "typo.csv")], "typo.csv"),
+            (["finetune", "--model", "goft-tests/missing", "--data", str(tmp_path / "data.csv"), "--output-dir",
+              str(tmp_path / "data.csv" / "run")], "--output-dir"),
+            (["merge", "--model", "goft-tests/missing", "--adapter", str(tmp_path / "no-adapter"), "--output",
+              str(tmp_path / "m")], "no-adapter")):
+        with pytest.raises(SystemExit):
+            cli.main(command)
+        err = capsys.readouterr().err
+        assert mistake in err and "goft-tests/missing" not in err, err
 
 
 def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, tmp_path):

@@ -193,8 +193,6 @@ def _finetune(parser, args) -> int:
     _check_common(parser, args)
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     try:
-        model_dir = resolve_model_directory(args.model, "goft finetune", revision=args.model_revision)
-        finetune.check_model_dir(model_dir)
         texts, labels = data.read_table(args.data, args.text_column, args.label_column, args.keep_labels)
         absent = sorted(set(args.keep_labels or ()) - set(labels))
         if absent:  # a misspelt label would otherwise just shrink the task
@@ -217,6 +215,12 @@ def _finetune(parser, args) -> int:
             test_fraction=0.2 if args.test_fraction is None else args.test_fraction,
             n_train=args.max_train, n_test=args.max_test, seed=args.split_seed,
         )
+        if args.output_dir:
+            finetune.check_output_dir(args.output_dir)
+        # The model last: from the Hub it is a download, which a mistake in the data or the
+        # options above should not cost.
+        model_dir = resolve_model_directory(args.model, "goft finetune", revision=args.model_revision)
+        finetune.check_model_dir(model_dir)
         config = finetune.RunConfig(
             model_dir=model_dir, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
             epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,

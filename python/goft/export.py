@@ -55,9 +55,6 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{where}: output folder {output_dir!r} exists and is not empty; pick a new one")
-    model_dir = resolve_model_directory(model_dir, where, "model_dir", revision=model_revision)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{where}: {model_dir!r} is not a transformers model folder (no config.json)")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     adapter_dir = resolve_adapter_directory(adapter_dir, where, "adapter_dir", revision=adapter_revision)
@@ -67,6 +64,10 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise ValueError(f"{where}: the adapter was saved from {class_name!r}, which is not a transformers model "
                          "class; merge in Python: goft.load_adapter, goft.merge_and_unload, save_pretrained")
+    # The model last: from the Hub it is a download, which a mistake in the arguments above should not cost.
+    model_dir = resolve_model_directory(model_dir, where, "model_dir", revision=model_revision)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{where}: {model_dir!r} is not a transformers model folder (no config.json)")
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if merged_into(config, description):  # found before the model is loaded
