@@ -497,7 +497,12 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tiny_m
                                                                           no_training):
     (tmp_path / "a-file").write_text("mine")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "b-file").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    # link/.. is real/, where the kernel finds b-file (not tmp_path, as text would have it).
     cases = [(tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "run", "is a file"),
+             (f"{tmp_path / 'link'}/../b-file/run", "b-file' is a file"),
              (tmp_path / "dangling", "is a symbolic link to .*gone.*, which does not exist"),
              (tmp_path / "dangling" / "run", "is a symbolic link"),
              (tmp_path / ("x" * 300) / "run", "is longer than the file system allows")]

@@ -258,7 +258,8 @@ def check_output_folder(path: Any, where: str, argument: str) -> None:
         return ValueError(f"{where}: {argument} {str(path)!r} cannot be a folder: {reason}")
 
     try:
-        here = os.path.abspath(os.fspath(path))
+        # Not os.path.abspath: it drops "link/.." as text, where the kernel follows the link first.
+        here = os.path.join(os.getcwd(), os.fspath(path)).rstrip(os.sep) or os.sep
         to_make = []  # the names mkdir would create, innermost first
         while not os.path.lexists(here) and here != os.path.dirname(here):
             here, name = os.path.split(here)
