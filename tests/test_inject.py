@@ -111,6 +111,10 @@ def test_target_forms_exclude_and_layers_to_transform():
     with pytest.raises(ValueError, match=r"matched no layer") as error:
         goft.inject(model, target_modules=r"nothing_here")
     assert "pass a list" not in str(error.value), "the hint only where a list would have matched"
+    for filters in ({"layers_to_transform": [5]}, {"exclude_modules": ["q_proj"]}):  # a list would match nothing either
+        with pytest.raises(ValueError, match=r"matched no layer") as error:
+            goft.inject(model, target_modules=r"q_proj", **filters)
+        assert "pass a list" not in str(error.value), filters
     goft.inject(model, target_modules=r".*layers\.0\.self_attn\.q_proj")
     assert _adapted(model) == ["model.layers.0.self_attn.q_proj"]
 

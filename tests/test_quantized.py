@@ -133,3 +133,13 @@ def test_peft_kbit_preparation_and_reentrant_checkpointing_give_the_same_gradien
     assert grads.keys() == prepared_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(prepared_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_merge_into_4bit_weights_in_a_floating_storage_is_refused_as_quantized():
+    """FSDP-QLoRA keeps the packed 4-bit weights in a floating tensor (quant_storage)."""
+    layer = bnb.nn.Linear4bit(32, 16, quant_type="nf4", compute_dtype=torch.float32, quant_storage=torch.float32)
+    model = torch.nn.Sequential(layer.to("cpu"))
+    assert model[0].weight.is_floating_point()
+    goft.inject(model, target_modules=["0"])
+    with pytest.raises(NotImplementedError, match=r"layer 0 is quantized \(Linear4bit, torch\.float32\)"):
+        goft.merge(model)

@@ -180,18 +180,19 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
                  and not _inside(n, _classification_heads(model))]
     else:
         names = _match_all(modules, target_modules)
-    if config.exclude_modules is not None:
-        excluded = {id(modules[n]) for n in _match_all(modules, config.exclude_modules)}
-        names = [n for n in names if id(modules[n]) not in excluded]
-    if config.layers_to_transform is not None:
-        wanted = set(config.layers_to_transform)
-        names = [n for n in names if _layer_index(n) in wanted]
-    names = list(dict.fromkeys(first_name[id(modules[n])] for n in names))
+    excluded = set() if config.exclude_modules is None else {
+        id(modules[n]) for n in _match_all(modules, config.exclude_modules)}
+
+    def kept(candidates: List[str]) -> List[str]:
+        wanted = config.layers_to_transform
+        return [n for n in candidates if id(modules[n]) not in excluded and (wanted is None or _layer_index(n) in wanted)]
+
+    names = list(dict.fromkeys(first_name[id(modules[n])] for n in kept(names)))
     if not names:
         # A lone name as a string is a regular expression over the whole name, as in PEFT: say so
         # when, as a list, it would have matched.
         hint = ""
-        if isinstance(target_modules, str) and target_modules != "all-linear" and _match_all(modules, [target_modules]):
+        if isinstance(target_modules, str) and target_modules != "all-linear" and kept(_match_all(modules, [target_modules])):
             hint = (f" A string is a regular expression matched against the whole module name; for the layers "
                     f"named {target_modules!r}, pass a list: target_modules=[{target_modules!r}].")
         raise ValueError(

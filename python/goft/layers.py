@@ -493,8 +493,11 @@ class GivensLinear(nn.Module):
                 f"goft.merge: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): merging is defined "
                 "for nn.Linear and transformers' Conv1D, whose weight layouts are known; keep this adapter unmerged"
             )
-        if isinstance(weight, torch.Tensor) and not weight.is_floating_point() and not flattened_by_fsdp1(weight):
-            # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA-style training) and other integer weights.
+        quantized = isinstance(weight, torch.Tensor) and (
+            not weight.is_floating_point() or getattr(weight, "quant_state", None) is not None)
+        if quantized and not flattened_by_fsdp1(weight):
+            # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA-style training) and other integer
+            # weights; 4-bit ones packed into a floating quant_storage (FSDP-QLoRA) too.
             raise NotImplementedError(
                 f"goft.merge: the weight of layer {self.layer_name or base_kind} is quantized ({base_kind}, "
                 f"{weight.dtype}): merging would dequantize it, rotate it and round it to the quantized precision "
