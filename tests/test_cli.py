@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from goft import cli, data, demo, finetune  # noqa: E402
-from tiny_models import bert_tokenizer  # noqa: E402
+from tiny_models import save_tiny_bert  # noqa: E402
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
@@ -28,19 +28,10 @@ def tiny_model(tmp_path_factory):
     initializer_range 0.2 rather than BERT's 0.02: with tiny random weights the attention is
     uniform and the [CLS] vector barely depends on the other tokens; rotations preserve norms, so
     GOFT could not amplify that signal the way a trained encoder provides it."""
-    path = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + NEUTRAL
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = bert_tokenizer(path / "vocab.txt")
-    assert tokenizer.unk_token_id not in tokenizer("good film")["input_ids"]
-    tokenizer.save_pretrained(path)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=64, initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), vocab, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=48, max_position_embeddings=64,
+                          initializer_range=0.2)
 
 
 def _rows(n, seed=0):

@@ -15,7 +15,7 @@ import torch
 import goft
 from goft.io import CONFIG_NAME, WEIGHTS_NAME, _is_hub_repo_id
 
-from tiny_models import assert_unchanged, batch, bert_tokenizer, build, perturb_adapters, snapshot
+from tiny_models import assert_unchanged, batch, build, perturb_adapters, save_tiny_bert, snapshot
 
 pytest.importorskip("huggingface_hub")
 
@@ -144,16 +144,8 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "
 
 def _tiny_bert(path):
     """A 1-layer random BERT with its WordPiece tokenizer, as a transformers model folder."""
-    import transformers
-
-    path.mkdir(parents=True)
-    (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    bert_tokenizer(path / "vocab.txt").save_pretrained(path)
-    config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(path)
-    return path
+    return save_tiny_bert(path, WORDS, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
 
 
 @pytest.fixture
@@ -273,6 +265,44 @@ def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, 
     _put_in_cache(cache, "goft-tests/bin-only", bin_only, names=None)
     folder = resolve_model_directory("goft-tests/bin-only", "goft finetune")
     assert (Path(folder) / "pytorch_model.bin").is_file()
+
+
+def test_a_model_download_asks_for_the_bin_weights_only_without_safetensors(tmp_path, monkeypatch):
+    """Online, snapshot_download fetches what allow_patterns select. This machine reaches no Hub,
+    so a stand-in serves a local folder that way, through huggingface_hub's own filter, and records
+    the requests: the safetensors request, then the .bin one only where the first brought none."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from goft.io import resolve_model_directory
+
+    local = _tiny_bert(tmp_path / "tiny-bert")
+    (local / "tf_model.h5").write_bytes(b"")
+    (local / "pytorch_model.bin").write_bytes(b"")
+    requests = []
+
+    def serve(repo_id, allow_patterns, revision=None, cache_dir=None, token=None, local_files_only=False):
+        requests.append((repo_id, revision, list(allow_patterns)))
+        snapshot = tmp_path / "snapshots" / repo_id.replace("/", "--")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(sorted(os.listdir(remote)), allow_patterns=allow_patterns):
+            shutil.copy(remote / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", serve)
+    remote = local
+    folder = Path(resolve_model_directory("owner/with-safetensors", "goft finetune", revision="v1"))
+    assert len(requests) == 1 and requests[0][:2] == ("owner/with-safetensors", "v1")
+    assert {"config.json", "model.safetensors", "vocab.txt"} <= set(os.listdir(folder))
+    assert not {"pytorch_model.bin", "tf_model.h5"} & set(os.listdir(folder))
+
+    remote = tmp_path / "bin-only"
+    shutil.copytree(local, remote)
+    (remote / "model.safetensors").unlink()
+    requests.clear()
+    folder = Path(resolve_model_directory("owner/bin-only", "goft finetune"))
+    assert [patterns for *_, patterns in requests] == [list(goft.io.MODEL_FILES), list(goft.io.MODEL_BIN_FILES)]
+    assert "pytorch_model.bin" in os.listdir(folder) and "tf_model.h5" not in os.listdir(folder)
 
 
 def test_model_downloads_take_one_copy_of_the_weights():

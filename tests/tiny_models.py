@@ -29,6 +29,19 @@ def bert_tokenizer(vocab_file) -> "transformers.BertTokenizer":
     return transformers.BertTokenizer(**{"vocab_file" if TRANSFORMERS_4 else "vocab": str(vocab_file)})
 
 
+def save_tiny_bert(path, words, **config):
+    """A random BertModel (no classifier, as a pretrained encoder's checkpoint) and the WordPiece
+    tokenizer of ``words`` saved as a transformers model folder at ``path``; returns ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = bert_tokenizer(path / "vocab.txt")
+    assert tokenizer.unk_token_id not in tokenizer(words[-1])["input_ids"]
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(words), **config)).save_pretrained(path)
+    return path
+
+
 def tiny_llama(cls_name: str = "LlamaForCausalLM", config_name: str = "LlamaConfig", **overrides) -> nn.Module:
     settings = dict(
         hidden_size=HIDDEN,
