@@ -254,6 +254,21 @@ def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache
         assert mistake in err and "goft-tests/missing" not in err, err
 
 
+def test_a_model_id_without_owner_resolves_as_the_hubs_early_models_do(model_cache, tmp_path, monkeypatch):
+    from goft.io import _is_hub_repo_id, resolve_model_directory
+
+    cache, local = model_cache
+    _put_in_cache(cache, "tiny-bert-uncased", local, names=None)
+    folder = resolve_model_directory("tiny-bert-uncased", "goft finetune")
+    assert (Path(folder) / "config.json").is_file() and str(cache) in folder
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(local, tmp_path / "tiny-bert-uncased")  # a local folder of that name comes first
+    assert resolve_model_directory("tiny-bert-uncased", "goft finetune") == "tiny-bert-uncased"
+    assert _is_hub_repo_id("gpt2", bare=True) and not _is_hub_repo_id("gpt2")  # adapters: owner/name only
+    for path in (".", "..", "~", "a.", "./gpt2", "-x"):
+        assert not _is_hub_repo_id(path, bare=True), path
+
+
 def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, tmp_path):
     from goft.io import resolve_model_directory
 

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = ft.add_argument_group("model and data")
     io.add_argument("--model", required=True, help="transformers model: a local directory (config.json, weights, "
-                    "tokenizer) or a Hugging Face Hub repository id (owner/name), downloaded into its cache")
+                    "tokenizer) or a Hugging Face Hub repository id (owner/name, or an early model's bare name such as "
+                    "bert-base-uncased), downloaded into its cache")
     io.add_argument("--model-revision", default=None, help="branch, tag or commit of the --model Hub repository")
     io.add_argument("--data", required=True, help="CSV/TSV file (.csv, .tsv) with a header row, or JSON Lines (.jsonl: "
                     "one object per line, keyed by column); also compressed (.gz/.bz2/.xz)")

@@ -344,7 +344,7 @@ def resolve_model_directory(
     _check_hub_options(where, path, argument, revision=revision)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or not _is_hub_repo_id(path):
+    if os.path.exists(path) or not _is_hub_repo_id(path, bare=True):
         return path  # the callers' checks say what is wrong with the local path
     options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     snapshot = _download_from_hub(path, where, list(MODEL_FILES), **options)
@@ -415,13 +415,16 @@ def _hub_offline() -> bool:
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
-def _is_hub_repo_id(path: str) -> bool:
+def _is_hub_repo_id(path: str, bare: bool = False) -> bool:
     """Whether ``path`` reads as "owner/name" (a repository id) rather than a file path: exactly one
-    "/", no leading "." or "~", nothing but the characters the Hub allows in names."""
+    "/", no leading "." or "~", nothing but the characters the Hub allows in names. With ``bare``
+    a name without owner counts too: the early models' ids ("gpt2", "bert-base-uncased") still
+    resolve on the Hub."""
     owner, slash, name = path.partition("/")
+    parts = (owner, name) if slash else (owner,)
     allowed = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-    return bool(slash) and "/" not in name and all(
-        allowed.fullmatch(part) and ".." not in part and not part.endswith(".") for part in (owner, name))
+    return (bool(slash) or bare) and "/" not in name and all(
+        allowed.fullmatch(part) and ".." not in part and not part.endswith(".") for part in parts)
 
 
 def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
