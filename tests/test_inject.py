@@ -458,6 +458,34 @@ def test_reentrant_checkpointing_of_an_image_model_reaches_the_adapters(tmp_path
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
 
 
+def test_reentrant_checkpointing_reaches_the_adapters_of_embeddings_that_return_a_tuple():
+    """BEiT's patch embeddings return (embeddings, (height, width)) under transformers 4.x."""
+    def make():
+        torch.manual_seed(0)
+        config = transformers.BeitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=32, patch_size=8, num_labels=3,
+                                         drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = transformers.BeitForImageClassification(config)
+        goft.inject(model, modules_to_save=["classifier"])
+        perturb_adapters(model, 0.2)
+        return model.train()
+
+    torch.manual_seed(1)
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2])}
+    plain, checkpointed = make(), make()
+    plain(**inputs).loss.backward()
+    _enable_reentrant_checkpointing(checkpointed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        checkpointed(**inputs).loss.backward()
+    expected = {n: p.grad for n, p in plain.named_parameters() if ".goft_" in n}
+    assert len(expected) == 12
+    for n, p in checkpointed.named_parameters():
+        if n in expected:
+            assert p.grad is not None, n
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7)
+
+
 def test_reentrant_checkpointing_reaches_an_encoder_decoders_encoder_adapters():
     """Whisper's encoder has input embeddings of its own (conv1), which the top-level model's
     get_input_embeddings (the decoder's tokens) does not return."""

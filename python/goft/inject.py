@@ -666,9 +666,11 @@ def _input_embeddings(model: nn.Module) -> List[nn.Module]:
 
 
 def _require_grad_when_checkpointing(switches: List[nn.Module], module: nn.Module, args, output):
-    if (isinstance(output, torch.Tensor) and not output.requires_grad and output.is_floating_point()
+    # Some embeddings return a tuple led by the embeddings (BEiT's patch embeddings in 4.x: (x, (h, w))).
+    embedded = output[0] if isinstance(output, (tuple, list)) and output else output
+    if (isinstance(embedded, torch.Tensor) and not embedded.requires_grad and embedded.is_floating_point()
             and torch.is_grad_enabled() and any(m.gradient_checkpointing and m.training for m in switches)):
-        output.requires_grad_(True)
+        embedded.requires_grad_(True)
 
 
 def _checkpointing_hook_key(embeddings: nn.Module) -> Optional[int]:
