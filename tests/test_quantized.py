@@ -143,3 +143,39 @@ def test_a_merge_into_4bit_weights_in_a_floating_storage_is_refused_as_quantized
     goft.inject(model, target_modules=["0"])
     with pytest.raises(NotImplementedError, match=r"layer 0 is quantized \(Linear4bit, torch\.float32\)"):
         goft.merge(model)
+
+
+def test_trainer_takes_a_4bit_goft_model_inside_quantized_base(base_dir, tmp_path):
+    """Trainer refuses a quantized model without PEFT's adapters; goft.trainer.quantized_base lets
+    it take goft's, for a run with activation checkpointing and the adapter callback, and leaves
+    transformers' PEFT flag as it was."""
+    from goft.trainer import SaveAdapterCallback, quantized_base
+
+    model = _quantized(base_dir, 4)
+    goft.inject(model)
+    perturb_adapters(model, 0.2, seed=4)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "goft_" in n}
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+    ids = batch("llama")["input_ids"]
+    rows = [{"input_ids": i, "labels": i.clone()} for i in ids] * 2
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.5,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, gradient_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="purely quantized"):
+            transformers.Trainer(model=model, args=args, train_dataset=rows)
+        with quantized_base(model):
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=[SaveAdapterCallback()])
+        assert "_hf_peft_config_loaded" not in model.__dict__
+        trainer.train()
+    trained = {n: p for n, p in model.named_parameters() if "goft_" in n}
+    assert all(not torch.equal(trained[n], start[n]) for n in start), "every adapter trains"
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed), "the 4-bit base stays"
+    float_base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    goft.load_adapter(float_base, str(tmp_path / "goft_adapter"))
+    loaded = dict(float_base.named_parameters())
+    assert all(torch.equal(loaded[n], trained[n]) for n in trained)
+    with pytest.raises(ValueError, match="quantized_base: the Trainer's model has no goft layers"):
+        with quantized_base(_quantized(base_dir, 4)):
+            pass

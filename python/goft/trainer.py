@@ -23,8 +23,9 @@ This module imports transformers; ``import goft`` does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import transformers
@@ -35,7 +36,7 @@ from goft.inject import active_adapter, adapter_configs, goft_layers, orthogonal
 from goft.io import save_adapter
 from goft.layers import flattened_by_fsdp1, is_fsdp1_unit, managed_by_zero3
 
-__all__ = ["OrthogonalityPenaltyCallback", "SaveAdapterCallback"]
+__all__ = ["OrthogonalityPenaltyCallback", "SaveAdapterCallback", "quantized_base"]
 
 
 def _require_goft_model(model, who: str) -> None:
@@ -63,6 +64,37 @@ def _unscale_gradients(optimizer) -> None:
         # Trainer's gradient clipping unscales before the callbacks run; the scaler refuses twice.
         if "already been called" not in str(e):
             raise
+
+
+_NOT_SET = object()
+
+
+@contextlib.contextmanager
+def quantized_base(model) -> Iterator[None]:
+    """Lets ``transformers.Trainer`` take a goft model whose base is quantized (bitsandbytes 4-bit
+    or 8-bit, QLoRA-style)::
+
+        with goft.trainer.quantized_base(model):
+            trainer = transformers.Trainer(model=model, ...)
+        trainer.train()
+
+    ``Trainer.__init__`` refuses a quantized model unless it is a PEFT model or holds adapters of
+    transformers' own PEFT integration, which it reads from the model's ``_hf_peft_config_loaded``;
+    goft's adapters are neither. The flag is set inside the block only: elsewhere transformers
+    takes it to mean that PEFT adapters are loaded (4.x's ``save_pretrained`` would then save them).
+    """
+    _require_goft_model(model, "quantized_base")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("goft.trainer.quantized_base: the model has nothing to train (no trainable adapter)")
+    before = model.__dict__.get("_hf_peft_config_loaded", _NOT_SET)
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if before is _NOT_SET:
+            del model._hf_peft_config_loaded
+        else:
+            model._hf_peft_config_loaded = before
 
 
 class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
