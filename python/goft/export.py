@@ -44,9 +44,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     import transformers
 
     import goft
-    from goft.finetune import TOKENIZER_FILES, ensure_pad_token, freshly_initialised
-    from goft.io import (MERGED_ADAPTERS_KEY, _directory_path, _read, check_output_folder, merged_into,
-                         resolve_adapter_directory, resolve_model_directory)
+    from goft.finetune import ensure_pad_token, freshly_initialised
+    from goft.io import (MERGED_ADAPTERS_KEY, TOKENIZER_FILES, _directory_path, _read, check_output_folder,
+                         merged_into, resolve_adapter_directory, resolve_model_directory)
 
     where = "goft merge"
     model_dir, output_dir = (_directory_path(path, where, argument) for argument, path in

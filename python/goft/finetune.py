@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from goft.data import Split
-from goft.io import check_output_folder
+from goft.io import MODEL_BIN_FILES, SAFETENSORS_FILES, TOKENIZER_FILES, check_output_folder, has_weights
 from goft.presets import CLASSIFICATION_HEAD_NAMES
 
 __all__ = [
@@ -64,7 +64,7 @@ def check_model_dir(path) -> Path:
                          "the id of a Hugging Face Hub repository holding one, owner/name, is expected)")
     if not (path / "config.json").is_file():
         raise ValueError(f"goft finetune: --model {str(path)!r} has no config.json: not a transformers model directory")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    if not has_weights(path):
         raise ValueError(f"goft finetune: --model {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)})")
     # Without one, transformers may build a tokenizer of special tokens only, which turns every
     # word into [UNK]: training would run, on nothing.
@@ -74,9 +74,8 @@ def check_model_dir(path) -> Path:
     return path
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model", "spm.model")
+# The weight files a folder may hold, by name (shards are found through their index).
+WEIGHT_FILES = tuple(name for name in SAFETENSORS_FILES + MODEL_BIN_FILES if "*" not in name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -311,19 +311,20 @@ def resolve_adapter_directory(
     return directory
 
 
-# What a transformers model folder needs to be loaded with its tokenizer or image processor:
-# configuration, safetensors weights (one file or shards and their index) and the preprocessing
-# files. Repositories often hold other copies of the weights (PyTorch .bin, ONNX, TensorFlow,
-# Flax, GGUF) that would multiply the download; the .bin files are fetched only where no
-# safetensors weights came (MODEL_BIN_FILES).
-MODEL_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-    "tokenizer.model", "spm.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "processor_config.json",
-)
+# A transformers model's weights: safetensors (one file, or shards and their index), or PyTorch's
+# .bin files, which the Hub's repositories often hold beside them.
+SAFETENSORS_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 MODEL_BIN_FILES = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+# The files a tokenizer is built from (tokenizer_config.json alone builds one of special tokens only).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "spm.model")
+# What a model download fetches: configuration, safetensors weights and the preprocessing files.
+# Repositories often hold other copies of the weights (PyTorch .bin, ONNX, TensorFlow, Flax,
+# GGUF) that would multiply the download; the .bin files are fetched only where no safetensors
+# weights came.
+MODEL_FILES = ("config.json", "generation_config.json") + SAFETENSORS_FILES + TOKENIZER_FILES + (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json")
 
 
 def resolve_model_directory(
@@ -348,11 +349,11 @@ def resolve_model_directory(
         return path  # the callers' checks say what is wrong with the local path
     options = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     snapshot = _download_from_hub(path, where, list(MODEL_FILES), **options)
-    if not _has_weights(snapshot):
+    if not has_weights(snapshot):
         snapshot = _download_from_hub(path, where, list(MODEL_BIN_FILES), **options)
     missing = [what for what, found in (
         ("config.json", os.path.isfile(os.path.join(snapshot, "config.json"))),
-        ("weights (model.safetensors, its shards, or pytorch_model.bin)", _has_weights(snapshot))) if not found]
+        ("weights (model.safetensors, its shards, or pytorch_model.bin)", has_weights(snapshot))) if not found]
     if missing:
         raise _missing_from_repository(where, path, revision, local_files_only, " and no ".join(missing),
                                        "a transformers model")
@@ -373,10 +374,10 @@ def _check_hub_options(where: str, path: str, argument: str, **options: Optional
                          "local directory")
 
 
-def _has_weights(folder: str) -> bool:
+def has_weights(folder: Union[str, os.PathLike]) -> bool:
+    """Whether a model folder holds weights (SAFETENSORS_FILES or MODEL_BIN_FILES)."""
     names = os.listdir(folder)
-    return any(fnmatch.fnmatch(name, pattern) for name in names
-               for pattern in ("model.safetensors", "model.safetensors.index.json") + MODEL_BIN_FILES)
+    return any(fnmatch.fnmatch(name, pattern) for name in names for pattern in SAFETENSORS_FILES + MODEL_BIN_FILES)
 
 
 def _download_from_hub(repo_id: str, where: str, allow_patterns: List[str], **options: Any) -> str:
