@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import re
 import tempfile
 import warnings
@@ -515,6 +516,10 @@ def test_reentrant_checkpointing_reaches_an_encoder_decoders_encoder_adapters():
         if n in expected:
             assert p.grad is not None, n
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7)
+    hooked = [n for n, m in checkpointed.named_modules() if _goft_hooks(m)]
+    assert len(hooked) == 2, hooked  # the encoder's conv1 and the decoder's token embeddings
+    goft.unload(checkpointed)
+    assert not [n for n, m in checkpointed.named_modules() if _goft_hooks(m)], "goft.unload leaves hooks behind"
 
 
 def _embeddings_output_requires_grad(model, inputs):
@@ -560,6 +565,53 @@ def test_checkpointing_reaches_the_adapters_without_transformers_own_hook():
 
     goft.unload(model)
     assert not model.get_input_embeddings()._forward_hooks, "goft.unload leaves a hook behind"
+
+
+def _goft_hooks(module):
+    return [h for h in module._forward_hooks.values()
+            if isinstance(h, functools.partial) and h.func.__module__ == "goft.inject"]
+
+
+def _embeddings_output_requires_grad_in_forward(model, inputs):
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_the_checkpointing_hook_acts_only_while_a_checkpointed_model_trains_with_grad():
+    """It makes backward reach the embeddings, so it must not act where nothing is checkpointed,
+    nor in evaluation or under no_grad; one hook per embeddings however many adapters are added."""
+    inputs = batch("llama")
+    model = build("llama")
+    goft.inject(model)
+    goft.add_adapter(model, "second", goft.GOFTConfig(target_modules=["q_proj"]))
+    goft.inject(model, adapter_name="third", target_modules=["v_proj"])
+    embeddings = model.get_input_embeddings()
+    assert len(_goft_hooks(embeddings)) == 1
+    _enable_reentrant_checkpointing(model)
+    if not TRANSFORMERS_4:
+        model.disable_input_require_grads()  # transformers' own hook (5.x, input_ids models)
+
+    model.train()
+    assert _embeddings_output_requires_grad_in_forward(model, inputs)
+    with torch.no_grad():
+        assert not _embeddings_output_requires_grad_in_forward(model, inputs)
+    model.eval()
+    assert not _embeddings_output_requires_grad_in_forward(model, inputs)
+    model.train()
+    # One checkpointed part is enough (here the model switches off all but one of them).
+    switches = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    assert len(switches) >= 2
+    for switch in switches[:-1]:
+        switch.gradient_checkpointing = False
+    assert _embeddings_output_requires_grad_in_forward(model, inputs)
+    switches[-1].gradient_checkpointing = False
+    assert not _embeddings_output_requires_grad_in_forward(model, inputs)
 
 
 def test_bf16_autocast_and_bf16_base_weights():
