@@ -102,7 +102,7 @@ def test_a_local_directory_comes_before_a_repository_of_the_same_name(hub_cache,
 @pytest.mark.parametrize("path, is_repo", [
     ("owner/name", True), ("owner/name.v2", True), ("Org-1/model_x", True),
     ("name", False), ("a/b/c", False), ("./a/b", False), ("../a", False), ("/abs/a", False), ("~/a", False),
-    ("a/..", False), ("a/b.", False), ("a\\b", False), ("owner/", False), ("/name", False),
+    ("a/..", False), ("owner/na..me", False), ("a/b.", False), ("a\\b", False), ("owner/", False), ("/name", False),
 ])
 def test_only_owner_slash_name_reads_as_a_repository(path, is_repo):
     assert _is_hub_repo_id(path) is is_repo
@@ -282,42 +282,109 @@ def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, 
     assert (Path(folder) / "pytorch_model.bin").is_file()
 
 
-def test_a_model_download_asks_for_the_bin_weights_only_without_safetensors(tmp_path, monkeypatch):
-    """Online, snapshot_download fetches what allow_patterns select. This machine reaches no Hub,
-    so a stand-in serves a local folder that way, through huggingface_hub's own filter, and records
-    the requests: the safetensors request, then the .bin one only where the first brought none."""
+@pytest.fixture
+def online_hub(tmp_path, monkeypatch):
+    """Online, snapshot_download fetches what allow_patterns select. This machine reaches no Hub, so
+    a stand-in serves local folders that way (``repositories``: {repo id: folder}, or an exception to
+    raise), through huggingface_hub's own filter, and records each request with its options."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from goft.io import resolve_model_directory
+    repositories, requests = {}, []
 
-    local = _tiny_bert(tmp_path / "tiny-bert")
-    (local / "tf_model.h5").write_bytes(b"")
-    (local / "pytorch_model.bin").write_bytes(b"")
-    requests = []
-
-    def serve(repo_id, allow_patterns, revision=None, cache_dir=None, token=None, local_files_only=False):
-        requests.append((repo_id, revision, list(allow_patterns)))
+    def serve(repo_id, allow_patterns, **options):
+        requests.append(dict(options, repo_id=repo_id, allow_patterns=list(allow_patterns)))
+        remote = repositories[repo_id]
+        if isinstance(remote, Exception):
+            raise remote
         snapshot = tmp_path / "snapshots" / repo_id.replace("/", "--")
-        snapshot.mkdir(parents=True, exist_ok=True)
-        for name in filter_repo_objects(sorted(os.listdir(remote)), allow_patterns=allow_patterns):
+        files = sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file())
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(remote / name, snapshot / name)
+        snapshot.mkdir(parents=True, exist_ok=True)
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", serve)
-    remote = local
+    return repositories, requests
+
+
+def test_a_model_download_asks_for_the_bin_weights_only_without_safetensors(tmp_path, online_hub):
+    """The safetensors request, then the .bin one only where the first brought none."""
+    from goft.io import resolve_model_directory
+
+    repositories, requests = online_hub
+    local = _tiny_bert(tmp_path / "tiny-bert")
+    (local / "tf_model.h5").write_bytes(b"")
+    (local / "pytorch_model.bin").write_bytes(b"")
+    repositories["owner/with-safetensors"] = local
     folder = Path(resolve_model_directory("owner/with-safetensors", "goft finetune", revision="v1"))
-    assert len(requests) == 1 and requests[0][:2] == ("owner/with-safetensors", "v1")
+    assert [(r["repo_id"], r["revision"]) for r in requests] == [("owner/with-safetensors", "v1")]
     assert {"config.json", "model.safetensors", "vocab.txt"} <= set(os.listdir(folder))
     assert not {"pytorch_model.bin", "tf_model.h5"} & set(os.listdir(folder))
 
     remote = tmp_path / "bin-only"
     shutil.copytree(local, remote)
     (remote / "model.safetensors").unlink()
+    repositories["owner/bin-only"] = remote
     requests.clear()
     folder = Path(resolve_model_directory("owner/bin-only", "goft finetune"))
-    assert [patterns for *_, patterns in requests] == [list(goft.io.MODEL_FILES), list(goft.io.MODEL_BIN_FILES)]
+    assert [r["allow_patterns"] for r in requests] == [list(goft.io.MODEL_FILES), list(goft.io.MODEL_BIN_FILES)]
     assert "pytorch_model.bin" in os.listdir(folder) and "tf_model.h5" not in os.listdir(folder)
+
+
+def test_hub_options_reach_the_download(tmp_path, online_hub):
+    from goft.io import resolve_model_directory
+
+    repositories, requests = online_hub
+    repositories["owner/model"] = _tiny_bert(tmp_path / "tiny-bert")
+    options = dict(revision="v2", cache_dir=str(tmp_path / "cache"), token="hf_secret", local_files_only=True)
+    resolve_model_directory("owner/model", "goft finetune", **options)
+    assert requests == [dict(options, repo_id="owner/model", allow_patterns=list(goft.io.MODEL_FILES))]
+
+    _saved_adapter(tmp_path / "adapter", seed=1)
+    repositories[REPO] = tmp_path / "adapter"
+    requests.clear()
+    goft.load_adapter(build("llama"), REPO, **options)
+    assert requests == [dict(options, repo_id=REPO, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])]
+
+
+def test_an_adapter_in_a_repositorys_subfolder_is_downloaded_alone(tmp_path, online_hub):
+    repositories, requests = online_hub
+    remote = tmp_path / "remote"
+    a = _saved_adapter(remote, seed=1)
+    b = _saved_adapter(remote / "task-b", seed=2)
+    (remote / "task-b" / "README.md").write_text("not an adapter file")
+    repositories[REPO] = remote
+    model = build("llama")
+    goft.load_adapter(model, REPO, subfolder="task-b/")
+    assert torch.equal(_logits(model), b) and not torch.equal(a, b)
+    assert [r["allow_patterns"] for r in requests] == [[f"task-b/{CONFIG_NAME}", f"task-b/{WEIGHTS_NAME}"]]
+    snapshot = tmp_path / "snapshots" / REPO.replace("/", "--")
+    assert sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()) == [
+        f"task-b/{CONFIG_NAME}", f"task-b/{WEIGHTS_NAME}"]
+    with pytest.raises(ValueError, match="expected subfolder a non-empty string or None, got ''"):
+        goft.load_adapter(build("llama"), REPO, subfolder="")
+
+
+def test_a_model_repository_without_config_or_that_the_hub_refuses_is_reported(tmp_path, online_hub):
+    from huggingface_hub.errors import HFValidationError
+
+    from goft.io import resolve_model_directory
+
+    repositories, _ = online_hub
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    shutil.copy(_tiny_bert(tmp_path / "tiny-bert") / "model.safetensors", weights_only)
+    repositories["owner/weights-only"] = weights_only
+    with pytest.raises(FileNotFoundError, match="repository 'owner/weights-only' has no config.json; is it a "
+                                                "transformers model"):
+        resolve_model_directory("owner/weights-only", "goft finetune")
+    # huggingface_hub's errors are not all OSErrors: an id it refuses raises a ValueError.
+    repositories["owner/refused"] = HFValidationError("Repo id must use alphanumeric chars")
+    with pytest.raises(FileNotFoundError, match=r"repository 'owner/refused' \(revision 'v1'\) could not be used: "
+                                                "HFValidationError: Repo id must"):
+        resolve_model_directory("owner/refused", "goft finetune", revision="v1")
 
 
 def test_model_downloads_take_one_copy_of_the_weights():
