@@ -551,7 +551,8 @@ def test_option_errors(tiny_model, csv_file, capsys, no_training):
     assert "--scale" in _error(_finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--scale"), capsys)
     assert f"expected a comma-separated list of {', '.join(cli.COMPARE_CHOICES)}, got 'adalora'" in _error(
         _finetune_args(tiny_model, csv_file, "--compare", "adalora"), capsys)
-    assert "positive" in _error(_finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)
+    assert "argument --epochs: expected a positive integer, got '0'" in _error(
+        _finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)
     for value in ("nan", "inf", "-1", "abc"):
         assert f"argument --orth-lambda: expected a finite number >= 0, got {value!r}" in _error(
             _finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--orth-lambda", value), capsys)
@@ -559,6 +560,10 @@ def test_option_errors(tiny_model, csv_file, capsys, no_training):
     for option, value in (("--epochs", "1.5"), ("--batch-size", "x")):
         assert f"argument {option}: expected a positive integer, got {value!r}" in _error(
             _finetune_args(tiny_model, csv_file, option, value), capsys)
+    # The bounds themselves: no penalty is a valid qGOFT run, one epoch a valid training.
+    args = cli.build_parser().parse_args(_finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--orth-lambda",
+                                                        "0", "--epochs", "1", "--batch-size", "1"))
+    assert (args.orth_lambda, args.epochs, args.batch_size) == (0.0, 1, 1)
 
 
 class _Compared(Exception):

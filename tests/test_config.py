@@ -33,6 +33,7 @@ def test_defaults_are_the_papers_strict_goft():
         ("layers_to_transform", -1),
         ("layers_to_transform", [0, "1"]),
         ("layers_to_transform", True),
+        ("layers_to_transform", [1.0]),
         ("modules_to_save", [1]),
     ],
 )
@@ -60,7 +61,9 @@ def test_takes_the_containers_and_numbers_peft_users_pass():
     assert c.modules_to_save == ["classifier", "score"]
     assert c.layers_to_transform == [1, 2] and all(type(i) is int for i in c.layers_to_transform)
     assert c.orth_lambda == 0.5 and type(c.orth_lambda) is float
-    assert GOFTConfig(layers_to_transform=np.int64(3)).layers_to_transform == [3]
+    for layers in (np.int64(3), [np.int64(3)]):
+        c = GOFTConfig(layers_to_transform=layers)
+        assert c.layers_to_transform == [3] and type(c.layers_to_transform[0]) is int, layers  # JSON-serialisable
     assert GOFTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     for field, value in (("layers_to_transform", range(0)), ("orth_lambda", np.float64("inf")),
                          ("layers_to_transform", np.bool_(True)), ("target_modules", set())):

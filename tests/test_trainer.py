@@ -232,3 +232,27 @@ def test_resuming_from_a_checkpoint_continues_the_same_training(tmp_path):
     for name in adapted:
         torch.testing.assert_close(resumed.get_parameter(name), trained[name], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_quantized_base_sets_transformers_flag_inside_the_block_only():
+    """The flag means "PEFT adapters are loaded" to transformers elsewhere; a value the model had
+    comes back, and a model with nothing to train is refused before Trainer sees it."""
+    from goft.trainer import quantized_base
+
+    model = build("llama")
+    goft.inject(model)
+    for before in (False, True):
+        model._hf_peft_config_loaded = before
+        with quantized_base(model):
+            assert model._hf_peft_config_loaded is True
+        assert model.__dict__["_hf_peft_config_loaded"] is before
+    del model._hf_peft_config_loaded
+    with pytest.raises(RuntimeError, match="inside"):
+        with quantized_base(model):
+            raise RuntimeError("inside")
+    assert "_hf_peft_config_loaded" not in model.__dict__, "left set after an error in the block"
+    goft.set_adapter(model, None)
+    with pytest.raises(ValueError, match="quantized_base: the model has nothing to train"):
+        with quantized_base(model):
+            pass
+    assert "_hf_peft_config_loaded" not in model.__dict__
