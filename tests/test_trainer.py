@@ -144,6 +144,16 @@ def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tm
     assert moved == len(start)
 
 
+def test_penalty_callback_refuses_deepspeed_enabled_by_accelerate_launch(tmp_path, monkeypatch):
+    """`accelerate launch --use_deepspeed` sets the environment, not TrainingArguments.deepspeed."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    args = transformers.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
+    assert not args.deepspeed and args.deepspeed_plugin is not None
+    with pytest.raises(ValueError, match="DeepSpeed manages the gradients itself"):
+        OrthogonalityPenaltyCallback().on_train_begin(args, None, None, model=qgoft_model())
+
+
 def test_penalty_callback_refusals(tmp_path):
     callback = OrthogonalityPenaltyCallback()
     model = qgoft_model()

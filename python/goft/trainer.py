@@ -114,7 +114,8 @@ class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _require_goft_model(model, "OrthogonalityPenaltyCallback")
-        if getattr(args, "deepspeed", None):
+        # args.deepspeed names a config; `accelerate launch --use_deepspeed` sets only the plugin.
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
             raise ValueError(
                 "goft.trainer.OrthogonalityPenaltyCallback: DeepSpeed manages the gradients itself; add "
                 "goft.orthogonality_penalty(model) to the loss in a compute_loss of your own instead")
