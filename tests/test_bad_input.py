@@ -666,6 +666,18 @@ def test_loading_into_the_wrong_model(tmp_path):
         assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
 
 
+def test_add_adapter_errors_name_add_adapter():
+    model = _one_layer()
+    for call in (lambda: goft.add_adapter(model, "a", target_modules=["nope"]),
+                 lambda: goft.add_adapter(model, "a.b", target_modules=["0"])):
+        with pytest.raises(ValueError, match=r"^goft\.add_adapter: "):
+            call()
+    with pytest.raises(TypeError, match=r"^goft\.add_adapter: expected config a GOFTConfig or None, got str"):
+        goft.add_adapter(model, "a", "qgoft")
+    with pytest.raises(ValueError, match=r"^goft\.inject: target_modules=\['nope'\] matched no layer"):
+        goft.inject(model, adapter_name="b", target_modules=["nope"])
+
+
 def test_saving_into_a_file_path_or_from_a_meta_model(tmp_path):
     model = _one_layer()
     (tmp_path / "file").write_text("keep me")
@@ -676,6 +688,9 @@ def test_saving_into_a_file_path_or_from_a_meta_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"goft.save_adapter: .*link' is a symbolic link to .*moved-away', "
                                                 r"which does not exist"):
         goft.save_adapter(model, str(tmp_path / "link"))
+    # Found before anything is gathered or written (on a sharded model, every rank gathers first).
+    with pytest.raises(ValueError, match=r"goft.save_adapter: path .*file/adapter' cannot be a folder: .*file' is a file"):
+        goft.save_adapter(model, str(tmp_path / "file" / "adapter"))
     with torch.device("meta"):
         meta = _one_layer()
     with pytest.raises(ValueError, match=r"goft.save_adapter: 0.goft_angles is on the meta device"):

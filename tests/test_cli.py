@@ -1,7 +1,9 @@
 """The `goft` command line: finetune on a CSV/TSV with a tiny random BERT, its errors, and a demo smoke test."""
 
+import dataclasses
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
@@ -13,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from goft import cli, data, demo, finetune  # noqa: E402
+from goft.io import TOKENIZER_FILES, WEIGHT_FILES  # noqa: E402
 from tiny_models import save_tiny_bert  # noqa: E402
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
@@ -297,9 +300,39 @@ def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
     assert (taken / "keep.txt").read_text() == "mine" and sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
-    with pytest.raises(SystemExit):
-        cli.main(["merge", "--model", str(tmp_path), "--adapter", str(adapter), "--output", str(tmp_path / "b")])
-    assert "is not a transformers model folder" in capsys.readouterr().err
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    shutil.copy(tiny_model / "config.json", weightless)
+    for model, adapter_dir, message in (
+            (tmp_path, adapter, "has no config.json: not a transformers model directory"),
+            (weightless, adapter, f"model_dir {str(weightless)!r} has no weights"),  # a traceback from transformers
+            (tiny_model, tmp_path, f"goft merge: adapter {str(tmp_path)!r}: missing .*adapter_config.json")):
+        with pytest.raises(SystemExit):
+            cli.main(["merge", "--model", str(model), "--adapter", str(adapter_dir), "--output", str(tmp_path / "b")])
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_merge_saves_no_tokenizer_that_knows_only_special_tokens(tiny_model, three_label_adapter, tmp_path):
+    """A base folder with tokenizer_config.json but no vocabulary builds a tokenizer of [CLS], [UNK]...
+    only; saved into the merged folder, it would turn every word into [UNK]."""
+    from goft import export
+
+    _, adapter = three_label_adapter
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    for name in TOKENIZER_FILES:
+        (base / name).unlink(missing_ok=True)
+    assert (base / "tokenizer_config.json").is_file() and not any((base / n).exists() for n in TOKENIZER_FILES)
+    logged = []
+    export.merge_to_directory(str(base), str(adapter), str(tmp_path / "merged"), num_labels=3, log=logged.append)
+    assert not any(name.startswith(("tokenizer", "vocab")) for name in os.listdir(tmp_path / "merged"))
+    assert any("no tokenizer saved" in line and "no vocabulary" in line for line in logged), logged
+    export.merge_to_directory(str(tiny_model), str(adapter), str(tmp_path / "with-vocab"), num_labels=3,
+                              log=logged.append)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "with-vocab")
+    assert tokenizer.unk_token_id not in tokenizer("great film")["input_ids"]
 
 
 def _run(tiny_model, split, out, **options):
@@ -430,6 +463,31 @@ def test_an_oft_block_size_peft_would_change_is_a_usage_error(tiny_model, csv_fi
     assert "--oft-block-size 7 does not divide every adapted layer's input width [32, 48]" in err
 
 
+def test_oft_on_gpt2_style_conv1d_layers_is_a_usage_error():
+    # PEFT's OFT takes nn.Linear, Conv2d and embeddings only; it would fail inside get_peft_model.
+    model = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16, num_labels=2))
+    config = finetune.RunConfig(model_dir="unused", method="oft", oft_block_size=8)
+    targets = finetune.linear_layer_names(model, exclude=["score"])
+    assert targets == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                       "transformer.h.0.mlp.c_proj"]
+    with pytest.raises(finetune.OptionError, match="--compare oft: PEFT's OFT adapts nn.Linear layers, not "
+                                                   "transformers' Conv1D .*transformer.h.0.attn.c_attn"):
+        finetune._check_method_options(model, config, targets)
+
+
+def test_compared_runs_skip_only_a_repeat_of_the_main_run():
+    config = finetune.RunConfig(model_dir="unused", method="goft", lr=1e-3, output_dir="out", save_merged=True)
+    star = dataclasses.replace(config, scale=True)
+    lr_of = {"goft": 2e-3, "qgoft": 3e-3, "lora": 4e-3}.get
+    runs = finetune.compared_configs(config, ["lora", "goft", "qgoft", "lora"], lr_of)
+    assert [(c.method, c.scale, c.lr) for c in runs] == [("lora", False, 4e-3), ("qgoft", False, 3e-3)]
+    assert all(c.output_dir is None and not c.save_merged for c in runs)
+    # GOFT* beside plain GOFT: another run, not a repeat.
+    runs = finetune.compared_configs(star, ["goft", "lora"], lr_of, eval_before=False)
+    assert [(c.method, c.scale, c.eval_before) for c in runs] == [("goft", False, False), ("lora", False, False)]
+
+
 def test_compare_without_peft_is_a_usage_error(tiny_model, csv_file, capsys, nothing_trains, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
@@ -509,7 +567,7 @@ def test_a_model_folder_without_weights_or_tokenizer_is_refused(tiny_model, csv_
     # Without tokenizer files transformers builds one of special tokens only: every word [UNK].
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
-    for name in finetune.WEIGHT_FILES if missing == "weights" else finetune.TOKENIZER_FILES:
+    for name in WEIGHT_FILES if missing == "weights" else TOKENIZER_FILES:
         (folder / name).unlink(missing_ok=True)
     err = _error(_finetune_args(folder, csv_file), capsys)
     assert f"--model {str(folder)!r} {message}" in err

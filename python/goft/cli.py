@@ -4,7 +4,6 @@ goft.finetune and goft.export."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -246,12 +245,7 @@ def _finetune(parser, args) -> int:
             print(f"metrics written to {Path(args.output_dir) / 'metrics.json'}")
         return 0
 
-    others = [m for m in dict.fromkeys(args.compare) if m != args.variant]
-    configs = [config] + [
-        dataclasses.replace(config, method=m, scale=False, lr=args.compare_lr or args.lr, output_dir=None,
-                            save_merged=False)
-        for m in others
-    ]
+    configs = [config] + finetune.compared_configs(config, args.compare, lambda method: args.compare_lr or args.lr)
     try:
         results = finetune.compare(configs, split)
     except finetune.OptionError as e:  # raised in a method's own process; the first one finds it

@@ -167,11 +167,8 @@ def run_demo(
             epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, threads=threads,
             eval_before=True, check_merge=True, output_dir=output_dir, progress=progress,
         )
-        compared = [
-            dataclasses.replace(config, method=m, scale=False, lr=compare_lr or COMPARE_LR.get(m, lr),
-                                eval_before=False, check_merge=False, output_dir=None)
-            for m in dict.fromkeys(compare) if m != variant or scale
-        ]
+        compared = finetune.compared_configs(config, compare, lambda m: compare_lr or COMPARE_LR.get(m, lr),
+                                             eval_before=False, check_merge=False)
         if compared:  # before the goft run trains, not after
             finetune.check_options([config] + compared, split)
     except ValueError as e:  # OptionError included

@@ -45,8 +45,8 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
 
     import goft
     from goft.finetune import ensure_pad_token, freshly_initialised
-    from goft.io import (MERGED_ADAPTERS_KEY, TOKENIZER_FILES, _directory_path, _read, check_output_folder,
-                         merged_into, resolve_adapter_directory, resolve_model_directory)
+    from goft.io import (MERGED_ADAPTERS_KEY, TOKENIZER_FILES, _directory_path, _read, check_model_folder,
+                         check_output_folder, merged_into, resolve_adapter_directory, resolve_model_directory)
 
     where = "goft merge"
     model_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
@@ -58,7 +58,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     adapter_dir = resolve_adapter_directory(adapter_dir, where, "adapter_dir", revision=adapter_revision)
-    description, _ = _read(adapter_dir)  # validates the files
+    description, _ = _read(adapter_dir, f"{where}: adapter {adapter_dir!r}")  # validates the files
     class_name = description.get("model_class")
     model_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
     if model_class is None or not hasattr(model_class, "from_pretrained"):
@@ -66,8 +66,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                          "class; merge in Python: goft.load_adapter, goft.merge_and_unload, save_pretrained")
     # The model last: from the Hub it is a download, which a mistake in the arguments above should not cost.
     model_dir = resolve_model_directory(model_dir, where, "model_dir", revision=model_revision)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{where}: {model_dir!r} is not a transformers model folder (no config.json)")
+    check_model_folder(model_dir, where, "model_dir", tokenizer=False)  # an image model has none
 
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     if merged_into(config, description):  # found before the model is loaded
@@ -108,15 +107,23 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     processor = None
     # Only where the folder has the files: without them transformers 4.x tries to convert a
     # tokenizer from nothing and fails in ways of its own (ImportError for protobuf).
+    # tokenizer_config.json alone is enough for tokenizers without a vocabulary file (ByT5's bytes).
     for processor_class, files in ((transformers.AutoTokenizer, TOKENIZER_FILES + ("tokenizer_config.json",)),
                                    (transformers.AutoImageProcessor, ("preprocessor_config.json",))):
         if not any(os.path.isfile(os.path.join(model_dir, name)) for name in files):
             continue
         try:
-            processor = processor_class.from_pretrained(model_dir, local_files_only=True)
-            break
-        except (OSError, ValueError, KeyError):  # the files are of another kind
+            candidate = processor_class.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError, ImportError):  # the files are of another kind
             continue
+        # A WordPiece or BPE tokenizer config without its vocabulary: saved, it would turn every
+        # word into [UNK] in a merged folder that looks complete.
+        if not (isinstance(candidate, transformers.PreTrainedTokenizerBase) and knows_only_special_tokens(candidate)):
+            processor = candidate
+            break
+    if processor is None and os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
+        log(f"no tokenizer saved: {model_dir!r} has tokenizer_config.json but no vocabulary (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save the base model's tokenizer into the merged folder yourself")
     if class_name.endswith("ForSequenceClassification") and isinstance(processor, transformers.PreTrainedTokenizerBase):
         ensure_pad_token(processor, model)  # as goft finetune trained it; batches need it
     model.save_pretrained(out)
@@ -124,6 +131,11 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         processor.save_pretrained(out)
     log(f"merged model ({str(target_dtype).removeprefix('torch.')}) saved to {out}")
     return out
+
+
+def knows_only_special_tokens(tokenizer) -> bool:
+    """Whether ``tokenizer`` holds no vocabulary beyond its special tokens ([CLS], [UNK], ...)."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
 
 
 def _head_differs(model, description) -> bool:

@@ -19,12 +19,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from goft.data import Split
-from goft.io import MODEL_BIN_FILES, SAFETENSORS_FILES, TOKENIZER_FILES, check_output_folder, has_weights
+from goft.io import check_model_folder, check_output_folder
+from goft.layers import is_conv1d
 from goft.presets import CLASSIFICATION_HEAD_NAMES
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "run",
     "run_isolated",
     "compare",
+    "compared_configs",
     "format_table",
     "PeakRSS",
 ]
@@ -57,25 +59,8 @@ def check_output_dir(path) -> None:
 
 
 def check_model_dir(path) -> Path:
-    """Raises ValueError unless ``path`` is a local transformers model directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"goft finetune: --model {str(path)!r} is not a directory (a local transformers model, or "
-                         "the id of a Hugging Face Hub repository holding one, owner/name, is expected)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"goft finetune: --model {str(path)!r} has no config.json: not a transformers model directory")
-    if not has_weights(path):
-        raise ValueError(f"goft finetune: --model {str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)})")
-    # Without one, transformers may build a tokenizer of special tokens only, which turns every
-    # word into [UNK]: training would run, on nothing.
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"goft finetune: --model {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
-    return path
-
-
-# The weight files a folder may hold, by name (shards are found through their index).
-WEIGHT_FILES = tuple(name for name in SAFETENSORS_FILES + MODEL_BIN_FILES if "*" not in name)
+    """Raises ValueError unless ``path`` is a local transformers model directory with a tokenizer."""
+    return Path(check_model_folder(path, "goft finetune", "--model"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,18 +285,9 @@ def ensure_pad_token(tokenizer, model) -> None:
 
 def linear_layer_names(model: torch.nn.Module, exclude: Sequence[str] = ()) -> List[str]:
     """Full names of the linear layers (nn.Linear, transformers' Conv1D) outside ``exclude``."""
-    kinds: Tuple[type, ...] = (torch.nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds += (Conv1D,)
-    except ImportError:
-        pass
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, kinds) and not any(name == e or name.startswith(e + ".") for e in exclude):
-            names.append(name)
-    return names
+    return [name for name, module in model.named_modules()
+            if (isinstance(module, torch.nn.Linear) or is_conv1d(module))
+            and not any(name == e or name.startswith(e + ".") for e in exclude)]
 
 
 def _check_lengths(model, tokenizer, max_length: int, longest: int) -> None:
@@ -383,6 +359,10 @@ def _check_method_options(model, config: RunConfig, targets: List[str]) -> None:
     if config.method in ("lora", "oft") and importlib.util.find_spec("peft") is None:
         raise OptionError(f"goft finetune: --compare {config.method} needs PEFT: pip install peft")
     if config.method == "oft":
+        conv1d = [t for t in targets if is_conv1d(model.get_submodule(t))]
+        if conv1d:
+            raise OptionError(f"goft finetune: --compare oft: PEFT's OFT adapts nn.Linear layers, not transformers' "
+                              f"Conv1D (GPT-2 style): {', '.join(conv1d[:3])}{', ...' if len(conv1d) > 3 else ''}; compare with lora there")
         # PEFT would quietly take another block size for such a layer; the table would then
         # name one the run did not use.
         widths = sorted({model.get_submodule(t).in_features for t in targets})
@@ -628,6 +608,16 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
 
 def _run_child(config: RunConfig, split: Split) -> RunResult:
     return run(config, split)
+
+
+def compared_configs(config: RunConfig, methods: Sequence[str], lr_of: Callable[[str], float],
+                     **changes: Any) -> List[RunConfig]:
+    """The runs that ``--compare methods`` adds beside ``config``: each method once, unscaled,
+    saving nothing, at ``lr_of(method)``, with ``changes``; not the one that would repeat
+    ``config`` (its method without a scale: with ``--scale``, plain GOFT is another run)."""
+    return [dataclasses.replace(config, method=m, scale=False, lr=lr_of(m), output_dir=None, save_merged=False,
+                                **changes)
+            for m in dict.fromkeys(methods) if m != config.method or config.scale]
 
 
 def run_isolated(config: RunConfig, split: Split) -> RunResult:

@@ -8,7 +8,7 @@ import math
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def inject(
     Returns:
         ``model`` itself.
     """
-    add_adapter(model, adapter_name, config, **overrides)
+    _add_adapter(model, adapter_name, config, overrides, "goft.inject")
     set_adapter(model, adapter_name)
     return model
 
@@ -122,14 +122,19 @@ def add_adapter(
     model: nn.Module, adapter_name: str, config: Optional[GOFTConfig] = None, **overrides
 ) -> nn.Module:
     """Like inject, but leaves the currently active adapter (if any) active and this one frozen."""
+    return _add_adapter(model, adapter_name, config, overrides, "goft.add_adapter")
+
+
+def _add_adapter(model: nn.Module, adapter_name: str, config: Optional[GOFTConfig], overrides: Dict[str, Any],
+                 where: str) -> nn.Module:
     if config is not None and not isinstance(config, GOFTConfig):
         hint = {str: f"; to choose the variant, pass variant={config!r}", dict: "; pass GOFTConfig(**config)"}
         raise TypeError(
-            f"goft.inject: expected config a GOFTConfig or None, got {type_and_value(config)}"
+            f"{where}: expected config a GOFTConfig or None, got {type_and_value(config)}"
             + hint.get(type(config), "")
         )
     config = (config or GOFTConfig()).replace(**overrides)
-    targets = find_target_modules(model, config, adapter_name)
+    targets = find_target_modules(model, config, adapter_name, where=where)
     with undone_on_failure(model, adapter_name):
         _attach(model, targets, adapter_name, config)
     _let_checkpointing_reach_the_adapters(model)
@@ -139,21 +144,23 @@ def add_adapter(
                     and not any(_inside(t, [h]) for t in targets)]
     if frozen_heads:
         warnings.warn(
-            f"goft.inject: the classification head {frozen_heads} stays frozen; if it is freshly initialised "
+            f"{where}: the classification head {frozen_heads} stays frozen; if it is freshly initialised "
             f"(from_pretrained of a checkpoint without it), train it too: modules_to_save={frozen_heads}"
         )
     return model
 
 
 @accepts_compiled
-def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default") -> List[str]:
-    """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the reason."""
-    check_adapter_name(adapter_name, "goft.inject")
-    _check_not_distributed(model, "goft.inject")
+def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str = "default",
+                        where: str = "goft.find_target_modules") -> List[str]:
+    """Names of the modules ``config`` selects in ``model``, validated; raises ValueError with the
+    reason, led by ``where`` (the function the user called)."""
+    check_adapter_name(adapter_name, where)
+    _check_not_distributed(model, where)
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(
-            f"goft.inject: adapter {adapter_name!r} is already injected into this model "
+            f"{where}: adapter {adapter_name!r} is already injected into this model "
             f"(adapters: {list(configs)}); pick another adapter_name or goft.delete_adapter it first"
         )
     # Every path of every module: a module registered under several names (shared between two
@@ -170,7 +177,7 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
         target_modules = default_target_modules(model_type)
         if target_modules is None:
             raise ValueError(
-                f"goft.inject: no default target_modules for model_type={model_type!r}; pass target_modules "
+                f"{where}: no default target_modules for model_type={model_type!r}; pass target_modules "
                 f"(names, a regex or 'all-linear'). Linear layers found: {_preview(linear_names)}"
             )
     save_names = _saved_module_paths(paths, config)
@@ -196,17 +203,17 @@ def find_target_modules(model: nn.Module, config: GOFTConfig, adapter_name: str 
             hint = (f" A string is a regular expression matched against the whole module name; for the layers "
                     f"named {target_modules!r}, pass a list: target_modules=[{target_modules!r}].")
         raise ValueError(
-            f"goft.inject: target_modules={target_modules!r} matched no layer of {type(model).__name__} "
+            f"{where}: target_modules={target_modules!r} matched no layer of {type(model).__name__} "
             f"(after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})."
             f"{hint} Linear layers found: {_preview(linear_names)}"
         )
     not_adaptable = [f"{n} ({_describe(modules[n])})" for n in names if not is_adaptable(modules[n])]
     if not_adaptable:
         raise ValueError(
-            f"goft.inject: target_modules={target_modules!r} matched modules that are not linear layers: "
+            f"{where}: target_modules={target_modules!r} matched modules that are not linear layers: "
             f"{_preview(not_adaptable)}; GOFT adapts nn.Linear, Conv1D or modules with in_features and weight"
         )
-    _check_targets(model, names, config, "goft.inject")
+    _check_targets(model, names, config, where)
     return names
 
 

@@ -89,6 +89,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     if os.path.islink(path) and not os.path.exists(path):
         raise FileNotFoundError(f"goft.save_adapter: {path!r} is a symbolic link to {os.readlink(path)!r}, "
                                 "which does not exist")
+    # The rest (a file in the path, a name too long, no write permission) before the shards are
+    # gathered, which on a sharded model every rank waits for.
+    check_output_folder(path, "goft.save_adapter", "path")
 
     # What to read, by the FSDP1 unit that holds it ("" for the root, or for a model without FSDP1).
     units = _fsdp1_units(model)
@@ -315,6 +318,8 @@ def resolve_adapter_directory(
 # .bin files, which the Hub's repositories often hold beside them.
 SAFETENSORS_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 MODEL_BIN_FILES = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+# The weight files by name, for messages (the shards match SAFETENSORS_FILES' patterns).
+WEIGHT_FILES = tuple(name for name in SAFETENSORS_FILES + MODEL_BIN_FILES if "*" not in name)
 # The files a tokenizer is built from (tokenizer_config.json alone builds one of special tokens only).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model", "spm.model")
@@ -353,11 +358,30 @@ def resolve_model_directory(
         snapshot = _download_from_hub(path, where, list(MODEL_BIN_FILES), **options)
     missing = [what for what, found in (
         ("config.json", os.path.isfile(os.path.join(snapshot, "config.json"))),
-        ("weights (model.safetensors, its shards, or pytorch_model.bin)", has_weights(snapshot))) if not found]
+        (f"weights (none of {', '.join(WEIGHT_FILES)})", has_weights(snapshot))) if not found]
     if missing:
         raise _missing_from_repository(where, path, revision, local_files_only, " and no ".join(missing),
                                        "a transformers model")
     return snapshot
+
+
+def check_model_folder(path: Any, where: str, argument: str, tokenizer: bool = True) -> str:
+    """Raises ValueError unless ``path`` is a local transformers model folder: config.json, weights
+    and (with ``tokenizer``) the files a tokenizer is built from. Returns the path as a string."""
+    path = _directory_path(path, where, argument)
+    if not os.path.isdir(path):
+        raise ValueError(f"{where}: {argument} {path!r} is not a directory (a local transformers model, or the id "
+                         "of a Hugging Face Hub repository holding one, owner/name, is expected)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{where}: {argument} {path!r} has no config.json: not a transformers model directory")
+    if not has_weights(path):
+        raise ValueError(f"{where}: {argument} {path!r} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    # Without one, transformers may build a tokenizer of special tokens only, which turns every
+    # word into [UNK]: training would run, on nothing.
+    if tokenizer and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{where}: {argument} {path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    return path
 
 
 def _check_hub_options(where: str, path: str, argument: str, **options: Optional[str]) -> None:
@@ -428,10 +452,12 @@ def _is_hub_repo_id(path: str, bare: bool = False) -> bool:
         allowed.fullmatch(part) and ".." not in part and not part.endswith(".") for part in parts)
 
 
-def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The adapter's description and tensors, checked against each other; raises ValueError (or
+    FileNotFoundError for a missing file) led by ``where``, by default goft.load_adapter's."""
     import safetensors.torch
 
-    where = f"goft.load_adapter({path!r})"
+    where = where or f"goft.load_adapter({path!r})"
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for file in (config_path, weights_path):
         if not os.path.isfile(file):
