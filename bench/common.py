@@ -108,8 +108,8 @@ def vector_width() -> str:
 def source_commit() -> str:
     """The checkout's commit, with "+changes" when tracked files differ from it: the code measured.
 
-    GOFT_SOURCE_COMMIT overrides it, for a copy of the tree without its git folder (a lent GPU
-    machine gets one).
+    GOFT_SOURCE_COMMIT overrides it, for a copy of the tree without its git folder (what a GPU
+    machine may get).
     """
     if os.environ.get("GOFT_SOURCE_COMMIT"):
         return os.environ["GOFT_SOURCE_COMMIT"]

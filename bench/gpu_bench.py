@@ -237,7 +237,7 @@ def layer_rows(rows: int, d: int, repeats: int) -> List[Dict[str, object]]:
             LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["lin"]))
         # OFT as in bench/layer_bench.py, tried once first: a PEFT version that cannot run it in
         # bfloat16 on this GPU costs this row only. BOFT is left out here: PEFT compiles its CUDA
-        # extension on first use, minutes of a GPU session's time.
+        # extension on first use, minutes of a short GPU run.
         try:
             oft = peft_layer(OFTConfig(target_modules=["lin"], oft_block_size=32))
             oft(x).backward(grad_y)

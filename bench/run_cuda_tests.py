@@ -9,7 +9,7 @@ per failure with its traceback, then a count; exits 1 if any test failed.
     GOFT_CUDA_TESTS_DEVICE=cpu python bench/run_cuda_tests.py   # the tests' own code, on the CPU
 
 tests/test_gpu_scripts.py runs it on the CPU, so that a test using a pytest feature this runner
-lacks fails there rather than in a GPU session.
+lacks fails there rather than on the GPU machine.
 """
 
 from __future__ import annotations

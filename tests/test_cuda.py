@@ -8,7 +8,7 @@ the kernels accumulate in float32 (float64 for float64), so outputs must agree w
 reference to within the rounding of the output dtype.
 
 GOFT_CUDA_TESTS_DEVICE=cpu runs the same tests on the CPU op (tests/test_gpu_scripts.py does), so
-that a broken test shows here and not in a GPU session's few minutes; tests of behaviour only CUDA
+that a broken test shows here and not in a short GPU run; tests of behaviour only CUDA
 has (the weight side of GivensLinear, CUDA graphs, 4 GiB inputs) skip there.
 """
 

@@ -1,6 +1,6 @@
 """The GPU scripts' Python (bench/gpu_bench.py, bench/gpu_profile.py) run on the CPU at small
 sizes, with a wall-clock timer standing in for CUDA events, so that a broken script shows here
-and not in a GPU session's few minutes. The times mean nothing on the CPU; the tables' shape
+and not in a short GPU run. The times mean nothing on the CPU; the tables' shape
 and the rows they must have are what is checked. The same holds for the CUDA tests' own code
 (tests/test_cuda.py on the CPU op), through pytest and through bench/run_cuda_tests.py."""
 
