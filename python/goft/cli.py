@@ -1,5 +1,5 @@
-"""The `goft` command line: `goft demo`, `goft finetune` and `goft merge`, thin wrappers over goft.demo,
-goft.finetune and goft.export."""
+"""The `goft` command line: `goft demo`, `goft finetune` and `goft merge`. It parses and checks the
+options and the data, then leaves the work to goft.demo, goft.finetune and goft.export."""
 
 from __future__ import annotations
 

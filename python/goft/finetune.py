@@ -642,8 +642,8 @@ def compare(configs: Sequence[RunConfig], split: Split, log: Callable[[str], Non
 def _human_bytes(n: Optional[int]) -> str:
     if n is None:
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"

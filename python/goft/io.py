@@ -1,9 +1,12 @@
-"""Saving and loading adapters: safetensors tensors + a JSON description, validated before use.
+"""Saving and loading adapters: safetensors tensors + a JSON description, validated before use;
+and the folders they and their base models come from (local, or a Hugging Face Hub repository)
+and go to.
 
 A saved adapter is a directory with
     adapter_model.safetensors  the adapter tensors (and modules_to_save), nothing of the base model
-    adapter_config.json        GOFTConfig, goft version, model_type, per-layer widths, per-tensor
-                               shapes and dtypes, and the SHA-256 of the tensors file
+    adapter_config.json        GOFTConfig, adapter name, goft version, model_type and model class,
+                               per-layer widths, modules_to_save, the head's label names (id2label),
+                               per-tensor shapes and dtypes, and the SHA-256 of the tensors file
 Both are written to temporary files in the same directory first and then moved into place with
 os.replace, so a save that fails or is interrupted while writing leaves the previous files, and
 none is ever truncated; should a save stop between the two renames, the checksum catches the
