@@ -306,7 +306,8 @@ def test_merge_errors(tiny_model, three_label_adapter, tmp_path, capsys):
     for model, adapter_dir, message in (
             (tmp_path, adapter, "has no config.json: not a transformers model directory"),
             (weightless, adapter, f"model_dir {str(weightless)!r} has no weights"),  # a traceback from transformers
-            (tiny_model, tmp_path, f"goft merge: adapter {str(tmp_path)!r}: missing .*adapter_config.json")):
+            (tiny_model, tmp_path, f"goft merge: adapter {str(tmp_path)!r}: missing .*adapter_config.json"),
+            (tiny_model, adapter / "adapter_config.json", "is a file; expected the directory save_adapter wrote")):
         with pytest.raises(SystemExit):
             cli.main(["merge", "--model", str(model), "--adapter", str(adapter_dir), "--output", str(tmp_path / "b")])
         err = capsys.readouterr().err

@@ -400,11 +400,13 @@ def test_model_downloads_take_one_copy_of_the_weights():
                   "onnx/model.onnx", "onnx/config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                   "special_tokens_map.json", "README.md", ".gitattributes", "1_Pooling/config.json",
                   "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                  "model.safetensors.index.json", "openvino/openvino_model.bin", "coreml/model.mlpackage"]
+                  "model.safetensors.index.json", "openvino/openvino_model.bin", "coreml/model.mlpackage",
+                  "preprocessor_config.json"]
     taken = set(filter_repo_objects(repository, allow_patterns=list(MODEL_FILES)))
     assert taken == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
                      "special_tokens_map.json", "model-00001-of-00002.safetensors",
-                     "model-00002-of-00002.safetensors", "model.safetensors.index.json"}
+                     "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                     "preprocessor_config.json"}  # an image model's processor
     assert set(filter_repo_objects(repository + ["pytorch_model-00001-of-00002.bin"],
                                    allow_patterns=list(MODEL_BIN_FILES))) == {
         "pytorch_model.bin", "pytorch_model-00001-of-00002.bin"}
