@@ -59,7 +59,8 @@ def check_output_dir(path) -> None:
 
 
 def check_model_dir(path) -> Path:
-    """Raises ValueError unless ``path`` is a local transformers model directory with a tokenizer."""
+    """Raises ValueError (FileNotFoundError where nothing is at ``path``) unless ``path`` is a local
+    transformers model directory with a tokenizer."""
     return Path(check_model_folder(path, "goft finetune", "--model"))
 
 
@@ -361,8 +362,9 @@ def _check_method_options(model, config: RunConfig, targets: List[str]) -> None:
     if config.method == "oft":
         conv1d = [t for t in targets if is_conv1d(model.get_submodule(t))]
         if conv1d:
+            shown = ", ".join(conv1d[:3]) + (", ..." if len(conv1d) > 3 else "")
             raise OptionError(f"goft finetune: --compare oft: PEFT's OFT adapts nn.Linear layers, not transformers' "
-                              f"Conv1D (GPT-2 style): {', '.join(conv1d[:3])}{', ...' if len(conv1d) > 3 else ''}; compare with lora there")
+                              f"Conv1D (GPT-2 style): {shown}; compare with lora there")
         # PEFT would quietly take another block size for such a layer; the table would then
         # name one the run did not use.
         widths = sorted({model.get_submodule(t).in_features for t in targets})

@@ -323,7 +323,8 @@ SAFETENSORS_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.saf
 MODEL_BIN_FILES = ("pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 # The weight files by name, for messages (the shards match SAFETENSORS_FILES' patterns).
 WEIGHT_FILES = tuple(name for name in SAFETENSORS_FILES + MODEL_BIN_FILES if "*" not in name)
-# The files a tokenizer is built from (tokenizer_config.json alone builds one of special tokens only).
+# The files a tokenizer is built from (tokenizer_config.json alone builds one of special tokens
+# only, but for tokenizers that need no vocabulary file, such as ByT5's bytes).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model", "spm.model")
 # What a model download fetches: configuration, safetensors weights and the preprocessing files.
@@ -369,11 +370,12 @@ def resolve_model_directory(
 
 
 def check_model_folder(path: Any, where: str, argument: str, tokenizer: bool = True) -> str:
-    """Raises ValueError unless ``path`` is a local transformers model folder: config.json, weights
-    and (with ``tokenizer``) the files a tokenizer is built from. Returns the path as a string."""
+    """Raises ValueError (FileNotFoundError where nothing is at ``path``) unless ``path`` is a local
+    transformers model folder: config.json, weights and (with ``tokenizer``) the files a tokenizer
+    is built from. Returns the path as a string."""
     path = _directory_path(path, where, argument)
     if not os.path.isdir(path):
-        raise ValueError(f"{where}: {argument} {path!r} is not a directory (a local transformers model, or the id "
+        raise (ValueError if os.path.exists(path) else FileNotFoundError)(f"{where}: {argument} {path!r} is not a directory (a local transformers model, or the id "
                          "of a Hugging Face Hub repository holding one, owner/name, is expected)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{where}: {argument} {path!r} has no config.json: not a transformers model directory")
