@@ -344,6 +344,19 @@ def _run(tiny_model, split, out, **options):
     return result, safetensors.torch.load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def test_the_head_of_a_fine_tuned_checkpoint_is_trained_too(tiny_model, tmp_path):
+    # A checkpoint saved after fine-tuning holds its classifier, so the loading report does not
+    # name it; a new task's labels still need it trained.
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(tiny_model, finetuned)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model.save_pretrained(finetuned)
+    _, _, heads = finetune._load(finetune.RunConfig(str(finetuned)), ["neg", "pos"])
+    assert "classifier" in heads
+    _, _, fresh_heads = finetune._load(finetune.RunConfig(str(tiny_model)), ["neg", "pos"])
+    assert "classifier" in fresh_heads
+
+
 def test_finetune_trains_what_its_options_say(tiny_model, tmp_path):
     texts, labels = zip(*_rows(64))
     split = data.make_split(list(texts), list(labels), seed=0)
