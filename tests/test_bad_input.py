@@ -583,6 +583,21 @@ def test_merge_is_all_or_nothing():
     torch.testing.assert_close(model(x), expected)
 
 
+
+def test_a_flat_fsdp1_shard_of_an_integer_weight_is_refused_as_sharded_not_quantized():
+    # FSDP1's flat shard of a quantized layer's packed weight: the error says what to do about the
+    # sharding (merge unsharded), which the quantized refusal's recipe does not.
+    model = nn.Sequential(nn.Linear(8, 8))
+    goft.inject(model, target_modules=["0"])
+    flat = nn.Parameter(torch.zeros(32, dtype=torch.int8), requires_grad=False)
+    flat._fsdp_flattened = True
+    model[0].base_layer.weight = flat
+    with pytest.raises(ValueError, match=r"cannot merge into Linear: expected a floating \(out, in\) weight with "
+                                         r"in=8, got torch.int8 \(32,\): FullyShardedDataParallel \(FSDP1\) .*"
+                                         r"merge a plain model"):
+        goft.merge(model)
+    assert model[0].merged_adapters == []
+
 def _set_block(model, value):
     model[0].goft_blocks["default"][1] = torch.tensor(value)
 
@@ -677,6 +692,20 @@ def test_add_adapter_errors_name_add_adapter():
     with pytest.raises(ValueError, match=r"^goft\.inject: target_modules=\['nope'\] matched no layer"):
         goft.inject(model, adapter_name="b", target_modules=["nope"])
 
+
+
+def test_saving_under_a_folder_that_is_not_writable_is_refused_first(tmp_path, monkeypatch):
+    # The tests run as root, for whom every folder is writable (chmod cannot stand in): the
+    # answer os.access gives for one folder is faked.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *args, **kwargs: (
+        False if os.fspath(path) == str(locked) and mode & os.W_OK else access(path, mode, *args, **kwargs)))
+    with pytest.raises(ValueError, match=r"goft.save_adapter: path .*locked/run/adapter' cannot be a folder: "
+                                         r".*locked' is not writable"):
+        goft.save_adapter(_one_layer(), str(locked / "run" / "adapter"))
+    assert os.listdir(locked) == []
 
 def test_saving_into_a_file_path_or_from_a_meta_model(tmp_path):
     model = _one_layer()

@@ -61,6 +61,9 @@ def test_takes_the_containers_and_numbers_peft_users_pass():
     assert c.modules_to_save == ["classifier", "score"]
     assert c.layers_to_transform == [1, 2] and all(type(i) is int for i in c.layers_to_transform)
     assert c.orth_lambda == 0.5 and type(c.orth_lambda) is float
+    names = {f"layer_{c}" for c in "qwertyuiop"}  # ten names: 1 in 10! to come out sorted by chance
+    c = GOFTConfig(target_modules=names, exclude_modules=frozenset(names), modules_to_save=set(names))
+    assert c.target_modules == c.exclude_modules == c.modules_to_save == sorted(names)
     for layers in (np.int64(3), [np.int64(3)]):
         c = GOFTConfig(layers_to_transform=layers)
         assert c.layers_to_transform == [3] and type(c.layers_to_transform[0]) is int, layers  # JSON-serialisable

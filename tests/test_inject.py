@@ -576,7 +576,7 @@ def _embeddings_output_requires_grad_in_forward(model, inputs):
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
     try:
-        model(**inputs)
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
     finally:
         handle.remove()
     assert len(seen) == 1
@@ -613,6 +613,49 @@ def test_the_checkpointing_hook_acts_only_while_a_checkpointed_model_trains_with
     switches[-1].gradient_checkpointing = False
     assert not _embeddings_output_requires_grad_in_forward(model, inputs)
 
+
+class _EmbeddingsNotThere(nn.Module):
+    def get_input_embeddings(self):  # a model whose embeddings attribute is missing
+        return self.word_embeddings
+
+
+class _EmbeddingsOfAnotherSignature(nn.Module):
+    def get_input_embeddings(self, position):  # a method of the same name that wants an argument
+        return None
+
+
+class _CheckpointedToy(nn.Module):
+    """A model with transformers' checkpointing switch, one real embeddings, two submodules whose
+    get_input_embeddings fails, and (optionally) embeddings that pass integer ids on."""
+
+    def __init__(self, integer_embeddings=False):
+        super().__init__()
+        self.gradient_checkpointing = True
+        self.embeddings = nn.Identity() if integer_embeddings else nn.Embedding(10, 8)
+        self.missing, self.other = _EmbeddingsNotThere(), _EmbeddingsOfAnotherSignature()
+        self.proj = nn.Linear(8, 8)
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def forward(self, ids):
+        embedded = self.embeddings(ids)
+        return self.proj(embedded if embedded.is_floating_point() else nn.functional.one_hot(embedded, 8).float())
+
+
+@pytest.mark.parametrize("integer_embeddings", [False, True], ids=["float-embeddings", "integer-embeddings"])
+def test_the_checkpointing_hook_passes_over_what_is_not_input_embeddings(integer_embeddings):
+    """Submodules whose get_input_embeddings raises AttributeError or TypeError are not models with
+    embeddings; embeddings with an integer output cannot require grad and are left alone."""
+    model = _CheckpointedToy(integer_embeddings)
+    goft.inject(model, target_modules=["proj"])
+    assert len(_goft_hooks(model.embeddings)) == 1
+    assert not _goft_hooks(model.missing) and not _goft_hooks(model.other)
+    model.train()
+    ids = torch.tensor([[1, 2, 3]])
+    assert _embeddings_output_requires_grad_in_forward(model, ids) is not integer_embeddings
+    model(ids).sum().backward()
+    assert model.proj.goft_angles["default"].grad is not None
 
 def test_bf16_autocast_and_bf16_base_weights():
     inputs = batch("llama")

@@ -120,6 +120,24 @@ def test_penalty_gradient_joins_loss_scaled_gradients_at_their_scale(unscaled_be
             torch.testing.assert_close(param, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+
+def test_a_scaler_error_other_than_unscaling_twice_is_not_hidden():
+    """The callback swallows only the scaler's refusal to unscale twice (gradient clipping did it);
+    unscaling after the step means the callback runs out of place, and must say so."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)
+    model = qgoft_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR),
+                                     scaler=scaler)
+    inputs = {"input_ids": batch("llama")["input_ids"], "labels": batch("llama")["input_ids"]}
+    scaler.scale(model(**inputs).loss).backward()
+    scaler.step(optimizer.optimizer)  # stepped, not yet updated
+    with pytest.raises(RuntimeError, match="unscale_\\(\\) is being called after step\\(\\)"):
+        OrthogonalityPenaltyCallback().on_pre_optimizer_step(None, None, None, model=model, optimizer=optimizer)
+
 @pytest.mark.parametrize("reentrant", [None, True], ids=["transformers-default", "reentrant"])
 @pytest.mark.parametrize("name", ["llama", "vit"])
 def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tmp_path, name, reentrant):
