@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from goft import cli, data, demo, finetune  # noqa: E402
-from goft.io import TOKENIZER_FILES, WEIGHT_FILES  # noqa: E402
+from goft.folders import TOKENIZER_FILES, WEIGHT_FILES  # noqa: E402
 from tiny_models import save_tiny_bert  # noqa: E402
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import goft
-from goft.io import CONFIG_NAME, WEIGHTS_NAME, _is_hub_repo_id
+import goft.folders
+from goft.folders import is_hub_repo_id
+from goft.io import CONFIG_NAME, WEIGHTS_NAME
 
 from tiny_models import assert_unchanged, batch, build, perturb_adapters, save_tiny_bert, snapshot
 
@@ -105,7 +107,7 @@ def test_a_local_directory_comes_before_a_repository_of_the_same_name(hub_cache,
     ("a/..", False), ("owner/na..me", False), ("a/b.", False), ("a\\b", False), ("owner/", False), ("/name", False),
 ])
 def test_only_owner_slash_name_reads_as_a_repository(path, is_repo):
-    assert _is_hub_repo_id(path) is is_repo
+    assert is_hub_repo_id(path) is is_repo
 
 
 def test_paths_that_are_not_repositories_give_the_local_error(tmp_path):
@@ -200,7 +202,7 @@ def test_goft_finetune_and_merge_take_a_model_from_the_hub_cache(model_cache, tm
 
 def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache, tmp_path, capsys):
     from goft import cli
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     cache, local = model_cache
     tokenizer_only = tmp_path / "tokenizer-only"
@@ -255,7 +257,7 @@ def test_a_model_repository_without_weights_or_not_cached_is_refused(model_cache
 
 
 def test_a_model_id_without_owner_resolves_as_the_hubs_early_models_do(model_cache, tmp_path, monkeypatch):
-    from goft.io import _is_hub_repo_id, resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     cache, local = model_cache
     _put_in_cache(cache, "tiny-bert-uncased", local, names=None)
@@ -264,13 +266,13 @@ def test_a_model_id_without_owner_resolves_as_the_hubs_early_models_do(model_cac
     monkeypatch.chdir(tmp_path)
     shutil.copytree(local, tmp_path / "tiny-bert-uncased")  # a local folder of that name comes first
     assert resolve_model_directory("tiny-bert-uncased", "goft finetune") == "tiny-bert-uncased"
-    assert _is_hub_repo_id("gpt2", bare=True) and not _is_hub_repo_id("gpt2")  # adapters: owner/name only
+    assert is_hub_repo_id("gpt2", bare=True) and not is_hub_repo_id("gpt2")  # adapters: owner/name only
     for path in (".", "..", "~", "a.", "./gpt2", "-x"):
-        assert not _is_hub_repo_id(path, bare=True), path
+        assert not is_hub_repo_id(path, bare=True), path
 
 
 def test_a_model_repository_with_pytorch_bin_weights_only_resolves(model_cache, tmp_path):
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     cache, local = model_cache
     bin_only = tmp_path / "bin-only"
@@ -311,7 +313,7 @@ def online_hub(tmp_path, monkeypatch):
 
 def test_a_model_download_asks_for_the_bin_weights_only_without_safetensors(tmp_path, online_hub):
     """The safetensors request, then the .bin one only where the first brought none."""
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     repositories, requests = online_hub
     local = _tiny_bert(tmp_path / "tiny-bert")
@@ -329,18 +331,18 @@ def test_a_model_download_asks_for_the_bin_weights_only_without_safetensors(tmp_
     repositories["owner/bin-only"] = remote
     requests.clear()
     folder = Path(resolve_model_directory("owner/bin-only", "goft finetune"))
-    assert [r["allow_patterns"] for r in requests] == [list(goft.io.MODEL_FILES), list(goft.io.MODEL_BIN_FILES)]
+    assert [r["allow_patterns"] for r in requests] == [list(goft.folders.MODEL_FILES), list(goft.folders.MODEL_BIN_FILES)]
     assert "pytorch_model.bin" in os.listdir(folder) and "tf_model.h5" not in os.listdir(folder)
 
 
 def test_hub_options_reach_the_download(tmp_path, online_hub):
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     repositories, requests = online_hub
     repositories["owner/model"] = _tiny_bert(tmp_path / "tiny-bert")
     options = dict(revision="v2", cache_dir=str(tmp_path / "cache"), token="hf_secret", local_files_only=True)
     resolve_model_directory("owner/model", "goft finetune", **options)
-    assert requests == [dict(options, repo_id="owner/model", allow_patterns=list(goft.io.MODEL_FILES))]
+    assert requests == [dict(options, repo_id="owner/model", allow_patterns=list(goft.folders.MODEL_FILES))]
 
     _saved_adapter(tmp_path / "adapter", seed=1)
     repositories[REPO] = tmp_path / "adapter"
@@ -370,7 +372,7 @@ def test_an_adapter_in_a_repositorys_subfolder_is_downloaded_alone(tmp_path, onl
 def test_a_model_repository_without_config_or_that_the_hub_refuses_is_reported(tmp_path, online_hub):
     from huggingface_hub.errors import HFValidationError
 
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     repositories, _ = online_hub
     weights_only = tmp_path / "weights-only"
@@ -394,7 +396,7 @@ def test_model_downloads_take_one_copy_of_the_weights():
     safetensors."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from goft.io import MODEL_BIN_FILES, MODEL_FILES
+    from goft.folders import MODEL_BIN_FILES, MODEL_FILES
 
     repository = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
                   "onnx/model.onnx", "onnx/config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",

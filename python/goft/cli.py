@@ -188,7 +188,7 @@ def _demo(parser, args) -> int:
 
 def _finetune(parser, args) -> int:
     from goft import data, finetune
-    from goft.io import resolve_model_directory
+    from goft.folders import resolve_model_directory
 
     _check_common(parser, args)
     # Everything that can be wrong with the inputs fails here, before a model is loaded.

@@ -45,11 +45,12 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
 
     import goft
     from goft.finetune import ensure_pad_token, freshly_initialised
-    from goft.io import (MERGED_ADAPTERS_KEY, TOKENIZER_FILES, _directory_path, _read, check_model_folder,
-                         check_output_folder, merged_into, resolve_adapter_directory, resolve_model_directory)
+    from goft.folders import (TOKENIZER_FILES, check_model_folder, check_output_folder, directory_path,
+                              resolve_model_directory)
+    from goft.io import MERGED_ADAPTERS_KEY, _read, merged_into, resolve_adapter_directory
 
     where = "goft merge"
-    model_dir, output_dir = (_directory_path(path, where, argument) for argument, path in
+    model_dir, output_dir = (directory_path(path, where, argument) for argument, path in
                              (("model_dir", model_dir), ("output_dir", output_dir)))
     check_output_folder(output_dir, where, "output")
     out = Path(output_dir)

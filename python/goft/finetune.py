@@ -24,7 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 
 from goft.data import Split
-from goft.io import check_model_folder, check_output_folder
+from goft.folders import check_model_folder, check_output_folder
 from goft.layers import is_conv1d
 from goft.presets import CLASSIFICATION_HEAD_NAMES
 
