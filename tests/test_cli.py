@@ -621,7 +621,7 @@ def test_empty_file_and_bad_model_dir(tiny_model, csv_file, tmp_path, capsys, no
 
 def test_option_errors(tiny_model, csv_file, capsys, no_training):
     assert "--scale" in _error(_finetune_args(tiny_model, csv_file, "--variant", "qgoft", "--scale"), capsys)
-    assert f"expected a comma-separated list of {', '.join(cli.COMPARE_CHOICES)}, got 'adalora'" in _error(
+    assert f"expected a comma-separated list of {', '.join(finetune.METHODS)}, got 'adalora'" in _error(
         _finetune_args(tiny_model, csv_file, "--compare", "adalora"), capsys)
     assert "argument --epochs: expected a positive integer, got '0'" in _error(
         _finetune_args(tiny_model, csv_file, "--epochs", "0"), capsys)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-COMPARE_CHOICES = ("lora", "oft", "goft", "qgoft", "head")
+from goft.export import DTYPES
+from goft.finetune import GOFT_METHODS, METHODS
 
 
 def _number(text: str, kind: type, expected: str, accept) -> float:
@@ -39,9 +40,9 @@ def _non_negative_float(text: str) -> float:
 
 def _method_list(text: str) -> List[str]:
     methods = [m.strip().lower() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in COMPARE_CHOICES]
+    bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(COMPARE_CHOICES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(METHODS)}, got {text!r}")
     return methods
 
 
@@ -53,7 +54,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
                           max_length: int, seed: int, threads: Optional[int], orth_lambda: float,
                           demo: bool) -> None:
     g = p.add_argument_group("method and training")
-    g.add_argument("--variant", choices=("goft", "qgoft"), default="goft",
+    g.add_argument("--variant", choices=GOFT_METHODS, default="goft",
                    help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
     g.add_argument("--scale", action="store_true", help="GOFT*: also learn a per-feature scale (goft variant only)")
     # None until _check_common: an --orth-lambda that no qGOFT run would use is refused there.
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--output", required=True, help="new (or empty) folder for the merged model")
     mg.add_argument("--num-labels", type=_positive_int, default=None,
                     help="labels of the classification head the adapter carries, if not the base config's")
-    mg.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    mg.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                     help="dtype of the saved weights (default: that of the base checkpoint)")
     return parser
 
