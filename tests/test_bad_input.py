@@ -521,7 +521,8 @@ def test_merge_refuses_a_tied_weight():
     perturb_adapters(model, 0.3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for merge in (goft.merge, goft.merge_and_unload):
-        with pytest.raises(ValueError, match=r"weight of layer head is shared with \['embed.weight'\] \(tied weights\)"):
+        with pytest.raises(ValueError, match=rf"goft.{merge.__name__}: the weight of layer head is shared with "
+                                             r"\['embed.weight'\] \(tied weights\)"):
             merge(model)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # block not merged either
         assert all(not layer.merged_adapters for layer in model.modules() if isinstance(layer, GivensLinear))
@@ -576,7 +577,7 @@ def test_merge_is_all_or_nothing():
     expected = model(x)
     weight = model[0].weight.clone()
     for merge in (goft.merge, goft.merge_and_unload):
-        with pytest.raises(NotImplementedError, match="cannot merge into _Int8Linear"):
+        with pytest.raises(NotImplementedError, match=f"goft.{merge.__name__}: cannot merge into _Int8Linear"):
             merge(model)
         assert torch.equal(model[0].weight, weight) and model[0].merged_adapters == []
         assert isinstance(model[0], GivensLinear)

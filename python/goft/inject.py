@@ -448,7 +448,7 @@ def merge(model: nn.Module) -> nn.Module:
         warnings.warn(f"goft.merge: adapter {name!r} is already merged; merging it again would apply it twice, skipped")
         return model
     # Every layer is checked before any weight changes: a merge either happens everywhere or nowhere.
-    _check_mergeable(model, layers, name, invertible=True)
+    _check_mergeable(model, layers, name, invertible=True, where="goft.merge")
     for layer in layers:
         layer.merge(name)
     return model
@@ -488,23 +488,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if name is None:
         raise ValueError("goft.merge_and_unload: no active adapter to merge; goft.set_adapter(model, name) first")
     layers = [layer for layer in goft_layers(model) if layer.active_adapter == name and name not in layer.merged_adapters]
-    _check_mergeable(model, layers, name, invertible=False)
+    _check_mergeable(model, layers, name, invertible=False, where="goft.merge_and_unload")
     for layer in layers:
         layer.merge(name)
     return _strip(model)
 
 
-def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool) -> None:
+def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool,
+                     where: str) -> None:
     """Raises before any weight changes if merging into one of ``layers`` would be wrong."""
     owners = _parameter_owners(model)
     for layer in layers:
-        layer.check_mergeable(adapter_name, invertible=invertible)
+        layer.check_mergeable(adapter_name, invertible=invertible, where=where)
         # A tied weight (e.g. an output head sharing the input embedding) would carry the merged
         # rotation into the other module too, silently changing what the model computes.
         others = _weight_shared_with(layer, owners)
         if others:
             raise ValueError(
-                f"goft.merge: the weight of layer {layer.layer_name or type(layer.base_layer).__name__} is shared with "
+                f"{where}: the weight of layer {layer.layer_name or type(layer.base_layer).__name__} is shared with "
                 f"{others} (tied weights); merging would change those modules too. Untie the weights "
                 "(e.g. tie_word_embeddings=False) or keep this adapter unmerged"
             )

@@ -394,31 +394,32 @@ class GivensLinear(nn.Module):
     # ---- merging (GOFT_SPEC.md section 5) ----
 
     @torch.no_grad()
-    def check_mergeable(self, adapter_name: str, invertible: bool = True) -> None:
+    def check_mergeable(self, adapter_name: str, invertible: bool = True, where: str = "goft.merge") -> None:
         """Raises, changing nothing, if merging ``adapter_name`` would corrupt the base weight.
 
         Refused: a weight that is not a floating (out, in) matrix (NotImplementedError), adapter
         parameters that are NaN or infinite (they would poison the weight for good), and, when
         ``invertible`` (a merge meant to be undone), a transform unmerge could not undo: a scale or
         a qGOFT block whose inverse overflows or whose condition exceeds MAX_UNMERGE_CONDITION.
+        ``where`` names the function called in the errors.
         """
         self._require_adapter(adapter_name, "GivensLinear.merge")
-        self.check_whole(adapter_name, "goft.merge", MERGE_UNSHARDED)
+        self.check_whole(adapter_name, where, MERGE_UNSHARDED)
         tensors = [self.base_layer.weight, *self.adapter_parameters(adapter_name).values()]
         if any(hasattr(t, "device_mesh") for t in tensors):
-            raise ValueError(f"goft.merge: layer {self.layer_name or type(self.base_layer).__name__} is sharded (FSDP2 "
+            raise ValueError(f"{where}: layer {self.layer_name or type(self.base_layer).__name__} is sharded (FSDP2 "
                              f"fully_shard or another DTensor plan); {MERGE_UNSHARDED}")
-        self._check_weight()
+        self._check_weight(where)
         layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
         params, scale, _ = self.op_arguments(adapter_name)
         for what, t in (("parameters", params), ("scale", scale)):
             if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
                 raise ValueError(
-                    f"goft.merge: adapter {adapter_name!r} of {layer} has NaN or infinite {what}; "
+                    f"{where}: adapter {adapter_name!r} of {layer} has NaN or infinite {what}; "
                     "merging would make the base weight non-finite for good"
                 )
         if invertible and not params.is_meta:
-            _check_invertible(params, scale, f"goft.merge: adapter {adapter_name!r} of {layer}",
+            _check_invertible(params, scale, f"{where}: adapter {adapter_name!r} of {layer}",
                               "so goft.unmerge could not restore the weight; goft.merge_and_unload merges for good")
 
     @torch.no_grad()
@@ -471,11 +472,11 @@ class GivensLinear(nn.Module):
             undone.append(self.merged_adapters.pop())
         return undone
 
-    def _check_weight(self) -> None:
+    def _check_weight(self, where: str = "goft.merge") -> None:
         weight = self.base_layer.weight
         if isinstance(weight, torch.Tensor) and weight.is_meta:
             raise ValueError(
-                f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is on the meta "
+                f"{where}: the weight of layer {self.layer_name or type(self.base_layer).__name__} is on the meta "
                 "device: offloaded (accelerate's cpu_offload or disk offload), or never loaded, so a merge would "
                 "change no weight in memory; merge a model whose weights are loaded"
             )
@@ -483,14 +484,14 @@ class GivensLinear(nn.Module):
             # Even a weight whole on every rank (one below ZeRO-3's persistence threshold) is
             # DeepSpeed's to gather and partition, not goft's to change in place.
             raise ValueError(
-                f"goft.merge: the weight of layer {self.layer_name or type(self.base_layer).__name__} is managed by "
+                f"{where}: the weight of layer {self.layer_name or type(self.base_layer).__name__} is managed by "
                 f"DeepSpeed ZeRO-3 ({PARTITIONED_BY_ZERO3}); {MERGE_UNSHARDED}"
             )
         base_kind = type(self.base_layer).__name__
         stored_in_out = is_conv1d(self.base_layer)
         if not (stored_in_out or isinstance(self.base_layer, nn.Linear)):
             raise NotImplementedError(
-                f"goft.merge: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): merging is defined "
+                f"{where}: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): merging is defined "
                 "for nn.Linear and transformers' Conv1D, whose weight layouts are known; keep this adapter unmerged"
             )
         quantized = isinstance(weight, torch.Tensor) and (
@@ -499,7 +500,7 @@ class GivensLinear(nn.Module):
             # bitsandbytes' Linear4bit / Linear8bitLt (QLoRA-style training) and other integer
             # weights; 4-bit ones packed into a floating quant_storage (FSDP-QLoRA) too.
             raise NotImplementedError(
-                f"goft.merge: the weight of layer {self.layer_name or base_kind} is quantized ({base_kind}, "
+                f"{where}: the weight of layer {self.layer_name or base_kind} is quantized ({base_kind}, "
                 f"{weight.dtype}): merging would dequantize it, rotate it and round it to the quantized precision "
                 "again. Merge into the unquantized base model instead: load it without quantization_config, then "
                 "goft.load_adapter(model, <the saved adapter>) and goft.merge_and_unload(model), or run goft merge "
@@ -514,7 +515,7 @@ class GivensLinear(nn.Module):
         ):
             flattened = flattened_by_fsdp1(weight)
             raise (ValueError if flattened else NotImplementedError)(
-                f"goft.merge: cannot merge into {base_kind}: expected a floating (out, in) "
+                f"{where}: cannot merge into {base_kind}: expected a floating (out, in) "
                 f"weight with in={self.in_features}, got {getattr(weight, 'dtype', None)} "
                 f"{tuple(getattr(weight, 'shape', ()))}" + (f": {FLATTENED_BY_FSDP1}; {MERGE_UNSHARDED}" if flattened else "")
             )
@@ -524,7 +525,7 @@ class GivensLinear(nn.Module):
         registered = self.base_layer._parameters.get("weight", self.base_layer._buffers.get("weight"))
         if weight is not registered:
             raise NotImplementedError(
-                f"goft.merge: the weight of layer {self.layer_name or base_kind} is recomputed at each access "
+                f"{where}: the weight of layer {self.layer_name or base_kind} is recomputed at each access "
                 "(a torch.nn.utils.parametrize parametrization such as weight_norm or spectral_norm, or pruning), "
                 "so a merge would not stay in it; remove the parametrization first "
                 "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove) or keep this "
