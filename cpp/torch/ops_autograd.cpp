@@ -100,7 +100,7 @@ class RotatedLinearFunction : public torch::autograd::Function<RotatedLinearFunc
       grad_x = grad_y.matmul(rotate_op().call(weight, params, std::nullopt, true, angles));
       if (need_params) grad_params = rotate_angle_grads_op().call(x, grad_x, params, false, angles);
       if (!need_x) grad_x = at::Tensor();
-    } else {
+    } else if (need_x || need_params || need_scale) {
       const auto grads = rotate_grads(grad_y.matmul(weight), x, params, scale, false,
                                       {need_x, need_params, need_scale}, angles);
       grad_x = grads[0];
