@@ -71,6 +71,19 @@ OP_ERRORS = [
     ("x None", lambda: goft.rotate(None, torch.zeros(1)), RuntimeError, r"goft.rotate: .*\bx\b.*None"),
     ("params None", lambda: goft.rotate(_rand(2, 2), None), RuntimeError, r"goft.rotate: .*\bparams\b.*None"),
     ("x sparse", lambda: goft.rotate(_rand(2, 4).to_sparse(), torch.zeros(3)), NotImplementedError, r"goft::rotate.*SparseCPU"),
+    # The composite ops run for sparse tensors too: their own checks name the argument.
+    ("rotated_linear weight sparse", lambda: goft.rotated_linear(_rand(2, 5), _rand(3, 5).to_sparse(), None, torch.zeros(4)),
+     RuntimeError, r"goft.rotated_linear: expected weight to be a dense \(strided\) tensor, got layout Sparse"),
+    ("rotated_linear bias sparse", lambda: goft.rotated_linear(_rand(2, 5), _rand(3, 5), _rand(3).to_sparse(), torch.zeros(4)),
+     RuntimeError, r"goft.rotated_linear: expected bias to be a dense \(strided\) tensor, got layout Sparse"),
+    ("rotated_linear params sparse", lambda: goft.rotated_linear(_rand(2, 5), _rand(3, 5), None, torch.ones(4).to_sparse()),
+     RuntimeError, r"goft.rotated_linear: expected params to be a dense \(strided\) tensor, got layout Sparse"),
+    ("rotated_linear scale sparse",
+     lambda: goft.rotated_linear(_rand(2, 5), _rand(3, 5), None, torch.zeros(4), torch.ones(5).to_sparse()),
+     RuntimeError, r"goft.rotated_linear: expected scale to be a dense \(strided\) tensor, got layout Sparse"),
+    ("rotate_angle_grads grad_x sparse",
+     lambda: torch.ops.goft.rotate_angle_grads(_rand(2, 5), _rand(2, 5).to_sparse(), torch.randn(4)),
+     RuntimeError, r"goft.rotate_angle_grads: expected grad_x to be a dense \(strided\) tensor, got layout Sparse"),
     # the backward op called directly
     (
         "rotate_backward grad_out shape",
@@ -115,8 +128,9 @@ def test_op_misuse_raises_naming_the_argument(call, error, message):
     assert "goft" in str(info.value)
 
 
-# Cases whose inputs fake tensors cannot stand for: a sparse x (FakeTensorMode fakes strided layouts).
-UNTRACED = {"x sparse"}
+# Cases whose inputs fake tensors cannot stand for: sparse tensors (FakeTensorMode fakes strided layouts).
+UNTRACED = {"x sparse", "rotated_linear weight sparse", "rotated_linear bias sparse", "rotated_linear params sparse",
+            "rotated_linear scale sparse", "rotate_angle_grads grad_x sparse"}
 
 
 def _traced_cases():

@@ -40,6 +40,13 @@ inline void check_x_and_params_given(const char* op, const at::Tensor& x,
   TORCH_CHECK(params.defined(), op, ": expected params to be a tensor of angles (d-1,) or blocks (d-1, 2, 2), got None");
 }
 
+// Sparse (or other non-strided) tensors reach a composite op's kernel, which would pass them on
+// to rotate and fail there, naming rotate or no goft op at all.
+inline void check_strided(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": expected ", name, " to be a dense (strided) tensor, got layout ",
+              t.layout());
+}
+
 // The ops' angle_parameterisation argument: "raw" (params are the angles) or "tanh" (the angle is
 // pi * tanh(param)); free blocks take no parameterisation.
 inline AngleParameterisation check_angle_parameterisation(const char* op, c10::string_view value,
@@ -57,6 +64,8 @@ inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const 
                                      const std::optional<at::Tensor>& scale,
                                      c10::string_view angle_parameterisation) {
   check_x_and_params_given(op, x, params);
+  check_strided(op, "x", x);
+  check_strided(op, "params", params);
   TORCH_CHECK(x.dim() >= 1, op, ": expected x of shape (..., d) with at least one dimension, got a 0-d tensor");
   TORCH_CHECK(is_supported_x_dtype(x.scalar_type()), op,
               ": expected x of dtype float32, float64, bfloat16 or float16, got ", x.scalar_type());
@@ -74,6 +83,7 @@ inline RotateShape check_rotate_args(const char* op, const at::Tensor& x, const 
               ", got ", params.device());
   if (scale.has_value()) {
     const at::Tensor& s = *scale;
+    check_strided(op, "scale", s);
     TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
                 ": expected scale of dtype float32 or float64, got ", s.scalar_type());
     TORCH_CHECK(s.dim() == 1 && s.size(0) == d, op, ": expected scale of shape (", d, ",) for d=", d,
@@ -91,6 +101,7 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
   const int64_t d = x.size(-1);
   TORCH_CHECK(weight.defined(), op, ": expected weight to be a tensor of shape (out, ", d,
               "), got None");
+  check_strided(op, "weight", weight);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d, op, ": expected weight of shape (out, ", d,
               ") for x of shape ", shape_string(x.sizes()), ", got ", shape_string(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": expected weight of x's dtype ",
@@ -99,6 +110,7 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
               ", got ", weight.device());
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
+    check_strided(op, "bias", b);
     TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), op, ": expected bias of shape (",
                 weight.size(0), ",), got ", shape_string(b.sizes()));
     TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": expected bias of x's dtype ",
@@ -114,6 +126,7 @@ inline void check_grad_like_x(const char* op, const char* name, const at::Tensor
                               const at::Tensor& x) {
   TORCH_CHECK(grad.defined(), op, ": expected ", name, " to be a tensor of x's shape ",
               shape_string(x.sizes()), ", got None");
+  check_strided(op, name, grad);
   TORCH_CHECK(grad.sizes() == x.sizes(), op, ": expected ", name, " of x's shape ",
               shape_string(x.sizes()), ", got ", shape_string(grad.sizes()));
   TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": expected ", name, " of x's dtype ",
