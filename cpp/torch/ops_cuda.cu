@@ -29,6 +29,30 @@ namespace {
 template <typename S>
 using kernel_t = typename ElementAs<S, __nv_bfloat16, __half>::type;
 
+#ifndef GOFT_CUDA_ARCH_LIST  // the build's TORCH_CUDA_ARCH_LIST, set by CMakeLists.txt
+#define GOFT_CUDA_ARCH_LIST "(not recorded)"
+#endif
+
+// A failed CUDA call as an error that names the op. On a GPU the kernels were not compiled for,
+// the first plan fails (cudaFuncGetAttributes: cudaErrorNoKernelImageForDevice): the message
+// says which GPU it is and how to build goft for it.
+void check_cuda(const char* op, cudaError_t status) {
+  if (status == cudaSuccess) return;
+  (void)cudaGetLastError();  // not a sticky error: clear it, or the next CUDA call reports it again
+  if (status == cudaErrorNoKernelImageForDevice) {
+    int device = 0;
+    cudaDeviceProp properties{};
+    const bool known = cudaGetDevice(&device) == cudaSuccess &&
+                       cudaGetDeviceProperties(&properties, device) == cudaSuccess;
+    TORCH_CHECK(!known, op, ": goft's CUDA kernels were not built for this GPU (", properties.name,
+                ", compute capability ", properties.major, ".", properties.minor, "; built for ",
+                GOFT_CUDA_ARCH_LIST, "); rebuild goft for it: TORCH_CUDA_ARCH_LIST=\"", properties.major,
+                ".", properties.minor, "\" pip install --no-build-isolation --force-reinstall --no-deps "
+                "<the goft source folder>");
+  }
+  TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
+}
+
 at::Tensor workspace_tensor(int64_t bytes, const at::Tensor& like) {
   return at::empty({bytes}, like.options().dtype(at::kByte));
 }
@@ -48,7 +72,7 @@ cuda::ParamSource param_source(const at::Tensor& params, const RotateShape& shap
 }
 
 template <typename S>
-void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateShape& shape,
+void rotate_into(const char* op, const at::Tensor& x2, const at::Tensor& params, const RotateShape& shape,
                  const std::optional<at::Tensor>& scale, bool transpose, at::Tensor& out2) {
   using T = kernel_t<S>;
   using Acc = at::opmath_type<S>;
@@ -59,7 +83,7 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateSha
   const cuda::ParamSource source = param_source(params, shape, &params_c);
   const std::optional<at::Tensor> scale_acc = scale_as_acc<Acc>(scale);
   cuda::RotatePlan plan;
-  C10_CUDA_CHECK((cuda::plan_rotate<T>(rows, d, transpose, x2.get_device(), &plan)));
+  check_cuda(op, cuda::plan_rotate<T>(rows, d, transpose, x2.get_device(), &plan));
   at::Tensor workspace = workspace_tensor(plan.workspace.bytes, x2);
   RotateArgs<T, Acc> args;
   args.rows = rows;
@@ -70,8 +94,7 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateSha
   args.out_row_stride = out2.stride(0);
   args.scale = scale_acc.has_value() ? scale_acc->const_data_ptr<Acc>() : nullptr;
   args.transpose = transpose;
-  C10_CUDA_CHECK(
-      (cuda::launch_rotate<T>(args, source, plan, workspace.mutable_data_ptr(), stream)));
+  check_cuda(op, cuda::launch_rotate<T>(args, source, plan, workspace.mutable_data_ptr(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -85,24 +108,23 @@ at::Tensor rotate_cuda(const at::Tensor& x, const at::Tensor& params,
   const at::Tensor x2 = as_rows(x, shape.rows, shape.dim);
   at::Tensor out2 = out.view({shape.rows, shape.dim});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate", [&] {
-    rotate_into<scalar_t>(x2, params, shape, scale, transpose, out2);
+    rotate_into<scalar_t>("goft.rotate", x2, params, shape, scale, transpose, out2);
   });
   return out;
 }
 
 template <typename S>
-cuda::RotateBackwardPlan plan_backward(const at::Tensor& x2, bool transpose, bool scale_grad,
-                                       bool strict) {
+cuda::RotateBackwardPlan plan_backward(const char* op, const at::Tensor& x2, bool transpose,
+                                       bool scale_grad, bool strict) {
   cuda::RotateBackwardPlan plan;
-  C10_CUDA_CHECK((cuda::plan_rotate_backward<kernel_t<S>>(x2.size(0), x2.size(1), transpose,
-                                                          scale_grad, strict, x2.get_device(),
-                                                          &plan)));
+  check_cuda(op, cuda::plan_rotate_backward<kernel_t<S>>(x2.size(0), x2.size(1), transpose, scale_grad,
+                                                         strict, x2.get_device(), &plan));
   return plan;
 }
 
 // x_is_output: x2 holds rotate(x) (strict fused plans, no scale; launch_rotate_backward).
 template <typename S>
-void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor& grad2,
+void rotate_backward_into(const char* op, const cuda::RotateBackwardPlan& plan, const at::Tensor& grad2,
                           const at::Tensor& x2, bool x_is_output, const at::Tensor& params,
                           const RotateShape& shape, const std::optional<at::Tensor>& scale,
                           bool transpose, at::Tensor* grad_x2, at::Tensor* grad_params,
@@ -137,8 +159,8 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
   args.num_chunks = plan.num_partials;
   args.block_grad_partials = block_partials.mutable_data_ptr<Acc>();
   args.scale_grad_partials = grad_scale != nullptr ? scale_partials.mutable_data_ptr<Acc>() : nullptr;
-  C10_CUDA_CHECK((cuda::launch_rotate_backward<T>(args, source, plan, x_is_output,
-                                                  workspace.mutable_data_ptr(), stream)));
+  check_cuda(op, cuda::launch_rotate_backward<T>(args, source, plan, x_is_output,
+                                                 workspace.mutable_data_ptr(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Fixed-order sums over the partials, then the chain rule into the params' own form (angle
@@ -155,17 +177,17 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
         // Angle gradients of the blocks as applied; the transposed op applies angle -t, so its
         // sums are negated. rotate_angle_grads (x_is_output) runs the op with the other
         // transpose, whose angle gradients are the negation of those it returns: one more flip.
-        C10_CUDA_CHECK((cuda::launch_angle_grad_sums<Acc, Param>(
+        check_cuda(op, cuda::launch_angle_grad_sums<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs,
             transpose != x_is_output, p.const_data_ptr<Param>(), shape.angles,
             grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
-            stream)));
+            stream));
       } else {
-        C10_CUDA_CHECK((cuda::launch_block_grads_to_param_grads<Acc, Param>(
+        check_cuda(op, cuda::launch_block_grads_to_param_grads<Acc, Param>(
             block_partials.const_data_ptr<Acc>(), plan.num_partials, pairs, transpose,
             p.const_data_ptr<Param>(), shape.params_are_blocks, shape.angles,
             grad_params->mutable_data_ptr<Param>(), reduce_workspace.mutable_data_ptr<Acc>(),
-            stream)));
+            stream));
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -173,9 +195,9 @@ void rotate_backward_into(const cuda::RotateBackwardPlan& plan, const at::Tensor
   if (grad_scale != nullptr) {
     dispatch_param_dtype(grad_scale->scalar_type(), [&](auto tag) {
       using Scale = decltype(tag);
-      C10_CUDA_CHECK((cuda::launch_partial_sums<Acc, Scale>(
+      check_cuda(op, cuda::launch_partial_sums<Acc, Scale>(
           scale_partials.const_data_ptr<Acc>(), plan.num_partials, d,
-          grad_scale->mutable_data_ptr<Scale>(), reduce_workspace.mutable_data_ptr<Acc>(), stream)));
+          grad_scale->mutable_data_ptr<Scale>(), reduce_workspace.mutable_data_ptr<Acc>(), stream));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -199,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
     // grad_x = grad_out @ T^T is the forward with the other transpose.
     at::Tensor grad_x2 = o.grad_x.view({shape.rows, shape.dim});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
-      rotate_into<scalar_t>(grad2, params, shape, scale, !transpose, grad_x2);
+      rotate_into<scalar_t>(op, grad2, params, shape, scale, !transpose, grad_x2);
     });
     return {o.grad_x, o.grad_params, o.grad_scale};
   }
@@ -207,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward_cuda(
   at::Tensor grad_x2 = o.want_x ? o.grad_x.view({shape.rows, shape.dim}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "goft.rotate_backward", [&] {
     const cuda::RotateBackwardPlan plan =
-        plan_backward<scalar_t>(x2, transpose, o.want_scale, !shape.params_are_blocks);
-    rotate_backward_into<scalar_t>(plan, grad2, x2, false, params, shape, scale,
+        plan_backward<scalar_t>(op, x2, transpose, o.want_scale, !shape.params_are_blocks);
+    rotate_backward_into<scalar_t>(op, plan, grad2, x2, false, params, shape, scale,
                                    transpose, o.want_x ? &grad_x2 : nullptr,
                                    o.want_params ? &o.grad_params : nullptr,
                                    o.want_scale ? &o.grad_scale : nullptr);
@@ -236,10 +258,10 @@ at::Tensor rotate_angle_grads_cuda(const at::Tensor& x, const at::Tensor& grad_x
   bool one_pass = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "goft.rotate_angle_grads", [&] {
-    const cuda::RotateBackwardPlan plan = plan_backward<scalar_t>(x2, !transpose, false, true);
+    const cuda::RotateBackwardPlan plan = plan_backward<scalar_t>(op, x2, !transpose, false, true);
     one_pass = plan.angle_partials();
     if (one_pass) {
-      rotate_backward_into<scalar_t>(plan, grad2, x2, true, params, shape, std::nullopt,
+      rotate_backward_into<scalar_t>(op, plan, grad2, x2, true, params, shape, std::nullopt,
                                      !transpose, nullptr, &grad_params, nullptr);
     }
   });
