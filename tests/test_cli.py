@@ -67,7 +67,9 @@ def _finetune_args(model, data_file, *extra):
 
 def test_finetune_goft_writes_adapter_and_metrics(tiny_model, csv_file, tmp_path, capsys):
     out = tmp_path / "out"
+    environment = dict(os.environ)
     assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out))) == 0
+    assert dict(os.environ) == environment  # e.g. no HF_HUB_OFFLINE left for the caller's own Hub calls
     metrics = json.loads((out / "metrics.json").read_text())
     result = metrics["result"]
     assert result["method"] == "goft"
@@ -82,6 +84,17 @@ def test_finetune_goft_writes_adapter_and_metrics(tiny_model, csv_file, tmp_path
     printed = capsys.readouterr().out
     assert "76 train" in printed and "20 test" in printed
     assert f"test accuracy {100 * result['accuracy']:.2f}%" in printed
+    assert "will not be saved" not in printed
+
+
+def test_finetune_without_an_output_dir_says_before_training_that_nothing_is_saved(tiny_model, csv_file, tmp_path,
+                                                                                    capsys, monkeypatch):
+    said_before = []
+    monkeypatch.setattr(finetune, "run", lambda config, split: said_before.append(capsys.readouterr().out))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_finetune_args(tiny_model, csv_file)) == 0
+    assert said_before and "no --output-dir: the adapter and the metrics will not be saved" in said_before[0]
+    assert list(tmp_path.iterdir()) == [csv_file]
 
 
 def test_saved_adapter_reloads_to_the_same_accuracy(tiny_model, csv_file, tmp_path):

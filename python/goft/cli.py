@@ -236,6 +236,8 @@ def _finetune(parser, args) -> int:
     if in_test:
         print(f"dropped {in_test} training texts that also occur in --test-data")
     print(f"data: {split.describe()}; labels {', '.join(split.label_names)}")
+    if not args.output_dir:  # said before training, when it can still be changed
+        print("no --output-dir: the adapter and the metrics will not be saved")
 
     if not args.compare:
         try:

@@ -12,7 +12,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -237,7 +236,6 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     The head is whatever the checkpoint lacked (a fresh classifier; DeBERTa's pooler too) plus
     the model's classifier/score child, so a fine-tuned checkpoint works as well.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError:
