@@ -226,6 +226,15 @@ def median(xs: List[float]) -> float:
     return statistics.median(xs)
 
 
+def ratio_in_shared_rounds(samples: List[float], reference: List[float]) -> float:
+    """The median of ``samples`` over the median of ``reference``, both over the rounds both were
+    timed in (sample i of each comes from round i). A slow callable gets fewer rounds than its
+    reference; dividing by the reference's median over all its rounds would set them against
+    other rounds' load, and could put the ratio outside the rounds' own range."""
+    shared = min(len(samples), len(reference))
+    return median(samples[:shared]) / median(reference[:shared])
+
+
 def round_ratios(samples: List[float], reference: List[float]) -> List[float]:
     """The ratio of ``samples`` to ``reference`` in each round both were timed in (time_interleaved
     times every callable once per round, so sample i of each came from the same round)."""

@@ -57,8 +57,8 @@ def measure(d: int, rows: int, steps: int, repeats: int) -> list:
 
     fns = {name: batch(m, name == WEIGHT_SIDE) for name, m in variants.items()}
     samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
-    frozen = common.median(samples["frozen"])
-    return [dict(variant=name, us_per_step=1e6 * common.median(s) / steps, ratio=common.median(s) / frozen,
+    return [dict(variant=name, us_per_step=1e6 * common.median(s) / steps,
+                 ratio=common.ratio_in_shared_rounds(s, samples["frozen"]),
                  n=len(s), d=d, rows=rows, steps=steps) for name, s in samples.items()]
 
 

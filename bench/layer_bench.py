@@ -122,11 +122,11 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
         fns[name], faults[name] = common.counting_faults(
             lambda m=m, params=params: torch.autograd.grad(m(x), [x] + params, g))
     samples = common.time_interleaved(fns, repeats, budget_s=float("inf"), slow_s=float("inf"))
-    t_frozen = common.median(samples["frozen"])
     records = []
     for name, m in variants.items():
         t = common.median(samples[name])
-        record = dict(d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]), ratio=t / t_frozen,
+        record = dict(d=d, rows=rows, variant=name, ms=t * 1e3, n=len(samples[name]),
+                      ratio=common.ratio_in_shared_rounds(samples[name], samples["frozen"]),
                       round_ratios=common.round_ratios(samples[name], samples["frozen"]),
                       samples_ms=[s * 1e3 for s in samples[name]],
                       **common.fault_summary(faults[name], len(samples[name])), trainable=trainable[name],
@@ -138,9 +138,9 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
                           saved_count=saved["count"], rss_growth=common.peak_rss_growth(fns[name]))
         records.append(record)
         if timing_only:
-            print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen)", file=sys.stderr, flush=True)
+            print(f"  d={d} {name}: {t * 1e3:.1f} ms ({record['ratio']:.3f}x frozen)", file=sys.stderr, flush=True)
             continue
-        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({t / t_frozen:.3f}x frozen), "
+        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({record['ratio']:.3f}x frozen), "
               f"saved {common.fmt_bytes(record['saved_total'])}", flush=True)
     return records
 

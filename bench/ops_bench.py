@@ -82,17 +82,17 @@ def bench_dtype(goft, d: int, dtype: torch.dtype, rows_list: List[int], repeats:
             fns[f"{name}|fwd"] = lambda f=f: f(xg, pg)
             fns[f"{name}|fwd+bwd"] = lambda f=f: torch.autograd.grad(f(xg, pg), (xg, pg), g)
         samples = common.time_interleaved(fns, repeats)
-        t_clone = common.median(samples["clone"])
         elt = x.element_size()
         for key, ts in samples.items():
             method, _, pss = key.partition("|")
             pss = pss or "fwd"
             t = common.median(ts)
             nbytes = TENSORS_PER_PASS[pss] * rows * d * elt
-            roof = t_clone * TENSORS_PER_PASS[pss] / 2
+            # The roofline: a clone scaled to the pass's tensors, timed in the same rounds.
+            x_roofline = common.ratio_in_shared_rounds(ts, samples["clone"]) * 2 / TENSORS_PER_PASS[pss]
             records.append(
                 dict(d=d, rows=rows, dtype=str(dtype).replace("torch.", ""), method=method, pass_=pss,
-                     ms=t * 1e3, n=len(ts), gbps=nbytes / t / common.GB, x_roofline=t / roof)
+                     ms=t * 1e3, n=len(ts), gbps=nbytes / t / common.GB, x_roofline=x_roofline)
             )
         print(f"  d={d} rows={rows} {dtype}: " + ", ".join(
             f"{k}={common.median(v) * 1e3:.1f}ms" for k, v in samples.items()), flush=True)

@@ -152,16 +152,16 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
     # slow ones (BOFT: about 40 s a step on DeBERTa) at the minimum of 3 samples.
     samples = common.time_interleaved(steps, repeats, budget_s=60.0, slow_s=float("inf"))
     records = []
-    t_ref = common.median(samples["lora r=8"]) if "lora r=8" in samples else None
+    reference = samples.get("lora r=8")
     for name in names:
         t = common.median(samples[name])
-        records.append(dict(model=title, variant=name, ms=t * 1e3, n=len(samples[name]),
-                            vs_lora=(t / t_ref) if t_ref else None,
-                            round_ratios=common.round_ratios(samples[name], samples["lora r=8"]) if t_ref else [],
+        vs_lora = common.ratio_in_shared_rounds(samples[name], reference) if reference else None
+        records.append(dict(model=title, variant=name, ms=t * 1e3, n=len(samples[name]), vs_lora=vs_lora,
+                            round_ratios=common.round_ratios(samples[name], reference) if reference else [],
                             samples_ms=[s * 1e3 for s in samples[name]],
                             **common.fault_summary(faults[name], len(samples[name])),
                             rss_growth=common.peak_rss_growth(steps[name]), trainable=trainable[name], total=total[name]))
-        print(f"  {title} {name}: {t * 1e3:.0f} ms" + (f" ({t / t_ref:.2f}x LoRA)" if t_ref else ""), flush=True)
+        print(f"  {title} {name}: {t * 1e3:.0f} ms" + (f" ({vs_lora:.2f}x LoRA)" if reference else ""), flush=True)
     return records
 
 
@@ -180,7 +180,8 @@ def render(records: List[dict], info, load_after, wall, command, batch_size, seq
     out.append(
         f"One AdamW step (zero_grad, forward with loss, backward, optimizer step), float32, train "
         f"mode, batch {batch_size} x seq {seq}, random weights; median over interleaved repeats after "
-        "one warm-up step each (rounds' range: the lowest and highest ratio of a single round). "
+        "one warm-up step each; time / LoRA: the ratio of the medians over the rounds both were timed in "
+        "(a slow method gets fewer); rounds' range: the lowest and highest ratio of a single round. "
         "All linear layers of every block adapted (DeBERTa: query/key/value_proj, "
         "attention.output.dense, intermediate.dense, output.dense; LLaMA: q/k/v/o_proj, "
         "gate/up/down_proj); heads frozen. **frozen**: no adapter, one trainable scalar on the "

@@ -59,6 +59,16 @@ def test_round_ratios_pair_samples_of_the_same_round():
     assert common.fmt_range([1.25, 0.5, 1.0]) == "0.500-1.250"
 
 
+def test_a_method_with_fewer_rounds_is_set_against_the_reference_of_those_rounds():
+    # BOFT got 3 rounds of LoRA's 10 in one training run; its 3 rounds ran on a slower machine.
+    slow_method, reference = [30.0, 33.0, 36.0], [3.0, 3.0, 3.3] + [2.0] * 7
+    ratio = common.ratio_in_shared_rounds(slow_method, reference)
+    assert ratio == 11.0
+    ratios = common.round_ratios(slow_method, reference)
+    assert min(ratios) <= ratio <= max(ratios)  # the median over all 10 rounds (2.0) would give 16.5
+    assert common.ratio_in_shared_rounds(reference, slow_method) == 1 / 11.0
+
+
 def test_a_slow_callable_is_timed_after_its_cold_run():
     runs = []
 
