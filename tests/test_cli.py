@@ -370,6 +370,26 @@ def test_the_head_of_a_fine_tuned_checkpoint_is_trained_too(tiny_model, tmp_path
     assert "classifier" in fresh_heads
 
 
+def test_a_head_with_layers_of_its_own_is_counted_once(tiny_model, tmp_path):
+    # RoBERTa's classifier holds dense and out_proj, both fresh in an encoder's checkpoint.
+    roberta = tmp_path / "roberta"
+    shutil.copytree(tiny_model, roberta)
+    (roberta / "config.json").unlink()
+    torch.manual_seed(0)
+    transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=transformers.AutoTokenizer.from_pretrained(roberta).vocab_size, hidden_size=32,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64,
+        pad_token_id=0), add_pooling_layer=False).save_pretrained(roberta)
+    _, model, heads = finetune._load(finetune.RunConfig(str(roberta)), ["neg", "pos"])
+    assert heads == ["classifier"]
+    head = sum(p.numel() for p in model.classifier.parameters())
+    adapter = sum(m.in_features - 1 for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not n.startswith("classifier"))
+    texts, labels = zip(*_rows(64))
+    result, _ = _run(roberta, data.make_split(list(texts), list(labels), seed=0), tmp_path / "out")
+    assert (result.head_params, result.adapter_params, result.trainable_params) == (head, adapter, head + adapter)
+
+
 def test_finetune_trains_what_its_options_say(tiny_model, tmp_path):
     texts, labels = zip(*_rows(64))
     split = data.make_split(list(texts), list(labels), seed=0)

@@ -261,6 +261,9 @@ def _load(config: RunConfig, label_names: Sequence[str]):
     # A classifier/score child is the head also when the checkpoint holds it already (a model
     # saved after fine-tuning), which the loading report above does not show.
     heads |= {name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES}
+    # A head's own layers (RoBERTa's classifier.dense and classifier.out_proj) are part of it:
+    # listed beside it, their parameters would be counted twice.
+    heads = {h for h in heads if not any(h.startswith(other + ".") for other in heads)}
     return tokenizer, model, sorted(heads)
 
 
