@@ -17,7 +17,7 @@ from goft.inject import goft_layers
 
 from tiny_models import (
     HEADS_TO_SAVE, MODELS, TRANSFORMERS_4, assert_unchanged, batch, build, interrupt_at_call, perturb_adapters,
-    snapshot, tiny_gpt2, tiny_llama, transformers,
+    snapshot, tiny_bert, tiny_gpt2, tiny_llama, transformers,
 )
 
 VARIANTS = {"goft": {}, "goft*": {"scale": True}, "qgoft": {"variant": "qgoft"}}
@@ -161,6 +161,22 @@ def test_all_linear_leaves_the_classification_head_and_a_frozen_head_is_warned_a
         warnings.simplefilter("error")
         goft.inject(model, target_modules="all-linear", modules_to_save=heads)
     assert all(p.requires_grad for head in heads for p in model.get_submodule(head).parameters())
+
+
+def test_a_bare_encoders_pooler_is_no_head():
+    # BertModel's pooler is pretrained, part of the encoder: not warned about, and all-linear
+    # adapts it as it does inside BertForSequenceClassification.
+    torch.manual_seed(0)
+    bare = tiny_bert("BertModel")
+    assert bare.base_model is bare and isinstance(bare.pooler.dense, torch.nn.Linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        goft.inject(bare, target_modules="all-linear")
+    assert "pooler.dense" in _adapted(bare)
+    headed = tiny_bert()
+    goft.inject(headed, target_modules="all-linear", modules_to_save=["classifier"])
+    assert "bert.pooler.dense" in _adapted(headed)
+    assert sorted(n.removeprefix("bert.") for n in _adapted(headed)) == sorted(_adapted(bare))
 
 
 def test_conv1d_model():

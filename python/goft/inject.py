@@ -748,7 +748,12 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _classification_heads(model: nn.Module) -> List[str]:
-    """Names of the model's top-level classification heads (presets.CLASSIFICATION_HEAD_NAMES)."""
+    """Names of the model's top-level classification heads (presets.CLASSIFICATION_HEAD_NAMES).
+
+    A transformers model without a head class around it (``BertModel``: its ``base_model`` is
+    itself) has none: its ``pooler`` is pretrained, part of the encoder."""
+    if getattr(model, "base_model", None) is model:
+        return []
     return [name for name, _ in model.named_children() if name in CLASSIFICATION_HEAD_NAMES]
 
 
