@@ -514,23 +514,29 @@ def test_merge_refuses_non_finite_adapters_and_changes_nothing():
 
 
 class _TiedLanguageModel(nn.Module):
-    """A plain module whose output head shares the input embedding's weight, as GPT-2's does."""
+    """A plain module whose output head shares the input embedding's weight, as GPT-2's does: one
+    Parameter, or (``by_data``, as older code ties them) two Parameters over the same memory."""
 
-    def __init__(self, vocab=50, width=16):
+    def __init__(self, vocab=50, width=16, by_data=False):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.block = nn.Linear(width, width)
         self.head = nn.Linear(width, vocab, bias=False)
-        self.head.weight = self.embed.weight
+        if by_data:
+            self.head.weight.data = self.embed.weight.data
+        else:
+            self.head.weight = self.embed.weight
 
     def forward(self, ids):
         return self.head(torch.relu(self.block(self.embed(ids))))
 
 
-def test_merge_refuses_a_tied_weight():
+@pytest.mark.parametrize("by_data", [False, True], ids=["one-parameter", "same-memory"])
+def test_merge_refuses_a_tied_weight(by_data):
     # Merging a rotation into a head that shares the input embedding would rotate the embedding too.
     torch.manual_seed(0)
-    model = _TiedLanguageModel()
+    model = _TiedLanguageModel(by_data=by_data)
+    assert (model.head.weight is model.embed.weight) != by_data
     goft.inject(model, target_modules=["block", "head"])
     perturb_adapters(model, 0.3)
     state = {k: v.clone() for k, v in model.state_dict().items()}

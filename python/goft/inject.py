@@ -511,19 +511,38 @@ def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name:
             )
 
 
-def _parameter_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module]]]:
-    """{id(parameter): [(its full name, the module holding it)]} over every path of every module."""
-    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+def _memory_key(param: torch.Tensor) -> tuple:
+    """What a parameter's values live in. Two Parameters over the same memory (``head.weight.data
+    = emb.weight.data``, how older code ties weights) are as tied as one Parameter held twice.
+    Parameters without memory of their own (meta, empty placeholders, tensor subclasses without
+    a plain storage) count by identity."""
+    if param.device.type != "meta" and param.numel() > 0:
+        try:
+            address = param.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            address = 0
+        if address:
+            return ("memory", address, param.storage_offset(), tuple(param.shape), param.stride(), param.dtype)
+    return ("object", id(param))
+
+
+def _parameter_owners(model: nn.Module) -> Dict[tuple, List[Tuple[str, nn.Module]]]:
+    """{the parameter's memory (_memory_key): [(its full name, the module holding it)]} over every
+    path of every module."""
+    owners: Dict[tuple, List[Tuple[str, nn.Module]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((f"{module_name}.{param_name}".lstrip("."), module))
+            owners.setdefault(_memory_key(param), []).append((f"{module_name}.{param_name}".lstrip("."), module))
     return owners
 
 
-def _weight_shared_with(layer: nn.Module, owners: Dict[int, List[Tuple[str, nn.Module]]]) -> List[str]:
+def _weight_shared_with(layer: nn.Module, owners: Dict[tuple, List[Tuple[str, nn.Module]]]) -> List[str]:
     """Names under which other modules hold the weight of ``layer`` (or of the layer it wraps): tied weights."""
     base = layer.base_layer if isinstance(layer, GivensLinear) else layer
-    return [name for name, owner in owners.get(id(getattr(base, "weight", None)), []) if owner is not base]
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return []
+    return [name for name, owner in owners.get(_memory_key(weight), []) if owner is not base]
 
 
 def _strip(model: nn.Module) -> nn.Module:
