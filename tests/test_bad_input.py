@@ -822,6 +822,17 @@ class _InOutLinear(nn.Module):
         return x @ self.weight
 
 
+class _DecoupledLinear(nn.Linear):
+    """An nn.Linear with a second layer on the same input, as transformers' IdeficsDecoupledLinear."""
+
+    def __init__(self, in_features, out_features, additional_features):
+        super().__init__(in_features, out_features)
+        self.additional_fc = nn.Linear(in_features, additional_features)
+
+    def forward(self, x):
+        return torch.cat([super().forward(x), self.additional_fc(x)], dim=-1)
+
+
 def _weight_normed(model):
     torch.nn.utils.parametrizations.weight_norm(model[0])
 
@@ -839,13 +850,16 @@ def _pruned(model):
     (_spectral_normed, r"weight of layer 0 is recomputed at each access"),
     (_pruned, r"weight of layer 0 is recomputed at each access .*prune.remove"),
     (None, r"cannot merge into _InOutLinear \(layer 0\): merging is defined for nn.Linear and transformers' Conv1D"),
-], ids=["weight_norm", "spectral_norm", "prune", "custom layout"])
+    ("decoupled", r"cannot merge into _DecoupledLinear \(layer 0\): besides its weight it holds \['additional_fc'\]"),
+], ids=["weight_norm", "spectral_norm", "prune", "custom layout", "linear subclass with more layers"])
 def test_merge_refuses_weights_it_cannot_write_or_read(prepare, message):
     # A merge into these once succeeded and changed nothing (the weight is recomputed, and the
     # adapter, counted as merged, was skipped) or read an (in, out) weight as (out, in).
     torch.manual_seed(0)
     if prepare is None:
         model = nn.Sequential(_InOutLinear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    elif prepare == "decoupled":
+        model = nn.Sequential(_DecoupledLinear(16, 12, 4), nn.ReLU(), nn.Linear(16, 4))
     else:
         model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         prepare(model)

@@ -531,6 +531,19 @@ class GivensLinear(nn.Module):
                 "(torch.nn.utils.parametrize.remove_parametrizations, torch.nn.utils.prune.remove) or keep this "
                 "adapter unmerged"
             )
+        # A subclass holding more than weight and bias (transformers' IdeficsDecoupledLinear: an
+        # additional_fc beside the weight) feeds the rotated input to those too, and a merge
+        # reaches only the weight.
+        extra = sorted({name for name, _ in self.base_layer.named_parameters(recurse=False)}
+                       | {name for name, _ in self.base_layer.named_buffers(recurse=False)}
+                       | {name for name, _ in self.base_layer.named_children()})
+        extra = [name for name in extra if name not in ("weight", "bias")]
+        if extra:
+            raise NotImplementedError(
+                f"{where}: cannot merge into {base_kind} (layer {self.layer_name or base_kind}): besides its weight "
+                f"it holds {extra}, which its forward may apply to the rotated input too, and a merge would change "
+                "only the weight; keep this adapter unmerged"
+            )
 
     def _apply_to_weight(self, rows_map) -> None:
         """Replaces the weight by rows_map applied to its rows over the input dimension."""
