@@ -1,6 +1,7 @@
 """Misuse of the op and the modules: a clear exception naming the argument or layer, or a correct result; never a crash."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -877,6 +878,34 @@ def test_merge_refuses_weights_it_cannot_write_or_read(prepare, message):
     assert not any(layer.merged_adapters for layer in goft_layers(model))
     with torch.no_grad():
         assert torch.equal(model(x), adapted)
+
+
+def test_a_merge_that_float16_cannot_hold_is_refused_before_any_layer_changes():
+    # A rotation keeps a row's norm, not its largest entry: at 45 degrees (50000, -50000), in
+    # float16 (49984, -49984), becomes (70688, 0), past float16's 65504. Stored, it was inf, and an unmerge made the weight NaN.
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[1].weight.copy_(torch.tensor([[50000.0, -50000.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]))
+    goft.inject(model, target_modules=["0", "1"])
+    with torch.no_grad():
+        for layer in goft_layers(model):
+            layer.goft_angles["default"][0] = math.atanh(0.25)  # pi * tanh(p) = pi / 4, on features 0 and 1
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (goft.merge, goft.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"goft.{merge.__name__}: the weight of layer 1 would not fit in float16: "
+                                             r"entries up to 7.069e\+04, above float16's largest, 65504; the weight is "
+                                             "left as it was"):
+            merge(model)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # layer 0 not merged either
+    # Entries a little smaller fit, and merge as usual.
+    with torch.no_grad():
+        model[1].base_layer.weight[0, :2] = torch.tensor([40000.0, -40000.0])
+    x = torch.randn(3, 4, dtype=torch.float16)
+    adapted = model(x)
+    goft.merge(model)
+    torch.testing.assert_close(model(x), adapted, rtol=2e-3, atol=2e-3 * 56569)
+    assert torch.isfinite(model[1].base_layer.weight).all()
 
 
 def test_dynamically_quantized_linears_are_refused_and_the_model_is_left_as_it_was():

@@ -421,6 +421,12 @@ class GivensLinear(nn.Module):
         if invertible and not params.is_meta:
             _check_invertible(params, scale, f"{where}: adapter {adapter_name!r} of {layer}",
                               "so goft.unmerge could not restore the weight; goft.merge_and_unload merges for good")
+        weight = self.base_layer.weight
+        if torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max:
+            # float16 holds up to 65504: a rotation keeps a row's norm, not its largest entry, and
+            # a scale or a qGOFT block can grow both. Computed once more here (float16 weights
+            # only) so that a model-level merge refuses before any layer changes.
+            self._check_fits(self._transformed_weight(self._merge_map(adapter_name)), where)
 
     @torch.no_grad()
     def merge(self, adapter_name: Optional[str] = None) -> bool:
@@ -440,12 +446,16 @@ class GivensLinear(nn.Module):
         # The op's own arguments, so the merged weight applies exactly the forward's transform.
         params, scale, angle_parameterisation = self.op_arguments(name)
         params, scale = params.detach().clone(), None if scale is None else scale.detach().clone()
-        self._apply_to_weight(
-            lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), True, angle_parameterisation)
-        )
+        self._apply_to_weight(self._merge_map(name), "goft.merge")
         self.merged_adapters.append(name)
         self._merged_transforms.append((params, scale, angle_parameterisation))
         return True
+
+    def _merge_map(self, adapter_name: str):
+        """The map merging ``adapter_name`` applies to the weight's rows (over the input dimension)."""
+        params, scale, angle_parameterisation = self.op_arguments(adapter_name)
+        params, scale = params.detach(), None if scale is None else scale.detach()
+        return lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), True, angle_parameterisation)
 
     @torch.no_grad()
     def unmerge(self) -> List[str]:
@@ -467,7 +477,7 @@ class GivensLinear(nn.Module):
                 inverse_params, inverse_scale = _inverse_transposed(_like(params, rows), _like(scale, rows), name)
                 return rotate(rows, inverse_params, inverse_scale, False, angle_parameterisation)
 
-            self._apply_to_weight(inverse)
+            self._apply_to_weight(inverse, "goft.unmerge")
             self._merged_transforms.pop()
             undone.append(self.merged_adapters.pop())
         return undone
@@ -545,16 +555,36 @@ class GivensLinear(nn.Module):
                 "only the weight; keep this adapter unmerged"
             )
 
-    def _apply_to_weight(self, rows_map) -> None:
+    def _apply_to_weight(self, rows_map, where: str) -> None:
         """Replaces the weight by rows_map applied to its rows over the input dimension."""
-        self._check_weight()
+        self._check_weight(where)
+        new_weight = self._transformed_weight(rows_map)
+        self._check_fits(new_weight, where)
+        self.base_layer.weight.data.copy_(new_weight)
+
+    def _transformed_weight(self, rows_map) -> torch.Tensor:
+        """rows_map applied to the weight's rows, in _compute_dtype, in the weight's layout; not yet stored."""
         weight = self.base_layer.weight
         stored_in_out = is_conv1d(self.base_layer)
-        compute_dtype = torch.promote_types(weight.dtype, torch.float32)
-        rows = weight.detach().to(compute_dtype)
-        rows = rows.T if stored_in_out else rows
-        new_rows = rows_map(rows)
-        weight.data.copy_(new_rows.T if stored_in_out else new_rows)
+        rows = weight.detach().to(_compute_dtype(weight))
+        new_rows = rows_map(rows.T if stored_in_out else rows)
+        return new_rows.T if stored_in_out else new_rows
+
+    def _check_fits(self, new_weight: torch.Tensor, where: str) -> None:
+        """Refuses a new weight that the weight's dtype cannot hold (it would store inf, and NaN
+        after an unmerge), unless the weight held non-finite values already."""
+        weight = self.base_layer.weight
+        largest = torch.finfo(weight.dtype).max
+        if bool((new_weight.abs() <= largest).all()) or not bool(torch.isfinite(weight).all()):
+            return
+        layer = self.layer_name or type(self.base_layer).__name__
+        dtype = str(weight.dtype).removeprefix("torch.")
+        worst = new_weight.abs().max().item()
+        found = "NaN entries" if math.isnan(worst) else f"entries up to {worst:.4g}, above {dtype}'s largest, {largest:.6g}"
+        raise ValueError(
+            f"{where}: the weight of layer {layer} would not fit in {dtype}: {found}; the weight is left as it "
+            "was. Keep this adapter unmerged, or merge a copy of the model in float32 or bfloat16"
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -567,6 +597,11 @@ def orthogonality_term(blocks: torch.Tensor, orth_lambda: float) -> torch.Tensor
     """qGOFT's penalty lambda * sum_i <A_i[:,0], A_i[:,1]>^2 over (..., 2, 2) blocks A_i."""
     column_dots = (blocks[..., 0] * blocks[..., 1]).sum(-1)
     return orth_lambda * column_dots.square().sum()
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """What a merge computes in: float32, or float64 for float64 weights."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _like(t: Optional[torch.Tensor], rows: torch.Tensor) -> Optional[torch.Tensor]:
