@@ -583,6 +583,38 @@ def test_checkpointing_reaches_the_adapters_without_transformers_own_hook():
     assert not model.get_input_embeddings()._forward_hooks, "goft.unload leaves a hook behind"
 
 
+def test_reentrant_checkpointing_reaches_the_adapters_of_a_model_fed_inputs_embeds():
+    """Embeddings computed by the caller (soft prompts, a vision tower's features) never pass the
+    input embeddings' hook; the model's own pre-hook makes them require grad, and not the
+    caller's tensor."""
+    model = build("llama")
+    goft.inject(model)
+    perturb_adapters(model, 0.2)
+    model.train()
+    inputs = batch("llama")
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    model(inputs_embeds=embeds, labels=inputs["labels"]).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    _enable_reentrant_checkpointing(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch warns when a checkpointed block's inputs need no grad
+        model(inputs_embeds=embeds, labels=inputs["labels"]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[n] is not None for n in expected)
+    for n, g in expected.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7)
+    assert not embeds.requires_grad and embeds.grad is None
+    assert any(_goft_pre_hooks(m) for m in model.modules())
+    goft.unload(model)
+    assert not any(_goft_pre_hooks(m) for m in model.modules()), "goft.unload leaves a hook behind"
+
+
+def _goft_pre_hooks(module):
+    return [h for h in module._forward_pre_hooks.values()
+            if isinstance(h, functools.partial) and h.func.__module__ == "goft.inject"]
+
+
 def _goft_hooks(module):
     return [h for h in module._forward_hooks.values()
             if isinstance(h, functools.partial) and h.func.__module__ == "goft.inject"]

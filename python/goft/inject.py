@@ -662,23 +662,30 @@ def _let_checkpointing_reach_the_adapters(model: nn.Module) -> None:
     is reentrant by default): not for image models, nor for any goft model under 4.x, e.g. with
     ``Trainer(gradient_checkpointing=True)``, which enables it after goft.inject. The hook looks
     at each forward, so the order of the two does not matter; without checkpointing it leaves the
-    output alone, so backward does no extra work.
+    output alone, so backward does no extra work. Embeddings the caller computed (``inputs_embeds``:
+    soft prompts, a vision tower's features merged outside the model) never pass the embeddings:
+    a pre-hook on each model gives them the same treatment.
     """
     # transformers' switches: the encoder/decoder stacks and (5.x) every checkpointed block.
     switches = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
     if not switches:
         return
-    for embeddings in _input_embeddings(model):
-        if _checkpointing_hook_key(embeddings) is None:
-            # A partial of the modules, not a closure: deepcopy and pickle then carry it to the copy's.
-            embeddings.register_forward_hook(functools.partial(_require_grad_when_checkpointing, switches))
+    # Partials of the modules, not closures: deepcopy and pickle then carry them to the copy's.
+    models, embeddings = _models_with_input_embeddings(model)
+    for module in embeddings:
+        if _hook_key(module._forward_hooks, _require_grad_when_checkpointing) is None:
+            module.register_forward_hook(functools.partial(_require_grad_when_checkpointing, switches))
+    for module in models:
+        if _hook_key(module._forward_pre_hooks, _given_embeddings_require_grad) is None:
+            module.register_forward_pre_hook(functools.partial(_given_embeddings_require_grad, switches),
+                                             with_kwargs=True)
 
 
-def _input_embeddings(model: nn.Module) -> List[nn.Module]:
-    """The input embeddings of every model inside ``model`` (transformers' get_input_embeddings),
-    each once: an encoder-decoder's encoder (Whisper's conv1) and a multimodal model's towers have
-    their own, which the top-level model does not return."""
-    found: Dict[int, nn.Module] = {}
+def _models_with_input_embeddings(model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module]]:
+    """The models inside ``model`` that have input embeddings (transformers' get_input_embeddings),
+    and those embeddings, each once: an encoder-decoder's encoder (Whisper's conv1) and a
+    multimodal model's towers have their own, which the top-level model does not return."""
+    models, found = [], {}
     for module in model.modules():
         get_embeddings = getattr(module, "get_input_embeddings", None)
         if not callable(get_embeddings):
@@ -688,30 +695,54 @@ def _input_embeddings(model: nn.Module) -> List[nn.Module]:
         except (NotImplementedError, AttributeError, TypeError):  # a model without one
             continue
         if isinstance(embeddings, nn.Module):
+            models.append(module)
             found.setdefault(id(embeddings), embeddings)
-    return list(found.values())
+    return models, list(found.values())
+
+
+def _checkpointing(switches: List[nn.Module]) -> bool:
+    """Whether a checkpointed part of the model trains, with grad: when the hooks act."""
+    return torch.is_grad_enabled() and any(m.gradient_checkpointing and m.training for m in switches)
 
 
 def _require_grad_when_checkpointing(switches: List[nn.Module], module: nn.Module, args, output):
     # Some embeddings return a tuple led by the embeddings (BEiT's patch embeddings in 4.x: (x, (h, w))).
     embedded = output[0] if isinstance(output, (tuple, list)) and output else output
     if (isinstance(embedded, torch.Tensor) and not embedded.requires_grad and embedded.is_floating_point()
-            and torch.is_grad_enabled() and any(m.gradient_checkpointing and m.training for m in switches)):
+            and _checkpointing(switches)):
         embedded.requires_grad_(True)
 
 
-def _checkpointing_hook_key(embeddings: nn.Module) -> Optional[int]:
-    for key, hook in embeddings._forward_hooks.items():
-        if isinstance(hook, functools.partial) and hook.func is _require_grad_when_checkpointing:
+# The keyword arguments through which transformers models take embeddings computed by the caller.
+GIVEN_EMBEDDINGS = ("inputs_embeds", "decoder_inputs_embeds")
+
+
+def _given_embeddings_require_grad(switches: List[nn.Module], module: nn.Module, args, kwargs):
+    given = {k: v for k in GIVEN_EMBEDDINGS if isinstance(v := kwargs.get(k), torch.Tensor)
+             and not v.requires_grad and v.is_floating_point()}
+    if not given or not _checkpointing(switches):
+        return None
+    # An alias requires grad, not the caller's tensor, which then gets no .grad of its own.
+    return args, {**kwargs, **{k: v.detach().requires_grad_(True) for k, v in given.items()}}
+
+
+def _hook_key(hooks: Dict[int, Callable], function: Callable) -> Optional[int]:
+    """The key of goft's hook ``function`` (a partial of it) among a module's ``hooks``, if there."""
+    for key, hook in hooks.items():
+        if isinstance(hook, functools.partial) and hook.func is function:
             return key
     return None
 
 
 def _remove_checkpointing_hook(model: nn.Module) -> None:
     for module in model.modules():
-        key = _checkpointing_hook_key(module)
+        key = _hook_key(module._forward_hooks, _require_grad_when_checkpointing)
         if key is not None:
             del module._forward_hooks[key]
+        key = _hook_key(module._forward_pre_hooks, _given_embeddings_require_grad)
+        if key is not None:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _set_trainable(model: nn.Module) -> None:
