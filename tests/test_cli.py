@@ -589,6 +589,26 @@ def test_keep_labels_that_do_not_occur_are_named(tiny_model, csv_file, capsys, n
     assert "--keep-labels 'nuetral' do not occur in the 'sentiment' column" in err
 
 
+@pytest.mark.parametrize("earlier", finetune.RUN_OUTPUTS)
+def test_an_earlier_run_in_the_output_dir_is_replaced_only_when_asked(tiny_model, csv_file, tmp_path, capsys,
+                                                                      monkeypatch, earlier):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True) if earlier == "adapter" else out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    if earlier != "adapter":
+        (out / earlier).mkdir() if earlier == "merged" else (out / earlier).write_text("{}")
+    started = []
+    monkeypatch.setattr(finetune, "run", lambda config, split: started.append(config.output_dir))
+    err = _error(_finetune_args(tiny_model, csv_file, "--output-dir", str(out)), capsys)
+    assert f"--output-dir {str(out)!r} holds an earlier run's {earlier}; pass --overwrite" in err and not started
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out), "--overwrite")) == 0
+    assert started == [str(out)]
+    # Other files do not count as a run: a folder the user keeps notes in is fine.
+    (out / earlier).rmdir() if earlier in ("adapter", "merged") else (out / earlier).unlink()
+    assert cli.main(_finetune_args(tiny_model, csv_file, "--output-dir", str(out))) == 0
+    assert started == [str(out)] * 2
+
+
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tiny_model, csv_file, tmp_path, capsys,
                                                                           no_training):
     (tmp_path / "a-file").write_text("mine")

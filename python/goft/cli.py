@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--lora-rank", type=_positive_int, default=8, help="rank of --compare lora (default 8)")
     io.add_argument("--oft-block-size", type=_positive_int, default=32, help="block size of --compare oft (default 32)")
     io.add_argument("--output-dir", default=None, help="where to write the adapter and metrics.json")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace the results of an earlier run in --output-dir (refused without it)")
     io.add_argument("--save-merged", action="store_true",
                     help="also write OUTPUT_DIR/merged: the model with the adapter merged into its weights and the "
                          "tokenizer, a plain transformers model directory (no goft needed to run it)")
@@ -218,6 +220,8 @@ def _finetune(parser, args) -> int:
         )
         if args.output_dir:
             finetune.check_output_dir(args.output_dir)
+            if not args.overwrite:
+                finetune.check_no_earlier_run(args.output_dir)
         # The model last: from the Hub it is a download, which a mistake in the data or the
         # options above should not cost.
         model_dir = resolve_model_directory(args.model, "goft finetune", revision=args.model_revision)

@@ -57,6 +57,20 @@ def check_output_dir(path) -> None:
     check_output_folder(path, "goft finetune", "--output-dir")
 
 
+# What a run writes into its output folder (the adapter and merged/ for goft methods, comparison.*
+# with --compare).
+RUN_OUTPUTS = ("adapter", "merged", "metrics.json", "comparison.md", "comparison.json")
+
+
+def check_no_earlier_run(path) -> None:
+    """Raises ValueError if ``path`` holds what an earlier run wrote: a trained adapter is not
+    replaced without being asked (the command line's --overwrite)."""
+    earlier = [name for name in RUN_OUTPUTS if (Path(path) / name).exists()]
+    if earlier:
+        raise ValueError(f"goft finetune: --output-dir {str(path)!r} holds an earlier run's {', '.join(earlier)}; "
+                         "pass --overwrite to replace them, or another --output-dir")
+
+
 def check_model_dir(path) -> Path:
     """Raises ValueError (FileNotFoundError where nothing is at ``path``) unless ``path`` is a local
     transformers model directory with a tokenizer."""
