@@ -422,7 +422,7 @@ class GivensLinear(nn.Module):
             _check_invertible(params, scale, f"{where}: adapter {adapter_name!r} of {layer}",
                               "so goft.unmerge could not restore the weight; goft.merge_and_unload merges for good")
         weight = self.base_layer.weight
-        if torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max:
+        if not params.is_meta and torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max:
             # float16 holds up to 65504: a rotation keeps a row's norm, not its largest entry, and
             # a scale or a qGOFT block can grow both. Computed once more here (float16 weights
             # only) so that a model-level merge refuses before any layer changes.
@@ -574,8 +574,11 @@ class GivensLinear(nn.Module):
         """Refuses a new weight that the weight's dtype cannot hold (it would store inf, and NaN
         after an unmerge), unless the weight held non-finite values already."""
         weight = self.base_layer.weight
+        if new_weight.numel() == 0:
+            return
         largest = torch.finfo(weight.dtype).max
-        if bool((new_weight.abs() <= largest).all()) or not bool(torch.isfinite(weight).all()):
+        lowest, highest = torch.aminmax(new_weight)  # NaN if any is; no weight-sized temporary
+        if (-largest <= lowest.item() and highest.item() <= largest) or not bool(torch.isfinite(weight).all()):
             return
         layer = self.layer_name or type(self.base_layer).__name__
         dtype = str(weight.dtype).removeprefix("torch.")
