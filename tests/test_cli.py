@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -226,6 +227,33 @@ def test_merge_saves_in_the_base_checkpoints_dtype_unless_told(tiny_model, three
         assert f"merged model ({str(dtype).removeprefix('torch.')}) saved to" in capsys.readouterr().out
         merged = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype="auto")
         assert {p.dtype for p in merged.parameters()} == {dtype}
+
+
+def test_merge_refuses_a_dtype_that_cannot_hold_the_merged_weights(tiny_model, tmp_path, capsys):
+    # A rotation keeps a row's norm, not its largest entry: at 45 degrees (50000, -50000) becomes
+    # (70711, 0), which float16 (largest 65504) would store as inf.
+    import goft
+
+    base = tmp_path / "base"
+    encoder = transformers.AutoModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        encoder.encoder.layer[0].attention.self.query.weight[0, :2] = torch.tensor([50000.0, -50000.0])
+    encoder.save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    goft.inject(model, target_modules=["query"], modules_to_save=["classifier"])
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.goft_angles["default"][0] = math.atanh(0.25)  # pi / 4
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    command = ["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter")]
+    err = _error(command + ["--output", str(tmp_path / "fp16"), "--dtype", "float16"], capsys)
+    assert ("goft merge: float16 cannot hold the merged model's bert.encoder.layer.0.attention.self.query.weight: "
+            "entries up to 7.071e+04, above float16's largest, 65504; save in bfloat16 or float32") in err
+    assert not (tmp_path / "fp16").exists()
+    assert cli.main(command + ["--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype="auto")
+    query = merged.bert.encoder.layer[0].attention.self.query.weight
+    assert query.dtype == torch.bfloat16 and torch.isfinite(query).all() and query[0, 0] > 65504
 
 
 def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model, three_label_adapter, tmp_path):

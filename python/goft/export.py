@@ -99,7 +99,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     covered = sorted(fresh & set(description.get("tensors", {})))
     if covered:  # transformers' loading report, printed above, calls them newly initialised
         log(f"weights missing from the base checkpoint, taken from the adapter: {', '.join(covered)}")
-    model = goft.merge_and_unload(model).to(target_dtype)
+    model = goft.merge_and_unload(model)
+    check_dtype_holds(model, target_dtype, where)
+    model = model.to(target_dtype)
     record_merge(model, description["weights_sha256"])
     id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
     if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
@@ -132,6 +134,28 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
         processor.save_pretrained(out)
     log(f"merged model ({str(target_dtype).removeprefix('torch.')}) saved to {out}")
     return out
+
+
+def check_dtype_holds(model: torch.nn.Module, dtype: torch.dtype, where: str) -> None:
+    """Raises ValueError, before anything is written, if casting ``model`` to ``dtype`` would turn
+    finite values into inf: float16 holds up to 65504, and a merged weight's entries can exceed
+    the base's (a rotation keeps a row's norm, not its largest entry; a scale grows it)."""
+    largest = torch.finfo(dtype).max
+    too_large = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or not tensor.numel() or torch.finfo(tensor.dtype).max <= largest:
+            continue
+        lowest, highest = torch.aminmax(tensor.detach())
+        worst = max(-lowest.item(), highest.item())
+        if worst > largest and bool(torch.isfinite(tensor).all()):
+            too_large[name] = worst
+    if too_large:
+        names = sorted(too_large, key=too_large.get, reverse=True)
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{where}: {dtype_name} cannot hold the merged model's {', '.join(names[:5])}"
+                         f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}: entries up to "
+                         f"{too_large[names[0]]:.4g}, above {dtype_name}'s largest, {largest:.6g}; save in bfloat16 "
+                         "or float32 (--dtype)")
 
 
 def knows_only_special_tokens(tokenizer) -> bool:
