@@ -880,13 +880,15 @@ def test_merge_refuses_weights_it_cannot_write_or_read(prepare, message):
         assert torch.equal(model(x), adapted)
 
 
-def test_a_merge_that_float16_cannot_hold_is_refused_before_any_layer_changes():
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_a_merge_that_float16_cannot_hold_is_refused_before_any_layer_changes(sign):
     # A rotation keeps a row's norm, not its largest entry: at 45 degrees (50000, -50000), in
-    # float16 (49984, -49984), becomes (70688, 0), past float16's 65504. Stored, it was inf, and an unmerge made the weight NaN.
+    # float16 (49984, -49984), becomes (70688, 0), past float16's 65504 (and its negative below
+    # -65504). Stored, it was inf, and an unmerge made the weight NaN.
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)).half()
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(4))
-        model[1].weight.copy_(torch.tensor([[50000.0, -50000.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]))
+        model[1].weight.copy_(torch.tensor([[sign * 50000.0, -sign * 50000.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]]))
     goft.inject(model, target_modules=["0", "1"])
     with torch.no_grad():
         for layer in goft_layers(model):
@@ -900,12 +902,29 @@ def test_a_merge_that_float16_cannot_hold_is_refused_before_any_layer_changes():
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # layer 0 not merged either
     # Entries a little smaller fit, and merge as usual.
     with torch.no_grad():
-        model[1].base_layer.weight[0, :2] = torch.tensor([40000.0, -40000.0])
+        model[1].base_layer.weight[0, :2] = torch.tensor([sign * 40000.0, -sign * 40000.0])
     x = torch.randn(3, 4, dtype=torch.float16)
     adapted = model(x)
     goft.merge(model)
     torch.testing.assert_close(model(x), adapted, rtol=2e-3, atol=2e-3 * 56569)
     assert torch.isfinite(model[1].base_layer.weight).all()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_merge_into_a_weight_holding_nan_or_inf_is_refused(bad):
+    # The transform would carry the value to every feature paired with it, for good.
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[1, 2] = bad
+    goft.inject(model, target_modules=["0"])
+    perturb_adapters(model, 0.3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (goft.merge, goft.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"goft.{merge.__name__}: the weight of layer 0 holds NaN or infinite "
+                                             "values already; .* left as it was"):
+            merge(model)
+        assert all(torch.equal(v, state[k]) or torch.equal(v.isnan(), state[k].isnan()) and
+                   torch.equal(v.nan_to_num(), state[k].nan_to_num()) for k, v in model.state_dict().items())
 
 
 def test_dynamically_quantized_linears_are_refused_and_the_model_is_left_as_it_was():

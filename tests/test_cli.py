@@ -229,15 +229,16 @@ def test_merge_saves_in_the_base_checkpoints_dtype_unless_told(tiny_model, three
         assert {p.dtype for p in merged.parameters()} == {dtype}
 
 
-def test_merge_refuses_a_dtype_that_cannot_hold_the_merged_weights(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
+def test_merge_refuses_a_dtype_that_cannot_hold_the_merged_weights(tiny_model, tmp_path, capsys, sign):
     # A rotation keeps a row's norm, not its largest entry: at 45 degrees (50000, -50000) becomes
-    # (70711, 0), which float16 (largest 65504) would store as inf.
+    # (70711, 0), which float16 (largest 65504) would store as inf (and its negative as -inf).
     import goft
 
     base = tmp_path / "base"
     encoder = transformers.AutoModel.from_pretrained(tiny_model)
     with torch.no_grad():
-        encoder.encoder.layer[0].attention.self.query.weight[0, :2] = torch.tensor([50000.0, -50000.0])
+        encoder.encoder.layer[0].attention.self.query.weight[0, :2] = torch.tensor([sign * 50000.0, -sign * 50000.0])
     encoder.save_pretrained(base)
     transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
@@ -253,7 +254,7 @@ def test_merge_refuses_a_dtype_that_cannot_hold_the_merged_weights(tiny_model, t
     assert cli.main(command + ["--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype="auto")
     query = merged.bert.encoder.layer[0].attention.self.query.weight
-    assert query.dtype == torch.bfloat16 and torch.isfinite(query).all() and query[0, 0] > 65504
+    assert query.dtype == torch.bfloat16 and torch.isfinite(query).all() and sign * query[0, 0] > 65504
 
 
 def test_merge_replaces_a_base_head_of_another_size_with_the_adapters(tiny_model, three_label_adapter, tmp_path):

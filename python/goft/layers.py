@@ -398,7 +398,8 @@ class GivensLinear(nn.Module):
         """Raises, changing nothing, if merging ``adapter_name`` would corrupt the base weight.
 
         Refused: a weight that is not a floating (out, in) matrix (NotImplementedError), adapter
-        parameters that are NaN or infinite (they would poison the weight for good), and, when
+        parameters or a weight holding NaN or inf (the weight would be poisoned for good), a
+        float16 weight whose merged values float16 cannot hold, and, when
         ``invertible`` (a merge meant to be undone), a transform unmerge could not undo: a scale or
         a qGOFT block whose inverse overflows or whose condition exceeds MAX_UNMERGE_CONDITION.
         ``where`` names the function called in the errors.
@@ -422,6 +423,9 @@ class GivensLinear(nn.Module):
             _check_invertible(params, scale, f"{where}: adapter {adapter_name!r} of {layer}",
                               "so goft.unmerge could not restore the weight; goft.merge_and_unload merges for good")
         weight = self.base_layer.weight
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{where}: the weight of {layer} holds NaN or infinite values already; the transform "
+                             "would spread them along its rows, so the weight is left as it was")
         if not params.is_meta and torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max:
             # float16 holds up to 65504: a rotation keeps a row's norm, not its largest entry, and
             # a scale or a qGOFT block can grow both. Computed once more here (float16 weights
@@ -572,13 +576,13 @@ class GivensLinear(nn.Module):
 
     def _check_fits(self, new_weight: torch.Tensor, where: str) -> None:
         """Refuses a new weight that the weight's dtype cannot hold (it would store inf, and NaN
-        after an unmerge), unless the weight held non-finite values already."""
+        after an unmerge)."""
         weight = self.base_layer.weight
         if new_weight.numel() == 0:
             return
         largest = torch.finfo(weight.dtype).max
         lowest, highest = torch.aminmax(new_weight)  # NaN if any is; no weight-sized temporary
-        if (-largest <= lowest.item() and highest.item() <= largest) or not bool(torch.isfinite(weight).all()):
+        if -largest <= lowest.item() and highest.item() <= largest:
             return
         layer = self.layer_name or type(self.base_layer).__name__
         dtype = str(weight.dtype).removeprefix("torch.")
