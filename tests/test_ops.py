@@ -156,9 +156,11 @@ def test_low_precision_gradients(dtype, d):
     s64 = scale.detach().double().requires_grad_()
     want = torch.autograd.grad(rotate_ref(x64, p64, s64), [x64, p64, s64], grad_out.double())
     assert got[0].dtype == dtype and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < tol
+    # grad_x is rounded to x's dtype (bfloat16 about 2e-3 here, float16 2e-4); the parameter and
+    # scale gradients come from the same rounded x and grad_out summed in float32 (about 1e-7),
+    # so a 16-bit sum in the kernels would show there.
+    assert rel_err(got[0], want[0]) < {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+    assert rel_err(got[1], want[1]) < 1e-5 and rel_err(got[2], want[2]) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -226,7 +228,7 @@ def test_tanh_parameterisation_low_precision(dtype):
     x64, p64 = x.detach().double().requires_grad_(), p.detach().double().requires_grad_()
     want = torch.autograd.grad(rotate_dense_ref(x64, math.pi * torch.tanh(p64)), [x64, p64], grad_out.double())
     assert rel_err(got[0], want[0]) < RTOL[dtype]
-    assert rel_err(got[1], want[1]) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(got[1], want[1]) < 1e-5  # summed in float32 from the same rounded x and grad_out
 
 
 @pytest.mark.parametrize("transpose", [False, True])

@@ -69,7 +69,8 @@ def test_low_precision_inputs(dtype, d):
     grad_y = grad_x.double() @ transform.detach()
     (want,) = torch.autograd.grad(((x.double() @ transform) * grad_y).sum(), t64)
     got = angle_grads(x, grad_x, angles, False)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # 16-bit: about 2e-3 (bfloat16) and 2e-4 (float16) at d = 96, from that rounding.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
     err = (got.double() - want).abs().max().item()
     assert err <= tol * want.abs().max().item(), f"max error {err:.3g}"
 
