@@ -351,7 +351,17 @@ def test_multiple_adapters():
     assert model.lm_head.active_adapter is None
     with goft.disable_adapters(model):
         torch.testing.assert_close(_output(model, inputs), base, rtol=0, atol=0)
+        with goft.disable_adapters(model):  # nested: leaving the inner block keeps the outer one's state
+            pass
+        torch.testing.assert_close(_output(model, inputs), base, rtol=0, atol=0)
     torch.testing.assert_close(_output(model, inputs), out_default, rtol=0, atol=0)
+    # A layer disabled by hand before the block stays disabled after it, even if the block raises.
+    model.model.layers[0].self_attn.q_proj.disabled = True
+    with pytest.raises(KeyError), goft.disable_adapters(model):
+        raise KeyError("inside")
+    assert [n for n, m in model.named_modules() if isinstance(m, GivensLinear) and m.disabled] == [
+        "model.layers.0.self_attn.q_proj"]
+    model.model.layers[0].self_attn.q_proj.disabled = False
 
     goft.add_adapter(model, "third", target_modules=["v_proj"])
     assert goft.active_adapter(model) == "default"
