@@ -121,6 +121,24 @@ def test_penalty_gradient_joins_loss_scaled_gradients_at_their_scale(unscaled_be
 
 
 
+def test_penalty_gradient_reaches_blocks_the_task_loss_did_not():
+    """A layer outside a step's forward (an unused branch, an MoE expert without tokens) has no
+    .grad: the penalty's gradient is its whole gradient; elsewhere the two are added."""
+    model = qgoft_model()
+    inputs = {"input_ids": batch("llama")["input_ids"], "labels": batch("llama")["input_ids"]}
+    model(**inputs).loss.backward()
+    blocks = [p for n, p in model.named_parameters() if n.endswith(".goft_blocks.default")]
+    unused, used = blocks[0], blocks[1]
+    unused.grad = None
+    task_grad = used.grad.clone()
+    penalty_grads = torch.autograd.grad(goft.orthogonality_penalty(model), [unused, used])
+    assert all(g.abs().max() > 0 for g in penalty_grads)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    OrthogonalityPenaltyCallback().on_pre_optimizer_step(None, None, None, model=model, optimizer=optimizer)
+    torch.testing.assert_close(unused.grad, penalty_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(used.grad, task_grad + penalty_grads[1])
+
+
 def test_a_scaler_error_other_than_unscaling_twice_is_not_hidden():
     """The callback swallows only the scaler's refusal to unscale twice (gradient clipping did it);
     unscaling after the step means the callback runs out of place, and must say so."""
