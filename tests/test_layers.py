@@ -357,6 +357,35 @@ def test_weight_side_forward_matches_the_activation_side(variant, d, monkeypatch
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+_HOOKS = {
+    "forward pre-hook": lambda m: m.register_forward_pre_hook(lambda *a: None),
+    "backward hook": lambda m: m.register_full_backward_hook(lambda *a: None),
+    "backward pre-hook": lambda m: m.register_full_backward_pre_hook(lambda *a: None),
+    # Every module's, as profilers and accelerate register them.
+    "global forward hook": lambda m: torch.nn.modules.module.register_module_forward_hook(lambda *a: None),
+    "global forward pre-hook": lambda m: torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None),
+    "global backward hook": lambda m: torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None),
+    "global backward pre-hook":
+        lambda m: torch.nn.modules.module.register_module_full_backward_pre_hook(lambda *a: None),
+}
+
+
+@pytest.mark.parametrize("hook", list(_HOOKS))
+def test_weight_side_is_not_taken_where_a_hook_would_miss_the_base_layers_call(monkeypatch, rotated_linear_calls,
+                                                                               hook):
+    monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", True)
+    layer = _adapted(nn.Linear(8, 5), "strict")
+    x = torch.randn(6, 8, requires_grad=True)
+    handle = _HOOKS[hook](layer.base_layer)
+    try:
+        layer(x).sum().backward()
+    finally:
+        handle.remove()
+    assert not rotated_linear_calls
+    layer(x)
+    assert len(rotated_linear_calls) == 1
+
+
 def test_weight_side_is_only_taken_where_it_computes_the_same(monkeypatch, rotated_linear_calls):
     monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", True)
     x = torch.randn(6, 8)
