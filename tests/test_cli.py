@@ -446,6 +446,16 @@ def test_finetune_trains_what_its_options_say(tiny_model, tmp_path):
     assert not torch.equal(tensors["classifier.weight"], other_seed["classifier.weight"])
 
 
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    # 200 steps, 6% warm-up: 12 steps rising to the peak, then a straight line down to zero.
+    factors = [finetune.learning_rate_factor(step, 200, 0.06) for step in range(200)]
+    assert factors[:12] == pytest.approx([(k + 1) / 12 for k in range(12)])
+    assert factors[12:] == pytest.approx([(200 - k) / 188 for k in range(12, 200)])
+    assert factors[11] == 1.0 and factors[-1] == pytest.approx(1 / 188)
+    # A run too short for 6% of a step still warms up over one step.
+    assert [finetune.learning_rate_factor(step, 4, 0.06) for step in range(4)] == pytest.approx([1.0, 1.0, 2 / 3, 1 / 3])
+
+
 def test_the_merge_check_reports_a_merge_that_changes_predictions(tiny_model, tmp_path, monkeypatch):
     import goft
 

@@ -464,21 +464,24 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def learning_rate_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of the peak: a linear
+    warm-up over ``warmup_ratio`` of the steps (at least one), then a linear decay to zero, the
+    GLUE recipe the GOFT paper follows."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
 def _train(model, trainable, train_ids, train_labels, pad_id: int, config: RunConfig):
     """The training loop; returns (seconds, PeakRSS of the loop, smoothed final loss)."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = math.ceil(len(train_ids) / config.batch_size) * config.epochs
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-
-    def lr_factor(step: int) -> float:
-        # Linear warm-up, then linear decay to zero: the GLUE recipe the GOFT paper follows.
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total_steps, config.warmup_ratio))
     penalty = _penalty_fn(model, config)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)  # dropout masks
