@@ -3,10 +3,12 @@
 import contextlib
 import json
 import os
+import re
 
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 import goft
 import goft.io
@@ -157,6 +159,39 @@ def test_a_head_saved_in_another_dtype_loads_cast(tmp_path):
     goft.save_adapter(model, str(tmp_path))
     other = goft.load_adapter(build("llama"), str(tmp_path))
     assert other.lm_head.weight.dtype == torch.float32 and torch.equal(other.lm_head.weight, model.lm_head.weight.float())
+
+
+class _CountingHead(nn.Module):
+    """A head with an integer buffer beside its floating weights."""
+
+    def __init__(self, counts_dtype):
+        super().__init__()
+        self.out = nn.Linear(8, 2)
+        self.register_buffer("counts", torch.arange(2, dtype=counts_dtype))
+
+
+def _with_counting_head(counts_dtype, adapted=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _CountingHead(counts_dtype))
+    if adapted:
+        goft.inject(model, target_modules=["0"], modules_to_save=["1"])
+    return model
+
+
+def test_a_head_entry_is_cast_between_floating_dtypes_only(tmp_path):
+    # An integer buffer read into a floating one (or back) would change what it means, silently.
+    goft.save_adapter(_with_counting_head(torch.int64), str(tmp_path / "int"))
+    goft.save_adapter(_with_counting_head(torch.float32), str(tmp_path / "float"))
+    for saved, model_dtype in (("int", torch.float32), ("float", torch.int64)):
+        model = _with_counting_head(model_dtype, adapted=False)
+        before = snapshot(model)
+        saved_dtype = torch.int64 if saved == "int" else torch.float32
+        with pytest.raises(ValueError, match=re.escape(f"modules_to_save entry 1.counts is {model_dtype} (2,) in the "
+                                                       f"model, {saved_dtype} (2,) in the adapter")):
+            goft.load_adapter(model, str(tmp_path / saved))
+        assert_unchanged(model, before)
+    loaded = goft.load_adapter(_with_counting_head(torch.int64, adapted=False), str(tmp_path / "int"))
+    assert loaded[1].counts.dtype == torch.int64  # the same dtype loads
 
 
 def test_saved_files_hold_only_the_adapter(saved):
