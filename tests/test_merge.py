@@ -53,6 +53,34 @@ def test_merge_keeps_outputs_and_unmerge_restores_weights(model_name, variant):
     assert max_rel(_logits(model, inputs), adapted) < 1e-5
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_weight_side_trains_and_merges_the_same_model(variant, monkeypatch):
+    # GivensLinear's path on CUDA (rotated_linear: the weight's rows rotated instead of x's), run
+    # on the CPU for a whole model: the same loss, gradients and merge as rotating x.
+    model, inputs = _injected("llama", variant)
+    model.train()
+    calls = []
+    real = goft.layers.rotated_linear
+    monkeypatch.setattr(goft.layers, "rotated_linear", lambda *args: calls.append(None) or real(*args))
+    results = {}
+    for weight_side in (False, True):
+        monkeypatch.setattr(goft.layers, "WEIGHT_SIDE", weight_side)
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        results[weight_side] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(calls) == sum(isinstance(m, GivensLinear) for m in model.modules())  # every layer, second pass only
+    (loss_x, grads_x), (loss_w, grads_w) = results[False], results[True]
+    torch.testing.assert_close(loss_w, loss_x, rtol=1e-5, atol=1e-6)
+    assert grads_w.keys() == grads_x.keys() and len(grads_x) > 0
+    for name, grad in grads_x.items():
+        assert max_rel(grads_w[name], grad) < 1e-4, name
+    model.eval()
+    adapted = _logits(model, inputs)
+    goft.merge(model)
+    assert max_rel(_logits(model, inputs), adapted) < 1e-5
+
+
 def test_two_merged_adapters_unmerge_newest_first_to_the_base_weights():
     # Rotations of two adapters on one layer do not commute: W T1^T T2^T is undone by T2 first.
     model, inputs = _injected("llama", "goft")
