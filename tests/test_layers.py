@@ -135,14 +135,15 @@ def test_bf16_base_weights_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    # bfloat16 rounding of x, weight and output (unit roundoff 3.9e-3): about 2e-3 seen.
+    torch.testing.assert_close(y.float(), expected, rtol=8e-3, atol=8e-3)
     y.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.adapter_parameters("default").values())
 
     layer.to(torch.bfloat16)  # a model cast after injection: the adapter is cast back to float32 in forward
     y = layer(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y.float(), expected, rtol=8e-3, atol=8e-3)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -14,9 +14,11 @@ from goft import _C
 from goft.reference import dense_transform, num_layers, pair_schedule, rotate_dense_ref, rotate_layers_ref, rotate_ref
 
 DIMS = [1, 2, 3, 5, 8, 12, 17, 33, 768, 1000, 3072, 4096, 11008]
-# Tolerance on the relative error (Frobenius) per dtype: float32 accumulation over ~log2(d) steps
-# keeps float32 near 1e-6; half types are bounded by their own rounding of input and output.
-RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Tolerance on the relative error (Frobenius) per dtype, against a reference given the same
+# rounded input: float32 accumulation over ~log2(d) steps keeps float32 near 1e-6; a 16-bit
+# output rounded once is off by at most its unit roundoff per element, so in the Frobenius norm
+# too (bfloat16 2^-8 = 3.9e-3, float16 2^-11 = 4.9e-4), plus the float32 error.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
