@@ -140,14 +140,15 @@ def check_dtype_holds(model: torch.nn.Module, dtype: torch.dtype, where: str) ->
     """Raises ValueError, before anything is written, if casting ``model`` to ``dtype`` would turn
     finite values into inf: float16 holds up to 65504, and a merged weight's entries can exceed
     the base's (a rotation keeps a row's norm, not its largest entry; a scale grows it)."""
+    from goft.layers import magnitude_beyond
+
     largest = torch.finfo(dtype).max
     too_large = {}
     for name, tensor in model.state_dict().items():
-        if not tensor.is_floating_point() or not tensor.numel() or torch.finfo(tensor.dtype).max <= largest:
+        if not tensor.is_floating_point() or torch.finfo(tensor.dtype).max <= largest:
             continue
-        lowest, highest = torch.aminmax(tensor.detach())
-        worst = max(-lowest.item(), highest.item())
-        if worst > largest and bool(torch.isfinite(tensor).all()):
+        worst = magnitude_beyond(tensor, dtype)
+        if worst is not None and bool(torch.isfinite(tensor).all()):  # NaN or inf: not the cast's doing
             too_large[name] = worst
     if too_large:
         names = sorted(too_large, key=too_large.get, reverse=True)

@@ -394,7 +394,8 @@ class GivensLinear(nn.Module):
     # ---- merging (GOFT_SPEC.md section 5) ----
 
     @torch.no_grad()
-    def check_mergeable(self, adapter_name: str, invertible: bool = True, where: str = "goft.merge") -> None:
+    def check_mergeable(self, adapter_name: str, invertible: bool = True, where: str = "goft.merge", *,
+                        check_fit: bool = True) -> None:
         """Raises, changing nothing, if merging ``adapter_name`` would corrupt the base weight.
 
         Refused: a weight that is not a floating (out, in) matrix (NotImplementedError), adapter
@@ -402,7 +403,8 @@ class GivensLinear(nn.Module):
         float16 weight whose merged values float16 cannot hold, and, when
         ``invertible`` (a merge meant to be undone), a transform unmerge could not undo: a scale or
         a qGOFT block whose inverse overflows or whose condition exceeds MAX_UNMERGE_CONDITION.
-        ``where`` names the function called in the errors.
+        ``where`` names the function called in the errors. ``check_fit=False`` skips computing the
+        merged float16 weight, for a caller that checks the one it computes (merge).
         """
         self._require_adapter(adapter_name, "GivensLinear.merge")
         self.check_whole(adapter_name, where, MERGE_UNSHARDED)
@@ -412,7 +414,7 @@ class GivensLinear(nn.Module):
                              f"fully_shard or another DTensor plan); {MERGE_UNSHARDED}")
         self._check_weight(where)
         layer = f"layer {self.layer_name}" if self.layer_name else "this layer"
-        params, scale, _ = self.op_arguments(adapter_name)
+        params, scale, angle_parameterisation = self.op_arguments(adapter_name)
         for what, t in (("parameters", params), ("scale", scale)):
             if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
                 raise ValueError(
@@ -426,11 +428,12 @@ class GivensLinear(nn.Module):
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"{where}: the weight of {layer} holds NaN or infinite values already; the transform "
                              "would spread them along its rows, so the weight is left as it was")
-        if not params.is_meta and torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max:
+        if (check_fit and not params.is_meta
+                and torch.finfo(weight.dtype).max < torch.finfo(_compute_dtype(weight)).max):
             # float16 holds up to 65504: a rotation keeps a row's norm, not its largest entry, and
             # a scale or a qGOFT block can grow both. Computed once more here (float16 weights
             # only) so that a model-level merge refuses before any layer changes.
-            self._check_fits(self._transformed_weight(self._merge_map(adapter_name)), where)
+            self._check_fits(self._transformed_weight(_merge_rows(params, scale, angle_parameterisation)), where)
 
     @torch.no_grad()
     def merge(self, adapter_name: Optional[str] = None) -> bool:
@@ -446,20 +449,14 @@ class GivensLinear(nn.Module):
         if name in self.merged_adapters:
             warnings.warn(f"goft.merge: adapter {name!r} is already merged into this layer; not merging it again")
             return False
-        self.check_mergeable(name, invertible=False)
+        self.check_mergeable(name, invertible=False, check_fit=False)  # _apply_to_weight checks the fit
         # The op's own arguments, so the merged weight applies exactly the forward's transform.
         params, scale, angle_parameterisation = self.op_arguments(name)
         params, scale = params.detach().clone(), None if scale is None else scale.detach().clone()
-        self._apply_to_weight(self._merge_map(name), "goft.merge")
+        self._apply_to_weight(_merge_rows(params, scale, angle_parameterisation), "goft.merge")
         self.merged_adapters.append(name)
         self._merged_transforms.append((params, scale, angle_parameterisation))
         return True
-
-    def _merge_map(self, adapter_name: str):
-        """The map merging ``adapter_name`` applies to the weight's rows (over the input dimension)."""
-        params, scale, angle_parameterisation = self.op_arguments(adapter_name)
-        params, scale = params.detach(), None if scale is None else scale.detach()
-        return lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), True, angle_parameterisation)
 
     @torch.no_grad()
     def unmerge(self) -> List[str]:
@@ -578,15 +575,12 @@ class GivensLinear(nn.Module):
         """Refuses a new weight that the weight's dtype cannot hold (it would store inf, and NaN
         after an unmerge)."""
         weight = self.base_layer.weight
-        if new_weight.numel() == 0:
-            return
-        largest = torch.finfo(weight.dtype).max
-        lowest, highest = torch.aminmax(new_weight)  # NaN if any is; no weight-sized temporary
-        if -largest <= lowest.item() and highest.item() <= largest:
+        worst = magnitude_beyond(new_weight, weight.dtype)
+        if worst is None:
             return
         layer = self.layer_name or type(self.base_layer).__name__
         dtype = str(weight.dtype).removeprefix("torch.")
-        worst = new_weight.abs().max().item()
+        largest = torch.finfo(weight.dtype).max
         found = "NaN entries" if math.isnan(worst) else f"entries up to {worst:.4g}, above {dtype}'s largest, {largest:.6g}"
         raise ValueError(
             f"{where}: the weight of layer {layer} would not fit in {dtype}: {found}; the weight is left as it "
@@ -604,6 +598,24 @@ def orthogonality_term(blocks: torch.Tensor, orth_lambda: float) -> torch.Tensor
     """qGOFT's penalty lambda * sum_i <A_i[:,0], A_i[:,1]>^2 over (..., 2, 2) blocks A_i."""
     column_dots = (blocks[..., 0] * blocks[..., 1]).sum(-1)
     return orth_lambda * column_dots.square().sum()
+
+
+def magnitude_beyond(tensor: torch.Tensor, dtype: torch.dtype) -> Optional[float]:
+    """The largest magnitude in ``tensor`` if ``dtype`` cannot hold it (NaN if it holds NaN), else
+    None. Reads its min and max only: no tensor-sized temporary."""
+    if not tensor.numel():
+        return None
+    lowest, highest = (v.item() for v in torch.aminmax(tensor.detach()))
+    if math.isnan(lowest) or math.isnan(highest):
+        return math.nan
+    largest = torch.finfo(dtype).max
+    return None if -largest <= lowest and highest <= largest else max(-lowest, highest)
+
+
+def _merge_rows(params: torch.Tensor, scale: Optional[torch.Tensor], angle_parameterisation: str):
+    """The map that merging a transform applies to a weight's rows (over the input dimension)."""
+    params, scale = params.detach(), None if scale is None else scale.detach()
+    return lambda rows: rotate(rows, _like(params, rows), _like(scale, rows), True, angle_parameterisation)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
