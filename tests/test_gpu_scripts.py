@@ -80,6 +80,27 @@ def test_gpu_bench_tables(on_cpu):
     assert goft.layers.WEIGHT_SIDE is None, "the x-rotated row must restore the switch"
     assert "GOFT_CUDA_FALLBACK" not in os.environ and "GOFT_CUDA_STRICT" not in os.environ
 
+    assert "Target goft faster than LoRA r=8:" in text
+
+
+def test_gpu_bench_keeps_sections_measured_before_a_failure(on_cpu, tmp_path):
+    """A section that raises (a kernel path that never ran on a GPU) leaves the file with the
+    sections measured before it, says which failed, and the later sections still run."""
+    out = tmp_path / "RESULTS_GPU.md"
+
+    def broken_layers():
+        raise RuntimeError("a layer that cannot run")
+
+    measure = {"op": lambda: gpu_bench.op_rows(32, 64, 1), "layer": broken_layers,
+               "wide": lambda: gpu_bench.wide_rows(1, 1)}
+    failed = gpu_bench.measure_and_write(
+        measure, lambda got: gpu_bench.markdown(got["op"], got["layer"], got["wide"], 32, 64, 1, "CPU test"), out)
+    assert failed == ["layer"]
+    text = out.read_text()
+    assert len(table_rows(text, "pass")) == 9 and table_rows(text, "layer") == []
+    assert len(table_rows(text, "dtype")) == 2 * 2 * len(gpu_bench.WIDE_DIMS)
+    assert "**The layer section failed**" in text and "Target goft" not in text
+
 
 def test_gpu_profile_sweep(on_cpu, capsys):
     gpu_profile.sweep(16, 64, torch.bfloat16, 1)
