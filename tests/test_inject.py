@@ -247,6 +247,36 @@ def test_a_second_adapter_cannot_save_or_adapt_across_the_firsts_layers():
     goft.add_adapter(saver, "b", target_modules=["k_proj"], modules_to_save=["lm_head"])  # another saved module: fine
 
 
+def test_only_the_active_adapters_modules_to_save_train():
+    # Each saved module is trained in place, one copy: a head that trained while another adapter
+    # was active would no longer be the head its own adapter was trained with.
+    model = build("bert")
+    inputs = batch("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a head another adapter saves is not "left frozen"
+        goft.inject(model, adapter_name="a", target_modules=["query"], modules_to_save=["classifier"])
+        goft.add_adapter(model, "b", target_modules=["value"], modules_to_save=["pooler"])
+
+    def trainable():
+        return {n.split(".goft_")[0].split(".")[-1] if ".goft_" in n else n.split(".")[0]
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    assert goft.active_adapter(model) == "a" and trainable() == {"query", "classifier"}
+    pooler = {k: v.clone() for k, v in model.bert.pooler.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**inputs).loss.backward()
+    opt.step()
+    assert all(torch.equal(v, pooler[k]) for k, v in model.bert.pooler.state_dict().items())
+    goft.set_adapter(model, "b")
+    assert trainable() == {"value", "bert"}  # bert.pooler
+    assert all(p.requires_grad for p in model.bert.pooler.parameters())
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+    goft.set_adapter(model, None)
+    assert trainable() == set()
+    goft.inject(model, adapter_name="c", target_modules=["key"])
+    assert trainable() == {"key"}
+
+
 @pytest.mark.parametrize("first_saves, second_saves", [(["classifier"], ["classifier"]),
                                                         (["pooler"], ["pooler.dense"]),
                                                         (["pooler.dense"], ["pooler"])])

@@ -138,10 +138,12 @@ def _add_adapter(model: nn.Module, adapter_name: str, config: Optional[GOFTConfi
     with undone_on_failure(model, adapter_name):
         _attach(model, targets, adapter_name, config)
     _let_checkpointing_reach_the_adapters(model)
-    # Trained by any adapter's modules_to_save, or adapted itself: the user has seen to the head.
+    # Trained by any adapter's modules_to_save (while that adapter is active), trainable by the
+    # user's choice, or adapted itself: the user has seen to the head.
+    saved = [m for names in _saved_modules(model).values() for m in names]
     head_params = {h: list(model.get_submodule(h).parameters()) for h in _classification_heads(model)}
     frozen_heads = [h for h, params in head_params.items() if params and not any(p.requires_grad for p in params)
-                    and not any(_inside(t, [h]) for t in targets)]
+                    and not _inside(h, saved) and not any(_inside(t, [h]) for t in targets)]
     if frozen_heads:
         warnings.warn(
             f"{where}: the classification head {frozen_heads} stays frozen; if it is freshly initialised "
@@ -348,7 +350,8 @@ def undone_on_failure(model: nn.Module, adapter_name: str) -> Iterator[None]:
 
 @accepts_compiled
 def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
-    """Applies only ``adapter_name`` (None: no adapter) from now on; only its parameters train."""
+    """Applies only ``adapter_name`` (None: no adapter) from now on; only its parameters and its
+    modules_to_save train (other adapters' modules_to_save are frozen)."""
     configs = _require_injected(model, "goft.set_adapter")
     if adapter_name is not None:
         check_adapter_name(adapter_name, "goft.set_adapter")
@@ -367,6 +370,7 @@ def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
     for layer in goft_layers(model):
         layer.set_adapter(adapter_name if adapter_name in layer.adapter_configs else None)
     setattr(model, ACTIVE_ATTR, adapter_name)
+    _set_saved_modules_trainable(model, adapter_name)
 
 
 @accepts_compiled
@@ -746,19 +750,29 @@ def _remove_checkpointing_hook(model: nn.Module) -> None:
 
 
 def _set_trainable(model: nn.Module) -> None:
-    """Freezes all but the active adapter and the union of every adapter's modules_to_save."""
-    saved = set()
-    candidates = dict(_candidate_modules(model, remove_duplicate=False))
-    for config in adapter_configs(model).values():
-        if config.modules_to_save:
-            saved.update(_match_all(candidates, config.modules_to_save))
-    # Adapter parameters are frozen here too; set_adapter below re-enables the active ones.
+    """Freezes all but the active adapter and its modules_to_save."""
+    # Adapter parameters are frozen here too; the layers' set_adapter re-enables the active ones.
     model.requires_grad_(False)
-    for name in saved:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad_(True)
+    _set_saved_modules_trainable(model, active_adapter(model))
     for layer in goft_layers(model):
         layer.set_adapter(layer.active_adapter)
+
+
+def _saved_modules(model: nn.Module) -> Dict[str, List[str]]:
+    """{adapter name: the modules its modules_to_save selects} (a module belongs to one adapter at most)."""
+    candidates = dict(_candidate_modules(model, remove_duplicate=False))
+    return {name: _match_all(candidates, config.modules_to_save) if config.modules_to_save else []
+            for name, config in adapter_configs(model).items()}
+
+
+def _set_saved_modules_trainable(model: nn.Module, active: Optional[str]) -> None:
+    """The active adapter's modules_to_save train; every other adapter's stay frozen. They are
+    trained in place, one copy each: a head that trained while another adapter was active would
+    no longer be the one its own adapter was trained with."""
+    for adapter, module_names in _saved_modules(model).items():
+        for name in module_names:
+            for param in model.get_submodule(name).parameters():
+                param.requires_grad_(adapter == active)
 
 
 def _candidate_modules(model: nn.Module, remove_duplicate: bool = True) -> Iterator[Tuple[str, nn.Module]]:
