@@ -424,3 +424,70 @@ def test_save_errors():
     goft.inject(model)
     with pytest.raises(ValueError, match="no adapter 'other'"):
         goft.save_adapter(model, "unused", adapter_name="other")
+
+
+def test_an_adapter_is_not_saved_into_a_model_folder(tmp_path):
+    # goft's file names are PEFT's: beside config.json they would make from_pretrained take the
+    # model folder for a PEFT adapter, and the model would no longer load.
+    model = build("llama")
+    model.save_pretrained(tmp_path / "model")
+    goft.inject(model)
+    with pytest.raises(ValueError, match=r"goft.save_adapter: path '.*model' holds a model \(config.json\); .* "
+                                         r"e.g. '.*model/goft_adapter'"):
+        goft.save_adapter(model, str(tmp_path / "model"))
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "generation_config.json", "model.safetensors"]
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # still loads
+    goft.save_adapter(model, str(tmp_path / "model" / "goft_adapter"))
+
+
+class _HeadWithExtraState(nn.Linear):
+    def get_extra_state(self):
+        return {"calibration": 1.5}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_modules_to_save_with_state_that_is_not_a_tensor_are_refused():
+    model = build("llama")
+    model.lm_head.__class__ = _HeadWithExtraState
+    with pytest.raises(ValueError, match=r"goft.inject: modules_to_save=\['lm_head'\] hold state that is not a tensor "
+                                         r"\(\['lm_head._extra_state'\]"):
+        goft.inject(model, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    # Gained after inject: save_adapter says so instead of failing inside the file writer.
+    model = build("llama")
+    goft.inject(model, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model.lm_head.__class__ = _HeadWithExtraState
+    with pytest.raises(ValueError, match=r"goft.save_adapter: modules_to_save entry lm_head holds state that is not a "
+                                         r"tensor \(\['_extra_state'\]"):
+        goft.save_adapter(model, "unused")
+    assert not os.path.exists("unused")
+
+
+def test_load_options_of_the_wrong_kind_are_refused_by_name(saved):
+    path, _ = saved
+    model = build("deberta-v2")
+    before = snapshot(model)
+    for options, error, message in [
+        ({"subfolder": str(path)}, ValueError, r"subfolder must name a folder inside path .* \(relative, without '..'\)"),
+        ({"subfolder": "../elsewhere"}, ValueError, r"subfolder must name a folder inside path"),
+        ({"cache_dir": 5}, TypeError, r"expected cache_dir a path \(str or os.PathLike\) or None, got 5"),
+        ({"token": 5}, TypeError, r"expected token a string, a bool or None, got 5"),
+        ({"local_files_only": "no"}, TypeError, r"expected local_files_only True or False, got 'no'"),
+    ]:
+        with pytest.raises(error, match=r"goft.load_adapter: " + message):
+            goft.load_adapter(model, str(path), **options)
+        assert_unchanged(model, before)
+
+
+def test_a_folder_that_cannot_be_created_is_named_with_the_call(tmp_path, monkeypatch):
+    model = build("llama")
+    goft.inject(model)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(goft.io.os, "makedirs", refuse)
+    with pytest.raises(PermissionError, match=r"goft.save_adapter: cannot create folder '.*new': Permission denied"):
+        goft.save_adapter(model, str(tmp_path / "new"))
+

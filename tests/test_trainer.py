@@ -236,7 +236,7 @@ def test_save_adapter_callback_saves_the_adapter_it_names(tmp_path):
 
 
 def test_save_adapter_callback_refusals(tmp_path):
-    for bad in ("", "/abs/path", os.path.join("..", "outside")):
+    for bad in ("", "/abs/path", os.path.join("..", "outside"), ".", "./"):
         with pytest.raises(ValueError, match="subfolder must be a relative folder name"):
             SaveAdapterCallback(subfolder=bad)
     with pytest.raises(ValueError, match="no goft layers"):
@@ -252,6 +252,34 @@ def test_save_adapter_callback_refusals(tmp_path):
         run_trainer(model, str(tmp_path / "none"), [SaveAdapterCallback()], save_strategy="steps", save_steps=1)
     assert not any(name.startswith("checkpoint-") for run in ("typo", "none") if (tmp_path / run).exists()
                    for name in os.listdir(tmp_path / run))
+
+
+def test_save_adapter_callback_saves_into_each_trials_checkpoints_under_hyperparameter_search(tmp_path):
+    # Trainer.hyperparameter_search gives each trial a folder of its own; the callback is told its
+    # name only through hp_name, and refuses to guess without it.
+    pytest.importorskip("optuna")  # the test extra installs it: transformers' default search backend
+
+    def search(out, **options):
+        settings = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, optim="sgd",
+                        learning_rate=LR, report_to="none", use_cpu=True, save_strategy="steps", save_steps=1,
+                        disable_tqdm=True, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = transformers.Trainer(model_init=qgoft_model, args=transformers.TrainingArguments(**settings),
+                                           train_dataset=rows(), eval_dataset=rows(1), callbacks=[SaveAdapterCallback()])
+            trainer.hyperparameter_search(
+                hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2)},
+                compute_objective=lambda metrics: 0.0, n_trials=2, backend="optuna", **options)
+
+    search(tmp_path / "named", hp_name=lambda trial: f"trial-{trial.number}")
+    for trial in ("trial-0", "trial-1"):
+        for folder in ("checkpoint-1", "checkpoint-2", "."):
+            adapter = tmp_path / "named" / trial / folder / "goft_adapter"
+            goft.load_adapter(build("llama"), str(adapter))
+    assert not (tmp_path / "named" / "checkpoint-1").exists() and not (tmp_path / "named" / "goft_adapter").exists()
+    with pytest.raises(ValueError, match=r"SaveAdapterCallback: under Trainer.hyperparameter_search .* pass hp_name"):
+        search(tmp_path / "unnamed")
+    assert not any(p.name == "goft_adapter" for p in (tmp_path / "unnamed").rglob("*"))
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_training(tmp_path):

@@ -83,7 +83,8 @@ def resolve_model_directory(
     safetensors ones) when no local directory has that name. Raises FileNotFoundError naming both
     places when neither has it, and when the repository holds no config.json or weights."""
     path = directory_path(path, where, argument)
-    check_hub_options(where, path, argument, revision=revision)
+    check_hub_options(where, path, argument, revision=revision, cache_dir=cache_dir, token=token,
+                      local_files_only=local_files_only)
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or not is_hub_repo_id(path, bare=True):
@@ -122,15 +123,27 @@ def check_model_folder(path: Any, where: str, argument: str, tokenizer: bool = T
     return path
 
 
-def check_hub_options(where: str, path: str, argument: str, **options: Optional[str]) -> None:
-    """Strings or None (TypeError), not empty (ValueError, as a command line's "" gives); a revision
-    is refused for a local directory, where it would be ignored."""
-    for option, value in options.items():
+def check_hub_options(where: str, path: str, argument: str, *, revision: Optional[str] = None,
+                      subfolder: Optional[str] = None, cache_dir: Union[str, os.PathLike, None] = None,
+                      token: Union[str, bool, None] = None, local_files_only: bool = False) -> None:
+    """Types as huggingface_hub takes them (TypeError naming the option); revision and subfolder
+    not empty (ValueError, as a command line's "" gives); a subfolder inside the folder or
+    repository (not absolute, no ".."); a revision is refused for a local directory, where it
+    would be ignored."""
+    for option, value in (("revision", revision), ("subfolder", subfolder)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{where}: expected {option} a non-empty string or None, got {value!r}")
         if value == "":
             raise ValueError(f"{where}: expected {option} a non-empty string or None, got ''")
-    revision = options.get("revision")
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
+        raise ValueError(f"{where}: subfolder must name a folder inside {argument} {path!r} (relative, without '..'), "
+                         f"got {subfolder!r}")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"{where}: expected cache_dir a path (str or os.PathLike) or None, got {cache_dir!r}")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"{where}: expected token a string, a bool or None, got {token!r}")
+    if not isinstance(local_files_only, bool):
+        raise TypeError(f"{where}: expected local_files_only True or False, got {local_files_only!r}")
     if revision is not None and os.path.isdir(path):
         raise ValueError(f"{where}: revision={revision!r} applies to Hub repositories, but {argument} {path!r} is a "
                          "local directory")

@@ -257,6 +257,11 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
         raise ValueError(f"{where}: modules {overlap} are both targeted and in (or inside) modules_to_save")
     if config.modules_to_save and not save_names:
         raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} matched no module")
+    # The adapter file holds the saved modules' state dicts, as safetensors: tensors only.
+    not_tensors = [f"{n}.{key}" for n in sorted(save_names) for key in non_tensor_state(modules[n])]
+    if not_tensors:
+        raise ValueError(f"{where}: modules_to_save={config.modules_to_save!r} hold state that is not a tensor "
+                         f"({not_tensors}: a module's get_extra_state), which an adapter file cannot hold")
     # A module saved whole (its state dict goes into the adapter file) holding layers of another
     # adapter, or this adapter's layers inside another adapter's saved module: one adapter's file
     # would then hold the other's parameters under the wrapper's names, and would not load.
@@ -282,6 +287,11 @@ def _check_targets(model: nn.Module, names: List[str], config: GOFTConfig, where
                 f"{other_name!r}'s. Use one model instance per adapter with its own head, or "
                 f"goft.delete_adapter(model, {other_name!r}) first"
             )
+
+
+def non_tensor_state(module: nn.Module) -> List[str]:
+    """The keys of ``module``'s state dict whose values are not tensors (``get_extra_state``)."""
+    return [key for key, value in module.state_dict().items() if not isinstance(value, torch.Tensor)]
 
 
 def _saved_module_paths(paths: List[Tuple[str, nn.Module]], config: GOFTConfig) -> set:

@@ -41,6 +41,7 @@ from goft.inject import (
     active_adapter,
     adapter_configs,
     named_goft_layers,
+    non_tensor_state,
     plain_module_name,
     set_adapter,
     undone_on_failure,
@@ -95,6 +96,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     # The rest (a file in the path, a name too long, no write permission) before the shards are
     # gathered, which on a sharded model every rank waits for.
     check_output_folder(path, "goft.save_adapter", "path")
+    # goft's file names are PEFT's: beside a model's config.json they would make transformers'
+    # from_pretrained and pipeline take the model folder for a PEFT adapter and fail to load it.
+    if os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"goft.save_adapter: path {path!r} holds a model (config.json); an adapter saved beside it "
+                         "would make transformers' from_pretrained take the folder for a PEFT adapter and fail. "
+                         f"Save it into a folder of its own, e.g. {os.path.join(path, 'goft_adapter')!r}")
 
     # What to read, by the FSDP1 unit that holds it ("" for the root, or for a model without FSDP1).
     units = _fsdp1_units(model)
@@ -145,6 +152,11 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
                     # model was cast with its adapters (model.to(torch.bfloat16)).
                     tensors[f"{module_name}.{store_name}"] = gathered(param).to(torch.float32)
             for module_name in saved_by_unit.get(unit_name, []):
+                # inject refuses such modules; one may have gained extra state since.
+                extra = non_tensor_state(model.get_submodule(module_name))
+                if extra:
+                    raise ValueError(f"goft.save_adapter: modules_to_save entry {module_name} holds state that is not a "
+                                     f"tensor ({extra}: its get_extra_state), which an adapter file cannot hold")
                 for key, value in model.get_submodule(module_name).state_dict().items():
                     tensors[plain_module_name(f"{module_name}.{key}")] = gathered(value)
     if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
@@ -169,7 +181,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"goft.save_adapter: cannot create folder {path!r}: {e.strerror or e}") from None
     # Tensors first: a save stopped between the two renames leaves a JSON whose checksum no
     # longer matches, which load_adapter reports instead of loading a mix.
     _write_files_atomically(path, [(WEIGHTS_NAME, weights),
@@ -213,7 +228,7 @@ def load_adapter(
         for saved_name, module_name in names.items():
             layer = model.get_submodule(module_name)
             for store_name, param in layer.adapter_parameters(adapter_name).items():
-                param.copy_(tensors[f"{saved_name}.{store_name}"])
+                param.copy_(tensors[f"{module_name}.{store_name}"])
         with _values_restored_on_failure([t for _, t in saved_entries if not managed_by_zero3(t)]):
             # A model built under DeepSpeed's zero.Init holds partitions: every rank gathers,
             # writes the same values, and rank 0's are partitioned again.
@@ -262,7 +277,8 @@ def resolve_adapter_directory(
     downloaded into huggingface_hub's cache (its two files only) when no local directory has
     that name. Raises FileNotFoundError naming both places when neither has it."""
     path = directory_path(path, where, argument)
-    check_hub_options(where, path, argument, revision=revision, subfolder=subfolder)
+    check_hub_options(where, path, argument, revision=revision, subfolder=subfolder, cache_dir=cache_dir, token=token,
+                      local_files_only=local_files_only)
     if os.path.isdir(path):
         return os.path.join(path, subfolder) if subfolder else path
     if os.path.exists(path):

@@ -144,6 +144,26 @@ class OrthogonalityPenaltyCallback(transformers.TrainerCallback):
                     param.grad.add_(grad)
 
 
+def _run_folder(args, state) -> str:
+    """The folder Trainer writes this run's checkpoints into: output_dir, or under
+    Trainer.hyperparameter_search the trial's own folder inside it."""
+    trial = _trial_folder_name(state)
+    return os.path.join(args.output_dir, trial) if trial else args.output_dir
+
+
+def _trial_folder_name(state) -> Optional[str]:
+    """Under Trainer.hyperparameter_search, the name of the trial's folder, which a callback is
+    told only when the search was given an hp_name (state.trial_name); None outside a search."""
+    if not getattr(state, "is_hyper_param_search", False):
+        return None
+    if not getattr(state, "trial_name", None):
+        raise ValueError(
+            "goft.trainer.SaveAdapterCallback: under Trainer.hyperparameter_search each trial writes its checkpoints "
+            "into a folder of its own, whose name the callback is not told; pass hp_name to hyperparameter_search "
+            "(e.g. hp_name=lambda trial: f'run-{trial.number}' with optuna), or leave this callback out")
+    return state.trial_name
+
+
 class SaveAdapterCallback(transformers.TrainerCallback):
     """Writes the active adapter (``goft.save_adapter``: ``adapter_model.safetensors`` and
     ``adapter_config.json``) into ``<checkpoint>/<subfolder>`` whenever ``Trainer`` saves a
@@ -161,7 +181,10 @@ class SaveAdapterCallback(transformers.TrainerCallback):
     def __init__(self, subfolder: str = "goft_adapter", adapter_name: Optional[str] = None) -> None:
         if adapter_name is not None:
             check_adapter_name(adapter_name, "goft.trainer.SaveAdapterCallback")
-        if not isinstance(subfolder, str) or not subfolder or os.path.isabs(subfolder) or ".." in subfolder.split(os.sep):
+        # Not the checkpoint itself: its config.json and model weights beside adapter_config.json
+        # would make from_pretrained take the checkpoint for a PEFT adapter.
+        if (not isinstance(subfolder, str) or not subfolder or os.path.isabs(subfolder)
+                or ".." in subfolder.split(os.sep) or os.path.normpath(subfolder) == "."):
             raise ValueError(f"goft.trainer.SaveAdapterCallback: subfolder must be a relative folder name inside "
                              f"the checkpoint, got {subfolder!r}")
         self.subfolder = subfolder
@@ -169,6 +192,7 @@ class SaveAdapterCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _require_goft_model(model, "SaveAdapterCallback")
+        _trial_folder_name(state)
         # The first checkpoint would otherwise find out, save_steps into training.
         configs = adapter_configs(model)
         name = active_adapter(model) if self.adapter_name is None else self.adapter_name
@@ -183,11 +207,11 @@ class SaveAdapterCallback(transformers.TrainerCallback):
                 "goft.save_adapter(trainer.model, dir) on every rank")
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint = os.path.join(_run_folder(args, state), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._save(model, os.path.join(checkpoint, self.subfolder), state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._save(model, os.path.join(args.output_dir, self.subfolder), state)
+        self._save(model, os.path.join(_run_folder(args, state), self.subfolder), state)
 
     def _save(self, model, folder: str, state) -> None:
         # A model sharded by FSDP2 or partitioned by DeepSpeed ZeRO-3 is gathered by save_adapter
