@@ -4,6 +4,8 @@ import contextlib
 import json
 import os
 import re
+import tempfile
+import warnings
 
 import pytest
 import safetensors.torch
@@ -491,3 +493,45 @@ def test_a_folder_that_cannot_be_created_is_named_with_the_call(tmp_path, monkey
     with pytest.raises(PermissionError, match=r"goft.save_adapter: cannot create folder '.*new': Permission denied"):
         goft.save_adapter(model, str(tmp_path / "new"))
 
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_an_adapter_saved_under_transformers_4_loads_under_this_version():
+    # transformers 5 renamed ViT's modules and keeps its checkpoints in the old names; goft's
+    # adapter files follow it (goft.checkpoint_names), so one saved under 4.57 loads here, and the
+    # model gives the logits it gave there (tests/data/make_vit_transformers4.py).
+    folder = os.path.join(DATA, "vit-transformers4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.ViTForImageClassification.from_pretrained(os.path.join(folder, "model")).eval()
+    goft.load_adapter(model, os.path.join(folder, "adapter"))
+    expected = safetensors.torch.load_file(os.path.join(folder, "expected.safetensors"))
+    assert len(list(named_goft_layers(model))) == 12
+    with torch.no_grad():
+        logits = model(pixel_values=expected["pixel_values"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
+    # Saved again here, the same names as there.
+    with tempfile.TemporaryDirectory() as again:
+        goft.save_adapter(model, again)
+        assert (json.loads(open(os.path.join(again, CONFIG_NAME)).read())
+                == json.loads(open(os.path.join(folder, "adapter", CONFIG_NAME)).read()))
+
+
+def test_adapter_files_name_modules_as_the_models_checkpoint_does(tmp_path):
+    model = build("vit")
+    model.save_pretrained(tmp_path / "model")
+    with safetensors.safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
+        checkpoint_keys = set(f.keys())
+    goft.inject(model, modules_to_save=["classifier", "layernorm_before"])
+    perturb_adapters(model, 0.2)
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    description = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert len(description["layers"]) == 12
+    assert {f"{name}.weight" for name in description["layers"]} <= checkpoint_keys
+    saved_state = {k for k in description["tensors"] if ".goft_" not in k}
+    assert len(saved_state) == 6 and saved_state <= checkpoint_keys
+    fresh = build("vit")
+    goft.load_adapter(fresh, str(tmp_path / "adapter"))
+    inputs = batch("vit")
+    torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), rtol=0, atol=0)

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
+from goft.checkpoint_names import from_checkpoint_names
 from goft.presets import CLASSIFICATION_HEAD_NAMES
 
 __all__ = ["merge_to_directory"]
@@ -91,12 +92,15 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
                 f"({model.config.num_labels}): pass --num-labels") if num_labels is None and _head_differs(model, description) else ""
         raise ValueError(f"{where}: {e}{hint}") from None
     fresh = freshly_initialised(loading)
-    uncovered = sorted(fresh - set(description.get("tensors", {})))
+    # The adapter's tensors in its checkpoint's spelling and in the model's (goft.checkpoint_names).
+    model_key = from_checkpoint_names(model)
+    held = {name for key in description.get("tensors", {}) for name in (key, model_key(key)) if name}
+    uncovered = sorted(fresh - held)
     if uncovered:
         raise ValueError(f"{where}: weights {uncovered} are not in the checkpoint of {model_dir!r} at these shapes "
                          "and not in the adapter either, so the merged model would hold random values there"
                          + ("; check --num-labels" if num_labels is not None else ""))
-    covered = sorted(fresh & set(description.get("tensors", {})))
+    covered = sorted(fresh & held)
     if covered:  # transformers' loading report, printed above, calls them newly initialised
         log(f"weights missing from the base checkpoint, taken from the adapter: {', '.join(covered)}")
     model = goft.merge_and_unload(model)

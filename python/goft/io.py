@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from goft.checkpoint_names import from_checkpoint_names, module_renamer, to_checkpoint_names
 from goft.config import GOFTConfig, check_adapter_name
 from goft.folders import (
     check_hub_options, check_output_folder, directory_path, download_from_hub, is_hub_repo_id, missing_from_repository,
@@ -66,8 +67,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
 
     Tensor keys are module names plus the store name, e.g.
     ``model.layers.0.self_attn.q_proj.goft_angles``, independent of the adapter's name, so it can
-    be loaded under any name. Names are the plain model's: what wrappers add in front of a module
-    (torch.compile's ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``) is left out.
+    be loaded under any name. Names are the plain model's as its checkpoints spell them: what
+    wrappers add in front of a module (torch.compile's ``_orig_mod``, FSDP1's
+    ``_fsdp_wrapped_module``) is left out, and modules that transformers 5 renamed (the ViT family)
+    keep the names of transformers 4, as its own checkpoint files do (goft.checkpoint_names).
 
     A sharded model, by FSDP2 (``fully_shard``), FSDP1 (pass the ``FullyShardedDataParallel``
     it returned) or DeepSpeed ZeRO-3 (pass the model inside the engine): call this on every rank.
@@ -136,6 +139,20 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
         # A copy even on the CPU: FSDP1 frees a gathered parameter's memory when its context ends.
         return value.detach().cpu().clone(memory_format=torch.contiguous_format)
 
+    # Names as the model's checkpoints spell them (transformers 5 renamed some models' modules and
+    # saves their checkpoints in the old names), so that the file loads under either version.
+    file_key = to_checkpoint_names(model.module if units else model)
+    file_module = module_renamer(file_key)
+
+    def saved_state_names(module_name: str, keys: List[str]) -> Tuple[str, List[str]]:
+        """A saved module's name and its tensors' in the file: renamed together, or not at all."""
+        renamed_module = file_module(module_name) or module_name
+        renamed = [file_key(f"{module_name}.{key}") or f"{module_name}.{key}" for key in keys]
+        if all(k.startswith(renamed_module + ".") for k in renamed):
+            return renamed_module, renamed
+        return module_name, [f"{module_name}.{key}" for key in keys]
+
+    saved_module_names: Dict[str, str] = {}
     # FSDP1 gathers one unit at a time, the root first (its first gather sets up the whole tree),
     # so no device holds more than one unit's whole parameters.
     for unit_name in units or [""]:
@@ -144,21 +161,25 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
                 layer.check_whole(name, "goft.save_adapter", "call goft.save_adapter on every rank with the "
                                   "FullyShardedDataParallel-wrapped model itself, which gathers the shards")
                 module_name = plain_module_name(module_name)
-                layers[module_name] = {"in_features": layer.in_features}
+                saved_name = file_module(module_name) or module_name
+                layers[saved_name] = {"in_features": layer.in_features}
                 for store_name, param in layer.adapter_parameters(name).items():
                     if param.is_meta:
                         raise ValueError(f"goft.save_adapter: {module_name}.{store_name} is on the meta device and holds no values")
                     # Adapter files hold float32, the op's parameter dtype, also after the
                     # model was cast with its adapters (model.to(torch.bfloat16)).
-                    tensors[f"{module_name}.{store_name}"] = gathered(param).to(torch.float32)
+                    tensors[f"{saved_name}.{store_name}"] = gathered(param).to(torch.float32)
             for module_name in saved_by_unit.get(unit_name, []):
                 # inject refuses such modules; one may have gained extra state since.
                 extra = non_tensor_state(model.get_submodule(module_name))
                 if extra:
                     raise ValueError(f"goft.save_adapter: modules_to_save entry {module_name} holds state that is not a "
                                      f"tensor ({extra}: its get_extra_state), which an adapter file cannot hold")
-                for key, value in model.get_submodule(module_name).state_dict().items():
-                    tensors[plain_module_name(f"{module_name}.{key}")] = gathered(value)
+                state = model.get_submodule(module_name).state_dict()
+                saved_name, saved_keys = saved_state_names(plain_module_name(module_name), list(state))
+                saved_module_names[module_name] = saved_name
+                for saved_key, value in zip(saved_keys, state.values()):
+                    tensors[saved_key] = gathered(value)
     if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
 
@@ -174,7 +195,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
         "adapter_name": name,
         "config": config.to_dict(),
         "layers": layers,
-        "modules_to_save": [plain_module_name(n) for n in saved_modules],
+        "modules_to_save": [saved_module_names.get(n, plain_module_name(n)) for n in saved_modules],
         # The names of a saved classification head's outputs, for whoever rebuilds the model
         # (goft merge writes them into the merged model's config).
         **({"id2label": label_names} if label_names else {}),
@@ -228,7 +249,7 @@ def load_adapter(
         for saved_name, module_name in names.items():
             layer = model.get_submodule(module_name)
             for store_name, param in layer.adapter_parameters(adapter_name).items():
-                param.copy_(tensors[f"{module_name}.{store_name}"])
+                param.copy_(tensors[f"{saved_name}.{store_name}"])
         with _values_restored_on_failure([t for _, t in saved_entries if not managed_by_zero3(t)]):
             # A model built under DeepSpeed's zero.Init holds partitions: every rank gathers,
             # writes the same values, and rank 0's are partitioned again.
@@ -400,15 +421,18 @@ def _validate(
                 f"{CONFIG_NAME} says {spec.get('dtype')} {spec.get('shape')}"
             )
 
-    # Saved names are the plain model's; the model's own may have wrappers' components in them.
+    # Saved names are the plain model's as its checkpoints spell them (goft.checkpoint_names); the
+    # model's own may have wrappers' components in them, and renamed modules.
     modules = {plain_module_name(n): (n, m) for n, m in _candidate_modules(model)}
+    model_key = from_checkpoint_names(model)
+    model_module = module_renamer(model_key)
     layers = description.get("layers", {})
     if not layers:
         raise ValueError(f"{where}: the adapter has no layers")
     adapter_keys = set()
     names = {}
     for module_name, info in layers.items():
-        names[module_name], module = modules.get(module_name, (None, None))
+        names[module_name], module = modules.get(module_name) or modules.get(model_module(module_name) or "", (None, None))
         if module is None or not is_adaptable(module):
             found = "missing" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise ValueError(f"{where}: target layer {module_name} is {found} in {type(model).__name__}")
@@ -435,7 +459,10 @@ def _validate(
         owner = next((m for m in description.get("modules_to_save", []) if key.startswith(m + ".")), None)
         if owner is None:
             raise ValueError(f"{where}: tensor {key} belongs to no adapter layer and no modules_to_save")
-        target = _state_entry(model, key, {plain: name for plain, (name, _) in modules.items()})
+        module_names = {plain: name for plain, (name, _) in modules.items()}
+        target = _state_entry(model, key, module_names)
+        if target is None and model_key(key):
+            target = _state_entry(model, model_key(key), module_names)
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
         # Another floating dtype is cast on loading, as a head trained in bfloat16 loads into
