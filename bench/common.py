@@ -24,8 +24,28 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
+# Where results go: bench/ (the files the README quotes), or for a --quick run (small sizes, to
+# check that a script runs) build/bench-quick/, so that a check never replaces them.
+OUTPUT_DIR = BENCH_DIR
 RESULTS_DIR = BENCH_DIR / "results"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
+QUICK_OUTPUT_DIR = BENCH_DIR.parent / "build" / "bench-quick"
+
+
+def send_outputs_for(quick: bool) -> None:
+    """Points output_path, write_section and assemble_results at QUICK_OUTPUT_DIR for a quick run."""
+    global OUTPUT_DIR, RESULTS_DIR, RESULTS_MD
+    if quick:
+        OUTPUT_DIR = QUICK_OUTPUT_DIR
+        RESULTS_DIR = OUTPUT_DIR / "results"
+        RESULTS_MD = OUTPUT_DIR / "RESULTS.md"
+        print(f"--quick: results go to {OUTPUT_DIR}, not bench/", flush=True)
+
+
+def output_path(name: str) -> pathlib.Path:
+    """Where a benchmark writes a file of its own (a plot) beside RESULTS.md."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    return OUTPUT_DIR / name
 
 GB = 1e9
 MiB = 2**20

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="1024 rows, to check that it runs")
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     if args.quick:
         args.rows, args.repeats = 1024, 5
     info = common.machine_info()

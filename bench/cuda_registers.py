@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90", help="compute capability without the dot (default 90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="bfloat16 only")
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     if shutil.which("nvcc") is None:
         print("cuda_registers.py: nvcc not found; section skipped")
         return 0
@@ -102,7 +103,8 @@ def main(argv=None) -> int:
     spilling = [r for r in records if r["spill_stores"] + r["spill_loads"] > 0]
     worst = max(records, key=lambda r: r["spill_stores"] + r["spill_loads"])
     body = (
-        f"`python bench/cuda_registers.py --arch {args.arch}`, {common.machine_info()['date']}: nvcc "
+        f"`python bench/cuda_registers.py --arch {args.arch}` at commit {common.source_commit()}, "
+        f"{common.machine_info()['date']}: nvcc "
         f"{' '.join(NVCC_FLAGS)} -arch=sm_{args.arch} ({nvcc_version}), {time.perf_counter() - t0:.0f} s. Static resource use from ptxas, not a GPU "
         "measurement. Forward kernels are bounded to 64 registers per thread (1024-thread blocks), "
         "backward ones to 128 (512 threads). `backward strict` kernels run for angle parameters: they rebuild "

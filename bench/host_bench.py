@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps, for checking the script")
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     torch.set_num_threads(1)
     d, rows = 16, 8
     steps, repeats = (20, 3) if args.quick else (200, 15)

@@ -332,6 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pinned-heap-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeats-per-dim", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     if args.pinned_heap_child:
         # Timing-only run for bench_pinned_heap: JSON records on stdout, progress on stderr.
         per_dim = json.loads(args.repeats_per_dim)
@@ -357,7 +358,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     command = common.command_line(__file__, argv)
     body = render(records, pinned, memory, info, common.loadavg(), wall, command)
-    plot(records, common.BENCH_DIR / "layer_bench.png")
+    plot(records, common.output_path("layer_bench.png"))
     common.write_section(STEM, "Layer level: one adapted nn.Linear, forward + backward", body,
                          {"machine": info, "command": command, "records": records, "pinned_heap": pinned,
                           "baselines_saved": memory, "wall_s": wall})

@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     dims = args.dims or ([256, 768] if args.quick else [768, 4096])
     rows_list = args.rows or ([512] if args.quick else [2048, 8192])
     repeats = args.repeats or (3 if args.quick else 7)
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     command = common.command_line(__file__, argv)
     body = render(records, compile_times, info, common.loadavg(), wall, command)
-    plot(records, common.BENCH_DIR / "op_bench.png")
+    plot(records, common.output_path("op_bench.png"))
     common.write_section(STEM, "Op level: goft.rotate vs plain PyTorch", body,
                          {"machine": info, "command": command, "records": records, "compile_s": compile_times, "wall_s": wall})
     print(body)

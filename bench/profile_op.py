@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passes-json", nargs=3, type=int, metavar=("D", "ROWS", "REPEATS"),
                     help=argparse.SUPPRESS)  # child mode of op_passes_thp
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     import goft
     if args.passes_json:
         print(json.dumps(op_passes(goft, *args.passes_json)))

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, to check that everything runs")
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     load = os.getloadavg()[0]
     print(f"load average before: {common.loadavg()} on {os.cpu_count()} cores", flush=True)
     if load > 0.5:

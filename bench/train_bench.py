@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args(argv)
+    common.send_outputs_for(args.quick)
     repeats = args.repeats or (3 if args.quick else 15)
     batch_size, seq = (2, 32) if args.quick else (8, 128)
     names = list(dict.fromkeys(args.variants))
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     command = common.command_line(__file__, argv)
     body = render(records, info, common.loadavg(), wall, command, batch_size, seq)
-    plot(records, common.BENCH_DIR / "train_bench.png", batch_size, seq)
+    plot(records, common.output_path("train_bench.png"), batch_size, seq)
     common.write_section(STEM, "Training step: DeBERTaV3-base and a small LLaMA", body,
                          {"machine": info, "command": command, "records": records, "wall_s": wall})
     print(body)

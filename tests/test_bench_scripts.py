@@ -77,3 +77,21 @@ def test_a_slow_callable_is_timed_after_its_cold_run():
 
     samples = common.time_interleaved({"slow": slow}, repeats=5, slow_s=-1.0, warmup=1)
     assert len(runs) == 2 and len(samples["slow"]) == 1
+
+
+def test_a_quick_run_writes_beside_the_results_not_over_them(tmp_path, monkeypatch):
+    # --quick shrinks the sizes; its numbers must never replace the files the README quotes.
+    for name in ("OUTPUT_DIR", "RESULTS_DIR", "RESULTS_MD"):
+        monkeypatch.setattr(common, name, getattr(common, name))
+    monkeypatch.setattr(common, "QUICK_OUTPUT_DIR", tmp_path / "quick")
+    quoted = {p.name: p.read_bytes() for p in (common.BENCH_DIR / "results").glob("*.*")}
+    quoted_md = (common.BENCH_DIR / "RESULTS.md").read_bytes()
+    common.send_outputs_for(True)
+    # Checked before anything is written: a broken redirect must not overwrite the quoted files.
+    assert common.RESULTS_DIR == tmp_path / "quick" / "results" and common.RESULTS_MD.parent == tmp_path / "quick"
+    common.write_section("45-host", "Host time per layer step", "a quick run's table", {"quick": True})
+    assert common.output_path("layer_bench.png") == tmp_path / "quick" / "layer_bench.png"
+    assert (tmp_path / "quick" / "results" / "45-host.md").read_text().endswith("a quick run's table\n")
+    assert "a quick run's table" in (tmp_path / "quick" / "RESULTS.md").read_text()
+    assert {p.name: p.read_bytes() for p in (common.BENCH_DIR / "results").glob("*.*")} == quoted
+    assert (common.BENCH_DIR / "RESULTS.md").read_bytes() == quoted_md
