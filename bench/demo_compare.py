@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import common
 from goft import demo, finetune
 
 # The paper's range (GOFT_SPEC.md section 6: lr 5e-4..2e-3) and one step above it, the same grid
@@ -59,7 +60,9 @@ def write_report(record: dict, out: Path) -> None:
         f"# goft demo: {' vs '.join(runs[m][0]['label'] for m in methods)} on all-MiniLM-L6-v2, Rotten Tomatoes",
         "",
         f"Written by `{record.get('command', 'python bench/demo_compare.py')}`; "
-        f"bench/{out.with_suffix('.json').name} has every run.",
+        f"bench/{out.with_suffix('.json').name} has every run."
+        + (f" Started at commit {machine['commit']} on {machine['cpu']}, {machine['date']}."
+           if (machine := record.get("machine")) else ""),
         "",
         f"- Data: the demo's seeded balanced split, {record['split']}. " + (
             "Learning rates chosen per method " if tuned else "Learning rates fixed (no choice made); accuracy "
@@ -164,6 +167,7 @@ def main() -> None:
     val_split = demo.load_validation_split()
     record = {"methods": methods, "settings": dataclasses.asdict(base), "grid": grid, "seeds": seeds,
               "split": test_split.describe(), "torch": torch.__version__, "cpus": os.cpu_count(),
+              "machine": common.machine_info(),
               "validation": val_split.describe(), "tuning": [], "test": [], "load_average": [_load_avg()]}
     started = time.time()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import common
 from goft import demo, finetune
 
 
@@ -102,16 +102,18 @@ def main() -> None:
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    machine = common.machine_info()
     s = _Setup(args.max_length)
     n_train, n_test = len(s.train_ids), len(s.test_ids)
 
     lines = [
         "# goft demo: training speed by thread count and batch size",
         "",
-        "Written by `python bench/demo_timing.py` "
+        f"Written by `{' '.join(['python bench/demo_timing.py'] + sys.argv[1:])}` at commit {machine['commit']}, "
+        f"{machine['date']} "
         f"(all-MiniLM-L6-v2 + GOFT on all {len(s.targets)} linear layers outside the head, Rotten Tomatoes "
         f"snippets, max length {args.max_length}, length-grouped batches; torch {torch.__version__}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}).",
+        f"{os.cpu_count()} CPUs, {machine['cpu']}).",
         f"Per round and configuration: {args.examples} training examples (forward, backward, AdamW) and "
         f"{args.examples} test examples in batches of 64; {args.rounds} interleaved rounds after a warm-up round.",
     ]
