@@ -535,3 +535,35 @@ def test_adapter_files_name_modules_as_the_models_checkpoint_does(tmp_path):
     goft.load_adapter(fresh, str(tmp_path / "adapter"))
     inputs = batch("vit")
     torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), rtol=0, atol=0)
+
+
+def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_path):
+    # The goft merge command records what it merged; goft.merge and merge_and_unload of an adapter
+    # loaded from a file do so too, so a merged model saved with save_pretrained refuses it.
+    model = build("llama")
+    goft.inject(model)
+    perturb_adapters(model, 0.2)
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    checksum = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["weights_sha256"]
+
+    loaded = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
+    goft.merge(loaded)
+    assert loaded.config.goft_merged_adapters == [checksum]
+    goft.unmerge(loaded)
+    assert loaded.config.goft_merged_adapters == []
+    merged = goft.merge_and_unload(loaded)
+    assert merged.config.goft_merged_adapters == [checksum]
+    merged.save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with pytest.raises(ValueError, match=r"this adapter is merged into the model's weights already .*apply it twice"):
+        goft.load_adapter(again, str(tmp_path / "adapter"))
+    # A trained adapter that came from no file is not recorded, and deleting one forgets its file.
+    goft.merge(model)
+    assert not getattr(model.config, "goft_merged_adapters", None)
+    other = goft.load_adapter(build("llama"), str(tmp_path / "adapter"), "x")
+    goft.delete_adapter(other, "x")
+    goft.inject(other, adapter_name="x")
+    goft.merge(other)
+    assert not getattr(other.config, "goft_merged_adapters", None)

@@ -18,15 +18,6 @@ __all__ = ["merge_to_directory"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def record_merge(model, weights_sha256: str) -> None:
-    """Adds an adapter (by its files' ``weights_sha256``) to the merged ``model``'s config
-    (``goft.io.MERGED_ADAPTERS_KEY``), which goft merge and goft.load_adapter then refuse."""
-    from goft.io import MERGED_ADAPTERS_KEY
-
-    merged = list(getattr(model.config, MERGED_ADAPTERS_KEY, None) or [])
-    setattr(model.config, MERGED_ADAPTERS_KEY, merged + [weights_sha256])
-
-
 def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_labels: Optional[int] = None,
                        dtype: Optional[str] = None, log: Callable[[str], None] = print,
                        adapter_revision: Optional[str] = None, model_revision: Optional[str] = None) -> Path:
@@ -103,10 +94,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     covered = sorted(fresh & held)
     if covered:  # transformers' loading report, printed above, calls them newly initialised
         log(f"weights missing from the base checkpoint, taken from the adapter: {', '.join(covered)}")
-    model = goft.merge_and_unload(model)
+    model = goft.merge_and_unload(model)  # records the adapter's checksum in model.config (load_adapter's file)
     check_dtype_holds(model, target_dtype, where)
     model = model.to(target_dtype)
-    record_merge(model, description["weights_sha256"])
     id2label = {int(k): v for k, v in description.get("id2label", {}).items()}
     if id2label and sorted(id2label) == list(range(getattr(model.config, "num_labels", -1))):
         model.config.id2label = id2label  # the names the adapter's head was trained with

@@ -600,14 +600,14 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
 
     if config.save_merged and config.method in GOFT_METHODS:
         import goft
-        from goft.export import record_merge
+        from goft.inject import record_merged_checksum
         from goft.io import CONFIG_NAME
 
         merged_dir = Path(config.output_dir) / "merged"
         # _merge_check merged the model in place already; otherwise merge it now.
         plain = model if result.merge is not None else goft.merge_and_unload(model)
         description = json.loads((Path(result.adapter_path) / CONFIG_NAME).read_text())
-        record_merge(plain, description["weights_sha256"])
+        record_merged_checksum(plain, description["weights_sha256"])
         plain.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         result.merged_path = str(merged_dir)

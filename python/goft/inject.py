@@ -48,6 +48,12 @@ __all__ = [
 # active adapter's name. Plain attributes, not buffers: they must not enter the state dict.
 CONFIGS_ATTR = "goft_configs"
 ACTIVE_ATTR = "goft_active_adapter"
+# {adapter name: weights_sha256 of the file it was loaded from} (goft.load_adapter).
+CHECKSUMS_ATTR = "goft_adapter_checksums"
+# A merged model's config lists the checksums (weights_sha256) of the adapters merged into it
+# (goft.merge of a loaded adapter, goft merge, goft finetune --save-merged), so that loading one
+# of them into it again, which would apply the rotation twice, is refused.
+MERGED_ADAPTERS_KEY = "goft_merged_adapters"
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # The name components that wrapper modules add in front of the module they wrap: torch.compile's
@@ -410,6 +416,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
     del configs[adapter_name]
     setattr(model, CONFIGS_ATTR, configs)
+    getattr(model, CHECKSUMS_ATTR, {}).pop(adapter_name, None)
     if active_adapter(model) == adapter_name:
         setattr(model, ACTIVE_ATTR, None)
     _set_trainable(model)
@@ -465,6 +472,7 @@ def merge(model: nn.Module) -> nn.Module:
     _check_mergeable(model, layers, name, invertible=True, where="goft.merge")
     for layer in layers:
         layer.merge(name)
+    _record_merge(model, name)
     return model
 
 
@@ -479,8 +487,11 @@ def unmerge(model: nn.Module) -> nn.Module:
     if not layers:
         warnings.warn("goft.unmerge: no adapter is merged; nothing to unmerge")
         return model
+    unmerged = {name for layer in layers for name in layer.merged_adapters}
     for layer in layers:
         layer.unmerge()
+    for name in unmerged:
+        _record_merge(model, name, merged=False)
     return model
 
 
@@ -490,6 +501,8 @@ def unload(model: nn.Module) -> nn.Module:
     discarded. Modules in ``modules_to_save`` keep their trained values (they are trained in place)."""
     _require_injected(model, "goft.unload")
     for layer in goft_layers(model):
+        for name in layer.merged_adapters:
+            _record_merge(model, name, merged=False)
         layer.unmerge()
     return _strip(model)
 
@@ -505,7 +518,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     _check_mergeable(model, layers, name, invertible=False, where="goft.merge_and_unload")
     for layer in layers:
         layer.merge(name)
+    _record_merge(model, name)
     return _strip(model)
+
+
+def record_merged_checksum(model: nn.Module, weights_sha256: str, merged: bool = True) -> None:
+    """Adds (or removes) an adapter file's checksum to the list of those merged into ``model``'s
+    config (MERGED_ADAPTERS_KEY), which save_pretrained writes and goft.load_adapter and goft
+    merge then refuse; a model without a config has nowhere to keep it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    recorded = list(getattr(config, MERGED_ADAPTERS_KEY, None) or [])
+    if merged and weights_sha256 not in recorded:
+        recorded.append(weights_sha256)
+    elif not merged and weights_sha256 in recorded:
+        recorded.remove(weights_sha256)
+    setattr(config, MERGED_ADAPTERS_KEY, recorded)
+
+
+def _record_merge(model: nn.Module, adapter_name: str, merged: bool = True) -> None:
+    """Records (or forgets) a merge of an adapter loaded from a file (goft.load_adapter)."""
+    checksum = getattr(model, CHECKSUMS_ATTR, {}).get(adapter_name)
+    if checksum is not None:
+        record_merged_checksum(model, checksum, merged)
 
 
 def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool,
@@ -564,7 +600,7 @@ def _strip(model: nn.Module) -> nn.Module:
     for name, layer in list(model.named_modules(remove_duplicate=False)):
         if isinstance(layer, GivensLinear):
             _set_submodule(model, name, layer.base_layer)
-    for attr in (CONFIGS_ATTR, ACTIVE_ATTR):
+    for attr in (CONFIGS_ATTR, ACTIVE_ATTR, CHECKSUMS_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
     _remove_checkpointing_hook(model)

@@ -30,6 +30,8 @@ from goft.folders import (
     check_hub_options, check_output_folder, directory_path, download_from_hub, is_hub_repo_id, missing_from_repository,
 )
 from goft.inject import (
+    CHECKSUMS_ATTR,
+    MERGED_ADAPTERS_KEY,
     _attach,
     _candidate_modules,
     _check_not_distributed,
@@ -55,10 +57,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
-# A merged model's config lists the checksums (weights_sha256) of the adapters merged into it
-# (goft merge, goft finetune --save-merged), so that loading one of them into it again, which
-# would apply the rotation twice, is refused.
-MERGED_ADAPTERS_KEY = "goft_merged_adapters"
 
 
 @accepts_compiled
@@ -258,6 +256,8 @@ def load_adapter(
                     target.copy_(tensors[key])
     _let_checkpointing_reach_the_adapters(model)
     set_adapter(model, adapter_name)
+    # A merge of this adapter (goft.merge, merge_and_unload) is then recorded in the model's config.
+    setattr(model, CHECKSUMS_ATTR, {**getattr(model, CHECKSUMS_ATTR, {}), adapter_name: description["weights_sha256"]})
     return model
 
 
