@@ -326,15 +326,37 @@ def test_truncated_tensors_file_is_refused(saved, keep):
 
 
 def test_corrupt_or_missing_json_is_refused(saved):
-    path, _ = saved
+    path, logits = saved
     text = (path / CONFIG_NAME).read_text()
     (path / CONFIG_NAME).write_text(text[: len(text) // 2])
     model = build("deberta-v2")
+    # The tensors file describes itself (and its tensors' digest): it loads alone, with a warning.
+    with pytest.warns(UserWarning, match=rf"not valid JSON .*{WEIGHTS_NAME} describes itself"):
+        goft.load_adapter(model, str(path))
+    torch.testing.assert_close(_logits(model, batch("deberta-v2")), logits, rtol=0, atol=0)
+    # A tensors file without that description (written by a goft before it) cannot stand in.
+    model = build("deberta-v2")
     before = snapshot(model)
+    tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    safetensors.torch.save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "goft-adapter"})
     with pytest.raises(ValueError, match="not valid JSON"):
         goft.load_adapter(model, str(path))
     (path / CONFIG_NAME).unlink()
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        goft.load_adapter(model, str(path))
+    assert_unchanged(model, before)
+
+
+def test_tensors_damaged_after_saving_do_not_pass_as_their_own_description(saved):
+    # The self-description stands in for the JSON only if the tensors match its digest: a byte
+    # changed in the data (the header intact) is refused as before.
+    path, _ = saved
+    data = bytearray((path / WEIGHTS_NAME).read_bytes())
+    data[-3] ^= 0x40
+    (path / WEIGHTS_NAME).write_bytes(bytes(data))
+    model = build("deberta-v2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="does not match the checksum"):
         goft.load_adapter(model, str(path))
     assert_unchanged(model, before)
 
@@ -514,8 +536,11 @@ def test_an_adapter_saved_under_transformers_4_loads_under_this_version():
     # Saved again here, the same names as there.
     with tempfile.TemporaryDirectory() as again:
         goft.save_adapter(model, again)
-        assert (json.loads(open(os.path.join(again, CONFIG_NAME)).read())
-                == json.loads(open(os.path.join(folder, "adapter", CONFIG_NAME)).read()))
+        # The same description but the checksum (the tensors file now also describes itself).
+        saved_here, saved_there = (json.loads(open(os.path.join(f, CONFIG_NAME)).read())
+                                   for f in (again, os.path.join(folder, "adapter")))
+        assert saved_here.pop("weights_sha256") != saved_there.pop("weights_sha256")
+        assert saved_here == saved_there
 
 
 def test_adapter_files_name_modules_as_the_models_checkpoint_does(tmp_path):

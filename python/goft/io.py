@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -57,6 +58,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
+# The tensors file's metadata entry holding the description (the JSON but its checksum).
+DESCRIPTION_KEY = "goft_description"
 
 
 @accepts_compiled
@@ -181,7 +184,6 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
 
-    weights = safetensors.torch.save(tensors, metadata={"format": FORMAT})
     label_names = _label_names(model) if saved_modules else None
     description = {
         "format": FORMAT,
@@ -198,14 +200,21 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
         # (goft merge writes them into the merged model's config).
         **({"id2label": label_names} if label_names else {}),
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
+    # The tensors file describes itself too: if a save stops between its two renames, the folder
+    # holds the new tensors beside the previous JSON, and the adapter loads from them alone.
+    # Its tensor list is the file's own header, so it is left out there; a digest of the tensors
+    # takes the checksum's place (the file cannot hold its own checksum).
+    self_description = json.dumps({**{k: v for k, v in description.items() if k != "tensors"},
+                                   "tensors_sha256": _tensors_digest(tensors)}, separators=(",", ":"))
+    weights = safetensors.torch.save(tensors, metadata={"format": FORMAT, DESCRIPTION_KEY: self_description})
+    description["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise OSError(e.errno, f"goft.save_adapter: cannot create folder {path!r}: {e.strerror or e}") from None
     # Tensors first: a save stopped between the two renames leaves a JSON whose checksum no
-    # longer matches, which load_adapter reports instead of loading a mix.
+    # longer matches, and load_adapter loads the new tensors by their own description.
     _write_files_atomically(path, [(WEIGHTS_NAME, weights),
                                    (CONFIG_NAME, (json.dumps(description, indent=2) + "\n").encode())])
 
@@ -327,11 +336,28 @@ def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[
     for file in (config_path, weights_path):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{where}: missing {file}")
+    with open(weights_path, "rb") as f:
+        weights = f.read()
     try:
         with open(config_path, "rb") as f:
             description = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: {CONFIG_NAME} is not valid JSON (corrupt or truncated): {e}") from None
+        description = _self_description(weights_path, weights, where,
+                                        f"{CONFIG_NAME} is not valid JSON (corrupt or truncated): {e}")
+    else:
+        _check_description(description, where)
+        if description.get("weights_sha256") != hashlib.sha256(weights).hexdigest():
+            description = _self_description(weights_path, weights, where, f"{WEIGHTS_NAME} does not match the "
+                                            f"checksum in {CONFIG_NAME} (corrupt, truncated, or from another save)")
+    _check_description(description, where)
+    try:
+        tensors = safetensors.torch.load(weights)
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {e}") from None
+    return description, tensors
+
+
+def _check_description(description: Any, where: str) -> None:
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise ValueError(f"{where}: {CONFIG_NAME} is not a goft adapter description")
     if description.get("format_version") != FORMAT_VERSION:
@@ -339,17 +365,40 @@ def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[
             f"{where}: unsupported format_version {description.get('format_version')!r} (this goft reads {FORMAT_VERSION})"
         )
     _check_description_types(description, where)
-    with open(weights_path, "rb") as f:
-        weights = f.read()
-    if hashlib.sha256(weights).hexdigest() != description.get("weights_sha256"):
-        raise ValueError(
-            f"{where}: {WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt, truncated, or from another save)"
-        )
+
+
+def _self_description(weights_path: str, weights: bytes, where: str, problem: str) -> Dict[str, Any]:
+    """The description a tensors file holds of itself (files saved since it was added), used when
+    the JSON beside it is not its own: a save that stopped between writing the two files left the
+    new tensors beside the previous JSON. Raises ValueError(problem) when the file holds none."""
+    import safetensors
+    import safetensors.torch
+
     try:
+        with safetensors.safe_open(weights_path, framework="pt") as f:
+            description = json.loads((f.metadata() or {}).get(DESCRIPTION_KEY) or "null")
+        # Its tensor list is the file's own header.
         tensors = safetensors.torch.load(weights)
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {e}") from None
-    return description, tensors
+    except Exception:  # a damaged file: the checksum's error says what is wrong
+        description = None
+    if (not isinstance(description, dict) or description.get("format") != FORMAT
+            or description.pop("tensors_sha256", None) != _tensors_digest(tensors)):
+        raise ValueError(f"{where}: {problem}")
+    description["tensors"] = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()}
+    warnings.warn(f"{where}: {problem}; {WEIGHTS_NAME} describes itself, so the adapter loads as it does. A save "
+                  f"that stopped between writing the two files leaves them so; save the adapter again to rewrite "
+                  f"{CONFIG_NAME}")
+    return {**description, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+
+
+def _tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{_dtype_name(value.dtype)}|{list(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_description_types(description: Dict[str, Any], where: str) -> None:
