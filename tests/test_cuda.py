@@ -58,8 +58,9 @@ BETWEEN_KERNELS_RTOL = {dtype: 2 * rtol for dtype, rtol in OUT_RTOL.items()}
 GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
 
-def layered_ref(x, params, scale=None, transpose=False):
-    """rotate() in float64, one layer at a time (GOFT_SPEC.md section 3); differentiable."""
+def layered_ref(x, params, scale=None, transpose=False, round_to=None):
+    """rotate() in float64, one layer at a time (GOFT_SPEC.md section 3); differentiable. With
+    ``round_to`` a dtype, each layer's output is rounded to it (a kernel that should fail OUT_RTOL)."""
     d = x.shape[-1]
     w = x.double().reshape(-1, d)
     blocks = blocks_from_params(params.double())
@@ -82,6 +83,8 @@ def layered_ref(x, params, scale=None, transpose=False):
         na = A[:, 0, 0] * ua + A[:, 1, 0] * ub
         nb = A[:, 0, 1] * ua + A[:, 1, 1] * ub
         w = w.index_copy(1, a, na).index_copy(1, b, nb)
+        if round_to is not None:
+            w = w.to(round_to).double()
     if not transpose and scale is not None:
         w = w * scale.double()
     return w.reshape(x.shape)
@@ -591,3 +594,22 @@ def test_layered_reference_matches_dense():
         for transpose in (False, True):
             torch.testing.assert_close(layered_ref(x, params, scale, transpose), rotate_ref(x, params, scale, transpose))
     assert math.ceil(math.log2(11008)) == len(pair_schedule(11008))
+
+
+def test_output_tolerance_rejects_a_kernel_that_rounds_after_every_layer():
+    # OUT_RTOL allows one rounding to the dtype; a kernel that kept its row in the 16-bit dtype
+    # between layers would round up to ceil(log2 d) times. The tolerance must tell them apart.
+    for dtype in (torch.bfloat16, torch.float16):
+        caught = cases = 0
+        for d in [d for d in DIMS if d >= 8]:
+            for quasi in (False, True):
+                x, params, scale = make_inputs(d, dtype, quasi, True, device="cpu")
+                want = reference(x, params, scale)
+                assert_rows_close(layered_ref(x, params, scale).to(dtype), want, OUT_RTOL[dtype], f"d={d} rounded once")
+                rounded = layered_ref(x, params, scale, round_to=dtype).to(dtype)
+                try:
+                    assert_rows_close(rounded, want, OUT_RTOL[dtype], "rounded every layer")
+                except AssertionError:
+                    caught += 1
+                cases += 1
+        assert caught >= 0.8 * cases, f"{dtype}: only {caught} of {cases} per-layer-rounded outputs exceed OUT_RTOL"
