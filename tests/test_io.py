@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import pathlib
 import re
 import tempfile
 import warnings
@@ -502,6 +503,12 @@ def test_load_options_of_the_wrong_kind_are_refused_by_name(saved):
         with pytest.raises(error, match=r"goft.load_adapter: " + message):
             goft.load_adapter(model, str(path), **options)
         assert_unchanged(model, before)
+    # A subfolder may be a path object, as cache_dir may.
+    nested = path / "inner"
+    nested.mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        os.rename(path / name, nested / name)
+    goft.load_adapter(model, str(path), subfolder=pathlib.Path("inner"))
 
 
 def test_a_folder_that_cannot_be_created_is_named_with_the_call(tmp_path, monkeypatch):
@@ -536,54 +543,117 @@ def test_an_adapter_saved_under_transformers_4_loads_under_this_version():
     # Saved again here, the same names as there.
     with tempfile.TemporaryDirectory() as again:
         goft.save_adapter(model, again)
-        # The same description but the checksum (the tensors file now also describes itself).
+        # The same description, but the checksum (the tensors file now also describes itself) and
+        # the fields added since (the names' spelling, the tensors' own digest).
         saved_here, saved_there = (json.loads(open(os.path.join(f, CONFIG_NAME)).read())
                                    for f in (again, os.path.join(folder, "adapter")))
         assert saved_here.pop("weights_sha256") != saved_there.pop("weights_sha256")
+        assert saved_here.pop("names") == "checkpoint" and len(saved_here.pop("tensors_sha256")) == 64
         assert saved_here == saved_there
 
 
-def test_adapter_files_name_modules_as_the_models_checkpoint_does(tmp_path):
-    model = build("vit")
+def _tiny_beit():
+    torch.manual_seed(0)
+    config = transformers.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     image_size=16, patch_size=8, num_labels=2, use_relative_position_bias=True)
+    return transformers.BeitForImageClassification(config).eval()
+
+
+def test_modules_to_save_given_by_full_paths_of_transformers_4_load_under_this_version():
+    # The config keeps the modules_to_save a user gave, here a full 4.57 path that names nothing
+    # under transformers 5; loading selects the saved modules by the file's resolved names.
+    folder = os.path.join(DATA, "vit-transformers4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.ViTForImageClassification.from_pretrained(os.path.join(folder, "model")).eval()
+    goft.load_adapter(model, os.path.join(folder, "adapter-full-paths"))
+    expected = safetensors.torch.load_file(os.path.join(folder, "expected-full-paths.safetensors"))
+    with torch.no_grad():
+        logits = model(pixel_values=expected["pixel_values"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".goft_" not in n}
+    layer_norm = "vit.encoder.layer.1.layernorm_before" if transformers.__version__.startswith("4.") \
+        else "vit.layers.1.layernorm_before"
+    assert trainable == {"classifier.weight", "classifier.bias", f"{layer_norm}.weight", f"{layer_norm}.bias"}
+
+
+@pytest.mark.parametrize("name, saved_modules, saved_tensors", [
+    ("vit", ["classifier", "layernorm_before"], 6),
+    # BEiT's relative position bias has no weight to name its module by; its table is renamed.
+    ("beit", ["classifier", "relative_position_bias"], 4),
+])
+def test_adapter_files_name_modules_as_the_models_checkpoint_does(tmp_path, name, saved_modules, saved_tensors):
+    make = (lambda: build("vit")) if name == "vit" else _tiny_beit
+    model = make()
     model.save_pretrained(tmp_path / "model")
     with safetensors.safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
         checkpoint_keys = set(f.keys())
-    goft.inject(model, modules_to_save=["classifier", "layernorm_before"])
+    goft.inject(model, modules_to_save=saved_modules)
     perturb_adapters(model, 0.2)
+    with torch.no_grad():  # the saved modules' values too, so that loading them shows
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01)
     goft.save_adapter(model, str(tmp_path / "adapter"))
     description = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
-    assert len(description["layers"]) == 12
-    assert {f"{name}.weight" for name in description["layers"]} <= checkpoint_keys
+    assert len(description["layers"]) == 12 and description["names"] == "checkpoint"
+    assert {f"{layer}.weight" for layer in description["layers"]} <= checkpoint_keys
     saved_state = {k for k in description["tensors"] if ".goft_" not in k}
-    assert len(saved_state) == 6 and saved_state <= checkpoint_keys
-    fresh = build("vit")
+    assert len(saved_state) == saved_tensors and saved_state <= checkpoint_keys
+    assert all(any(k.startswith(m + ".") for k in saved_state) for m in description["modules_to_save"])
+    fresh = make()
     goft.load_adapter(fresh, str(tmp_path / "adapter"))
-    inputs = batch("vit")
-    torch.testing.assert_close(_logits(fresh, inputs), _logits(model, inputs), rtol=0, atol=0)
+    inputs = {"pixel_values": batch("vit")["pixel_values"]}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
 def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_path):
     # The goft merge command records what it merged; goft.merge and merge_and_unload of an adapter
-    # loaded from a file do so too, so a merged model saved with save_pretrained refuses it.
+    # loaded from a file do so too (by its tensors' digest), so a merged model saved with
+    # save_pretrained refuses it, and a copy of it saved again under another name.
     model = build("llama")
     goft.inject(model)
     perturb_adapters(model, 0.2)
     goft.save_adapter(model, str(tmp_path / "adapter"))
-    checksum = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["weights_sha256"]
+    digest = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["tensors_sha256"]
 
     loaded = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
     goft.merge(loaded)
-    assert loaded.config.goft_merged_adapters == [checksum]
+    assert loaded.config.goft_merged_adapters == [digest]
     goft.unmerge(loaded)
-    assert loaded.config.goft_merged_adapters == []
+    assert not hasattr(loaded.config, "goft_merged_adapters")
+    copy = goft.load_adapter(build("llama"), str(tmp_path / "adapter"), "renamed")
+    goft.save_adapter(copy, str(tmp_path / "copy"))  # another name: another file checksum, the same tensors
     merged = goft.merge_and_unload(loaded)
-    assert merged.config.goft_merged_adapters == [checksum]
+    assert merged.config.goft_merged_adapters == [digest]
     merged.save_pretrained(tmp_path / "merged")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    with pytest.raises(ValueError, match=r"this adapter is merged into the model's weights already .*apply it twice"):
-        goft.load_adapter(again, str(tmp_path / "adapter"))
+    for adapter in ("adapter", "copy"):
+        with pytest.raises(ValueError, match=r"this adapter is merged into the model's weights already .*apply it twice"):
+            goft.load_adapter(again, str(tmp_path / adapter))
+
+    # The same file loaded under two names: merging the second is refused.
+    twice = goft.load_adapter(build("llama"), str(tmp_path / "adapter"), "a1")
+    goft.load_adapter(twice, str(tmp_path / "adapter"), "a2")
+    goft.set_adapter(twice, "a1")
+    goft.merge(twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        goft.set_adapter(twice, "a2")
+    with pytest.raises(ValueError, match=r"goft.merge: adapter 'a2' was loaded from a file that is merged into the "
+                                         r"weights already"):
+        goft.merge(twice)
+
+    # Trained on after loading, it no longer holds the file's values: nothing is recorded.
+    trained = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    trained(**batch("llama")).loss.backward()
+    opt.step()
+    goft.merge(trained)
+    assert not getattr(trained.config, "goft_merged_adapters", None)
     # A trained adapter that came from no file is not recorded, and deleting one forgets its file.
     goft.merge(model)
     assert not getattr(model.config, "goft_merged_adapters", None)
@@ -592,3 +662,21 @@ def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_
     goft.inject(other, adapter_name="x")
     goft.merge(other)
     assert not getattr(other.config, "goft_merged_adapters", None)
+
+
+def test_a_tensors_file_whose_metadata_was_edited_is_refused(saved):
+    # Its tensors are still the ones the JSON describes: only the metadata changed (e.g. the
+    # angle parameterisation in its own description), which the checksum refuses as before.
+    path, _ = saved
+    tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    with safetensors.safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        metadata = f.metadata()
+    described = json.loads(metadata[goft.io.DESCRIPTION_KEY])
+    described["config"]["variant"] = "goft"
+    safetensors.torch.save_file(tensors, str(path / WEIGHTS_NAME),
+                                metadata={**metadata, goft.io.DESCRIPTION_KEY: json.dumps(described)})
+    model = build("deberta-v2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="does not match the checksum .* its metadata was changed after saving"):
+        goft.load_adapter(model, str(path))
+    assert_unchanged(model, before)

@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["to_checkpoint_names", "from_checkpoint_names", "module_renamer"]
+__all__ = ["to_checkpoint_names", "from_checkpoint_names", "module_renamer", "module_state_names"]
 
 Rename = Callable[[str], Optional[str]]
 
@@ -37,6 +37,21 @@ def module_renamer(rename: Rename) -> Rename:
         return renamed[: -len(".weight")] if renamed and renamed.endswith(".weight") else None
 
     return renamed_module
+
+
+def module_state_names(rename: Rename, module_name: str, keys: List[str]) -> Tuple[str, List[str]]:
+    """A module's name and its state's keys (``keys``, relative to it) in the other spelling:
+    the keys renamed whole, and the module's name the part they share in front of their own
+    names (a module may have no weight to name it by: BEiT's relative position bias); neither
+    renamed where they do not agree."""
+    full = [rename(f"{module_name}.{key}") or f"{module_name}.{key}" for key in keys]
+    fronts = {name[: -len(key) - 1] for name, key in zip(full, keys) if name.endswith("." + key)}
+    if keys and len(fronts) == 1 and all(name.endswith("." + key) for name, key in zip(full, keys)):
+        return fronts.pop(), full
+    renamed_module = module_renamer(rename)(module_name) or module_name
+    if all(name.startswith(renamed_module + ".") for name in full):
+        return renamed_module, full
+    return module_name, [f"{module_name}.{key}" for key in keys]
 
 
 def _renamer(model: nn.Module, reverse: bool) -> Rename:
@@ -67,12 +82,11 @@ def _transforms(model: nn.Module, reverse: bool) -> Tuple[List[Any], List[Any], 
         return [], [], None
     try:
         if reverse:
-            conversions = getattr(model, "_weight_conversions", None)
-            if conversions is None:
-                # A model not loaded by from_pretrained: as save_pretrained, the model's own
-                # mapping without legacy names and without prefix changes.
-                conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                               if not isinstance(c, PrefixChange)]
+            # As save_pretrained for a model built from its config: the model's own mapping,
+            # without legacy names and prefix changes. Not the one a base was loaded with (its
+            # checkpoint may already hold the new names): an adapter's names must not depend on it.
+            conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                           if not isinstance(c, PrefixChange)]
             conversions = [c.reverse_transform() for c in conversions[::-1]]
         else:
             # Prefixes are the model's own concern (goft's names are the model's from its root).

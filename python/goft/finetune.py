@@ -607,7 +607,7 @@ def run(config: RunConfig, split: Split, log: Callable[[str], None] = print) -> 
         # _merge_check merged the model in place already; otherwise merge it now.
         plain = model if result.merge is not None else goft.merge_and_unload(model)
         description = json.loads((Path(result.adapter_path) / CONFIG_NAME).read_text())
-        record_merged_checksum(plain, description["weights_sha256"])
+        record_merged_checksum(plain, description["tensors_sha256"])
         plain.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         result.merged_path = str(merged_dir)

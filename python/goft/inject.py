@@ -48,12 +48,25 @@ __all__ = [
 # active adapter's name. Plain attributes, not buffers: they must not enter the state dict.
 CONFIGS_ATTR = "goft_configs"
 ACTIVE_ATTR = "goft_active_adapter"
-# {adapter name: weights_sha256 of the file it was loaded from} (goft.load_adapter).
+# {adapter name: LoadedAdapter} of the adapters goft.load_adapter loaded from files.
 CHECKSUMS_ATTR = "goft_adapter_checksums"
-# A merged model's config lists the checksums (weights_sha256) of the adapters merged into it
-# (goft.merge of a loaded adapter, goft merge, goft finetune --save-merged), so that loading one
-# of them into it again, which would apply the rotation twice, is refused.
+# A merged model's config lists the digests (an adapter file's tensors_sha256; weights_sha256 in
+# earlier records) of the adapters merged into it (goft.merge of a loaded adapter, goft merge,
+# goft finetune --save-merged), so that loading one of them into it again, which would apply the
+# rotation twice, is refused.
 MERGED_ADAPTERS_KEY = "goft_merged_adapters"
+
+
+class LoadedAdapter:
+    """An adapter file's tensors digest, and the tensors loaded from it with their versions: a
+    merge records the digest only while they hold the file's values (not after training on)."""
+
+    def __init__(self, digest: str, tensors: List[torch.Tensor]) -> None:
+        self.digest = digest
+        self._versions = [(t, t._version) for t in tensors]
+
+    def unchanged(self) -> bool:
+        return all(t._version == v for t, v in self._versions)
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # The name components that wrapper modules add in front of the module they wrap: torch.compile's
@@ -469,6 +482,7 @@ def merge(model: nn.Module) -> nn.Module:
         warnings.warn(f"goft.merge: adapter {name!r} is already merged; merging it again would apply it twice, skipped")
         return model
     # Every layer is checked before any weight changes: a merge either happens everywhere or nowhere.
+    _check_not_merged_already(model, name, "goft.merge")
     _check_mergeable(model, layers, name, invertible=True, where="goft.merge")
     for layer in layers:
         layer.merge(name)
@@ -515,6 +529,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if name is None:
         raise ValueError("goft.merge_and_unload: no active adapter to merge; goft.set_adapter(model, name) first")
     layers = [layer for layer in goft_layers(model) if layer.active_adapter == name and name not in layer.merged_adapters]
+    _check_not_merged_already(model, name, "goft.merge_and_unload")
     _check_mergeable(model, layers, name, invertible=False, where="goft.merge_and_unload")
     for layer in layers:
         layer.merge(name)
@@ -523,7 +538,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def record_merged_checksum(model: nn.Module, weights_sha256: str, merged: bool = True) -> None:
-    """Adds (or removes) an adapter file's checksum to the list of those merged into ``model``'s
+    """Adds (or removes) an adapter file's digest to the list of those merged into ``model``'s
     config (MERGED_ADAPTERS_KEY), which save_pretrained writes and goft.load_adapter and goft
     merge then refuse; a model without a config has nowhere to keep it."""
     config = getattr(model, "config", None)
@@ -534,14 +549,27 @@ def record_merged_checksum(model: nn.Module, weights_sha256: str, merged: bool =
         recorded.append(weights_sha256)
     elif not merged and weights_sha256 in recorded:
         recorded.remove(weights_sha256)
-    setattr(config, MERGED_ADAPTERS_KEY, recorded)
+    if recorded:
+        setattr(config, MERGED_ADAPTERS_KEY, recorded)
+    elif hasattr(config, MERGED_ADAPTERS_KEY):
+        delattr(config, MERGED_ADAPTERS_KEY)
 
 
 def _record_merge(model: nn.Module, adapter_name: str, merged: bool = True) -> None:
-    """Records (or forgets) a merge of an adapter loaded from a file (goft.load_adapter)."""
-    checksum = getattr(model, CHECKSUMS_ATTR, {}).get(adapter_name)
-    if checksum is not None:
-        record_merged_checksum(model, checksum, merged)
+    """Records (or forgets) a merge of an adapter loaded from a file (goft.load_adapter) that
+    still holds the file's values."""
+    loaded = getattr(model, CHECKSUMS_ATTR, {}).get(adapter_name)
+    if loaded is not None and (loaded.unchanged() or not merged):
+        record_merged_checksum(model, loaded.digest, merged)
+
+
+def _check_not_merged_already(model: nn.Module, adapter_name: str, where: str) -> None:
+    """Refuses to merge an adapter whose file is merged into the weights already (loaded twice)."""
+    loaded = getattr(model, CHECKSUMS_ATTR, {}).get(adapter_name)
+    recorded = getattr(getattr(model, "config", None), MERGED_ADAPTERS_KEY, None) or []
+    if loaded is not None and loaded.unchanged() and loaded.digest in recorded:
+        raise ValueError(f"{where}: adapter {adapter_name!r} was loaded from a file that is merged into the weights "
+                         f"already (model.config.{MERGED_ADAPTERS_KEY} lists it); merging it again would apply it twice")
 
 
 def _check_mergeable(model: nn.Module, layers: List[GivensLinear], adapter_name: str, invertible: bool,

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from goft.checkpoint_names import from_checkpoint_names, module_renamer, to_checkpoint_names
+from goft.checkpoint_names import from_checkpoint_names, module_renamer, module_state_names, to_checkpoint_names
 from goft.config import GOFTConfig, check_adapter_name
 from goft.folders import (
     check_hub_options, check_output_folder, directory_path, download_from_hub, is_hub_repo_id, missing_from_repository,
@@ -33,6 +33,7 @@ from goft.folders import (
 from goft.inject import (
     CHECKSUMS_ATTR,
     MERGED_ADAPTERS_KEY,
+    LoadedAdapter,
     _attach,
     _candidate_modules,
     _check_not_distributed,
@@ -144,15 +145,6 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     # saves their checkpoints in the old names), so that the file loads under either version.
     file_key = to_checkpoint_names(model.module if units else model)
     file_module = module_renamer(file_key)
-
-    def saved_state_names(module_name: str, keys: List[str]) -> Tuple[str, List[str]]:
-        """A saved module's name and its tensors' in the file: renamed together, or not at all."""
-        renamed_module = file_module(module_name) or module_name
-        renamed = [file_key(f"{module_name}.{key}") or f"{module_name}.{key}" for key in keys]
-        if all(k.startswith(renamed_module + ".") for k in renamed):
-            return renamed_module, renamed
-        return module_name, [f"{module_name}.{key}" for key in keys]
-
     saved_module_names: Dict[str, str] = {}
     # FSDP1 gathers one unit at a time, the root first (its first gather sets up the whole tree),
     # so no device holds more than one unit's whole parameters.
@@ -177,7 +169,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
                     raise ValueError(f"goft.save_adapter: modules_to_save entry {module_name} holds state that is not a "
                                      f"tensor ({extra}: its get_extra_state), which an adapter file cannot hold")
                 state = model.get_submodule(module_name).state_dict()
-                saved_name, saved_keys = saved_state_names(plain_module_name(module_name), list(state))
+                saved_name, saved_keys = module_state_names(file_key, plain_module_name(module_name), list(state))
                 saved_module_names[module_name] = saved_name
                 for saved_key, value in zip(saved_keys, state.values()):
                     tensors[saved_key] = gathered(value)
@@ -199,14 +191,16 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
         # The names of a saved classification head's outputs, for whoever rebuilds the model
         # (goft merge writes them into the merged model's config).
         **({"id2label": label_names} if label_names else {}),
+        # Layer and tensor names as the model's checkpoints spell them (goft.checkpoint_names).
+        "names": "checkpoint",
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        # The tensors' own digest, independent of the file's metadata: what a merge records.
+        "tensors_sha256": _tensors_digest(tensors),
     }
     # The tensors file describes itself too: if a save stops between its two renames, the folder
     # holds the new tensors beside the previous JSON, and the adapter loads from them alone.
-    # Its tensor list is the file's own header, so it is left out there; a digest of the tensors
-    # takes the checksum's place (the file cannot hold its own checksum).
-    self_description = json.dumps({**{k: v for k, v in description.items() if k != "tensors"},
-                                   "tensors_sha256": _tensors_digest(tensors)}, separators=(",", ":"))
+    # Its tensor list is the file's own header, so it is left out there.
+    self_description = json.dumps({k: v for k, v in description.items() if k != "tensors"}, separators=(",", ":"))
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT, DESCRIPTION_KEY: self_description})
     description["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     try:
@@ -265,8 +259,12 @@ def load_adapter(
                     target.copy_(tensors[key])
     _let_checkpointing_reach_the_adapters(model)
     set_adapter(model, adapter_name)
-    # A merge of this adapter (goft.merge, merge_and_unload) is then recorded in the model's config.
-    setattr(model, CHECKSUMS_ATTR, {**getattr(model, CHECKSUMS_ATTR, {}), adapter_name: description["weights_sha256"]})
+    # A merge of this adapter (goft.merge, merge_and_unload) is then recorded in the model's
+    # config, as long as the values are still the file's (the tensors' versions tell).
+    loaded = [p for layer_name in names.values() for p in model.get_submodule(layer_name).adapter_parameters(adapter_name).values()]
+    loaded += [t for _, t in saved_entries]
+    setattr(model, CHECKSUMS_ATTR, {**getattr(model, CHECKSUMS_ATTR, {}),
+                                    adapter_name: LoadedAdapter(description["tensors_sha256"], loaded)})
     return model
 
 
@@ -288,8 +286,10 @@ def _values_restored_on_failure(tensors: List[torch.Tensor]) -> Iterator[None]:
 
 
 def merged_into(model_config: Any, description: Dict[str, Any]) -> bool:
-    """Whether a model's config records the adapter described by ``description`` as merged into it."""
-    return description.get("weights_sha256") in (getattr(model_config, MERGED_ADAPTERS_KEY, None) or [])
+    """Whether a model's config records the adapter described by ``description`` as merged into it
+    (by its tensors' digest, or by the file's checksum, which earlier records hold)."""
+    recorded = getattr(model_config, MERGED_ADAPTERS_KEY, None) or []
+    return any(description.get(key) in recorded for key in ("tensors_sha256", "weights_sha256"))
 
 
 def resolve_adapter_directory(
@@ -307,6 +307,7 @@ def resolve_adapter_directory(
     downloaded into huggingface_hub's cache (its two files only) when no local directory has
     that name. Raises FileNotFoundError naming both places when neither has it."""
     path = directory_path(path, where, argument)
+    subfolder = os.fspath(subfolder) if isinstance(subfolder, os.PathLike) else subfolder
     check_hub_options(where, path, argument, revision=revision, subfolder=subfolder, cache_dir=cache_dir, token=token,
                       local_files_only=local_files_only)
     if os.path.isdir(path):
@@ -329,37 +330,41 @@ def resolve_adapter_directory(
 def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The adapter's description and tensors, checked against each other; raises ValueError (or
     FileNotFoundError for a missing file) led by ``where``, by default goft.load_adapter's."""
-    import safetensors.torch
-
     where = where or f"goft.load_adapter({path!r})"
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    for file in (config_path, weights_path):
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{where}: missing {file}")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{where}: missing {weights_path if os.path.isfile(config_path) else config_path}")
     with open(weights_path, "rb") as f:
         weights = f.read()
+    checksum = hashlib.sha256(weights).hexdigest()
+    if not os.path.isfile(config_path):
+        # The first save of a folder stopped before the JSON was in place.
+        return _self_description(weights_path, weights, where, FileNotFoundError, f"missing {config_path}")
     try:
         with open(config_path, "rb") as f:
             description = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        description = _self_description(weights_path, weights, where,
-                                        f"{CONFIG_NAME} is not valid JSON (corrupt or truncated): {e}")
-    else:
-        _check_description(description, where)
-        if description.get("weights_sha256") != hashlib.sha256(weights).hexdigest():
-            description = _self_description(weights_path, weights, where, f"{WEIGHTS_NAME} does not match the "
-                                            f"checksum in {CONFIG_NAME} (corrupt, truncated, or from another save)")
+        return _self_description(weights_path, weights, where, ValueError,
+                                 f"{CONFIG_NAME} is not valid JSON (corrupt or truncated): {e}")
     _check_description(description, where)
-    try:
-        tensors = safetensors.torch.load(weights)
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {e}") from None
+    mismatch = f"{WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME} (corrupt, truncated, or from another save)"
+    if description.get("weights_sha256") != checksum:
+        tensors, _ = _load_tensors(weights)
+        if tensors is not None and description.get("tensors_sha256") == _tensors_digest(tensors):
+            # The tensors the JSON describes, in a file whose metadata changed since.
+            raise ValueError(f"{where}: {mismatch}: its metadata was changed after saving")
+        return _self_description(weights_path, weights, where, ValueError, mismatch)
+    tensors, error = _load_tensors(weights)
+    if tensors is None:
+        raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {error}")
+    # Files written before the digest was added: a merge records it too.
+    description.setdefault("tensors_sha256", _tensors_digest(tensors))
     return description, tensors
 
 
-def _check_description(description: Any, where: str) -> None:
+def _check_description(description: Any, where: str, what: str = CONFIG_NAME) -> None:
     if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ValueError(f"{where}: {CONFIG_NAME} is not a goft adapter description")
+        raise ValueError(f"{where}: {what} is not a goft adapter description")
     if description.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{where}: unsupported format_version {description.get('format_version')!r} (this goft reads {FORMAT_VERSION})"
@@ -367,28 +372,40 @@ def _check_description(description: Any, where: str) -> None:
     _check_description_types(description, where)
 
 
-def _self_description(weights_path: str, weights: bytes, where: str, problem: str) -> Dict[str, Any]:
-    """The description a tensors file holds of itself (files saved since it was added), used when
-    the JSON beside it is not its own: a save that stopped between writing the two files left the
-    new tensors beside the previous JSON. Raises ValueError(problem) when the file holds none."""
+def _self_description(weights_path: str, weights: bytes, where: str, error: type,
+                      problem: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The description a tensors file holds of itself (files saved since it was added), and its
+    tensors, used when the JSON beside it is missing or is not its own: a save that stopped
+    between writing the two files left the new tensors beside the previous JSON (or none).
+    Raises ``error(problem)`` when the file holds no description that its tensors match."""
     import safetensors
-    import safetensors.torch
 
+    tensors, _ = _load_tensors(weights)
     try:
         with safetensors.safe_open(weights_path, framework="pt") as f:
             description = json.loads((f.metadata() or {}).get(DESCRIPTION_KEY) or "null")
-        # Its tensor list is the file's own header.
-        tensors = safetensors.torch.load(weights)
-    except Exception:  # a damaged file: the checksum's error says what is wrong
+    except Exception:  # a damaged file: the problem found first says what is wrong
         description = None
-    if (not isinstance(description, dict) or description.get("format") != FORMAT
-            or description.pop("tensors_sha256", None) != _tensors_digest(tensors)):
-        raise ValueError(f"{where}: {problem}")
+    if (tensors is None or not isinstance(description, dict) or description.get("format") != FORMAT
+            or description.get("tensors_sha256") != _tensors_digest(tensors)):
+        raise error(f"{where}: {problem}")
     description["tensors"] = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()}
-    warnings.warn(f"{where}: {problem}; {WEIGHTS_NAME} describes itself, so the adapter loads as it does. A save "
-                  f"that stopped between writing the two files leaves them so; save the adapter again to rewrite "
-                  f"{CONFIG_NAME}")
-    return {**description, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    description["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    _check_description(description, where, f"the description in {WEIGHTS_NAME}")
+    warnings.warn(f"{where}: {problem}; {WEIGHTS_NAME} describes itself and its tensors match, so the adapter loads "
+                  f"as it says. A save that stopped between writing the two files, or a tensors file copied in from "
+                  f"another save, leaves them so; save the adapter again to rewrite {CONFIG_NAME}", stacklevel=4)
+    return description, tensors
+
+
+def _load_tensors(weights: bytes) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """The tensors of a safetensors file's bytes, or None and why not."""
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load(weights), ""
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        return None, str(e)
 
 
 def _tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
@@ -480,8 +497,18 @@ def _validate(
         raise ValueError(f"{where}: the adapter has no layers")
     adapter_keys = set()
     names = {}
+    # Files that say so name layers as the checkpoint does: renamed first, where a renaming applies
+    # (chained renamings may give one module's checkpoint name to another module of the model).
+    # Earlier files hold the model's own names, which a renaming may still match.
+    in_checkpoint_names = description.get("names") == "checkpoint"
+
+    def model_module_of(saved: str) -> Optional[str]:
+        renamed = model_module(saved)
+        order = [renamed, saved] if in_checkpoint_names else [saved, renamed]
+        return next((name for name in order if name in modules), None)
+
     for module_name, info in layers.items():
-        names[module_name], module = modules.get(module_name) or modules.get(model_module(module_name) or "", (None, None))
+        names[module_name], module = modules.get(model_module_of(module_name) or "", (None, None))
         if module is None or not is_adaptable(module):
             found = "missing" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise ValueError(f"{where}: target layer {module_name} is {found} in {type(model).__name__}")
@@ -501,17 +528,30 @@ def _validate(
                 )
             adapter_keys.add(full)
 
+    # The saved modules by the model's names: the config's modules_to_save may name them by full
+    # paths of the other spelling, so the model selects them by the names resolved here.
+    saved_keys = {m: [k[len(m) + 1:] for k in set(tensors) - adapter_keys if k.startswith(m + ".")]
+                  for m in description.get("modules_to_save", [])}
+    resolved = {}
+    for saved, keys in saved_keys.items():
+        plain, _ = module_state_names(model_key, saved, keys)
+        order = [plain, saved] if in_checkpoint_names else [saved, plain]
+        resolved[saved] = next((name for name in order if name in modules), saved)
+    selected = {plain_module_name(n) for n in _match_all(dict(_candidate_modules(model)), config.modules_to_save)} \
+        if config.modules_to_save else set()
+    if config.modules_to_save and resolved and selected != set(resolved.values()):
+        config = config.replace(modules_to_save=sorted(resolved.values()))
     _check_targets(model, list(names.values()), config, where)
 
     saved_entries = []
+    module_names = {plain: name for plain, (name, _) in modules.items()}
     for key in sorted(set(tensors) - adapter_keys):
-        owner = next((m for m in description.get("modules_to_save", []) if key.startswith(m + ".")), None)
+        owner = next((m for m in saved_keys if key.startswith(m + ".")), None)
         if owner is None:
             raise ValueError(f"{where}: tensor {key} belongs to no adapter layer and no modules_to_save")
-        module_names = {plain: name for plain, (name, _) in modules.items()}
-        target = _state_entry(model, key, module_names)
-        if target is None and model_key(key):
-            target = _state_entry(model, model_key(key), module_names)
+        renamed = model_key(key)
+        order = [renamed, key] if in_checkpoint_names else [key, renamed]
+        target = next((t for t in (_state_entry(model, k, module_names) for k in order if k) if t is not None), None)
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
         # Another floating dtype is cast on loading, as a head trained in bfloat16 loads into
