@@ -680,3 +680,13 @@ def test_a_tensors_file_whose_metadata_was_edited_is_refused(saved):
     with pytest.raises(ValueError, match="does not match the checksum .* its metadata was changed after saving"):
         goft.load_adapter(model, str(path))
     assert_unchanged(model, before)
+
+
+def test_a_first_save_stopped_before_its_json_still_loads(saved):
+    # The folder's first save: the tensors file in place, the JSON not yet.
+    path, logits = saved
+    (path / CONFIG_NAME).unlink()
+    model = build("deberta-v2")
+    with pytest.warns(UserWarning, match=rf"missing .*{CONFIG_NAME}; {WEIGHTS_NAME} describes itself"):
+        goft.load_adapter(model, str(path))
+    torch.testing.assert_close(_logits(model, batch("deberta-v2")), logits, rtol=0, atol=0)
