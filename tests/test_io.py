@@ -690,3 +690,18 @@ def test_a_first_save_stopped_before_its_json_still_loads(saved):
     with pytest.warns(UserWarning, match=rf"missing .*{CONFIG_NAME}; {WEIGHTS_NAME} describes itself"):
         goft.load_adapter(model, str(path))
     torch.testing.assert_close(_logits(model, batch("deberta-v2")), logits, rtol=0, atol=0)
+
+
+def test_a_json_edited_after_saving_is_refused(saved):
+    # The checksum covers the tensors file; the JSON is checked against the description saved
+    # inside it. Another angle parameterisation would load wrong values without a word.
+    path, _ = saved
+    description = json.loads((path / CONFIG_NAME).read_text())
+    description["config"]["angle_parameterisation"] = "raw"
+    (path / CONFIG_NAME).write_text(json.dumps(description, indent=2))
+    model = build("deberta-v2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} differs from the description saved inside {WEIGHTS_NAME} in "
+                                         r"\['config'\]: it was edited after saving"):
+        goft.load_adapter(model, str(path))
+    assert_unchanged(model, before)

@@ -357,9 +357,29 @@ def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[
     tensors, error = _load_tensors(weights)
     if tensors is None:
         raise ValueError(f"{where}: cannot read {WEIGHTS_NAME}: {error}")
+    # The checksum covers the tensors file, not the JSON: a JSON edited after saving (say, another
+    # angle parameterisation) would load wrong values silently. The file's own description says.
+    own = _own_description(weights_path)
+    edited = sorted(k for k in set(own or {}) | set(description) if k not in ("tensors", "weights_sha256")
+                    and own is not None and own.get(k) != description.get(k))
+    if edited:
+        raise ValueError(f"{where}: {CONFIG_NAME} differs from the description saved inside {WEIGHTS_NAME} in "
+                         f"{edited}: it was edited after saving; save the adapter again instead")
     # Files written before the digest was added: a merge records it too.
     description.setdefault("tensors_sha256", _tensors_digest(tensors))
     return description, tensors
+
+
+def _own_description(weights_path: str) -> Optional[Dict[str, Any]]:
+    """The description a tensors file holds of itself, if it holds one (files saved since it was added)."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(weights_path, framework="pt") as f:
+            description = json.loads((f.metadata() or {}).get(DESCRIPTION_KEY) or "null")
+    except Exception:  # a damaged file: the caller's own checks say what is wrong
+        return None
+    return description if isinstance(description, dict) else None
 
 
 def _check_description(description: Any, where: str, what: str = CONFIG_NAME) -> None:
@@ -378,14 +398,8 @@ def _self_description(weights_path: str, weights: bytes, where: str, error: type
     tensors, used when the JSON beside it is missing or is not its own: a save that stopped
     between writing the two files left the new tensors beside the previous JSON (or none).
     Raises ``error(problem)`` when the file holds no description that its tensors match."""
-    import safetensors
-
     tensors, _ = _load_tensors(weights)
-    try:
-        with safetensors.safe_open(weights_path, framework="pt") as f:
-            description = json.loads((f.metadata() or {}).get(DESCRIPTION_KEY) or "null")
-    except Exception:  # a damaged file: the problem found first says what is wrong
-        description = None
+    description = _own_description(weights_path)
     if (tensors is None or not isinstance(description, dict) or description.get("format") != FORMAT
             or description.get("tensors_sha256") != _tensors_digest(tensors)):
         raise error(f"{where}: {problem}")
