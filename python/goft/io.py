@@ -59,7 +59,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
-# The tensors file's metadata entry holding the description (the JSON but its checksum).
+# The tensors file's metadata entry holding its description (the JSON but its tensor list and checksum).
 DESCRIPTION_KEY = "goft_description"
 
 
