@@ -147,6 +147,19 @@ def source_commit() -> str:
     return commit + ("+changes" if changed else "")
 
 
+def installed_goft_differs() -> List[str]:
+    """The files of python/goft that the goft imported here does not hold as they are in this
+    checkout (an install older than the code): a run would then not be of the commit it records."""
+    try:
+        import goft
+    except ImportError:
+        return ["all (goft is not importable)"]
+    installed = pathlib.Path(goft.__file__).resolve().parent
+    source = BENCH_DIR.parent / "python" / "goft"
+    return [p.name for p in sorted(source.glob("*.py"))
+            if not (installed / p.name).is_file() or (installed / p.name).read_bytes() != p.read_bytes()]
+
+
 def machine_info() -> Dict[str, str]:
     import importlib.metadata as md
 
@@ -156,8 +169,11 @@ def machine_info() -> Dict[str, str]:
         except md.PackageNotFoundError:
             return "not installed"
 
+    stale = installed_goft_differs()
     return {
         "commit": source_commit(),
+        # Whether the goft that ran is this checkout's Python (its C++ build is not compared).
+        "goft_install": f"differs from the checkout in {', '.join(stale)}" if stale else "the checkout's",
         "cpu": cpu_model(),
         "vector": vector_width(),
         "memory_gib": memory_gib(),

@@ -21,22 +21,11 @@ from pathlib import Path
 import common
 
 
-def installed_differs() -> list:
-    """The files of python/goft that the goft the demo will import does not hold as they are here:
-    the run would then not be of the commit it records."""
-    import goft
-
-    installed = Path(goft.__file__).resolve().parent
-    source = common.BENCH_DIR.parent / "python" / "goft"
-    return [p.name for p in sorted(source.glob("*.py"))
-            if not (installed / p.name).is_file() or (installed / p.name).read_bytes() != p.read_bytes()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "demo_quickstart.json"))
     args = parser.parse_args()
-    stale = installed_differs()
+    stale = common.installed_goft_differs()
     if stale:
         sys.exit(f"demo_quickstart.py: the installed goft differs from this checkout in {stale}; reinstall it "
                  "(python -m pip install --no-build-isolation --no-deps .) so that the run is of this commit")
