@@ -313,17 +313,22 @@ def test_tampered_files_are_refused_and_the_model_is_unchanged(saved, tamper, me
         goft.load_adapter(model, str(path))
     assert_unchanged(model, before)
 
+def _assert_load_refused(path, message):
+    """Loading the adapter at ``path`` into a fresh model raises ValueError(message), model unchanged."""
+    model = build("deberta-v2")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        goft.load_adapter(model, str(path))
+    assert_unchanged(model, before)
+
+
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_truncated_tensors_file_is_refused(saved, keep):
     path, _ = saved
     data = (path / WEIGHTS_NAME).read_bytes()
     (path / WEIGHTS_NAME).write_bytes(data[: int(len(data) * keep)])
-    model = build("deberta-v2")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="corrupt, truncated"):
-        goft.load_adapter(model, str(path))
-    assert_unchanged(model, before)
+    _assert_load_refused(path, "corrupt, truncated")
 
 
 def test_corrupt_or_missing_json_is_refused(saved):
@@ -355,11 +360,7 @@ def test_tensors_damaged_after_saving_do_not_pass_as_their_own_description(saved
     data = bytearray((path / WEIGHTS_NAME).read_bytes())
     data[-3] ^= 0x40
     (path / WEIGHTS_NAME).write_bytes(bytes(data))
-    model = build("deberta-v2")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="does not match the checksum"):
-        goft.load_adapter(model, str(path))
-    assert_unchanged(model, before)
+    _assert_load_refused(path, "does not match the checksum")
 
 
 def test_wrong_models_are_refused_and_unchanged(saved):
@@ -526,20 +527,27 @@ def test_a_folder_that_cannot_be_created_is_named_with_the_call(tmp_path, monkey
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def test_an_adapter_saved_under_transformers_4_loads_under_this_version():
-    # transformers 5 renamed ViT's modules and keeps its checkpoints in the old names; goft's
-    # adapter files follow it (goft.checkpoint_names), so one saved under 4.57 loads here, and the
-    # model gives the logits it gave there (tests/data/make_vit_transformers4.py).
+def _vit_of_transformers_4_with(adapter: str, expected: str):
+    """The tiny ViT saved by transformers 4.57 with one of the adapters saved there, checked to give
+    the logits it gave there (tests/data/make_vit_transformers4.py)."""
     folder = os.path.join(DATA, "vit-transformers4")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.ViTForImageClassification.from_pretrained(os.path.join(folder, "model")).eval()
-    goft.load_adapter(model, os.path.join(folder, "adapter"))
-    expected = safetensors.torch.load_file(os.path.join(folder, "expected.safetensors"))
+    goft.load_adapter(model, os.path.join(folder, adapter))
     assert len(list(named_goft_layers(model))) == 12
+    want = safetensors.torch.load_file(os.path.join(folder, expected))
     with torch.no_grad():
-        logits = model(pixel_values=expected["pixel_values"]).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
+        logits = model(pixel_values=want["pixel_values"]).logits
+    torch.testing.assert_close(logits, want["logits"], rtol=1e-5, atol=1e-6)
+    return model
+
+
+def test_an_adapter_saved_under_transformers_4_loads_under_this_version():
+    # transformers 5 renamed ViT's modules and keeps its checkpoints in the old names; goft's
+    # adapter files follow it (goft.checkpoint_names), so one saved under 4.57 loads here.
+    folder = os.path.join(DATA, "vit-transformers4")
+    model = _vit_of_transformers_4_with("adapter", "expected.safetensors")
     # Saved again here, the same names as there.
     with tempfile.TemporaryDirectory() as again:
         goft.save_adapter(model, again)
@@ -562,15 +570,7 @@ def _tiny_beit():
 def test_modules_to_save_given_by_full_paths_of_transformers_4_load_under_this_version():
     # The config keeps the modules_to_save a user gave, here a full 4.57 path that names nothing
     # under transformers 5; loading selects the saved modules by the file's resolved names.
-    folder = os.path.join(DATA, "vit-transformers4")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.ViTForImageClassification.from_pretrained(os.path.join(folder, "model")).eval()
-    goft.load_adapter(model, os.path.join(folder, "adapter-full-paths"))
-    expected = safetensors.torch.load_file(os.path.join(folder, "expected-full-paths.safetensors"))
-    with torch.no_grad():
-        logits = model(pixel_values=expected["pixel_values"]).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-6)
+    model = _vit_of_transformers_4_with("adapter-full-paths", "expected-full-paths.safetensors")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".goft_" not in n}
     layer_norm = "vit.encoder.layer.1.layernorm_before" if transformers.__version__.startswith("4.") \
         else "vit.layers.1.layernorm_before"
@@ -675,11 +675,7 @@ def test_a_tensors_file_whose_metadata_was_edited_is_refused(saved):
     described["config"]["variant"] = "goft"
     safetensors.torch.save_file(tensors, str(path / WEIGHTS_NAME),
                                 metadata={**metadata, goft.io.DESCRIPTION_KEY: json.dumps(described)})
-    model = build("deberta-v2")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="does not match the checksum .* its metadata was changed after saving"):
-        goft.load_adapter(model, str(path))
-    assert_unchanged(model, before)
+    _assert_load_refused(path, "does not match the checksum .* its metadata was changed after saving")
 
 
 def test_a_first_save_stopped_before_its_json_still_loads(saved):
@@ -699,9 +695,5 @@ def test_a_json_edited_after_saving_is_refused(saved):
     description = json.loads((path / CONFIG_NAME).read_text())
     description["config"]["angle_parameterisation"] = "raw"
     (path / CONFIG_NAME).write_text(json.dumps(description, indent=2))
-    model = build("deberta-v2")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} differs from the description saved inside {WEIGHTS_NAME} in "
-                                         r"\['config'\]: it was edited after saving"):
-        goft.load_adapter(model, str(path))
-    assert_unchanged(model, before)
+    _assert_load_refused(path, rf"{CONFIG_NAME} differs from the description saved inside {WEIGHTS_NAME} in "
+                                         r"\['config'\]: it was edited after saving")
