@@ -516,13 +516,13 @@ def _validate(
     # Earlier files hold the model's own names, which a renaming may still match.
     in_checkpoint_names = description.get("names") == "checkpoint"
 
-    def model_module_of(saved: str) -> Optional[str]:
-        renamed = model_module(saved)
-        order = [renamed, saved] if in_checkpoint_names else [saved, renamed]
-        return next((name for name in order if name in modules), None)
+    def spellings(saved: str, renamed: Optional[str]) -> List[str]:
+        """A saved name and its renaming for this model, in the order to try them."""
+        return [n for n in ([renamed, saved] if in_checkpoint_names else [saved, renamed]) if n]
 
     for module_name, info in layers.items():
-        names[module_name], module = modules.get(model_module_of(module_name) or "", (None, None))
+        found = next((n for n in spellings(module_name, model_module(module_name)) if n in modules), "")
+        names[module_name], module = modules.get(found, (None, None))
         if module is None or not is_adaptable(module):
             found = "missing" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise ValueError(f"{where}: target layer {module_name} is {found} in {type(model).__name__}")
@@ -544,13 +544,13 @@ def _validate(
 
     # The saved modules by the model's names: the config's modules_to_save may name them by full
     # paths of the other spelling, so the model selects them by the names resolved here.
-    saved_keys = {m: [k[len(m) + 1:] for k in set(tensors) - adapter_keys if k.startswith(m + ".")]
+    state_keys = sorted(set(tensors) - adapter_keys)
+    saved_keys = {m: [k[len(m) + 1:] for k in state_keys if k.startswith(m + ".")]
                   for m in description.get("modules_to_save", [])}
     resolved = {}
     for saved, keys in saved_keys.items():
         plain, _ = module_state_names(model_key, saved, keys)
-        order = [plain, saved] if in_checkpoint_names else [saved, plain]
-        resolved[saved] = next((name for name in order if name in modules), saved)
+        resolved[saved] = next((n for n in spellings(saved, plain) if n in modules), saved)
     selected = {plain_module_name(n) for n in _match_all(dict(_candidate_modules(model)), config.modules_to_save)} \
         if config.modules_to_save else set()
     if config.modules_to_save and resolved and selected != set(resolved.values()):
@@ -559,13 +559,12 @@ def _validate(
 
     saved_entries = []
     module_names = {plain: name for plain, (name, _) in modules.items()}
-    for key in sorted(set(tensors) - adapter_keys):
+    for key in state_keys:
         owner = next((m for m in saved_keys if key.startswith(m + ".")), None)
         if owner is None:
             raise ValueError(f"{where}: tensor {key} belongs to no adapter layer and no modules_to_save")
-        renamed = model_key(key)
-        order = [renamed, key] if in_checkpoint_names else [key, renamed]
-        target = next((t for t in (_state_entry(model, k, module_names) for k in order if k) if t is not None), None)
+        target = next((t for t in (_state_entry(model, k, module_names) for k in spellings(key, model_key(key)))
+                       if t is not None), None)
         if target is None:
             raise ValueError(f"{where}: modules_to_save entry {key} does not exist in {type(model).__name__}")
         # Another floating dtype is cast on loading, as a head trained in bfloat16 loads into
