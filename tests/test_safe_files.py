@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -209,8 +210,38 @@ def test_a_save_killed_mid_way_never_leaves_a_truncated_adapter(previous, kill_a
     assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers) and len(leftovers) == kill_at
     assert {k: after[k] for k in before} == before
     _loads_previous(path, expected)
-    goft.save_adapter(_adapted(2), str(path))  # a later save succeeds next to the leftover
+    # A later save succeeds, and removes the leftovers (hidden files that upload_folder would publish).
+    with pytest.warns(UserWarning, match=f"removed {kill_at} temporary file.* killed save") as caught:
+        goft.save_adapter(_adapted(2), str(path))
+    assert caught[0].filename == __file__  # the warning points at the caller's save_adapter
+    assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]
     goft.load_adapter(_Net(), str(path))
+
+
+def test_a_save_leaves_the_temporary_files_of_saves_that_may_still_run(previous):
+    # Another process saving into the same folder, on this host or on another sharing it, must
+    # find its temporary files where it wrote them; so must anything that is not goft's.
+    path, _ = previous
+    host = socket.gethostname()
+    others = [
+        f".{WEIGHTS_NAME}.{os.getpid()}@{host}.abcd1234.tmp",  # a running process on this host
+        f".{CONFIG_NAME}.1@another-{host}.abcd1234.tmp",  # another host's
+        f".{WEIGHTS_NAME}.{_finished_pid()}@{host}.abcd1234.tmp.part",  # not goft's name
+        f".other.json.{_finished_pid()}@{host}.abcd1234.tmp",  # not one of the files saved
+        f".{WEIGHTS_NAME}.{10**40}@{host}.abcd1234.tmp",  # no process can have that id
+    ]
+    for name in others:
+        (path / name).write_bytes(b"in progress")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        goft.save_adapter(_adapted(2), str(path))
+    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, *others])
+
+
+def _finished_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
 
 
 def _resign(path, data: bytes):

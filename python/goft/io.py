@@ -9,7 +9,8 @@ A saved adapter is a directory with
 Both are written to temporary files in the same directory first and then moved into place with
 os.replace, so a save that fails or is interrupted while writing leaves the previous files, and
 none is ever truncated; should a save stop between the two renames, the checksum catches the
-tensors file that does not belong to its JSON.
+tensors file that does not belong to its JSON. A killed save leaves its temporary file behind; the
+next save into the folder removes it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -659,6 +662,7 @@ def _write_files_atomically(directory: str, files: List[Tuple[str, bytes]]) -> N
     only then renames them into place, in order. A failure while writing (a full disk, an
     interrupt) leaves the previous files as they were; only a stop between the renames, which
     need no space, can leave new files beside previous ones."""
+    _remove_leftovers_of_killed_saves(directory, [name for name, _ in files])
     written: List[Tuple[str, str]] = []
     try:
         for name, data in files:
@@ -687,7 +691,7 @@ def _umask() -> int:
 
 def _written_temporary(directory: str, name: str, data: bytes) -> str:
     """A new temporary file in ``directory`` holding ``data``, on disk (fsynced); its path."""
-    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}@{socket.gethostname()}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             # mkstemp creates the file private (0600); give it the mode open() would, as torch.save's
@@ -701,6 +705,45 @@ def _written_temporary(directory: str, name: str, data: bytes) -> str:
             os.remove(tmp)
         raise
     return tmp
+
+
+# A temporary file of _written_temporary: ".<name>.<pid>@<host>.<mkstemp's random part>.tmp".
+_TEMPORARY_FILE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)@(?P<host>.+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _remove_leftovers_of_killed_saves(directory: str, names: List[str]) -> None:
+    """Removes the temporary files of ``names`` that earlier saves into ``directory`` left when
+    killed before they could clean up (SIGKILL, an out-of-memory kill): hidden files that
+    ``huggingface_hub.upload_folder`` would publish. Only files written on this host by processes
+    that no longer run; a save in progress elsewhere, here or on another host sharing the folder,
+    keeps its own."""
+    if os.name != "posix":  # no way to ask whether a process runs without signalling it
+        return
+    host = socket.gethostname()
+    removed = []
+    for entry in sorted(os.listdir(directory)):
+        found = _TEMPORARY_FILE.fullmatch(entry)
+        if not found or found["name"] not in names or found["host"] != host or _runs(int(found["pid"])):
+            continue
+        try:
+            os.remove(os.path.join(directory, entry))
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    if removed:
+        warnings.warn(f"goft.save_adapter: removed {len(removed)} temporary file(s) that a killed save left in "
+                      f"{directory!r}: {', '.join(removed)}", stacklevel=5)
+
+
+def _runs(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (POSIX: signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user
+        return True
+    return True
 
 
 def _fsync_directory(directory: str) -> None:
