@@ -189,6 +189,22 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tiny_model, three_
     assert bf16.classifier.weight.dtype == torch.bfloat16
 
 
+def test_merge_of_an_adapter_whose_json_is_missing_warns_once(tiny_model, three_label_adapter, tmp_path, capsys):
+    # A first save stopped between its renames leaves the tensors file alone; it describes itself.
+    adapted, adapter = three_label_adapter
+    (adapter / "adapter_config.json").unlink()
+    out = tmp_path / "merged"
+    with pytest.warns(UserWarning) as caught:
+        assert cli.main(["merge", "--model", str(tiny_model), "--adapter", str(adapter), "--output", str(out),
+                         "--num-labels", "3"]) == 0
+    said = [str(w.message) for w in caught if "describes itself" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("goft merge: adapter"), said
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = {"input_ids": torch.tensor([[2, 7, 9, 3]])}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_merge_of_a_decoder_without_a_pad_token_batches_as_save_merged_does(tiny_model, csv_file, tmp_path, capsys):
     # Decoders ship without a pad token; goft finetune trains with the end-of-text one (unknown
     # here) and --save-merged writes it into the folder, so goft merge must too: a classifier

@@ -5,6 +5,8 @@ the adapter merged into its weights (``goft merge``), which runs at the base mod
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,7 +41,7 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     from goft.finetune import ensure_pad_token, freshly_initialised
     from goft.folders import (TOKENIZER_FILES, check_model_folder, check_output_folder, directory_path,
                               resolve_model_directory)
-    from goft.io import MERGED_ADAPTERS_KEY, _read, merged_into, resolve_adapter_directory
+    from goft.io import MERGED_ADAPTERS_KEY, SELF_DESCRIBED, _read, merged_into, resolve_adapter_directory
 
     where = "goft merge"
     model_dir, output_dir = (directory_path(path, where, argument) for argument, path in
@@ -77,7 +79,9 @@ def merge_to_directory(model_dir: str, adapter_dir: str, output_dir: str, num_la
     model, loading = model_class.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
                                                  output_loading_info=True, **overrides)
     try:
-        goft.load_adapter(model, adapter_dir)
+        with warnings.catch_warnings():  # _read above has warned that the tensors file describes itself
+            warnings.filterwarnings("ignore", message=".*" + re.escape(SELF_DESCRIBED), category=UserWarning)
+            goft.load_adapter(model, adapter_dir)
     except ValueError as e:
         hint = ("; the adapter's classification head has another number of labels than the base config "
                 f"({model.config.num_labels}): pass --num-labels") if num_labels is None and _head_differs(model, description) else ""

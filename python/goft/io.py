@@ -64,6 +64,8 @@ FORMAT = "goft-adapter"
 FORMAT_VERSION = 1
 # The tensors file's metadata entry holding its description (the JSON but its tensor list and checksum).
 DESCRIPTION_KEY = "goft_description"
+# What the warning says when an adapter loads by that description (goft merge reads the files twice).
+SELF_DESCRIBED = "describes itself and its tensors"
 
 
 @accepts_compiled
@@ -409,7 +411,7 @@ def _self_description(weights_path: str, weights: bytes, where: str, error: type
     description["tensors"] = {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()}
     description["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     _check_description(description, where, f"the description in {WEIGHTS_NAME}")
-    warnings.warn(f"{where}: {problem}; {WEIGHTS_NAME} describes itself and its tensors match, so the adapter loads "
+    warnings.warn(f"{where}: {problem}; {WEIGHTS_NAME} {SELF_DESCRIBED} match, so the adapter loads "
                   f"as it says. A save that stopped between writing the two files, or a tensors file copied in from "
                   f"another save, leaves them so; save the adapter again to rewrite {CONFIG_NAME}", stacklevel=4)
     return description, tensors
