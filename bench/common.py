@@ -378,6 +378,8 @@ def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
     threshold (up to 32 MiB) from heap memory that stays resident after free, which hides a
     repeated step's footprint; so during the probe every allocation of 64 KiB or more is mmap-ed
     (mallopt), free heap memory is trimmed first, and the threshold is set back to 32 MiB after.
+    Setting it at all ends glibc's adaptive thresholds for the rest of the process, so time
+    nothing after a probe: layer_bench and train_bench probe once every timing is done.
     """
     libc = _libc()
     gc.collect()

@@ -32,7 +32,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -107,7 +107,12 @@ def build_variants(base: OneLinear, names: List[str]) -> Dict[str, nn.Module]:
     return out
 
 
-def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bool = False) -> List[dict]:
+def bench_dim(d: int, rows: int, repeats: int, names: List[str],
+              quiet: bool = False) -> Tuple[List[dict], Callable[[], None]]:
+    """Times every variant at width ``d``, interleaved (``quiet``: progress on stderr). Returns the
+    records and a function that adds to them what each variant saves for backward and its peak
+    RSS growth: call it after every timing, as the RSS probe changes glibc's mmap threshold for
+    the rest of the process (common.peak_rss_growth), and with it the page faults of later steps."""
     gen = torch.Generator().manual_seed(d)
     torch.manual_seed(d)
     base = OneLinear(d)
@@ -131,18 +136,19 @@ def bench_dim(d: int, rows: int, repeats: int, names: List[str], timing_only: bo
                       samples_ms=[s * 1e3 for s in samples[name]],
                       **common.fault_summary(faults[name], len(samples[name])), trainable=trainable[name],
                       x_bytes=x_bytes)
-        if not timing_only:
+        records.append(record)
+        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({record['ratio']:.3f}x frozen)",
+              file=sys.stderr if quiet else sys.stdout, flush=True)
+
+    def add_memory() -> None:
+        for record, (name, m) in zip(records, variants.items()):
             owned = list(m.parameters()) + list(m.buffers())
             saved = common.saved_for_backward(lambda m=m: m(x), exclude=owned)
             record.update(saved_total=saved["total"], saved_activations=saved["activations"],
                           saved_count=saved["count"], rss_growth=common.peak_rss_growth(fns[name]))
-        records.append(record)
-        if timing_only:
-            print(f"  d={d} {name}: {t * 1e3:.1f} ms ({record['ratio']:.3f}x frozen)", file=sys.stderr, flush=True)
-            continue
-        print(f"  d={d} {name}: {t * 1e3:.1f} ms ({record['ratio']:.3f}x frozen), "
-              f"saved {common.fmt_bytes(record['saved_total'])}", flush=True)
-    return records
+            print(f"  d={d} {name}: saved {common.fmt_bytes(saved['total'])}", flush=True)
+
+    return records, add_memory
 
 
 # Plain PyTorch forms of the same transform in front of the frozen layer (bench/baselines.py), for
@@ -338,7 +344,7 @@ def main(argv=None) -> int:
         per_dim = json.loads(args.repeats_per_dim)
         records = []
         for d in args.dims:
-            records += bench_dim(d, args.rows, per_dim[str(d)], PINNED_VARIANTS, timing_only=True)
+            records += bench_dim(d, args.rows, per_dim[str(d)], PINNED_VARIANTS, quiet=True)[0]
         print(json.dumps(records))
         return 0
     dims = args.dims or ([256, 768] if args.quick else [768, 4096])
@@ -348,13 +354,20 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     records = []
     repeats = {d: args.repeats or (3 if args.quick else (15 if d <= 1024 else 9)) for d in dims}
+    memory_probes = []
     for d in dims:
-        records += bench_dim(d, rows, repeats[d], names)
-    memory = [r for d in dims for r in saved_by_baselines(d, rows)]
+        timed, add_memory = bench_dim(d, rows, repeats[d], names)
+        records += timed
+        memory_probes.append(add_memory)
     pinned = []
     if all(v in names for v in PINNED_VARIANTS):
         print("  glibc heap thresholds pinned (child process):", flush=True)
         pinned = bench_pinned_heap(dims, rows, repeats)
+    print("  memory, after every timing:", flush=True)
+    for add_memory in memory_probes:
+        add_memory()
+    del memory_probes
+    memory = [r for d in dims for r in saved_by_baselines(d, rows)]
     wall = time.perf_counter() - t_start
     command = common.command_line(__file__, argv)
     body = render(records, pinned, memory, info, common.loadavg(), wall, command)

@@ -19,7 +19,7 @@ import argparse
 import copy
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -132,7 +132,11 @@ def make_step(model: nn.Module, batch: Dict[str, torch.Tensor], penalty) -> Call
     return step
 
 
-def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str], batch_size: int, seq: int):
+def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str], batch_size: int,
+                seq: int) -> Tuple[List[dict], Callable[[], None]]:
+    """Times a training step of every variant of one model, interleaved. Returns the records and a
+    function that adds each step's peak RSS growth to them: call it after every timing, as the
+    probe changes glibc's mmap threshold for the rest of the process (common.peak_rss_growth)."""
     torch.manual_seed(0)
     base, targets, task = builder(quick)
     vocab = base.config.vocab_size
@@ -160,9 +164,14 @@ def bench_model(title: str, builder, quick: bool, repeats: int, names: List[str]
                             round_ratios=common.round_ratios(samples[name], reference) if reference else [],
                             samples_ms=[s * 1e3 for s in samples[name]],
                             **common.fault_summary(faults[name], len(samples[name])),
-                            rss_growth=common.peak_rss_growth(steps[name]), trainable=trainable[name], total=total[name]))
+                            trainable=trainable[name], total=total[name]))
         print(f"  {title} {name}: {t * 1e3:.0f} ms" + (f" ({vs_lora:.2f}x LoRA)" if reference else ""), flush=True)
-    return records
+
+    def add_memory() -> None:
+        for record in records:
+            record["rss_growth"] = common.peak_rss_growth(steps[record["variant"]])
+
+    return records, add_memory
 
 
 def targets(records: List[dict]) -> List[List[str]]:
@@ -253,8 +262,15 @@ def main(argv=None) -> int:
     info = common.machine_info()
     t_start = time.perf_counter()
     records = []
+    memory_probes = []
     for title in args.models:
-        records += bench_model(title, MODELS[title], args.quick, repeats, names, batch_size, seq)
+        timed, add_memory = bench_model(title, MODELS[title], args.quick, repeats, names, batch_size, seq)
+        records += timed
+        memory_probes.append(add_memory)
+    print("  peak RSS growth, after every timing", flush=True)
+    for add_memory in memory_probes:
+        add_memory()
+    del memory_probes
     wall = time.perf_counter() - t_start
     command = common.command_line(__file__, argv)
     body = render(records, info, common.loadavg(), wall, command, batch_size, seq)

@@ -95,3 +95,36 @@ def test_a_quick_run_writes_beside_the_results_not_over_them(tmp_path, monkeypat
     assert "a quick run's table" in (tmp_path / "quick" / "RESULTS.md").read_text()
     assert {p.name: p.read_bytes() for p in (common.BENCH_DIR / "results").glob("*.*")} == quoted
     assert (common.BENCH_DIR / "RESULTS.md").read_bytes() == quoted_md
+
+
+def test_memory_probes_run_after_every_timing(tmp_path, monkeypatch):
+    # The peak-RSS probe fixes glibc's mmap threshold for the rest of the process, which changes
+    # the page faults (and times) of any step timed after it: the layer and training benchmarks
+    # must time every width and model first, then probe.
+    import layer_bench
+    import train_bench
+
+    monkeypatch.setattr(common, "QUICK_OUTPUT_DIR", tmp_path / "quick")
+    for name in ("OUTPUT_DIR", "RESULTS_DIR", "RESULTS_MD"):
+        monkeypatch.setattr(common, name, getattr(common, name))
+    events = []
+    timed, probed = common.time_interleaved, common.peak_rss_growth
+
+    def time_interleaved(fns, *args, **kwargs):
+        events.append("time")
+        return timed(fns, *args, **kwargs)
+
+    def peak_rss_growth(fn):
+        events.append("probe")
+        return probed(fn)
+
+    monkeypatch.setattr(common, "time_interleaved", time_interleaved)
+    monkeypatch.setattr(common, "peak_rss_growth", peak_rss_growth)
+    for script in (layer_bench, train_bench):  # matplotlib is a bench extra, not a test one
+        monkeypatch.setattr(script, "plot", lambda *args, **kwargs: None)
+    assert layer_bench.main(["--quick", "--dims", "8", "16", "--rows", "8", "--repeats", "1",
+                             "--variants", "frozen", "goft"]) == 0
+    assert events == ["time"] * 2 + ["probe"] * 4, events
+    events.clear()
+    assert train_bench.main(["--quick", "--repeats", "1", "--variants", "goft", "lora r=8"]) == 0
+    assert events == ["time"] * len(train_bench.MODELS) + ["probe"] * 2 * len(train_bench.MODELS), events
