@@ -3,11 +3,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -22,18 +24,26 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Median wall time in milliseconds of `repeats` runs of fn, after one warm-up run.
-template <typename Fn>
-double median_ms(int repeats, Fn&& fn) {
-  fn();
-  std::vector<double> times;
+// Median wall times in milliseconds of `repeats` rounds that each run every fn once, in order,
+// after one warm-up round. Interleaved, so that a slow spell of a shared machine falls on every
+// kernel of a round instead of on the one timed while it lasted.
+template <size_t N>
+std::array<double, N> interleaved_median_ms(int repeats, const std::array<std::function<void()>, N>& fns) {
+  for (const auto& fn : fns) fn();
+  std::array<std::vector<double>, N> times;
   for (int i = 0; i < repeats; ++i) {
-    const auto start = Clock::now();
-    fn();
-    times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    for (size_t k = 0; k < N; ++k) {
+      const auto start = Clock::now();
+      fns[k]();
+      times[k].push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    }
   }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  std::array<double, N> medians;
+  for (size_t k = 0; k < N; ++k) {
+    std::sort(times[k].begin(), times[k].end());
+    medians[k] = times[k][times[k].size() / 2];
+  }
+  return medians;
 }
 
 struct Options {
@@ -97,7 +107,7 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 template <int Bytes>
 int run(const Options& options) {
-  std::printf("goft core bench: float32, %lld rows, %d threads, median of %d; 'simple' is the\n"
+  std::printf("goft core bench: float32, %lld rows, %d threads, median of %d interleaved rounds; 'simple' is the\n"
               "portable per-row reference kernel, 'fused' the SIMD path the torch op uses\n"
               "(%d-byte lanes; this CPU's own width is %d).\n",
               static_cast<long long>(options.rows), omp_get_max_threads(), options.repeats, Bytes,
@@ -156,20 +166,20 @@ int run(const Options& options) {
     bwd_ref.block_grad_partials = partials_ref.data();
     bwd_ref.scale_grad_partials = scale_partials_ref.data();
 
-    const double copy_ms = median_ms(options.repeats, [&] {
+    const std::function<void()> copy = [&] {
 #pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < rows; ++r) std::memcpy(y.data() + r * d, x.data() + r * d, d * sizeof(float));
-    });
-    const double fwd_simple_ms = median_ms(options.repeats, [&] {
+    };
+    const std::function<void()> fwd_simple = [&] {
 #pragma omp parallel
       {
         std::vector<float> scratch(goft::cpu::rotate_scratch_size(d));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) goft::cpu::rotate_rows(fwd_ref, schedule, r, r + 1, scratch.data());
       }
-    });
+    };
     const int64_t tile = goft::cpu::kTileRows;
-    const double fwd_ms = median_ms(options.repeats, [&] {
+    const std::function<void()> fwd_fused = [&] {
 #pragma omp parallel
       {
         std::vector<float> scratch(goft::cpu::rotate_tile_scratch_size<float, Bytes>(d));
@@ -178,23 +188,27 @@ int run(const Options& options) {
           goft::cpu::rotate_rows_fast(fwd, call, r, std::min(rows, r + tile), scratch.data());
         }
       }
-    });
-    const double bwd_simple_ms = median_ms(options.repeats, [&] {
+    };
+    const std::function<void()> bwd_simple = [&] {
 #pragma omp parallel
       {
         std::vector<float> scratch(goft::cpu::rotate_backward_scratch_size(d));
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunk(bwd_ref, schedule, c, scratch.data());
       }
-    });
-    const double bwd_ms = median_ms(options.repeats, [&] {
+    };
+    const std::function<void()> bwd_fused = [&] {
 #pragma omp parallel
       {
         std::vector<float> scratch(goft::cpu::backward_chunk_scratch_size<float, Bytes>(d));
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunks_fast(bwd, call, c, c + 1, scratch.data());
       }
-    });
+    };
+    // The copy writes y, which the forward kernels then overwrite; the comparison below reads the
+    // outputs of the last round, in which every kernel ran after the copy.
+    const auto [copy_ms, fwd_simple_ms, fwd_ms, bwd_simple_ms, bwd_ms] =
+        interleaved_median_ms<5>(options.repeats, {copy, fwd_simple, fwd_fused, bwd_simple, bwd_fused});
     // The two kernels must agree; a bench that times a wrong kernel is worthless.
     const double diff = std::max({max_abs_diff(y, y_ref), max_abs_diff(gx, gx_ref),
                                   max_abs_diff(partials, partials_ref),
