@@ -337,26 +337,6 @@ def saved_for_backward(fn: Callable[[], object], exclude: Optional[List[torch.Te
     return {"total": total, "activations": activations, "count": len(seen)}
 
 
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS (Linux >= 4.0).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _libc():
     try:
         lib = ctypes.CDLL("libc.so.6")
@@ -381,24 +361,21 @@ def peak_rss_growth(fn: Callable[[], object]) -> Optional[int]:
     Setting it at all ends glibc's adaptive thresholds for the rest of the process, so time
     nothing after a probe: layer_bench and train_bench probe once every timing is done.
     """
+    from goft.finetune import PeakRSS  # the same measurement as goft finetune's memory column
+
     libc = _libc()
     gc.collect()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
         libc.malloc_trim(0)
     try:
-        if not _reset_peak_rss():
-            return None
-        rss0 = _status_kib("VmRSS")
-        out = fn()
-        peak = _status_kib("VmHWM")
+        with PeakRSS() as memory:
+            out = fn()
         del out
     finally:
         if libc is not None:
             libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-    if rss0 is None or peak is None:
-        return None
-    return (peak - rss0) * 1024
+    return memory.growth if memory.exact else None
 
 
 # ---------------------------------------------------------------------------------------------
