@@ -729,7 +729,7 @@ def _remove_leftovers_of_killed_saves(directory: str, names: List[str]) -> None:
             continue
         try:
             os.remove(os.path.join(directory, entry))
-        except FileNotFoundError:
+        except OSError:  # gone already, or not ours to remove: the save goes on without it
             continue
         removed.append(entry)
     if removed:
