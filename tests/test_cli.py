@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -820,3 +821,12 @@ def test_demo_compare_options_are_checked_before_the_goft_run(capsys, nothing_tr
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
     err = _error(["demo", "--no-progress", "--max-train", "16", "--max-test", "16", "--compare", "lora"], capsys)
     assert "goft demo: --compare lora needs PEFT: pip install peft" in err
+
+
+def test_the_demos_learning_rates_are_the_ones_its_comparison_chose():
+    # bench/demo_compare.py tunes each method's rate on a validation set; the demo's defaults
+    # (and its --compare rates) must follow when a rerun chooses others.
+    results = json.loads((pathlib.Path(__file__).resolve().parents[1] / "bench" / "demo_results.json").read_text())
+    chosen = results["chosen_lr"]
+    assert demo.DEFAULTS.lr == chosen["goft"]
+    assert {m: demo.COMPARE_LR[m] for m in chosen} == chosen
