@@ -823,10 +823,57 @@ def test_demo_compare_options_are_checked_before_the_goft_run(capsys, nothing_tr
     assert "goft demo: --compare lora needs PEFT: pip install peft" in err
 
 
-def test_the_demos_learning_rates_are_the_ones_its_comparison_chose():
-    # bench/demo_compare.py tunes each method's rate on a validation set; the demo's defaults
-    # (and its --compare rates) must follow when a rerun chooses others.
+def test_the_tuned_learning_rates_are_the_ones_the_demos_comparison_chose():
+    # bench/demo_compare.py tunes each method's rate on a validation set; the defaults of goft
+    # finetune and goft demo must follow when a rerun chooses others.
     results = json.loads((pathlib.Path(__file__).resolve().parents[1] / "bench" / "demo_results.json").read_text())
-    chosen = results["chosen_lr"]
-    assert demo.DEFAULTS.lr == chosen["goft"]
-    assert {m: demo.COMPARE_LR[m] for m in chosen} == chosen
+    assert finetune.TUNED_LR == results["chosen_lr"]
+
+
+@pytest.mark.parametrize("command", ["finetune", "demo"])
+def test_each_method_trains_at_its_tuned_rate_unless_told(command, tiny_model, csv_file, monkeypatch, capsys):
+    if command == "demo" and not _DEMO_PACKAGES:
+        pytest.skip(f"demo packages missing: {demo.INSTALL_COMMAND}")
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def record(configs):
+        planned.extend((c.method, c.scale, c.lr) for c in configs)
+        return configs
+
+    def stop(configs, *args, **kwargs):
+        record(configs)
+        raise Planned
+
+    # The demo plans its compared runs, then trains its own; goft finetune --compare runs them all.
+    compared_configs = finetune.compared_configs
+    monkeypatch.setattr(finetune, "compared_configs", lambda *args, **kwargs: record(compared_configs(*args, **kwargs)))
+    monkeypatch.setattr(finetune, "run", lambda config, *args, **kwargs: stop([config]))
+    monkeypatch.setattr(finetune, "compare", stop)
+    monkeypatch.setattr(finetune, "check_options", lambda *args, **kwargs: None)
+
+    def rates(*options):
+        planned.clear()
+        if command == "demo":
+            args = ["demo", "--no-progress", "--max-train", "16", "--max-test", "16", *options]
+        else:
+            args = [a for a in _finetune_args(tiny_model, csv_file) if a not in ("--lr", "5e-3")] + list(options)
+        with pytest.raises(Planned):
+            cli.main(args)
+        return sorted(set(planned))
+
+    tuned = finetune.TUNED_LR
+    assert rates() == [("goft", False, tuned["goft"])]
+    assert rates("--variant", "qgoft") == [("qgoft", False, tuned["qgoft"])]
+    assert rates("--scale") == [("goft", True, tuned["goft"])]
+    assert rates("--lr", "3e-3") == [("goft", False, 3e-3)]
+    # Compared methods at their own tuned rates, those without one (OFT) at the main run's.
+    assert rates("--compare", "lora,oft,qgoft") == [("goft", False, tuned["goft"]), ("lora", False, tuned["lora"]),
+                                                   ("oft", False, tuned["goft"]), ("qgoft", False, tuned["qgoft"])]
+    assert rates("--lr", "3e-3", "--compare", "lora,oft") == [("goft", False, 3e-3), ("lora", False, tuned["lora"]),
+                                                             ("oft", False, 3e-3)]
+    assert rates("--compare", "lora", "--compare-lr", "2e-3") == [("goft", False, tuned["goft"]), ("lora", False, 2e-3)]
+    if command == "finetune":
+        assert f"--- GOFT (lr {tuned['goft']:g}, seed 0) ---" in capsys.readouterr().out

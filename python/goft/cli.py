@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from goft.export import DTYPES
-from goft.finetune import GOFT_METHODS, METHODS
+from goft.finetune import GOFT_METHODS, METHODS, TUNED_LR
 
 
 def _number(text: str, kind: type, expected: str, accept) -> float:
@@ -50,9 +50,8 @@ def _name_list(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int, batch_size: int,
-                          max_length: int, seed: int, threads: Optional[int], orth_lambda: float,
-                          demo: bool) -> None:
+def _add_training_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int,
+                          max_length: int, seed: int, threads: Optional[int], orth_lambda: float) -> None:
     g = p.add_argument_group("method and training")
     g.add_argument("--variant", choices=GOFT_METHODS, default="goft",
                    help="goft: strict Givens rotations; qgoft: free 2x2 blocks kept near-orthogonal (default goft)")
@@ -61,7 +60,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
     g.add_argument("--orth-lambda", type=_non_negative_float, default=None,
                    help=f"qGOFT orthogonality penalty strength (default {orth_lambda:g}; qgoft runs only)")
     p.set_defaults(default_orth_lambda=orth_lambda)
-    g.add_argument("--lr", type=_positive_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="AdamW learning rate (default: the variant's rate tuned on the demo's data, " +
+                        ", ".join(f"{method} {TUNED_LR[method]:g}" for method in GOFT_METHODS) +
+                        ": bench/demo_results.md)")
     g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"default {epochs}")
     g.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"default {batch_size}")
     g.add_argument("--max-length", type=_positive_int, default=max_length,
@@ -74,8 +76,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, lr: float, epochs: int,
                    help="also train these on the same split, each in a fresh process, and print a table: "
                         "comma-separated lora (PEFT LoRA r=8), oft (PEFT OFT), goft, qgoft, head (head only)")
     g.add_argument("--compare-lr", type=_positive_float, default=None,
-                   help="learning rate of the compared methods (default: " + (
-                       "each method's rate tuned for the demo, bench/demo_results.md)" if demo else "--lr)"))
+                   help="learning rate of the compared methods (default: each method's tuned rate, " +
+                        ", ".join(f"{method} {lr:g}" for method, lr in TUNED_LR.items()) + "; the others --lr)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -91,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rotten Tomatoes snippets, reports accuracy before and after, merges the adapter and "
                     f"checks the merged predictions, and saves the adapter. Needs: {INSTALL_COMMAND}",
     )
-    _add_training_options(demo, lr=DEFAULTS.lr, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size,
+    _add_training_options(demo, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size,
                           max_length=DEFAULTS.max_length, seed=DEFAULTS.seed, threads=DEFAULTS.threads,
-                          orth_lambda=DEFAULTS.orth_lambda, demo=True)
+                          orth_lambda=DEFAULTS.orth_lambda)
     d = demo.add_argument_group("data and output")
     d.add_argument("--max-train", type=_positive_int, default=DEFAULTS.n_train,
                    help=f"training examples, balanced (default {DEFAULTS.n_train})")
@@ -136,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save-merged", action="store_true",
                     help="also write OUTPUT_DIR/merged: the model with the adapter merged into its weights and the "
                          "tokenizer, a plain transformers model directory (no goft needed to run it)")
-    _add_training_options(ft, lr=1e-3, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
-                          orth_lambda=0.01, demo=False)
+    _add_training_options(ft, epochs=3, batch_size=32, max_length=128, seed=0, threads=None,
+                          orth_lambda=0.01)
 
     mg = sub.add_parser(
         "merge", help="merge a saved adapter into its base model: a plain transformers model folder",
@@ -227,7 +229,8 @@ def _finetune(parser, args) -> int:
         model_dir = resolve_model_directory(args.model, "goft finetune", revision=args.model_revision)
         finetune.check_model_dir(model_dir)
         config = finetune.RunConfig(
-            model_dir=model_dir, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda, lr=args.lr,
+            model_dir=model_dir, method=args.variant, scale=args.scale, orth_lambda=args.orth_lambda,
+            lr=args.lr or finetune.TUNED_LR[args.variant],
             epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
             threads=args.threads, target_modules=args.target_modules, lora_rank=args.lora_rank,
             oft_block_size=args.oft_block_size, output_dir=args.output_dir, save_merged=args.save_merged,
@@ -244,6 +247,7 @@ def _finetune(parser, args) -> int:
         print("no --output-dir: the adapter and the metrics will not be saved")
 
     if not args.compare:
+        print(finetune.run_header(config))
         try:
             finetune.run(config, split)
         except finetune.OptionError as e:
@@ -252,7 +256,8 @@ def _finetune(parser, args) -> int:
             print(f"metrics written to {Path(args.output_dir) / 'metrics.json'}")
         return 0
 
-    configs = [config] + finetune.compared_configs(config, args.compare, lambda method: args.compare_lr or args.lr)
+    configs = [config] + finetune.compared_configs(config, args.compare,
+                                                         lambda method: args.compare_lr or finetune.tuned_lr(method, config.lr))
     try:
         results = finetune.compare(configs, split)
     except finetune.OptionError as e:  # raised in a method's own process; the first one finds it

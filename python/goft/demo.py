@@ -36,7 +36,7 @@ class DemoDefaults:
     - max_length 64: 99% of the snippets have at most 55 tokens, the longest 78.
     - 2 epochs: at 70 examples/s 2 epochs of 2,000 examples take about 60 s, which leaves room for
       three evaluations of 1,000 examples (140 examples/s), loading and the merge check.
-    - lr 4e-3: chosen on a validation set by bench/demo_compare.py from 5e-4..1.6e-2 (the paper's
+    - lr (finetune.TUNED_LR) 4e-3 for GOFT: chosen on a validation set by bench/demo_compare.py from 5e-4..1.6e-2 (the paper's
       5e-4..2e-3 and three doublings above; bench/demo_results.md): in 2 short epochs GOFT's
       validation accuracy still rises past the top of the paper's range (78.9% at 2e-3, 79.9% at
       4e-3, 78.2% at 8e-3), qGOFT's peaks at 8e-3 (80.9%) and LoRA's at 1e-3 (80.0%).
@@ -50,15 +50,10 @@ class DemoDefaults:
     max_length: int = 64
     batch_size: int = 32
     epochs: int = 2
-    lr: float = 4e-3
     orth_lambda: float = 0.01
 
 
 DEFAULTS = DemoDefaults()
-
-# Learning rates of `goft demo --compare ...`, each chosen on the validation set by
-# bench/demo_compare.py (see bench/demo_results.md); methods not listed use --lr.
-COMPARE_LR = {"goft": 4e-3, "qgoft": 8e-3, "lora": 1e-3}
 
 
 class MissingDemoPackage(RuntimeError):
@@ -143,7 +138,7 @@ def _human(n: Optional[int]) -> str:
 def run_demo(
     variant: str = "goft",
     scale: bool = False,
-    lr: float = DEFAULTS.lr,
+    lr: Optional[float] = None,
     orth_lambda: float = DEFAULTS.orth_lambda,
     epochs: int = DEFAULTS.epochs,
     batch_size: int = DEFAULTS.batch_size,
@@ -158,9 +153,11 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> List[finetune.RunResult]:
-    """Runs the demo end to end and prints its report; returns the goft run's result (then any compared)."""
+    """Runs the demo end to end and prints its report; returns the goft run's result (then any compared).
+    ``lr`` and ``compare_lr`` default to each method's tuned rate (finetune.TUNED_LR)."""
     wall = time.perf_counter()
     model_dir = find_model_dir()
+    lr = lr or finetune.TUNED_LR[variant]
     try:
         split = load_split(n_train, n_test)
         config = finetune.RunConfig(
@@ -168,7 +165,7 @@ def run_demo(
             epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, threads=threads,
             eval_before=True, check_merge=True, output_dir=output_dir, progress=progress,
         )
-        compared = finetune.compared_configs(config, compare, lambda m: compare_lr or COMPARE_LR.get(m, lr),
+        compared = finetune.compared_configs(config, compare, lambda m: compare_lr or finetune.tuned_lr(m, lr),
                                              eval_before=False, check_merge=False)
         if compared:  # before the goft run trains, not after
             finetune.check_options([config] + compared, split)
