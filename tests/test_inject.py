@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import functools
 import re
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -892,3 +894,15 @@ def test_linears_inside_torch_transformer_layers_are_refused():
                                          r"sit inside torch.nn.MultiheadAttention"):
         goft.inject(model, target_modules="all-linear")
     assert not goft.adapter_configs(model)
+
+
+def test_submodules_load_on_first_use_after_a_plain_import():
+    # The README's `goft.trainer.quantized_base(model)` after `import goft`; the Hugging Face
+    # stack loads only then, not with goft itself.
+    script = ("import sys, goft\n"
+              "assert 'transformers' not in sys.modules\n"
+              "assert callable(goft.trainer.quantized_base) and goft.finetune.TUNED_LR and goft.export.DTYPES\n"
+              "try:\n    goft.no_such_module\nexcept AttributeError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "module 'goft' has no attribute 'no_such_module'"

@@ -50,6 +50,19 @@ from goft.inject import (  # noqa: E402
 )
 from goft.io import load_adapter, save_adapter  # noqa: E402
 
+# Submodules that __init__ does not import (they need the Hugging Face stack, or are tools),
+# imported on first use: `goft.trainer.quantized_base` works after a plain `import goft`.
+_SUBMODULES_ON_FIRST_USE = ("trainer", "finetune", "export", "data", "demo", "cli", "reference")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES_ON_FIRST_USE:
+        import importlib
+
+        return importlib.import_module(f"goft.{name}")
+    raise AttributeError(f"module 'goft' has no attribute {name!r}")
+
+
 __all__ = [
     "rotate",
     "rotated_linear",
