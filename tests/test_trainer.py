@@ -156,11 +156,15 @@ def test_a_scaler_error_other_than_unscaling_twice_is_not_hidden():
     with pytest.raises(RuntimeError, match="unscale_\\(\\) is being called after step\\(\\)"):
         OrthogonalityPenaltyCallback().on_pre_optimizer_step(None, None, None, model=model, optimizer=optimizer)
 
+@pytest.mark.parametrize("switch", ["gradient_checkpointing", "activation_checkpointing"])
 @pytest.mark.parametrize("reentrant", [None, True], ids=["transformers-default", "reentrant"])
 @pytest.mark.parametrize("name", ["llama", "vit"])
-def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tmp_path, name, reentrant):
-    """Trainer(gradient_checkpointing=True) enables checkpointing after goft.inject, reentrant by
-    default under transformers 4.x; the adapters still train exactly as without it."""
+def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tmp_path, name, reentrant, switch):
+    """TrainingArguments(gradient_checkpointing=True) (transformers 5: activation_checkpointing)
+    enables checkpointing after goft.inject, reentrant by default under transformers 4.x; the
+    adapters still train exactly as without it."""
+    if switch not in transformers.TrainingArguments.__dataclass_fields__:
+        pytest.skip(f"this transformers has no TrainingArguments.{switch}")
     model = build(name)
     goft.inject(model)
     perturb_adapters(model, 0.2)
@@ -168,8 +172,10 @@ def test_trainer_with_activation_checkpointing_trains_the_adapters_as_without(tm
     twin = copy.deepcopy(model)
     inputs = batch(name)
     dataset = [{k: v[i] for k, v in inputs.items()} for i in range(len(inputs["labels"]))] * 2
-    kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
-    run_trainer(model, str(tmp_path / "a"), [], dataset, gradient_checkpointing=True, **kwargs)
+    kwargs = {} if reentrant is None else {f"{switch}_kwargs": {"use_reentrant": reentrant}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name, under transformers 5
+        run_trainer(model, str(tmp_path / "a"), [], dataset, **{switch: True}, **kwargs)
     run_trainer(twin, str(tmp_path / "b"), [], dataset)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     moved = 0
