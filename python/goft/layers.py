@@ -184,6 +184,9 @@ class GivensLinear(nn.Module):
         # The module's name in its model, set by goft.inject, so errors can say which layer failed.
         self.layer_name: Optional[str] = None
 
+    # The spacing of each 16-bit dtype just below 1.0, where GOFT* scales and qGOFT diagonals start.
+    _STEP_BELOW_ONE = {"bfloat16": "bfloat16 steps by 2^-8", "float16": "float16 steps by 2^-11"}
+
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) after goft.inject casts the adapters too. Trained in bfloat16 or
         # float16, an optimizer step below half their spacing rounds away: GOFT* scales and qGOFT's
@@ -200,7 +203,7 @@ class GivensLinear(nn.Module):
                 warnings.warn(
                     f"goft: a cast of the model made the adapter parameters {'/'.join(cast)}; trained so, "
                     "optimizer steps smaller than their rounding are lost (GOFT* scales and qGOFT blocks start at "
-                    "1.0, where bfloat16 steps by 2^-8) unless the optimizer keeps float32 master weights "
+                    f"1.0, where {' and '.join(self._STEP_BELOW_ONE[d] for d in cast)}) unless the optimizer keeps float32 master weights "
                     "(DeepSpeed's bf16 mode does). To train, cast the model before goft.inject (adapters are "
                     "created float32), or the adapters back: for n, p in model.named_parameters(): "
                     "p.data = p.data.float() if '.goft_' in n else p.data",
