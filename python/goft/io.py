@@ -2,15 +2,18 @@
 from a local folder or a Hugging Face Hub repository (goft.folders resolves the paths).
 
 A saved adapter is a directory with
-    adapter_model.safetensors  the adapter tensors (and modules_to_save), nothing of the base model
+    adapter_model.safetensors  the adapter tensors (and modules_to_save), nothing of the base model;
+                               its metadata holds the description below too, with a digest of
+                               the tensors, so the file describes itself
     adapter_config.json        GOFTConfig, adapter name, goft version, model_type and model class,
                                per-layer widths, modules_to_save, the head's label names (id2label),
                                per-tensor shapes and dtypes, and the SHA-256 of the tensors file
 Both are written to temporary files in the same directory first and then moved into place with
 os.replace, so a save that fails or is interrupted while writing leaves the previous files, and
-none is ever truncated; should a save stop between the two renames, the checksum catches the
-tensors file that does not belong to its JSON. A killed save leaves its temporary file behind; the
-next save into the folder removes it.
+none is ever truncated. Should a save stop between the two renames, the checksum shows that the
+tensors file is not the one its JSON describes, and the adapter loads by the tensors file's own
+description, with a warning. A killed save leaves its temporary file behind; the next save into
+the folder removes it.
 """
 
 from __future__ import annotations
