@@ -646,6 +646,8 @@ def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_
     with pytest.raises(ValueError, match=r"goft.merge: adapter 'a2' was loaded from a file that is merged into the "
                                          r"weights already"):
         goft.merge(twice)
+    with pytest.raises(ValueError, match=r"adapter 'a2' was loaded from a file that is merged into the weights already"):
+        goft.merge_and_unload(twice)
 
     # Trained on after loading, it no longer holds the file's values: nothing is recorded.
     trained = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
@@ -662,6 +664,56 @@ def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_
     goft.inject(other, adapter_name="x")
     goft.merge(other)
     assert not getattr(other.config, "goft_merged_adapters", None)
+
+
+def test_unload_and_merge_and_unload_leave_no_stale_record(tmp_path):
+    # unload restores the base weights: the record of the merge goes with it, and the file loads
+    # again. merge_and_unload leaves a plain model: no record of loaded files is left on it, so an
+    # adapter injected into it afterwards merges.
+    model = goft.inject(build("llama"))
+    perturb_adapters(model, 0.2)
+    goft.save_adapter(model, str(tmp_path))
+    loaded = goft.load_adapter(build("llama"), str(tmp_path))
+    goft.merge(loaded)
+    plain = goft.unload(loaded)
+    assert not hasattr(plain.config, "goft_merged_adapters")
+    goft.load_adapter(plain, str(tmp_path))
+    merged = goft.merge_and_unload(plain)
+    assert not hasattr(merged, goft.io.CHECKSUMS_ATTR) and merged.config.goft_merged_adapters
+    goft.inject(merged)
+    goft.merge(merged)
+
+
+def test_a_head_trained_after_loading_is_not_recorded_as_the_files(tmp_path):
+    # Training only a saved module (the head) after loading also leaves values that are not the
+    # file's: a merge must not record the file as merged.
+    model = goft.inject(build("bert"), modules_to_save=["classifier"])
+    perturb_adapters(model, 0.2)
+    goft.save_adapter(model, str(tmp_path))
+    loaded = goft.load_adapter(build("bert"), str(tmp_path))
+    with torch.no_grad():
+        loaded.classifier.weight.add_(0.1)
+    goft.merge(loaded)
+    assert not getattr(loaded.config, "goft_merged_adapters", None)
+
+
+@pytest.mark.parametrize("without_json", [False, True], ids=["with its JSON", "tensors file alone"])
+def test_a_merge_recorded_by_an_earlier_goft_is_honoured(tmp_path, without_json):
+    # Records written before tensors_sha256 existed hold the adapter file's checksum
+    # (weights_sha256); such a merged model must refuse that file too, also when the file loads
+    # by its own description.
+    model = goft.inject(build("llama"))
+    perturb_adapters(model, 0.2)
+    goft.save_adapter(model, str(tmp_path / "adapter"))
+    checksum = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["weights_sha256"]
+    if without_json:
+        (tmp_path / "adapter" / CONFIG_NAME).unlink()
+    base = build("llama")
+    base.config.goft_merged_adapters = [checksum]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tensors file alone loads with a warning
+        with pytest.raises(ValueError, match=r"this adapter is merged into the model's weights already"):
+            goft.load_adapter(base, str(tmp_path / "adapter"))
 
 
 def test_a_tensors_file_whose_metadata_was_edited_is_refused(saved):
@@ -688,12 +740,39 @@ def test_a_first_save_stopped_before_its_json_still_loads(saved):
     torch.testing.assert_close(_logits(model, batch("deberta-v2")), logits, rtol=0, atol=0)
 
 
-def test_a_json_edited_after_saving_is_refused(saved):
+JSON_EDITS = {
+    # Another angle parameterisation would load wrong values without a word.
+    "config": lambda d: d["config"].update(angle_parameterisation="raw"),
+    # Label names go into a merged model's config.
+    "id2label": lambda d: d.update(id2label={"0": "bad", "1": "good"}),
+    "model_type": lambda d: d.update(model_type="bert"),
+    "modules_to_save": lambda d: d.update(modules_to_save=["classifier"]),
+    "adapter_name": lambda d: d.update(adapter_name="other"),
+    "note": lambda d: d.update(note="added after saving"),
+}
+
+
+@pytest.mark.parametrize("field", list(JSON_EDITS))
+def test_a_json_edited_after_saving_is_refused(saved, field):
     # The checksum covers the tensors file; the JSON is checked against the description saved
-    # inside it. Another angle parameterisation would load wrong values without a word.
+    # inside it, every field of it.
     path, _ = saved
     description = json.loads((path / CONFIG_NAME).read_text())
-    description["config"]["angle_parameterisation"] = "raw"
+    JSON_EDITS[field](description)
     (path / CONFIG_NAME).write_text(json.dumps(description, indent=2))
     _assert_load_refused(path, rf"{CONFIG_NAME} differs from the description saved inside {WEIGHTS_NAME} in "
-                                         r"\['config'\]: it was edited after saving")
+                               rf"\['{field}'\]: it was edited after saving")
+
+
+def test_a_tensors_file_alone_from_a_newer_format_is_refused(saved):
+    # Without its JSON the tensors file's own description is checked as the JSON would be.
+    path, _ = saved
+    (path / CONFIG_NAME).unlink()
+    tensors = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    with safetensors.safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        metadata = f.metadata()
+    described = json.loads(metadata[goft.io.DESCRIPTION_KEY])
+    described["format_version"] = 2
+    safetensors.torch.save_file(tensors, str(path / WEIGHTS_NAME),
+                                metadata={**metadata, goft.io.DESCRIPTION_KEY: json.dumps(described)})
+    _assert_load_refused(path, "unsupported format_version 2")

@@ -31,10 +31,10 @@ class _Net(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
-def _adapted(seed: int) -> nn.Module:
+def _adapted(seed: int, adapter_name: str = "default") -> nn.Module:
     torch.manual_seed(0)  # same frozen base for every model
     model = _Net()
-    goft.inject(model, target_modules=["up", "down"], scale=True, modules_to_save=["head"])
+    goft.inject(model, target_modules=["up", "down"], scale=True, modules_to_save=["head"], adapter_name=adapter_name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -171,6 +171,26 @@ def test_a_save_failing_between_the_two_renames_loads_the_new_adapter(previous, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         goft.load_adapter(_Net(), str(path))
+
+
+def test_a_save_of_the_same_tensors_stopped_between_its_renames_says_how_to_recover(previous, monkeypatch):
+    # Saved again under another adapter name, the tensors are the same and only the metadata
+    # differs; stopped between the renames, the folder looks like a tensors file whose metadata
+    # was edited, which must not load. The refusal names the other cause and its remedy.
+    path, expected = previous
+    renamed = _adapted(1, adapter_name="other")
+    monkeypatch.setattr(os, "replace", _fail_on_call(2, KeyboardInterrupt())(os.replace))
+    with pytest.raises(KeyboardInterrupt):
+        goft.save_adapter(renamed, str(path))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=f"metadata was changed after saving, or a save of the same tensors into this "
+                                         f"folder stopped between writing its two files; if the latter, delete {CONFIG_NAME}"):
+        goft.load_adapter(_Net(), str(path))
+    (path / CONFIG_NAME).unlink()
+    with pytest.warns(UserWarning, match="describes itself"):
+        _loads_previous(path, expected)
+    with safetensors.safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        assert json.loads(f.metadata()[goft.io.DESCRIPTION_KEY])["adapter_name"] == "other"
 
 
 @pytest.mark.parametrize("kill_at", [1, 2])

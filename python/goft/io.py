@@ -359,8 +359,12 @@ def _read(path: str, where: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[
     if description.get("weights_sha256") != checksum:
         tensors, _ = _load_tensors(weights)
         if tensors is not None and description.get("tensors_sha256") == _tensors_digest(tensors):
-            # The tensors the JSON describes, in a file whose metadata changed since.
-            raise ValueError(f"{where}: {mismatch}: its metadata was changed after saving")
+            # The tensors the JSON describes, in a file whose metadata changed since; or a save of
+            # the same tensors with other metadata (another adapter name) stopped between its two
+            # renames. The files cannot tell which, and the first must not load.
+            raise ValueError(f"{where}: {mismatch}: its metadata was changed after saving, or a save of the same "
+                             f"tensors into this folder stopped between writing its two files; if the latter, delete "
+                             f"{CONFIG_NAME} and the tensors file loads by its own description")
         return _self_description(weights_path, weights, where, ValueError, mismatch)
     tensors, error = _load_tensors(weights)
     if tensors is None:
