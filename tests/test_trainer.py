@@ -286,6 +286,8 @@ def test_save_adapter_callback_saves_into_each_trials_checkpoints_under_hyperpar
     with pytest.raises(ValueError, match=r"SaveAdapterCallback: under Trainer.hyperparameter_search .* pass hp_name"):
         search(tmp_path / "unnamed")
     assert not any(p.name == "goft_adapter" for p in (tmp_path / "unnamed").rglob("*"))
+    # Refused when training begins, before the first step: no trial trains to lose its adapter.
+    assert not any(p.name.startswith("checkpoint-") for p in (tmp_path / "unnamed").rglob("*"))
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_training(tmp_path):
