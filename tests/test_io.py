@@ -653,6 +653,10 @@ def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_
     with pytest.raises(ValueError, match=r"adapter 'a2' was loaded from a file that is merged into the weights already"):
         goft.merge_and_unload(twice)
 
+    # The second copy trained since it was loaded holds other values: it merges, unrecorded.
+    twice.get_submodule(next(n for n, _ in named_goft_layers(twice))).goft_angles["a2"].data.add_(0.01)
+    goft.merge_and_unload(twice)
+
     # Trained on after loading, it no longer holds the file's values: nothing is recorded.
     trained = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
     opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
@@ -660,6 +664,18 @@ def test_a_loaded_adapter_merged_in_python_is_recorded_and_not_loaded_again(tmp_
     opt.step()
     goft.merge(trained)
     assert not getattr(trained.config, "goft_merged_adapters", None)
+    # Nor when the values change through .data, which in-place version counts miss (some fused
+    # optimizers and EMA code write so); a cast alone changes nothing.
+    written = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
+    next(p for n, p in written.named_parameters() if ".goft_" in n).data.add_(0.01)
+    goft.merge(written)
+    assert not getattr(written.config, "goft_merged_adapters", None)
+    cast = goft.load_adapter(build("llama"), str(tmp_path / "adapter"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cast of the adapters is warned about
+        cast.to(torch.float64)
+    goft.merge(cast)
+    assert cast.config.goft_merged_adapters == [digest]
     # A trained adapter that came from no file is not recorded, and deleting one forgets its file.
     goft.merge(model)
     assert not getattr(model.config, "goft_merged_adapters", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import re
 import sys
@@ -58,15 +59,31 @@ MERGED_ADAPTERS_KEY = "goft_merged_adapters"
 
 
 class LoadedAdapter:
-    """An adapter file's tensors digest, and the tensors loaded from it with their versions: a
-    merge records the digest only while they hold the file's values (not after training on)."""
+    """An adapter file's tensors digest, and the tensors loaded from it: a merge records the
+    digest only while they hold the file's values (not after training on).
+
+    A tensor's version counts the in-place changes made through it (optimizer steps, copy_);
+    writes through ``.data`` or raw pointers (some fused optimizers, EMA code) pass it by, so the
+    values' bytes are compared too, while the tensor keeps the dtype it was loaded in (a cast
+    since, model.to(torch.bfloat16), leaves the version alone)."""
 
     def __init__(self, digest: str, tensors: List[torch.Tensor]) -> None:
         self.digest = digest
-        self._versions = [(t, t._version) for t in tensors]
+        self._loaded = [(t, t._version, t.dtype, _bytes_digest(t)) for t in tensors]
 
     def unchanged(self) -> bool:
-        return all(t._version == v for t, v in self._versions)
+        return all(t._version == version and (t.dtype != dtype or _bytes_digest(t) == digest)
+                   for t, version, dtype, digest in self._loaded)
+
+
+def _bytes_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's values; of this rank's shard for a DTensor (no collective)."""
+    if callable(getattr(tensor, "to_local", None)):
+        tensor = tensor.to_local()
+    if tensor.is_meta:
+        return ""
+    data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # The name components that wrapper modules add in front of the module they wrap: torch.compile's
