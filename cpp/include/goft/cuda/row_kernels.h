@@ -38,6 +38,7 @@
 #define GOFT_DEVICE_FN __device__ __forceinline__
 #define GOFT_UNROLL _Pragma("unroll")
 #else
+#include <vector>
 #define GOFT_DEVICE_FN inline
 #define GOFT_UNROLL
 #endif
@@ -147,11 +148,25 @@ GOFT_HOST_DEVICE void store_vec16(T* p, const Vec<T, N>& v) {
 #endif
 }
 
-// cp.async of one 16-byte chunk from global to shared memory (sm_80 and later; a plain copy
-// elsewhere and in the host emulator, where it is complete at once). The copies a thread issued
-// are complete and visible to it after async_copy_wait_all. kViaL1: cache the line in L1 too
-// (.ca), for data that other warps of the block read soon after (the lead chunks); else L2 only
-// (.cg), as a row's own chunks are read once.
+#if !defined(__CUDACC__)
+// The host emulator's cp.async (tests/cpp/test_cuda_emulated.cpp): the copies a thread has issued
+// and not yet waited for.
+struct EmulatedAsyncCopy {
+  RawChunk* dst;
+  const void* src;
+};
+inline std::vector<EmulatedAsyncCopy>& emulated_async_copies() {
+  thread_local std::vector<EmulatedAsyncCopy> pending;
+  return pending;
+}
+#endif
+
+// cp.async of one 16-byte chunk from global to shared memory (sm_80 and later; a plain copy on
+// older GPUs). The copies a thread issued are complete and visible to it after
+// async_copy_wait_all, and not before: the host emulator makes them land only there, and fills
+// the slot with NaN until then, so that a read before the wait fails its tests. kViaL1: cache the
+// line in L1 too (.ca), for data that other warps of the block read soon after (the lead chunks);
+// else L2 only (.cg), as a row's own chunks are read once.
 template <bool kViaL1 = false>
 GOFT_DEVICE_FN void async_copy16(RawChunk* smem_dst, const void* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -163,6 +178,9 @@ GOFT_DEVICE_FN void async_copy16(RawChunk* smem_dst, const void* global_src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src)
                  : "memory");
   }
+#elif !defined(__CUDACC__)
+  std::memset(static_cast<void*>(smem_dst), 0xff, sizeof(RawChunk));
+  emulated_async_copies().push_back({smem_dst, global_src});
 #else
   *smem_dst = *static_cast<const RawChunk*>(global_src);
 #endif
@@ -177,6 +195,11 @@ GOFT_DEVICE_FN void async_copy_commit() {
 GOFT_DEVICE_FN void async_copy_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+  for (const EmulatedAsyncCopy& copy : emulated_async_copies()) {
+    *copy.dst = *static_cast<const RawChunk*>(copy.src);
+  }
+  emulated_async_copies().clear();
 #endif
 }
 
@@ -1052,7 +1075,8 @@ GOFT_DEVICE_FN void lane_layers_backward(const RowCtx<K, Threads>& x, ThreadAngl
 // while the other warps waited at a second barrier (v9 on the H100: barrier waits were the
 // largest stall of every pass, 3.8-4.8 cycles per issued instruction).
 // The exchange buffer alternates between two halves, so a half is written again only after the
-// next exchange's barrier, which every reader of it has passed. Only the first warp adds to the
+// next exchange's barrier, which every reader of it has passed (in any sequence of passes: the
+// halves are sized for the kernel's largest pass). Only the first warp adds to the
 // gradient accumulators. In the backward pass (one row per group) w holds the gradient, and the
 // pairs' inputs come from sv (quasi) or are rebuilt from their outputs y, which travel with the
 // gradient (strict; y is unused otherwise).
@@ -1084,7 +1108,11 @@ GOFT_DEVICE_FN typename K::Acc warp_layers(const RowCtx<K, Threads>& x, GroupRow
       }
     }
   } else {
-    Acc* buf = x.exchange + parity * V * C * warps;
+    // Half `parity`, at the offset of the allocation's largest pass (fused_exchange_values), not
+    // this pass's V: then each half is the same region in every pass, and two consecutive
+    // exchanges write different regions whichever passes they belong to (the strict backward
+    // recomputes the forward, V = R, before its walk back, V = R + 1).
+    Acc* buf = x.exchange + parity * fused_exchange_values(R, K::kStrict) * C * warps;
     parity ^= 1;
     if (lane == 0) {
       GOFT_UNROLL
@@ -2016,8 +2044,9 @@ GOFT_DEVICE_FN void fallback_rotate_backward(const FallbackParams<T, Acc>& p, co
 // inverse is its transpose, so the walk back takes the layers' outputs back to their inputs
 // beside the gradient (no saved pair inputs), and each pair sums one angle gradient per row
 // (angle_grad_term) instead of four block-gradient entries. Each sum (pair k of a layer, feature
-// i of the scale) belongs to thread k % nt (i % nt), the same for every row, so it stays in the
-// block's scratch without atomics until the chunk's end, when it goes to the chunk's partials:
+// i of the scale) has one writer per row: the pair's owner in its layer (fallback_layers_backward),
+// the feature's thread i % nt. So it stays in the block's scratch without atomics until the
+// chunk's end, when it goes to the chunk's partials:
 // (num_chunks, d - 1) angle partials, as the strict fused kernels write them. Its blocks come as
 // rotations (p.rotations, fallback_applied_block). x_is_output: x holds the op's output, taken
 // back through the layers without a recompute (no scale).
@@ -2058,7 +2087,10 @@ GOFT_DEVICE_FN void fallback_rotate_backward_strict(const FallbackParams<T, Acc>
       }
       fallback_store_grad(p, th, row, g);
     }
-    // Each thread hands on the sums it owns; the next chunk's zeroing touches the same ones.
+    // Zeroed and handed on by flat index (thread k % nt), which is not the pair's owner in its
+    // layer: the barriers of fallback_load_row (after the zeroing) and of the last layer of
+    // fallback_layers_backward (before the hand-off) order both against the sums' writers. The
+    // next chunk's zeroing is by the thread that hands on, after it.
     Acc* angle_partials = p.block_partials + chunk * pairs;
     for (int64_t k = tid; k < pairs; k += nt) angle_partials[k] = sums[k];
     if (scale_grad) {
