@@ -256,8 +256,8 @@ def _finetune(parser, args) -> int:
             print(f"metrics written to {Path(args.output_dir) / 'metrics.json'}")
         return 0
 
-    configs = [config] + finetune.compared_configs(config, args.compare,
-                                                         lambda method: args.compare_lr or finetune.tuned_lr(method, config.lr))
+    compared_lr = lambda method: args.compare_lr or finetune.tuned_lr(method, config.lr)  # noqa: E731
+    configs = [config] + finetune.compared_configs(config, args.compare, compared_lr)
     try:
         results = finetune.compare(configs, split)
     except finetune.OptionError as e:  # raised in a method's own process; the first one finds it

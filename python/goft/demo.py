@@ -36,10 +36,11 @@ class DemoDefaults:
     - max_length 64: 99% of the snippets have at most 55 tokens, the longest 78.
     - 2 epochs: at 70 examples/s 2 epochs of 2,000 examples take about 60 s, which leaves room for
       three evaluations of 1,000 examples (140 examples/s), loading and the merge check.
-    - lr (finetune.TUNED_LR) 4e-3 for GOFT: chosen on a validation set by bench/demo_compare.py from 5e-4..1.6e-2 (the paper's
-      5e-4..2e-3 and three doublings above; bench/demo_results.md): in 2 short epochs GOFT's
-      validation accuracy still rises past the top of the paper's range (78.9% at 2e-3, 79.9% at
-      4e-3, 78.2% at 8e-3), qGOFT's peaks at 8e-3 (80.9%) and LoRA's at 1e-3 (80.0%).
+    - lr 4e-3 for GOFT (finetune.TUNED_LR): chosen on a validation set by bench/demo_compare.py
+      from 5e-4..1.6e-2 (the paper's 5e-4..2e-3 and three doublings above; bench/demo_results.md):
+      in 2 short epochs GOFT's validation accuracy still rises past the top of the paper's range
+      (78.9% at 2e-3, 79.9% at 4e-3, 78.2% at 8e-3), qGOFT's peaks at 8e-3 (80.9%) and LoRA's at
+      1e-3 (80.0%).
     """
 
     n_train: int = 2000
