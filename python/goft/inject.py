@@ -84,6 +84,8 @@ def _bytes_digest(tensor: torch.Tensor) -> str:
         return ""
     data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
     return hashlib.sha256(data.numpy()).hexdigest()
+
+
 # The index of a transformer block in a module name: "model.layers.3.mlp" -> 3, "h.0.attn" -> 0.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # The name components that wrapper modules add in front of the module they wrap: torch.compile's

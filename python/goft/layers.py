@@ -203,9 +203,9 @@ class GivensLinear(nn.Module):
                 warnings.warn(
                     f"goft: a cast of the model made the adapter parameters {'/'.join(cast)}; trained so, "
                     "optimizer steps smaller than their rounding are lost (GOFT* scales and qGOFT blocks start at "
-                    f"1.0, where {' and '.join(self._STEP_BELOW_ONE[d] for d in cast)}) unless the optimizer keeps float32 master weights "
-                    "(DeepSpeed's bf16 mode does). To train, cast the model before goft.inject (adapters are "
-                    "created float32), or the adapters back: for n, p in model.named_parameters(): "
+                    f"1.0, where {' and '.join(self._STEP_BELOW_ONE[d] for d in cast)}) unless the optimizer keeps "
+                    "float32 master weights (DeepSpeed's bf16 mode does). To train, cast the model before goft.inject "
+                    "(adapters are created float32), or the adapters back: for n, p in model.named_parameters(): "
                     "p.data = p.data.float() if '.goft_' in n else p.data",
                     stacklevel=2,
                 )
