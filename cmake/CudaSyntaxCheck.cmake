@@ -6,6 +6,8 @@
 #
 #   cmake -S . -B build/cuda-check -DGOFT_CUDA_SYNTAX_CHECK=ON -DGOFT_BUILD_BENCH=OFF
 #   cmake --build build/cuda-check -j2 && build/cuda-check/goft_cuda_emulated --quick
+#
+# -DGOFT_CUDA_EMULATOR_TSAN=ON adds goft_cuda_emulated_tsan, the emulator under ThreadSanitizer.
 
 include(CheckLanguage)
 check_language(CUDA)
@@ -56,4 +58,16 @@ target_include_directories(goft_cuda_emulated PRIVATE ${CUDAToolkit_INCLUDE_DIRS
 target_compile_features(goft_cuda_emulated PRIVATE cxx_std_20)  # std::barrier
 # Its run time is thread switching, not arithmetic: -O1 compiles in a third of -O3's time.
 target_compile_options(goft_cuda_emulated PRIVATE -O1)
+
+# The same emulator under ThreadSanitizer (see its header comment): blocks at once, shuffles that
+# order no memory. Slower (CI runs it on the cases with warp layers and the strict fallback).
+option(GOFT_CUDA_EMULATOR_TSAN "Also build goft_cuda_emulated_tsan, the emulator under ThreadSanitizer" OFF)
+if(GOFT_CUDA_EMULATOR_TSAN)
+  add_executable(goft_cuda_emulated_tsan tests/cpp/test_cuda_emulated.cpp)
+  target_link_libraries(goft_cuda_emulated_tsan PRIVATE goft_core Threads::Threads)
+  target_include_directories(goft_cuda_emulated_tsan PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_features(goft_cuda_emulated_tsan PRIVATE cxx_std_20)
+  target_compile_options(goft_cuda_emulated_tsan PRIVATE -O1 -g -fsanitize=thread)
+  target_link_options(goft_cuda_emulated_tsan PRIVATE -fsanitize=thread)
+endif()
 message(STATUS "goft: CUDA syntax check for architectures ${CMAKE_CUDA_ARCHITECTURES}")

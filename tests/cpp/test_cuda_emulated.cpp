@@ -8,7 +8,21 @@
 // tolerance. Problems with angles also run the strict backward kernels (FusedTraits::kStrict),
 // whose angle gradients are compared with the CPU's block gradients mapped to angles (blocks.h).
 // Exit status 0 when every case passes.
+//
+// Built with ThreadSanitizer (goft_cuda_emulated_tsan), it also checks the kernels' ordering
+// under a GPU's weaker guarantees, where a wrong result alone would not show a race: the blocks
+// of a launch run at once (races on global memory between blocks), and warp shuffles exchange
+// values without ordering memory (__shfl_sync is not documented to), so a shared-memory hand-off
+// between lanes must be ordered by a barrier. cp.async copies land only at their wait in both
+// builds (async_copy16).
+//
+//   goft_cuda_emulated [--quick] [--filter=SUBSTRING[|SUBSTRING...]]
+//   goft_cuda_emulated --race-canary=shuffle|blocks
+//
+// --filter runs only the kernel cases whose name contains one of the substrings (the planner and
+// slot cases always run). --race-canary runs a kernel with a known race (race_canary).
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <csignal>
 #include <cmath>
@@ -44,6 +58,32 @@ using namespace goft::cuda;
 // ---------------------------------------------------------------------------------------------
 // The emulated GPU.
 
+#if defined(__SANITIZE_THREAD__)
+#define GOFT_EMULATOR_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define GOFT_EMULATOR_TSAN 1
+#endif
+#endif
+
+#if defined(GOFT_EMULATOR_TSAN)
+// ThreadSanitizer's annotations (exported by libtsan): between IgnoreSync begin and end, the
+// synchronisation a thread performs creates no happens-before edge; the ignored reads and writes
+// are those of the barrier's own bookkeeping.
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
+// The blocks of a launch run at once, as on a GPU.
+constexpr bool kConcurrentBlocks = true;
+#else
+// One block after another: no race between blocks can show without ThreadSanitizer, and a
+// launch's threads at once would only add to the switching.
+constexpr bool kConcurrentBlocks = false;
+#endif
+
 struct BlockShared {
   explicit BlockShared(int threads) : cta(threads), slots(threads) {
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
@@ -68,45 +108,89 @@ struct EmuThreads {
   V shfl_xor(V v, int mask) const {
     return shfl(v, (tid % 32) ^ mask);
   }
+  // The lanes meet twice at the warp's barrier: after all have put their value out, and after all
+  // have read theirs, before a slot is written again. The slots are relaxed atomics, so that under
+  // ThreadSanitizer, where the meetings order nothing, exchanging values is no race either.
   template <typename V>
   V shfl(V v, int src_lane) const {
     const int warp = tid / 32;
-    shared->slots[tid] = static_cast<double>(v);
+    std::atomic_ref<double>(shared->slots[tid]).store(static_cast<double>(v),
+                                                      std::memory_order_relaxed);
+    warp_meet(warp);
+    const double r = std::atomic_ref<double>(shared->slots[warp * 32 + src_lane])
+                         .load(std::memory_order_relaxed);
+    warp_meet(warp);
+    return static_cast<V>(r);
+  }
+
+ private:
+  // The lanes of a warp wait for each other; under ThreadSanitizer without ordering memory.
+  void warp_meet(int warp) const {
+#if defined(GOFT_EMULATOR_TSAN)
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
     shared->warps[warp]->arrive_and_wait();
-    const V r = static_cast<V>(shared->slots[warp * 32 + src_lane]);
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+#else
     shared->warps[warp]->arrive_and_wait();
-    return r;
+#endif
   }
 };
 
-// Runs body(threads, smem) for every thread of every block; blocks run one after another.
+// One block's state: its barriers and shuffle slots, and its shared memory, filled with NaN so
+// that a read before a write shows up in the results. Past the smem_bytes the launch gives (the
+// planner's size), a guard band that must stay untouched: a kernel whose own layout outgrew the
+// planner's would write there.
+template <typename Acc>
+struct EmuBlock {
+  EmuBlock(int threads, int64_t smem_bytes)
+      : shared(threads),
+        given(static_cast<size_t>(smem_bytes / sizeof(Acc))),
+        smem(given + 64, std::numeric_limits<Acc>::quiet_NaN()) {}
+  bool guard_intact() const {
+    const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
+    for (size_t i = given; i < smem.size(); ++i) {
+      if (std::memcmp(&smem[i], &nan, sizeof(Acc)) != 0) return false;
+    }
+    return true;
+  }
+  BlockShared shared;
+  size_t given;
+  std::vector<Acc> smem;
+};
+
+// Runs body(threads, smem) for every thread of every block: blocks at once under
+// ThreadSanitizer (kConcurrentBlocks), else one after another.
 template <typename Acc, typename Body>
 void launch(int grid, int threads, int64_t smem_bytes, Body body) {
   if (threads % 32 != 0) {
     std::fprintf(stderr, "emulator: block of %d threads is not whole warps\n", threads);
     std::exit(2);
   }
-  for (int b = 0; b < grid; ++b) {
-    BlockShared shared(threads);
-    // Fill shared memory with NaN: a read before a write shows up in the results. Past the
-    // smem_bytes the launch gives (the planner's size), a guard band that must stay untouched:
-    // a kernel whose own layout outgrew the planner's would write there.
-    const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
-    const size_t given = static_cast<size_t>(smem_bytes / sizeof(Acc));
-    std::vector<Acc> smem(given + 64, nan);
+  const int at_once = kConcurrentBlocks ? grid : 1;
+  for (int first = 0; first < grid; first += at_once) {
+    const int count = std::min(at_once, grid - first);
+    std::vector<std::unique_ptr<EmuBlock<Acc>>> blocks;
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        EmuThreads th{t, threads, b, grid, &shared};
-        body(th, smem.data());
-      });
+    pool.reserve(static_cast<size_t>(count) * threads);
+    for (int i = 0; i < count; ++i) {
+      blocks.push_back(std::make_unique<EmuBlock<Acc>>(threads, smem_bytes));
+      EmuBlock<Acc>* block = blocks.back().get();
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&body, block, t, threads, b = first + i, grid] {
+          EmuThreads th{t, threads, b, grid, &block->shared};
+          body(th, block->smem.data());
+        });
+      }
     }
     for (auto& th : pool) th.join();
-    for (size_t i = given; i < smem.size(); ++i) {
-      if (std::memcmp(&smem[i], &nan, sizeof(Acc)) != 0) {
+    for (int i = 0; i < count; ++i) {
+      if (!blocks[i]->guard_intact()) {
         std::fprintf(stderr, "emulator: block %d wrote shared memory past the %lld bytes given\n",
-                     b, static_cast<long long>(smem_bytes));
+                     first + i, static_cast<long long>(smem_bytes));
         std::exit(3);
       }
     }
@@ -506,6 +590,16 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
 
 int g_failures = 0;
 int g_cases = 0;
+// --filter's substrings; empty: every case.
+std::vector<std::string> g_filters;
+
+bool case_selected(const std::string& name) {
+  if (g_filters.empty()) return true;
+  for (const std::string& f : g_filters) {
+    if (name.find(f) != std::string::npos) return true;
+  }
+  return false;
+}
 
 template <typename T>
 bool same_rows(const Problem<T>& p, const std::vector<T>& a, const std::vector<T>& b,
@@ -615,6 +709,7 @@ void fused_layout_case(const Problem<T>& p, bool backward, int max_threads, int6
                   l.rows_per_group, l.group_threads, l.rows_per_cta, l.store_in_smem,
                   l.grads_in_smem, l.stage_rows, p.transpose, p.with_scale, grid,
                   (long long)num_chunks, label);
+    if (!case_selected(name)) continue;
     const Results<T> got =
         fused_run<T, kChunks, kRows, kStrict>(p, l, backward, grid, num_chunks, x_is_output);
     const Results<T> want = backward ? cpu_backward(p) : cpu_forward(p);
@@ -656,6 +751,7 @@ void fallback_case(const Problem<T>& p, bool backward, int threads, int grid, in
                   pass_name(backward, strict, x_is_output).c_str(), type_name<T>(),
                   (long long)p.dim, (long long)p.rows, threads, grid, (long long)chunks, smem,
                   p.transpose, p.with_scale);
+    if (!case_selected(name)) continue;
     const Results<T> got = fallback_run(p, backward, threads, grid, chunks, smem, strict, x_is_output);
     check(name, p, got, want, backward, strict, from_output_tolerance<T>(x_is_output));
   }
@@ -691,6 +787,8 @@ void run_type(const std::vector<int64_t>& dims, bool quick) {
         }
         fallback_case<T>(p, backward, 64, 2, 3, true);
         if (!quick) fallback_case<T>(q, backward, 128, 1, 2, false);
+        // Wide rows as the launcher runs them: 1024 threads per block.
+        if (d >= 2048) fallback_case<T>(p, backward, 1024, 2, 3, true);
       }
     }
   }
@@ -786,9 +884,55 @@ extern "C" void on_segfault(int) {
   _exit(4);
 }
 
+// Kernels with a race the GPU would have, to show that a ThreadSanitizer build reports it (CI
+// expects its exit status, TSAN_OPTIONS=exitcode=66): "shuffle", lanes that hand values over in
+// shared memory with only a shuffle between the write and the read (a GPU needs __syncwarp
+// there); "blocks", two blocks that write the same global element. Without ThreadSanitizer
+// they run and exit 0.
+int race_canary(const std::string& kind) {
+  if (kind == "shuffle") {
+    launch<float>(1, 64, 64 * sizeof(float), [](const EmuThreads& th, float* smem) {
+      const int t = th.thread();
+      smem[t] = static_cast<float>(t);
+      (void)th.shfl_xor(0.0f, 1);
+      if (smem[t ^ 1] != static_cast<float>(t ^ 1)) std::printf("shuffle canary: stale value\n");
+    });
+  } else if (kind == "blocks") {
+    std::vector<float> global(1, 0.0f);
+    launch<float>(2, 32, 0, [&global](const EmuThreads& th, float*) {
+      if (th.thread() == 0) global[0] = static_cast<float>(th.cta());
+    });
+  } else {
+    std::fprintf(stderr, "--race-canary: expected shuffle or blocks, got '%s'\n", kind.c_str());
+    return 2;
+  }
+  std::printf("race canary '%s' ran\n", kind.c_str());
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::signal(SIGSEGV, on_segfault);
-  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") {
+      quick = true;
+    } else if (arg.rfind("--race-canary=", 0) == 0) {
+      return race_canary(arg.substr(14));
+    } else if (arg.rfind("--filter=", 0) == 0) {
+      std::string rest = arg.substr(9);
+      for (size_t bar; (bar = rest.find('|')) != std::string::npos; rest.erase(0, bar + 1)) {
+        if (bar > 0) g_filters.push_back(rest.substr(0, bar));
+      }
+      if (!rest.empty()) g_filters.push_back(rest);
+    } else {
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--filter=SUBSTRING[|SUBSTRING...]]\n"
+                   "       %s --race-canary=shuffle|blocks\n",
+                   argv[0], argv[0]);
+      return 2;
+    }
+  }
   run_slots();
   run_planner();
   // --quick (CI): fewer widths, each layout still covered (sub-warp, one warp, several warps,
@@ -802,7 +946,8 @@ int main(int argc, char** argv) {
   run_type<__nv_bfloat16>(small, quick);
   run_type<__half>(small, true);
   run_type<__nv_bfloat16>(large, true);
-  if (!quick) run_type<float>(large, true);
+  // float32 d = 4096 in one chunk is a group of 32 warps (G = 1024), the widest the kernels take.
+  run_type<float>(quick ? std::vector<int64_t>{4096} : large, true);
   std::printf("%d of %d emulated cases passed\n", g_cases - g_failures, g_cases);
   return g_failures == 0 ? 0 : 1;
 }
