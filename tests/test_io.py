@@ -55,6 +55,29 @@ def test_round_trip_is_bitwise(saved):
     assert torch.equal(_logits(model, batch("deberta-v2")), expected)
 
 
+def test_a_loaded_adapter_trains_unless_loaded_for_inference(saved):
+    """Loaded as by inject, trainable; is_trainable=False (PEFT's inference loading) freezes the
+    adapter and its modules_to_save, computes the same, and set_adapter unfreezes them."""
+    path, expected = saved
+
+    def trainable(model):
+        return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    injected = build("deberta-v2")
+    goft.inject(injected, variant="qgoft", modules_to_save=["pooler", "classifier"])
+    trained = build("deberta-v2")
+    goft.load_adapter(trained, str(path))
+    assert trainable(trained) == trainable(injected)
+    assert any(".goft_" in n for n in trainable(trained)) and any(n.startswith("classifier.") for n in trainable(trained))
+
+    frozen = build("deberta-v2")
+    goft.load_adapter(frozen, str(path), is_trainable=False)
+    assert trainable(frozen) == []
+    assert torch.equal(_logits(frozen, batch("deberta-v2")), expected)
+    goft.set_adapter(frozen, "default")
+    assert trainable(frozen) == trainable(injected)
+
+
 def test_saved_files_follow_the_umask(tmp_path):
     model = build("llama")
     goft.inject(model)
@@ -500,6 +523,7 @@ def test_load_options_of_the_wrong_kind_are_refused_by_name(saved):
         ({"cache_dir": 5}, TypeError, r"expected cache_dir a path \(str or os.PathLike\) or None, got 5"),
         ({"token": 5}, TypeError, r"expected token a string, a bool or None, got 5"),
         ({"local_files_only": "no"}, TypeError, r"expected local_files_only True or False, got 'no'"),
+        ({"is_trainable": 0}, TypeError, r"expected is_trainable True or False, got 0"),
     ]:
         with pytest.raises(error, match=r"goft.load_adapter: " + message):
             goft.load_adapter(model, str(path), **options)

@@ -232,6 +232,7 @@ def load_adapter(
     cache_dir: Union[str, os.PathLike, None] = None,
     token: Union[str, bool, None] = None,
     local_files_only: bool = False,
+    is_trainable: bool = True,
 ) -> nn.Module:
     """Adds the adapter saved in ``path`` to ``model`` as ``adapter_name`` and makes it active.
 
@@ -241,6 +242,10 @@ def load_adapter(
     and ``local_files_only`` (also ``HF_HUB_OFFLINE=1``) are passed to it. ``subfolder`` is the
     adapter's folder inside the directory or repository.
 
+    The loaded adapter trains, as one that ``inject`` adds does. ``is_trainable=False`` freezes it
+    and its modules_to_save for inference (as PEFT's ``is_trainable=False``, which is PEFT's
+    default); a later ``set_adapter`` makes them trainable again.
+
     Everything (JSON, checksum, tensor names/shapes/dtypes, model_type, every target layer and
     its width, modules_to_save entries) is checked before the model is touched; any mismatch
     raises ValueError (FileNotFoundError for a missing file) and leaves the model unchanged.
@@ -249,6 +254,8 @@ def load_adapter(
     load on every rank, before ``deepspeed.initialize``; modules_to_save are gathered to be set.
     """
     check_adapter_name(adapter_name, "goft.load_adapter")
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"goft.load_adapter: expected is_trainable True or False, got {is_trainable!r}")
     path = resolve_adapter_directory(path, "goft.load_adapter", revision=revision, subfolder=subfolder,
                                      cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     description, tensors = _read(path)
@@ -267,10 +274,13 @@ def load_adapter(
                     target.copy_(tensors[key])
     _let_checkpointing_reach_the_adapters(model)
     set_adapter(model, adapter_name)
-    # A merge of this adapter (goft.merge, merge_and_unload) is then recorded in the model's
-    # config, as long as the values are still the file's (the tensors' versions tell).
     loaded = [p for layer_name in names.values() for p in model.get_submodule(layer_name).adapter_parameters(adapter_name).values()]
     loaded += [t for _, t in saved_entries]
+    if not is_trainable:
+        for tensor in loaded:
+            tensor.requires_grad_(False)
+    # A merge of this adapter (goft.merge, merge_and_unload) is then recorded in the model's
+    # config, as long as the values are still the file's (the tensors' versions tell).
     setattr(model, CHECKSUMS_ATTR, {**getattr(model, CHECKSUMS_ATTR, {}),
                                     adapter_name: LoadedAdapter(description["tensors_sha256"], loaded)})
     return model
