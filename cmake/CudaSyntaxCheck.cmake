@@ -51,23 +51,22 @@ endif()
 # The checked objects are not linked; a default ALL build compiles them.
 set_target_properties(goft_cuda_check PROPERTIES CUDA_SEPARABLE_COMPILATION OFF)
 
-add_executable(goft_cuda_emulated tests/cpp/test_cuda_emulated.cpp)
-target_link_libraries(goft_cuda_emulated PRIVATE goft_core Threads::Threads)
-# cuda_bf16.h and cuda_fp16.h have host implementations; the emulator needs only the headers.
-target_include_directories(goft_cuda_emulated PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
-target_compile_features(goft_cuda_emulated PRIVATE cxx_std_20)  # std::barrier
-# Its run time is thread switching, not arithmetic: -O1 compiles in a third of -O3's time.
-target_compile_options(goft_cuda_emulated PRIVATE -O1)
-
+# The emulator: the kernels' bodies on the host (cuda_bf16.h and cuda_fp16.h have host
+# implementations, so it needs only the toolkit's headers). Its run time is thread switching, not
+# arithmetic: -O1 compiles in a third of -O3's time.
+function(goft_add_cuda_emulator name)
+  add_executable(${name} tests/cpp/test_cuda_emulated.cpp)
+  target_link_libraries(${name} PRIVATE goft_core Threads::Threads)
+  target_include_directories(${name} PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_features(${name} PRIVATE cxx_std_20)  # std::barrier, std::atomic_ref
+  target_compile_options(${name} PRIVATE -O1 ${ARGN})
+  target_link_options(${name} PRIVATE ${ARGN})
+endfunction()
+goft_add_cuda_emulator(goft_cuda_emulated)
 # The same emulator under ThreadSanitizer (see its header comment): blocks at once, shuffles that
 # order no memory. Slower (CI runs it on the cases with warp layers and the strict fallback).
 option(GOFT_CUDA_EMULATOR_TSAN "Also build goft_cuda_emulated_tsan, the emulator under ThreadSanitizer" OFF)
 if(GOFT_CUDA_EMULATOR_TSAN)
-  add_executable(goft_cuda_emulated_tsan tests/cpp/test_cuda_emulated.cpp)
-  target_link_libraries(goft_cuda_emulated_tsan PRIVATE goft_core Threads::Threads)
-  target_include_directories(goft_cuda_emulated_tsan PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
-  target_compile_features(goft_cuda_emulated_tsan PRIVATE cxx_std_20)
-  target_compile_options(goft_cuda_emulated_tsan PRIVATE -O1 -g -fsanitize=thread)
-  target_link_options(goft_cuda_emulated_tsan PRIVATE -fsanitize=thread)
+  goft_add_cuda_emulator(goft_cuda_emulated_tsan -g -fsanitize=thread)
 endif()
 message(STATUS "goft: CUDA syntax check for architectures ${CMAKE_CUDA_ARCHITECTURES}")
