@@ -17,10 +17,10 @@
 // builds (async_copy16).
 //
 //   goft_cuda_emulated [--quick] [--filter=SUBSTRING[|SUBSTRING...]]
-//   goft_cuda_emulated --race-canary=shuffle|blocks
+//   goft_cuda_emulated --race-canary=shuffle|barriers|blocks
 //
 // --filter runs only the kernel cases whose name contains one of the substrings (the planner and
-// slot cases always run). --race-canary runs a kernel with a known race (race_canary).
+// slot checks always run); one that matches no kernel case is an error (exit 2). --race-canary runs a kernel with a known race (race_canary).
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -67,6 +67,7 @@ using namespace goft::cuda;
 #endif
 
 #if defined(GOFT_EMULATOR_TSAN)
+#include <sanitizer/tsan_interface.h>  // __tsan_acquire, __tsan_release
 // ThreadSanitizer's annotations (exported by libtsan): between IgnoreSync begin and end, the
 // synchronisation a thread performs creates no happens-before edge; the ignored reads and writes
 // are those of the barrier's own bookkeeping.
@@ -91,7 +92,27 @@ struct BlockShared {
   std::barrier<> cta;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<double> slots;  // one shuffle value per thread (float and double are exact)
+  // Under ThreadSanitizer, the addresses a block barrier releases and acquires (EmuThreads::sync),
+  // alternating: a thread can be one barrier ahead of another, never two.
+  char barrier_marks[2] = {};
 };
+
+// Waits at `barrier` so that ThreadSanitizer sees no ordering from it: libstdc++'s std::barrier
+// waits on process-wide state shared by all barriers, through which it would otherwise see
+// unrelated blocks (or warps) ordering each other and miss their races.
+inline void wait_unordered(std::barrier<>& barrier) {
+#if defined(GOFT_EMULATOR_TSAN)
+  AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+  AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  barrier.arrive_and_wait();
+  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+#else
+  barrier.arrive_and_wait();
+#endif
+}
 
 struct EmuThreads {
   int tid;
@@ -99,11 +120,23 @@ struct EmuThreads {
   int64_t block;
   int64_t blocks;
   BlockShared* shared;
+  mutable int64_t barriers_passed = 0;
   int thread() const { return tid; }
   int num_threads() const { return threads; }
   int64_t cta() const { return block; }
   int64_t num_ctas() const { return blocks; }
-  void sync() const { shared->cta.arrive_and_wait(); }
+  // __syncthreads: orders the block's memory accesses before it with those after it, in this
+  // block only (under ThreadSanitizer every thread releases before and acquires after it).
+  void sync() const {
+#if defined(GOFT_EMULATOR_TSAN)
+    char* mark = &shared->barrier_marks[barriers_passed++ & 1];
+    __tsan_release(mark);
+    wait_unordered(shared->cta);
+    __tsan_acquire(mark);
+#else
+    shared->cta.arrive_and_wait();
+#endif
+  }
   template <typename V>
   V shfl_xor(V v, int mask) const {
     return shfl(v, (tid % 32) ^ mask);
@@ -124,20 +157,8 @@ struct EmuThreads {
   }
 
  private:
-  // The lanes of a warp wait for each other; under ThreadSanitizer without ordering memory.
-  void warp_meet(int warp) const {
-#if defined(GOFT_EMULATOR_TSAN)
-    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
-    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-    shared->warps[warp]->arrive_and_wait();
-    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
-#else
-    shared->warps[warp]->arrive_and_wait();
-#endif
-  }
+  // The lanes of a warp wait for each other, without ordering memory.
+  void warp_meet(int warp) const { wait_unordered(*shared->warps[warp]); }
 };
 
 // One block's state: its barriers and shuffle slots, and its shared memory, filled with NaN so
@@ -590,6 +611,7 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
 
 int g_failures = 0;
 int g_cases = 0;
+int g_kernel_cases = 0;  // of g_cases, those that ran kernels (the rest: planner and slot checks)
 // --filter's substrings; empty: every case.
 std::vector<std::string> g_filters;
 
@@ -642,6 +664,7 @@ void check(const std::string& name, const Problem<T>& p, const Results<T>& got,
            const Results<T>& want, bool backward, bool strict, double tol = 0) {
   using Acc = typename AccOf<T>::type;
   ++g_cases;
+  ++g_kernel_cases;
   std::string why = got.overrun;
   bool ok = why.empty() && same_rows(p, got.out, want.out, &why);
   if (ok && backward) {
@@ -887,8 +910,9 @@ extern "C" void on_segfault(int) {
 // Kernels with a race the GPU would have, to show that a ThreadSanitizer build reports it (CI
 // expects its exit status, TSAN_OPTIONS=exitcode=66): "shuffle", lanes that hand values over in
 // shared memory with only a shuffle between the write and the read (a GPU needs __syncwarp
-// there); "blocks", two blocks that write the same global element. Without ThreadSanitizer
-// they run and exit 0.
+// there); "barriers", a block that writes a global element before its barrier and another that
+// reads it after its own (a barrier orders its block only); "blocks", two blocks that write the
+// same global element. Without ThreadSanitizer they run and exit 0.
 int race_canary(const std::string& kind) {
   if (kind == "shuffle") {
     launch<float>(1, 64, 64 * sizeof(float), [](const EmuThreads& th, float* smem) {
@@ -897,13 +921,21 @@ int race_canary(const std::string& kind) {
       (void)th.shfl_xor(0.0f, 1);
       if (smem[t ^ 1] != static_cast<float>(t ^ 1)) std::printf("shuffle canary: stale value\n");
     });
+  } else if (kind == "barriers") {
+    std::vector<float> global(1, 0.0f);
+    launch<float>(6, 32, 0, [&global](const EmuThreads& th, float*) {
+      if (th.cta() == 0 && th.thread() == 0) global[0] = 1.0f;
+      th.sync();
+      if (th.cta() == 5 && th.thread() == 0 && global[0] > 2.0f) std::printf("barriers canary\n");
+    });
   } else if (kind == "blocks") {
     std::vector<float> global(1, 0.0f);
     launch<float>(2, 32, 0, [&global](const EmuThreads& th, float*) {
       if (th.thread() == 0) global[0] = static_cast<float>(th.cta());
     });
   } else {
-    std::fprintf(stderr, "--race-canary: expected shuffle or blocks, got '%s'\n", kind.c_str());
+    std::fprintf(stderr, "--race-canary: expected shuffle, barriers or blocks, got '%s'\n",
+                 kind.c_str());
     return 2;
   }
   std::printf("race canary '%s' ran\n", kind.c_str());
@@ -928,7 +960,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--filter=SUBSTRING[|SUBSTRING...]]\n"
-                   "       %s --race-canary=shuffle|blocks\n",
+                   "       %s --race-canary=shuffle|barriers|blocks\n",
                    argv[0], argv[0]);
       return 2;
     }
@@ -948,6 +980,11 @@ int main(int argc, char** argv) {
   run_type<__nv_bfloat16>(large, true);
   // float32 d = 4096 in one chunk is a group of 32 warps (G = 1024), the widest the kernels take.
   run_type<float>(quick ? std::vector<int64_t>{4096} : large, true);
-  std::printf("%d of %d emulated cases passed\n", g_cases - g_failures, g_cases);
+  std::printf("%d of %d emulated cases passed (%d of them kernel cases, %d planner and slot checks)\n",
+              g_cases - g_failures, g_cases, g_kernel_cases, g_cases - g_kernel_cases);
+  if (!g_filters.empty() && g_kernel_cases == 0) {
+    std::fprintf(stderr, "--filter matched no kernel case\n");
+    return 2;
+  }
   return g_failures == 0 ? 0 : 1;
 }
