@@ -65,7 +65,7 @@ endfunction()
 goft_add_cuda_emulator(goft_cuda_emulated)
 # The same emulator under ThreadSanitizer (see its header comment): blocks at once, shuffles that
 # order no memory. Slower (CI runs it on the cases with warp layers and the strict fallback).
-option(GOFT_CUDA_EMULATOR_TSAN "Also build goft_cuda_emulated_tsan, the emulator under ThreadSanitizer" OFF)
+option(GOFT_CUDA_EMULATOR_TSAN "With GOFT_CUDA_SYNTAX_CHECK=ON, also build goft_cuda_emulated_tsan, the emulator under ThreadSanitizer" OFF)
 if(GOFT_CUDA_EMULATOR_TSAN)
   goft_add_cuda_emulator(goft_cuda_emulated_tsan -g -fsanitize=thread)
 endif()
