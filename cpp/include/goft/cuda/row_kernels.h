@@ -1912,13 +1912,15 @@ GOFT_DEVICE_FN void fallback_rotate(const FallbackParams<T, Acc>& p, const Threa
     }
     th.sync();
     fallback_layers_forward<Acc, kTransposed, false>(p, th, w, nullptr);
+    // No barrier after the store: a thread reads here the features it writes at the next row's
+    // load (feature i by thread i % nt in both), and the last layer's barrier ordered the other
+    // threads' writes before these reads.
     T* orow = p.out + row * p.out_stride;
     for (int64_t i = th.thread(); i < d; i += th.num_threads()) {
       Acc v = w[scratch_index(i)];
       if (!kTransposed && p.scale != nullptr) v *= p.scale[i];
       orow[i] = FromAcc<T>::convert(v);
     }
-    th.sync();
   }
 }
 
@@ -1976,17 +1978,17 @@ GOFT_DEVICE_FN void fallback_layers_backward(const FallbackParams<T, Acc>& p, co
   }
 }
 
-// Writes the row's gradient g to grad_x (when wanted).
+// Writes the row's gradient g to grad_x (when wanted). No barrier after it: feature i is read
+// here and written at the next row's load by the same thread (i % nt), and the steps before it
+// end with a barrier (the last layer's) or touch only their thread's own features (the scale's).
 template <typename T, typename Acc, class Threads>
 GOFT_DEVICE_FN void fallback_store_grad(const FallbackParams<T, Acc>& p, const Threads& th,
                                         int64_t row, const Acc* g) {
-  if (p.out != nullptr) {
-    T* orow = p.out + row * p.out_stride;
-    for (int64_t i = th.thread(); i < p.dim; i += th.num_threads()) {
-      orow[i] = FromAcc<T>::convert(g[scratch_index(i)]);
-    }
+  if (p.out == nullptr) return;
+  T* orow = p.out + row * p.out_stride;
+  for (int64_t i = th.thread(); i < p.dim; i += th.num_threads()) {
+    orow[i] = FromAcc<T>::convert(g[scratch_index(i)]);
   }
-  th.sync();
 }
 
 // The backward for free blocks (and angles with GOFT_CUDA_STRICT=0): the forward is recomputed
