@@ -187,9 +187,16 @@ struct DeviceInfo {
   int64_t smem_optin = 48 * 1024;  // largest dynamic shared memory a block may opt in to
 };
 
+// The planners' first step. `device` must be the current device: kernel attributes, the
+// shared-memory opt-in and occupancy act on the current one, and their caches are keyed by
+// `device`, so a mismatch would cache one GPU's answers as another's (cudaErrorInvalidDevice).
 inline cudaError_t device_info(int device, DeviceInfo* info) {
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device) return cudaErrorInvalidDevice;
   int sms = 0, smem = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;

@@ -63,9 +63,10 @@ struct RotateBackwardPlan {
   bool angle_partials() const { return strict; }
 };
 
-// Plans query the current device (kernel register counts, shared memory, SM count); a call plans
-// and launches on the same device. Errors are CUDA's, e.g. cudaErrorNoKernelImageForDevice on a
-// GPU the build has no code for.
+// Plans query the current device (kernel register counts, shared memory, SM count), which
+// `device` must name (cudaErrorInvalidDevice otherwise); a call plans and launches on the same
+// device. Errors are CUDA's, e.g. cudaErrorNoKernelImageForDevice on a GPU the build has no code
+// for.
 //
 // y = x @ T (x @ T^T) on `stream`, T from `params`; `workspace` holds plan.workspace.bytes bytes
 // of device memory.
