@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # On a GPU machine (no network needed): build goft with its CUDA kernels, run the GPU benchmark
 # (twice, to show its run-to-run spread), the CUDA tests, the layout sweep of
-# bench/gpu_profile.py and, where ncu is installed, an Nsight Compute pass over one call of each
-# fused kernel; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
+# bench/gpu_profile.py, compute-sanitizer's synccheck, racecheck and memcheck over every kernel
+# path (bench/gpu_sanitize.py) and, where ncu is installed, an Nsight Compute pass over one call of
+# each fused kernel; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
 # in well under 8 minutes (about 4 on an H200): the build compiles for this GPU's architecture
 # only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
 #
 #   bash bench/gpu_check.sh            # build + benchmark + tests + sweep + ncu
 #   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
 #   GOFT_SKIP_NCU=1 bash bench/gpu_check.sh     # without the Nsight Compute pass
+#   GOFT_SKIP_SANITIZER=1 bash bench/gpu_check.sh   # without compute-sanitizer
 #   GOFT_SOURCE_COMMIT=abc1234 bash ...         # a copy of the tree without .git: the commit measured
 #   GOFT_CHECK_BUDGET=540 bash ...              # seconds for the whole check (default 540)
 #
@@ -107,6 +109,27 @@ within 120 10 "$PY" bench/gpu_bench.py --out bench/RESULTS_GPU.md > "$LOGS/bench
 bench2_rc=$?
 cp bench/RESULTS_GPU.md "$LOGS/" 2> /dev/null
 cat "$LOGS/bench.run2.log"
+
+# compute-sanitizer (part of the CUDA toolkit), where installed: what the CPU emulator cannot
+# check, on the GPU itself: barriers and shuffles that some threads miss (synccheck),
+# shared-memory hazards as the hardware orders them (racecheck), accesses out of bounds or
+# misaligned (memcheck, with torch's caching allocator off so that an access past a tensor leaves
+# its allocation). Every kernel path once on small shapes (bench/gpu_sanitize.py); the exit status
+# does not count, the summary lines say what was found.
+SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+if [[ -x "$SANITIZER" && "${GOFT_SKIP_SANITIZER:-0}" != "1" ]]; then
+  for tool in synccheck racecheck memcheck; do
+    stamp "compute-sanitizer --tool $tool (full log in $LOGS/sanitize_$tool.txt)"
+    dims=(200 1000 4096 11008)
+    [[ "$tool" == racecheck ]] && dims=(200 1000 4096)  # the slowest tool: no fallback-width rows
+    uncached=()  # torch reads the variable's presence, whatever its value
+    [[ "$tool" == memcheck ]] && uncached=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    within 75 10 ${uncached[@]+"${uncached[@]}"} "$SANITIZER" --tool "$tool" --error-exitcode 9 \
+      --print-limit 20 "$PY" bench/gpu_sanitize.py --dims "${dims[@]}" > "$LOGS/sanitize_$tool.txt" 2>&1
+    echo "compute-sanitizer --tool $tool: exit status $? (9: errors found, 124: out of time)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_sanitize.py:|Error|Hazard" "$LOGS/sanitize_$tool.txt" | head -n 12
+  done
+fi
 
 # Where the fused kernels' time goes (forward, backward, rotate_angle_grads at the target shape):
 # Nsight Compute's throughput, occupancy, scheduler and stall sections, when ncu is installed.

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_bench  # noqa: E402
 import gpu_profile  # noqa: E402
+import gpu_sanitize  # noqa: E402
 
 OVERRIDES = ("GOFT_CUDA_FALLBACK", "GOFT_CUDA_CHUNKS", "GOFT_CUDA_ROWS", "GOFT_CUDA_CTA_THREADS",
              "GOFT_CUDA_STRICT", "GOFT_CUDA_STAGE")
@@ -123,6 +124,29 @@ def test_gpu_profile_layer_breakdown(on_cpu, capsys):
     gpu_profile.layer_breakdown(32, 64)
     text = capsys.readouterr().out
     assert "steps: frozen nn.Linear" in text and "steps: GivensLinear" in text
+
+
+def test_gpu_sanitize_runs_every_path(capsys, monkeypatch):
+    """bench/gpu_sanitize.py on the CPU op: every case runs, the staged strict kernels also
+    unstaged and d = 1000 also on the fallbacks, the overrides are undone, and a non-finite result
+    fails the run."""
+    for name in OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    assert gpu_sanitize.main(["--device", "cpu", "--dims", "5", "1000", "--dtypes", "float32", "bfloat16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cases = lines[:-1]
+    # 2 widths x 2 dtypes x 2 transposes x 3 variants, angles also unstaged, d = 1000 also on the fallbacks
+    assert len(cases) == 24 + 8 + 12
+    assert sum("GOFT_CUDA_STAGE=0" in c for c in cases) == 8
+    assert sum("GOFT_CUDA_FALLBACK=1" in c for c in cases) == 12 and all("d=1000" in c for c in cases
+                                                                           if "FALLBACK" in c)
+    assert lines[-1].startswith("gpu_sanitize.py: 0 case(s) with non-finite results")
+    assert not any(name in os.environ for name in OVERRIDES)
+
+    real_rotate = goft.rotate
+    monkeypatch.setattr(goft, "rotate", lambda x, *args: real_rotate(x, *args) * float("nan"))
+    assert gpu_sanitize.main(["--device", "cpu", "--dims", "5", "--dtypes", "float32"]) == 1
+    assert "NOT FINITE" in capsys.readouterr().out
 
 
 # The tests of tests/test_cuda.py that check behaviour only CUDA has (skip_off_gpu there).
