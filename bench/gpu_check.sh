@@ -3,11 +3,12 @@
 # (twice, to show its run-to-run spread), the CUDA tests, the layout sweep of
 # bench/gpu_profile.py, compute-sanitizer's synccheck, racecheck and memcheck over every kernel
 # path (bench/gpu_sanitize.py) and, where ncu is installed, an Nsight Compute pass over one call of
-# each fused kernel; prints short tables and writes bench/RESULTS_GPU.md. Sized for one H100
-# in well under 8 minutes (about 4 on an H200): the build compiles for this GPU's architecture
-# only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
+# each fused kernel; prints short tables and writes bench/RESULTS_GPU.md. Every step runs within
+# what is left of a 540 s budget (below); v9's run took about 3 minutes on an H100, before the
+# sanitizer (at most 75 s a tool) and the last two ncu passes were added. The build compiles for
+# this GPU's architecture only. Logs and results also go to $GPU_CHECK_OUT (default build/gpu_check).
 #
-#   bash bench/gpu_check.sh            # build + benchmark + tests + sweep + ncu
+#   bash bench/gpu_check.sh            # build + benchmark + tests + sweep + sanitizer + ncu
 #   GOFT_SKIP_BUILD=1 bash bench/gpu_check.sh   # reuse the installed build
 #   GOFT_SKIP_NCU=1 bash bench/gpu_check.sh     # without the Nsight Compute pass
 #   GOFT_SKIP_SANITIZER=1 bash bench/gpu_check.sh   # without compute-sanitizer
