@@ -8,6 +8,7 @@ drop its own NN-name.md there; no script rewrites a section it does not own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -71,17 +72,23 @@ def peft_adapted(model: torch.nn.Module, config) -> torch.nn.Module:
 
     from peft import get_peft_model
 
-    saved = {key: os.environ.get(key) for key in COMPILER_VARIABLES}
+    with restored_environment(COMPILER_VARIABLES), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, config).get_base_model()
+
+
+@contextlib.contextmanager
+def restored_environment(names):
+    """Gives the environment variables ``names`` back their values (or absence) when the block ends."""
+    saved = {name: os.environ.get(name) for name in names}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return get_peft_model(model, config).get_base_model()
+        yield
     finally:
-        for key, value in saved.items():
+        for name, value in saved.items():
             if value is None:
-                os.environ.pop(key, None)
+                os.environ.pop(name, None)
             else:
-                os.environ[key] = value
+                os.environ[name] = value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ sanitizer's own report says whether any access was wrong.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import sys
@@ -30,26 +29,12 @@ import time
 import torch
 
 import goft
+from common import restored_environment
 
 DIMS = (200, 1000, 4096, 11008)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Enough rows for several blocks and partial chunks, few enough to keep a sanitized run short.
 ROWS = 48
-
-
-@contextlib.contextmanager
-def env(**values: str):
-    """Sets environment variables for the block (goft's CUDA launchers read them at each call)."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def run_case(d: int, dtype: torch.dtype, transpose: bool, variant: str, device: str) -> bool:
@@ -98,7 +83,8 @@ def main(argv=None) -> int:
     failed = 0
     start = time.perf_counter()
     for d, dtype_name, transpose, variant, overrides in cases(args.dims, args.dtypes):
-        with env(**overrides):
+        with restored_environment(overrides):  # goft's CUDA launchers read them at each call
+            os.environ.update(overrides)
             ok = run_case(d, DTYPES[dtype_name], transpose, variant, args.device)
         if args.device == "cuda":
             torch.cuda.synchronize()
