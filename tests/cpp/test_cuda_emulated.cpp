@@ -16,11 +16,13 @@
 // between lanes must be ordered by a barrier. cp.async copies land only at their wait in both
 // builds (async_copy16).
 //
-//   goft_cuda_emulated [--quick] [--filter=SUBSTRING[|SUBSTRING...]]
+//   goft_cuda_emulated [--quick] [--list] [--filter=TERM[|TERM...]]
 //   goft_cuda_emulated --race-canary=shuffle|barriers|blocks
 //
-// --filter runs only the kernel cases whose name contains one of the substrings (the planner and
-// slot checks always run); one that matches no kernel case is an error (exit 2). --race-canary runs a kernel with a known race (race_canary).
+// --filter runs only the kernel cases whose name matches one of the terms, a term being one
+// substring or several joined by '&' that must all occur (the planner and slot checks always
+// run); a filter that matches no kernel case is an error (exit 2). --race-canary runs a kernel
+// with a known race (race_canary). --list prints the names of the kernel cases it would run.
 #include <algorithm>
 #include <atomic>
 #include <barrier>
@@ -612,15 +614,52 @@ Results<T> fallback_run(const Problem<T>& p, bool backward, int threads, int gri
 int g_failures = 0;
 int g_cases = 0;
 int g_kernel_cases = 0;  // of g_cases, those that ran kernels (the rest: planner and slot checks)
-// --filter's substrings; empty: every case.
-std::vector<std::string> g_filters;
+// --filter's terms, each a list of substrings that must all occur; empty: every case.
+std::vector<std::vector<std::string>> g_filters;
 
-bool case_selected(const std::string& name) {
+// --list: print the selected kernel cases' names instead of running them.
+bool g_list_only = false;
+int g_listed = 0;
+
+bool filter_matches(const std::string& name) {
   if (g_filters.empty()) return true;
-  for (const std::string& f : g_filters) {
-    if (name.find(f) != std::string::npos) return true;
+  for (const std::vector<std::string>& term : g_filters) {
+    const bool all = std::all_of(term.begin(), term.end(), [&name](const std::string& part) {
+      return name.find(part) != std::string::npos;
+    });
+    if (all) return true;
   }
   return false;
+}
+
+// Whether to run the kernel case of this name: selected by --filter, and not only listed.
+bool case_selected(const std::string& name) {
+  if (!filter_matches(name)) return false;
+  if (g_list_only) {
+    std::printf("%s\n", name.c_str());
+    ++g_listed;
+    return false;
+  }
+  return true;
+}
+
+// "a&b|c" -> {{a, b}, {c}}; empty pieces are dropped.
+std::vector<std::vector<std::string>> parse_filter(const std::string& text) {
+  const auto split = [](const std::string& s, char sep) {
+    std::vector<std::string> parts;
+    size_t begin = 0;
+    for (size_t end; (end = s.find(sep, begin)) != std::string::npos; begin = end + 1) {
+      if (end > begin) parts.push_back(s.substr(begin, end - begin));
+    }
+    if (begin < s.size()) parts.push_back(s.substr(begin));
+    return parts;
+  };
+  std::vector<std::vector<std::string>> terms;
+  for (const std::string& term : split(text, '|')) {
+    std::vector<std::string> parts = split(term, '&');
+    if (!parts.empty()) terms.push_back(std::move(parts));
+  }
+  return terms;
 }
 
 template <typename T>
@@ -949,24 +988,24 @@ int main(int argc, char** argv) {
     const std::string arg = argv[i];
     if (arg == "--quick") {
       quick = true;
+    } else if (arg == "--list") {
+      g_list_only = true;
     } else if (arg.rfind("--race-canary=", 0) == 0) {
       return race_canary(arg.substr(14));
     } else if (arg.rfind("--filter=", 0) == 0) {
-      std::string rest = arg.substr(9);
-      for (size_t bar; (bar = rest.find('|')) != std::string::npos; rest.erase(0, bar + 1)) {
-        if (bar > 0) g_filters.push_back(rest.substr(0, bar));
-      }
-      if (!rest.empty()) g_filters.push_back(rest);
+      g_filters = parse_filter(arg.substr(9));
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--quick] [--filter=SUBSTRING[|SUBSTRING...]]\n"
+                   "usage: %s [--quick] [--list] [--filter=SUBSTRING[&SUBSTRING...][|...]]\n"
                    "       %s --race-canary=shuffle|barriers|blocks\n",
                    argv[0], argv[0]);
       return 2;
     }
   }
-  run_slots();
-  run_planner();
+  if (!g_list_only) {
+    run_slots();
+    run_planner();
+  }
   // --quick (CI): fewer widths, each layout still covered (sub-warp, one warp, several warps,
   // chunk layers, odd widths, padding in the last vector).
   const std::vector<int64_t> small =
@@ -980,9 +1019,13 @@ int main(int argc, char** argv) {
   run_type<__nv_bfloat16>(large, true);
   // float32 d = 4096 in one chunk is a group of 32 warps (G = 1024), the widest the kernels take.
   run_type<float>(quick ? std::vector<int64_t>{4096} : large, true);
-  std::printf("%d of %d emulated cases passed (%d of them kernel cases, %d planner and slot checks)\n",
-              g_cases - g_failures, g_cases, g_kernel_cases, g_cases - g_kernel_cases);
-  if (!g_filters.empty() && g_kernel_cases == 0) {
+  if (g_list_only) {
+    std::printf("%d kernel case(s)\n", g_listed);
+  } else {
+    std::printf("%d of %d emulated cases passed (%d of them kernel cases, %d planner and slot checks)\n",
+                g_cases - g_failures, g_cases, g_kernel_cases, g_cases - g_kernel_cases);
+  }
+  if (!g_filters.empty() && g_kernel_cases + g_listed == 0) {
     std::fprintf(stderr, "--filter matched no kernel case\n");
     return 2;
   }
