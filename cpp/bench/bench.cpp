@@ -178,7 +178,7 @@ int run(const Options& options) {
         for (int64_t r = 0; r < rows; ++r) goft::cpu::rotate_rows(fwd_ref, schedule, r, r + 1, scratch.data());
       }
     };
-    const int64_t tile = goft::cpu::kTileRows;
+    const int64_t tile = goft::cpu::kMaxTileRows;
     const std::function<void()> fwd_fused = [&] {
 #pragma omp parallel
       {

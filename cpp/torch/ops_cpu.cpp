@@ -109,7 +109,7 @@ void rotate_into(const at::Tensor& x2, const at::Tensor& params, const RotateSha
   args.blocks = prepared.blocks.template const_data_ptr<Acc>();
   args.scale = prepared.lanes.scale_padded;
   args.transpose = transpose;
-  const int64_t grain = std::max<int64_t>(cpu::kTileRows, row_grain(d));
+  const int64_t grain = std::max<int64_t>(cpu::kMaxTileRows, row_grain(d));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<Acc> scratch(cpu::rotate_tile_scratch_size<Acc, Bytes>(d));
     cpu::rotate_rows_fast(args, prepared.lanes, begin, end, scratch.data());

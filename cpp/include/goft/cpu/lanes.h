@@ -69,14 +69,30 @@ decltype(auto) with_lane_bytes(int bytes, Fn&& fn) {
   }
 }
 
-// Rows per tile: each chunk's coefficients (about 0.75 KB) are reused across the tile's rows
-// while the tile's chunks stream through L1. Larger tiles add concurrent memory streams.
-constexpr int64_t kTileRows = 8;
+// Rows per tile (Rows below): each chunk's coefficients (about 0.75 KB with 64-byte lanes) are
+// reused across the tile's rows while the tile's chunks stream through L1, but every row of a
+// tile is a memory stream of its own (three in backward). With 32- and 16-byte lanes (AVX2's 16
+// registers, or SSE), tiles of 4 rows against tiles of 8 ran the backward 1.1-1.5x faster at
+// every d measured (384 to 16384) and the forward as fast or up to 1.5x faster (0.94x at
+// d = 384); one thread, AMD EPYC with AVX2, 2026-11-29. Tiles of 8 stay for 64-byte lanes
+// (AVX-512), where no other size has been measured. Rows whose length is a multiple of 4 KiB
+// (float32 d = 1024, 3072, 4096, ...) put the same feature of every row at the same address
+// modulo 4 KiB: one L1 cache set, and the low address bits that loads are matched against
+// earlier stores on. There tiles of 2 rows ran 1.2-1.4x faster than tiles of 4 in backward and
+// 1.1-1.2x in forward; at other widths up to 1.2x slower.
+constexpr int64_t kMaxTileRows = 8;  // what the scratch sizes below allow for
+
+// Rows per tile for rows of `dim` elements of T at this lane width (the measurements above).
+template <int Bytes, typename T>
+inline int tile_rows(int64_t dim) {
+  if (Bytes >= 64) return 8;
+  return (dim * static_cast<int64_t>(sizeof(T))) % 4096 == 0 ? 2 : 4;
+}
 
 // One value per row of a tile, for the coarse layers.
-template <typename Acc>
+template <typename Acc, int Rows>
 struct RowTraits {
-  typedef Acc RowVec __attribute__((vector_size(kTileRows * sizeof(Acc))));
+  typedef Acc RowVec __attribute__((vector_size(Rows * sizeof(Acc))));
 };
 
 #if !defined(__GNUC__) || defined(__clang__)
@@ -249,15 +265,15 @@ GOFT_ALWAYS_INLINE void store_vec(typename LaneTraits<Acc, Bytes>::Vec v, Acc* d
   std::memcpy(dst, &v, sizeof(v));
 }
 
-template <typename Acc>
-GOFT_ALWAYS_INLINE typename RowTraits<Acc>::RowVec load_rows(const Acc* src) {
-  typename RowTraits<Acc>::RowVec v;
+template <int Rows, typename Acc>
+GOFT_ALWAYS_INLINE typename RowTraits<Acc, Rows>::RowVec load_rows(const Acc* src) {
+  typename RowTraits<Acc, Rows>::RowVec v;
   std::memcpy(&v, src, sizeof(v));
   return v;
 }
 
-template <typename Acc>
-GOFT_ALWAYS_INLINE void store_rows(typename RowTraits<Acc>::RowVec v, Acc* dst) {
+template <int Rows, typename Acc>
+GOFT_ALWAYS_INLINE void store_rows(typename RowTraits<Acc, Rows>::RowVec v, Acc* dst) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
@@ -288,67 +304,67 @@ GOFT_ALWAYS_INLINE typename LaneTraits<Acc, Bytes>::Vec fine_forward_transposed(
 // Coarse layers on a tile's compact rows, stored [chunk][row in tile] so that each pair is one
 // RowVec operation over the tile's rows: layer r >= first_coarse has compact stride
 // 2^(r - first_coarse). Saves the pair inputs ([coarse pair][a, b][row]) when `saved` is given.
-template <typename Acc, bool Transposed>
+template <typename Acc, bool Transposed, int Rows>
 GOFT_ALWAYS_INLINE void coarse_layer(const PairSchedule& schedule, const LaneGeometry& geometry,
                                      int r, const Acc* blocks, Acc* compact, Acc* saved) {
-  using RowVec = typename RowTraits<Acc>::RowVec;
-  constexpr int64_t R = kTileRows;
+  using RowVec = typename RowTraits<Acc, Rows>::RowVec;
+  constexpr int64_t R = Rows;
   const int64_t s = int64_t{1} << (r - geometry.first_coarse);
   const int64_t pairs = schedule.pairs[r], off = schedule.offset[r];
   const Acc* B = blocks + kBlockSize * off;
   for (int64_t k = 0; k < pairs; ++k) {
     const int64_t a = 2 * s * k, b = a + s;
-    const RowVec ua = load_rows(compact + a * R), ub = load_rows(compact + b * R);
+    const RowVec ua = load_rows<Rows>(compact + a * R), ub = load_rows<Rows>(compact + b * R);
     if (saved != nullptr) {
       Acc* pair_saved = saved + 2 * R * (off + k - geometry.first_coarse_pair);
-      store_rows(ua, pair_saved);
-      store_rows(ub, pair_saved + R);
+      store_rows<Rows>(ua, pair_saved);
+      store_rows<Rows>(ub, pair_saved + R);
     }
     const Acc cab = Transposed ? B[4 * k + 2] : B[4 * k + 1];
     const Acc cba = Transposed ? B[4 * k + 1] : B[4 * k + 2];
-    store_rows<Acc>(B[4 * k] * ua + cba * ub, compact + a * R);
-    store_rows<Acc>(cab * ua + B[4 * k + 3] * ub, compact + b * R);
+    store_rows<Rows>(B[4 * k] * ua + cba * ub, compact + a * R);
+    store_rows<Rows>(cab * ua + B[4 * k + 3] * ub, compact + b * R);
   }
 }
 
-template <typename Acc, bool Transposed>
+template <typename Acc, bool Transposed, int Rows>
 GOFT_ALWAYS_INLINE void coarse_forward(const PairSchedule& schedule, const LaneGeometry& geometry,
                                        const Acc* blocks, Acc* compact, Acc* saved) {
   if (Transposed) {
     for (int r = geometry.first_coarse; r < schedule.num_layers; ++r)
-      coarse_layer<Acc, true>(schedule, geometry, r, blocks, compact, saved);
+      coarse_layer<Acc, true, Rows>(schedule, geometry, r, blocks, compact, saved);
   } else {
     for (int r = schedule.num_layers - 1; r >= geometry.first_coarse; --r)
-      coarse_layer<Acc, false>(schedule, geometry, r, blocks, compact, saved);
+      coarse_layer<Acc, false, Rows>(schedule, geometry, r, blocks, compact, saved);
   }
 }
 
 // Backward of the coarse layers (reverse of coarse_forward) on compact gradients g, adding each
 // row's applied-block gradient products to its lane of grad_rows ([coarse pair][4][row]); the
 // lanes are summed in a fixed order once per gradient chunk (sum_coarse_grads).
-template <typename Acc, bool Transposed>
+template <typename Acc, bool Transposed, int Rows>
 GOFT_ALWAYS_INLINE void coarse_backward(const PairSchedule& schedule, const LaneGeometry& geometry,
                                         const Acc* blocks, const Acc* saved, Acc* g,
                                         Acc* grad_rows) {
-  using RowVec = typename RowTraits<Acc>::RowVec;
-  constexpr int64_t R = kTileRows;
+  using RowVec = typename RowTraits<Acc, Rows>::RowVec;
+  constexpr int64_t R = Rows;
   auto layer = [&](int r) {
     const int64_t s = int64_t{1} << (r - geometry.first_coarse);
     const int64_t pairs = schedule.pairs[r], off = schedule.offset[r];
     const Acc* B = blocks + kBlockSize * off;
     for (int64_t k = 0; k < pairs; ++k) {
       const int64_t a = 2 * s * k, b = a + s, q = off + k - geometry.first_coarse_pair;
-      const RowVec ua = load_rows(saved + 2 * R * q), ub = load_rows(saved + 2 * R * q + R);
-      const RowVec ga = load_rows(g + a * R), gb = load_rows(g + b * R);
+      const RowVec ua = load_rows<Rows>(saved + 2 * R * q), ub = load_rows<Rows>(saved + 2 * R * q + R);
+      const RowVec ga = load_rows<Rows>(g + a * R), gb = load_rows<Rows>(g + b * R);
       Acc* gB = grad_rows + kBlockSize * R * q;
-      store_rows<Acc>(load_rows(gB) + ua * ga, gB);
-      store_rows<Acc>(load_rows(gB + R) + ua * gb, gB + R);
-      store_rows<Acc>(load_rows(gB + 2 * R) + ub * ga, gB + 2 * R);
-      store_rows<Acc>(load_rows(gB + 3 * R) + ub * gb, gB + 3 * R);
+      store_rows<Rows>(load_rows<Rows>(gB) + ua * ga, gB);
+      store_rows<Rows>(load_rows<Rows>(gB + R) + ua * gb, gB + R);
+      store_rows<Rows>(load_rows<Rows>(gB + 2 * R) + ub * ga, gB + 2 * R);
+      store_rows<Rows>(load_rows<Rows>(gB + 3 * R) + ub * gb, gB + 3 * R);
       const Acc cab = Transposed ? B[4 * k + 2] : B[4 * k + 1];
       const Acc cba = Transposed ? B[4 * k + 1] : B[4 * k + 2];
-      store_rows<Acc>(B[4 * k] * ga + cab * gb, g + a * R);
-      store_rows<Acc>(cba * ga + B[4 * k + 3] * gb, g + b * R);
+      store_rows<Rows>(B[4 * k] * ga + cab * gb, g + a * R);
+      store_rows<Rows>(cba * ga + B[4 * k + 3] * gb, g + b * R);
     }
   };
   if (Transposed) {
@@ -359,9 +375,9 @@ GOFT_ALWAYS_INLINE void coarse_backward(const PairSchedule& schedule, const Lane
 }
 
 // grad_blocks of the coarse pairs += the row lanes of grad_rows, summed in row order.
-template <typename Acc>
+template <int Rows, typename Acc>
 inline void sum_coarse_grads(const LaneGeometry& geometry, const Acc* grad_rows, Acc* grad_blocks) {
-  constexpr int64_t R = kTileRows;
+  constexpr int64_t R = Rows;
   Acc* out = grad_blocks + kBlockSize * geometry.first_coarse_pair;
   for (int64_t i = 0; i < kBlockSize * geometry.coarse_pairs; ++i) {
     Acc sum = 0;
@@ -383,56 +399,56 @@ struct LaneCall {
 template <typename Acc, int Bytes>
 inline int64_t rotate_tile_scratch_size(int64_t dim) {
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
-  return kTileRows * ((dim + W - 1) / W);
+  return kMaxTileRows * ((dim + W - 1) / W);
 }
 
 // compact[j][t] = 0 for the rows t >= n a short tile lacks, so the coarse layers' SIMD lanes of
 // missing rows hold zeros (no stale NaN reaching a gradient sum, no slow denormals).
-template <typename Acc>
+template <int Rows, typename Acc>
 GOFT_ALWAYS_INLINE void clear_missing_rows(int64_t n, int64_t chunks, Acc* compact) {
-  for (int64_t t = n; t < kTileRows; ++t) {
-    for (int64_t j = 0; j < chunks; ++j) compact[j * kTileRows + t] = 0;
+  for (int64_t t = n; t < Rows; ++t) {
+    for (int64_t j = 0; j < chunks; ++j) compact[j * Rows + t] = 0;
   }
 }
 
 // compact[j][t] = feature j * W of row t, for the tile's n rows.
-template <int Bytes, typename T, typename Acc>
+template <int Bytes, int Rows, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void gather_compact(const T* rows, int64_t row_stride, int64_t n, int64_t chunks,
                                        Acc* compact) {
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   for (int64_t t = 0; t < n; ++t) {
     const T* row = rows + t * row_stride;
-    for (int64_t j = 0; j < chunks; ++j) compact[j * kTileRows + t] = static_cast<Acc>(row[j * W]);
+    for (int64_t j = 0; j < chunks; ++j) compact[j * Rows + t] = static_cast<Acc>(row[j * W]);
   }
-  clear_missing_rows(n, chunks, compact);
+  clear_missing_rows<Rows>(n, chunks, compact);
 }
 
 // Feature j * W of row t = compact[j][t], for the tile's n rows.
-template <int Bytes, typename T, typename Acc>
+template <int Bytes, int Rows, typename T, typename Acc>
 GOFT_ALWAYS_INLINE void scatter_compact(const Acc* compact, int64_t n, int64_t chunks, T* rows,
                                         int64_t row_stride) {
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes;
   for (int64_t t = 0; t < n; ++t) {
     T* row = rows + t * row_stride;
-    for (int64_t j = 0; j < chunks; ++j) row[j * W] = static_cast<T>(compact[j * kTileRows + t]);
+    for (int64_t j = 0; j < chunks; ++j) row[j * W] = static_cast<T>(compact[j * Rows + t]);
   }
 }
 
-// Rows [begin, end) of y = x @ T (or x @ T^T), end - begin <= kTileRows.
+// Rows [begin, end) of y = x @ T (or x @ T^T), end - begin <= Rows.
 // scratch: rotate_tile_scratch_size(d) elements.
-template <typename T, typename Acc, int Bytes>
+template <int Rows, typename T, typename Acc, int Bytes>
 GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                     int64_t begin, int64_t end, Acc* scratch) {
   using Vec = typename LaneTraits<Acc, Bytes>::Vec;
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
-  constexpr int64_t R = kTileRows;
+  constexpr int64_t R = Rows;
   const int64_t d = args.dim, chunks = call.geometry.chunks, n = end - begin;
   Acc* compact = scratch;  // [chunk][row in tile]
   const T* x_tile = args.x + begin * args.x_row_stride;
   T* out_tile = args.out + begin * args.out_row_stride;
   if (!args.transpose) {
-    gather_compact<Bytes>(x_tile, args.x_row_stride, n, chunks, compact);
-    coarse_forward<Acc, false>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
+    gather_compact<Bytes, Rows>(x_tile, args.x_row_stride, n, chunks, compact);
+    coarse_forward<Acc, false, Rows>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
     for (int64_t j = 0; j < chunks; ++j) {
       const Acc* coef = call.coefficients + j * F * 3 * W;
       const int64_t valid = d - j * W < W ? d - j * W : W;
@@ -458,9 +474,9 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
         compact[j * R + t] = v[0];
       }
     }
-    clear_missing_rows(n, chunks, compact);
-    coarse_forward<Acc, true>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
-    scatter_compact<Bytes>(compact, n, chunks, out_tile, args.out_row_stride);
+    clear_missing_rows<Rows>(n, chunks, compact);
+    coarse_forward<Acc, true, Rows>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
+    scatter_compact<Bytes, Rows>(compact, n, chunks, out_tile, args.out_row_stride);
   }
 }
 
@@ -469,23 +485,23 @@ template <typename Acc, int Bytes>
 inline int64_t backward_chunk_scratch_size(int64_t dim) {
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const int64_t chunks = (dim + W - 1) / W;  // also a bound on the coarse pairs
-  return 2 * kTileRows * chunks                // compact forward values and compact gradients
-         + 2 * kTileRows * chunks              // saved coarse-pair inputs
-         + kBlockSize * kTileRows * chunks     // coarse-pair gradients per tile row
+  return 2 * kMaxTileRows * chunks             // compact forward values and compact gradients
+         + 2 * kMaxTileRows * chunks           // saved coarse-pair inputs
+         + kBlockSize * kMaxTileRows * chunks  // coarse-pair gradients per tile row
          + chunks * F * 2 * W                  // fine-layer gradient sums D, E per lane
          + chunks * W;                         // scale gradient sums per lane
 }
 
 // Backward for gradient chunk `chunk` (rows split as in params.h), writing that chunk's partial
 // applied-block gradients (and scale gradients) and, if requested, grad_x for its rows.
-template <typename T, typename Acc, int Bytes>
+template <int Rows, typename T, typename Acc, int Bytes>
 GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, Acc>& args,
                                                    const LaneCall<Acc, Bytes>& call, int64_t chunk,
                                                    Acc* scratch) {
   using Vec = typename LaneTraits<Acc, Bytes>::Vec;
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const PairSchedule& schedule = *call.schedule;
-  constexpr int64_t R = kTileRows;
+  constexpr int64_t R = Rows;
   const LaneGeometry& geometry = call.geometry;
   const int64_t d = args.dim, chunks = geometry.chunks, pairs = schedule.num_pairs();
   const bool transpose = args.transpose;
@@ -506,16 +522,16 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
 
   const int64_t row_begin = chunk_begin(chunk, args.rows, args.num_chunks);
   const int64_t row_end = chunk_begin(chunk + 1, args.rows, args.num_chunks);
-  for (int64_t begin = row_begin; begin < row_end; begin += kTileRows) {
-    const int64_t n = row_end - begin < kTileRows ? row_end - begin : kTileRows;
+  for (int64_t begin = row_begin; begin < row_end; begin += R) {
+    const int64_t n = row_end - begin < R ? row_end - begin : R;
     auto x_row = [&](int64_t t) { return args.x + (begin + t) * args.x_row_stride; };
     auto g_row = [&](int64_t t) { return args.grad_out + (begin + t) * args.grad_out_row_stride; };
     auto gx_row = [&](int64_t t) { return args.grad_x + (begin + t) * args.grad_x_row_stride; };
 
     if (!transpose) {
       // Coarse layers act first: run them on the compact rows, saving their inputs.
-      gather_compact<Bytes>(x_row(0), args.x_row_stride, n, chunks, compact);
-      coarse_forward<Acc, false>(schedule, geometry, call.blocks, compact, saved);
+      gather_compact<Bytes, Rows>(x_row(0), args.x_row_stride, n, chunks, compact);
+      coarse_forward<Acc, false, Rows>(schedule, geometry, call.blocks, compact, saved);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
         const int64_t valid = d - j * W < W ? d - j * W : W;
@@ -554,9 +570,9 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
         }
         if (want_scale) store_vec<Bytes>(load_vec<Bytes>(scale_grads + j * W) + dscale, scale_grads + j * W);
       }
-      clear_missing_rows(n, chunks, compact_grad);
-      coarse_backward<Acc, false>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
-      if (args.grad_x != nullptr) scatter_compact<Bytes>(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
+      clear_missing_rows<Rows>(n, chunks, compact_grad);
+      coarse_backward<Acc, false, Rows>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
+      if (args.grad_x != nullptr) scatter_compact<Bytes, Rows>(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
     } else {
       // Transposed: scale, fine layers ascending, then coarse layers. First the fine forward to
       // get the compact rows, then the coarse forward and backward, then the fine backward.
@@ -570,10 +586,10 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
           compact[j * R + t] = v[0];
         }
       }
-      clear_missing_rows(n, chunks, compact);
-      coarse_forward<Acc, true>(schedule, geometry, call.blocks, compact, saved);
-      gather_compact<Bytes>(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
-      coarse_backward<Acc, true>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
+      clear_missing_rows<Rows>(n, chunks, compact);
+      coarse_forward<Acc, true, Rows>(schedule, geometry, call.blocks, compact, saved);
+      gather_compact<Bytes, Rows>(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
+      coarse_backward<Acc, true, Rows>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
       for (int64_t j = 0; j < chunks; ++j) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
         const int64_t valid = d - j * W < W ? d - j * W : W;
@@ -615,7 +631,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
     }
   }
 
-  sum_coarse_grads(geometry, coarse_grads, block_grads);
+  sum_coarse_grads<Rows>(geometry, coarse_grads, block_grads);
   // Per-lane sums -> applied-block gradients of the fine pairs: for pair (a, b),
   // dC00 = D[a], dC01 = E[a] (u_a g_b), dC10 = E[b] (u_b g_a), dC11 = D[b].
   for (int f = 0; f < call.geometry.fine_layers; ++f) {
@@ -669,12 +685,24 @@ LaneCall<Acc, Bytes> prepare_lane_call(const PairSchedule& schedule, const Acc* 
   return call;
 }
 
+template <int Rows, typename T, typename Acc, int Bytes>
+GOFT_ALWAYS_INLINE void rotate_tiles(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
+                                     int64_t begin, int64_t end, Acc* scratch) {
+  for (int64_t row = begin; row < end; row += Rows) {
+    rotate_tile<Rows>(args, call, row, end - row < Rows ? end : row + Rows, scratch);
+  }
+}
+
 // Rows [begin, end) of the forward, tile by tile. scratch: rotate_tile_scratch_size<Acc>(d).
 template <typename T, typename Acc, int Bytes>
 GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                         int64_t begin, int64_t end, Acc* scratch) {
-  for (int64_t row = begin; row < end; row += kTileRows) {
-    rotate_tile(args, call, row, end - row < kTileRows ? end : row + kTileRows, scratch);
+  if constexpr (Bytes >= 64) {
+    rotate_tiles<8>(args, call, begin, end, scratch);
+  } else if (tile_rows<Bytes, T>(args.dim) == 2) {
+    rotate_tiles<2>(args, call, begin, end, scratch);
+  } else {
+    rotate_tiles<4>(args, call, begin, end, scratch);
   }
 }
 
@@ -684,7 +712,13 @@ GOFT_MULTIVERSION void rotate_backward_chunks_fast(const RotateBackwardArgs<T, A
                                                    const LaneCall<Acc, Bytes>& call, int64_t begin,
                                                    int64_t end, Acc* scratch) {
   for (int64_t chunk = begin; chunk < end; ++chunk) {
-    rotate_backward_chunk_fast(args, call, chunk, scratch);
+    if constexpr (Bytes >= 64) {
+      rotate_backward_chunk_fast<8>(args, call, chunk, scratch);
+    } else if (tile_rows<Bytes, T>(args.dim) == 2) {
+      rotate_backward_chunk_fast<2>(args, call, chunk, scratch);
+    } else {
+      rotate_backward_chunk_fast<4>(args, call, chunk, scratch);
+    }
   }
 }
 
