@@ -105,6 +105,13 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
+// Times of the fused kernels with tiles of a fixed size, for one d (the second table).
+struct TileTimes {
+  int64_t dim = 0;
+  int automatic = 0;  // goft::cpu::tile_rows for this d
+  double forward_ms[3] = {}, backward_ms[3] = {};
+};
+
 template <int Bytes>
 int run(const Options& options) {
   std::printf("goft core bench: float32, %lld rows, %d threads, median of %d interleaved rounds; 'simple' is the\n"
@@ -116,6 +123,7 @@ int run(const Options& options) {
               "fwd fused", "GB/s", "x copy", "bwd simple", "bwd fused", "GB/s", "x copy", "max |diff|");
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
+  std::vector<TileTimes> tile_table;
   for (const int64_t d : options.dims) {
     const int64_t rows = options.rows, n = rows * d, pairs = d - 1;
     std::vector<float> x(n), y(n), y_ref(n), g(n), gx(n), gx_ref(n);
@@ -205,14 +213,64 @@ int run(const Options& options) {
         for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunks_fast(bwd, call, c, c + 1, scratch.data());
       }
     };
+    // The fused kernels again with tiles of 2, 4 and 8 rows (the automatic choice is one of them).
+    auto fwd_tiles = [&](auto rows_constant) -> std::function<void()> {
+      return [&, rows_constant] {
+#pragma omp parallel
+        {
+          std::vector<float> scratch(goft::cpu::rotate_tile_scratch_size<float, Bytes>(d));
+#pragma omp for schedule(static)
+          for (int64_t r = 0; r < rows; r += tile) {
+            goft::cpu::rotate_rows_fast<float, float, Bytes, decltype(rows_constant)::value>(
+                fwd, call, r, std::min(rows, r + tile), scratch.data());
+          }
+        }
+      };
+    };
+    auto bwd_tiles = [&](auto rows_constant) -> std::function<void()> {
+      return [&, rows_constant] {
+#pragma omp parallel
+        {
+          std::vector<float> scratch(goft::cpu::backward_chunk_scratch_size<float, Bytes>(d));
+#pragma omp for schedule(static)
+          for (int64_t c = 0; c < chunks; ++c) {
+            goft::cpu::rotate_backward_chunks_fast<float, float, Bytes, decltype(rows_constant)::value>(
+                bwd, call, c, c + 1, scratch.data());
+          }
+        }
+      };
+    };
+    const std::array<std::function<void()>, 6> tiled = {
+        fwd_tiles(std::integral_constant<int, 2>()), fwd_tiles(std::integral_constant<int, 4>()),
+        fwd_tiles(std::integral_constant<int, 8>()), bwd_tiles(std::integral_constant<int, 2>()),
+        bwd_tiles(std::integral_constant<int, 4>()), bwd_tiles(std::integral_constant<int, 8>())};
     // The copy writes y, which the forward kernels then overwrite; the comparison below reads the
-    // outputs of the last round, in which every kernel ran after the copy.
-    const auto [copy_ms, fwd_simple_ms, fwd_ms, bwd_simple_ms, bwd_ms] =
-        interleaved_median_ms<5>(options.repeats, {copy, fwd_simple, fwd_fused, bwd_simple, bwd_fused});
+    // outputs of the last round, in which every kernel ran after the copy (the fixed-tile kernels
+    // are checked one by one after it).
+    const auto times = interleaved_median_ms<11>(
+        options.repeats, {copy, fwd_simple, fwd_fused, bwd_simple, bwd_fused, tiled[0], tiled[1],
+                          tiled[2], tiled[3], tiled[4], tiled[5]});
+    const double copy_ms = times[0], fwd_simple_ms = times[1], fwd_ms = times[2];
+    const double bwd_simple_ms = times[3], bwd_ms = times[4];
+    TileTimes tile_times;
+    tile_times.dim = d;
+    tile_times.automatic = goft::cpu::tile_rows<Bytes, float>(d);
+    for (int k = 0; k < 3; ++k) {
+      tile_times.forward_ms[k] = times[5 + k];
+      tile_times.backward_ms[k] = times[8 + k];
+    }
+    tile_table.push_back(tile_times);
     // The two kernels must agree; a bench that times a wrong kernel is worthless.
-    const double diff = std::max({max_abs_diff(y, y_ref), max_abs_diff(gx, gx_ref),
-                                  max_abs_diff(partials, partials_ref),
-                                  max_abs_diff(scale_partials, scale_partials_ref)});
+    double diff = std::max({max_abs_diff(y, y_ref), max_abs_diff(gx, gx_ref),
+                            max_abs_diff(partials, partials_ref),
+                            max_abs_diff(scale_partials, scale_partials_ref)});
+    for (int k = 0; k < 3; ++k) {
+      tiled[k]();
+      tiled[3 + k]();
+      diff = std::max({diff, max_abs_diff(y, y_ref), max_abs_diff(gx, gx_ref),
+                       max_abs_diff(partials, partials_ref),
+                       max_abs_diff(scale_partials, scale_partials_ref)});
+    }
     // Bytes each must move at least: copy and forward read x and write y; backward reads x and
     // grad_out and writes grad_x.
     const double bytes2 = 2.0 * n * sizeof(float), bytes3 = 3.0 * n * sizeof(float);
@@ -224,6 +282,15 @@ int run(const Options& options) {
                    static_cast<long long>(d));
       return 1;
     }
+  }
+  std::printf("\nfused kernels with tiles of a fixed number of rows, ms (auto: the rows the kernels pick at\n"
+              "this d and lane width; a row of a multiple of 4 KiB gets 2 below 64-byte lanes):\n");
+  std::printf("%7s %5s | %8s %8s %8s | %8s %8s %8s\n", "d", "auto", "fwd 2", "fwd 4", "fwd 8", "bwd 2",
+              "bwd 4", "bwd 8");
+  for (const TileTimes& t : tile_table) {
+    std::printf("%7lld %5d | %8.2f %8.2f %8.2f | %8.2f %8.2f %8.2f\n", static_cast<long long>(t.dim),
+                t.automatic, t.forward_ms[0], t.forward_ms[1], t.forward_ms[2], t.backward_ms[0],
+                t.backward_ms[1], t.backward_ms[2]);
   }
   return 0;
 }

@@ -694,10 +694,14 @@ GOFT_ALWAYS_INLINE void rotate_tiles(const RotateArgs<T, Acc>& args, const LaneC
 }
 
 // Rows [begin, end) of the forward, tile by tile. scratch: rotate_tile_scratch_size<Acc>(d).
-template <typename T, typename Acc, int Bytes>
+// Tiles have tile_rows(d) rows, or ForcedRows (2, 4 or 8: the bench binary's comparison).
+template <typename T, typename Acc, int Bytes, int ForcedRows = 0>
 GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                         int64_t begin, int64_t end, Acc* scratch) {
-  if constexpr (Bytes >= 64) {
+  static_assert(ForcedRows == 0 || ForcedRows == 2 || ForcedRows == 4 || ForcedRows == 8, "tile rows");
+  if constexpr (ForcedRows != 0) {
+    rotate_tiles<ForcedRows>(args, call, begin, end, scratch);
+  } else if constexpr (Bytes >= 64) {
     rotate_tiles<8>(args, call, begin, end, scratch);
   } else if (tile_rows<Bytes, T>(args.dim) == 2) {
     rotate_tiles<2>(args, call, begin, end, scratch);
@@ -707,12 +711,16 @@ GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const La
 }
 
 // Gradient chunks [begin, end) of the backward. scratch: backward_chunk_scratch_size<Acc>(d).
-template <typename T, typename Acc, int Bytes>
+// Tiles as in rotate_rows_fast.
+template <typename T, typename Acc, int Bytes, int ForcedRows = 0>
 GOFT_MULTIVERSION void rotate_backward_chunks_fast(const RotateBackwardArgs<T, Acc>& args,
                                                    const LaneCall<Acc, Bytes>& call, int64_t begin,
                                                    int64_t end, Acc* scratch) {
+  static_assert(ForcedRows == 0 || ForcedRows == 2 || ForcedRows == 4 || ForcedRows == 8, "tile rows");
   for (int64_t chunk = begin; chunk < end; ++chunk) {
-    if constexpr (Bytes >= 64) {
+    if constexpr (ForcedRows != 0) {
+      rotate_backward_chunk_fast<ForcedRows>(args, call, chunk, scratch);
+    } else if constexpr (Bytes >= 64) {
       rotate_backward_chunk_fast<8>(args, call, chunk, scratch);
     } else if (tile_rows<Bytes, T>(args.dim) == 2) {
       rotate_backward_chunk_fast<2>(args, call, chunk, scratch);
