@@ -186,17 +186,6 @@ int run(const Options& options) {
         for (int64_t r = 0; r < rows; ++r) goft::cpu::rotate_rows(fwd_ref, schedule, r, r + 1, scratch.data());
       }
     };
-    const int64_t tile = goft::cpu::kMaxTileRows;
-    const std::function<void()> fwd_fused = [&] {
-#pragma omp parallel
-      {
-        std::vector<float> scratch(goft::cpu::rotate_tile_scratch_size<float, Bytes>(d));
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r += tile) {
-          goft::cpu::rotate_rows_fast(fwd, call, r, std::min(rows, r + tile), scratch.data());
-        }
-      }
-    };
     const std::function<void()> bwd_simple = [&] {
 #pragma omp parallel
       {
@@ -205,15 +194,8 @@ int run(const Options& options) {
         for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunk(bwd_ref, schedule, c, scratch.data());
       }
     };
-    const std::function<void()> bwd_fused = [&] {
-#pragma omp parallel
-      {
-        std::vector<float> scratch(goft::cpu::backward_chunk_scratch_size<float, Bytes>(d));
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < chunks; ++c) goft::cpu::rotate_backward_chunks_fast(bwd, call, c, c + 1, scratch.data());
-      }
-    };
-    // The fused kernels again with tiles of 2, 4 and 8 rows (the automatic choice is one of them).
+    // The fused kernels with tiles of a fixed number of rows, or (0) the number they pick for d.
+    const int64_t tile = goft::cpu::kMaxTileRows;
     auto fwd_tiles = [&](auto rows_constant) -> std::function<void()> {
       return [&, rows_constant] {
 #pragma omp parallel
@@ -240,6 +222,8 @@ int run(const Options& options) {
         }
       };
     };
+    const std::function<void()> fwd_fused = fwd_tiles(std::integral_constant<int, 0>());
+    const std::function<void()> bwd_fused = bwd_tiles(std::integral_constant<int, 0>());
     const std::array<std::function<void()>, 6> tiled = {
         fwd_tiles(std::integral_constant<int, 2>()), fwd_tiles(std::integral_constant<int, 4>()),
         fwd_tiles(std::integral_constant<int, 8>()), bwd_tiles(std::integral_constant<int, 2>()),

@@ -685,49 +685,50 @@ LaneCall<Acc, Bytes> prepare_lane_call(const PairSchedule& schedule, const Acc* 
   return call;
 }
 
-template <int Rows, typename T, typename Acc, int Bytes>
-GOFT_ALWAYS_INLINE void rotate_tiles(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
-                                     int64_t begin, int64_t end, Acc* scratch) {
-  for (int64_t row = begin; row < end; row += Rows) {
-    rotate_tile<Rows>(args, call, row, end - row < Rows ? end : row + Rows, scratch);
+// Calls fn(std::integral_constant<int, Rows>()) with the rows per tile for rows of `dim`
+// elements of T (tile_rows), or with ForcedRows (2, 4 or 8: the bench binary's comparison) when
+// it is not 0, so both entry points below pick the tile size in one place. The compile-time
+// branches keep each lane width from instantiating tile sizes it never runs. The callers' lambdas
+// must be always_inline: flatten alone left them as out-of-line functions built for the default
+// x86-64 level, so every clone ran baseline SSE code (measured 2-4x slower, AVX2 machine).
+template <int Bytes, typename T, int ForcedRows, typename Fn>
+GOFT_ALWAYS_INLINE void with_tile_rows(int64_t dim, Fn&& fn) {
+  static_assert(ForcedRows == 0 || ForcedRows == 2 || ForcedRows == 4 || ForcedRows == 8, "tile rows");
+  if constexpr (ForcedRows != 0) {
+    fn(std::integral_constant<int, ForcedRows>());
+  } else if constexpr (Bytes >= 64) {
+    fn(std::integral_constant<int, 8>());
+  } else if (tile_rows<Bytes, T>(dim) == 2) {
+    fn(std::integral_constant<int, 2>());
+  } else {
+    fn(std::integral_constant<int, 4>());
   }
 }
 
 // Rows [begin, end) of the forward, tile by tile. scratch: rotate_tile_scratch_size<Acc>(d).
-// Tiles have tile_rows(d) rows, or ForcedRows (2, 4 or 8: the bench binary's comparison).
+// Tiles as in with_tile_rows.
 template <typename T, typename Acc, int Bytes, int ForcedRows = 0>
 GOFT_MULTIVERSION void rotate_rows_fast(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
                                         int64_t begin, int64_t end, Acc* scratch) {
-  static_assert(ForcedRows == 0 || ForcedRows == 2 || ForcedRows == 4 || ForcedRows == 8, "tile rows");
-  if constexpr (ForcedRows != 0) {
-    rotate_tiles<ForcedRows>(args, call, begin, end, scratch);
-  } else if constexpr (Bytes >= 64) {
-    rotate_tiles<8>(args, call, begin, end, scratch);
-  } else if (tile_rows<Bytes, T>(args.dim) == 2) {
-    rotate_tiles<2>(args, call, begin, end, scratch);
-  } else {
-    rotate_tiles<4>(args, call, begin, end, scratch);
-  }
+  with_tile_rows<Bytes, T, ForcedRows>(args.dim, [&](auto rows_constant) __attribute__((always_inline)) {
+    constexpr int Rows = decltype(rows_constant)::value;
+    for (int64_t row = begin; row < end; row += Rows) {
+      rotate_tile<Rows>(args, call, row, end - row < Rows ? end : row + Rows, scratch);
+    }
+  });
 }
 
 // Gradient chunks [begin, end) of the backward. scratch: backward_chunk_scratch_size<Acc>(d).
-// Tiles as in rotate_rows_fast.
+// Tiles as in with_tile_rows.
 template <typename T, typename Acc, int Bytes, int ForcedRows = 0>
 GOFT_MULTIVERSION void rotate_backward_chunks_fast(const RotateBackwardArgs<T, Acc>& args,
                                                    const LaneCall<Acc, Bytes>& call, int64_t begin,
                                                    int64_t end, Acc* scratch) {
-  static_assert(ForcedRows == 0 || ForcedRows == 2 || ForcedRows == 4 || ForcedRows == 8, "tile rows");
-  for (int64_t chunk = begin; chunk < end; ++chunk) {
-    if constexpr (ForcedRows != 0) {
-      rotate_backward_chunk_fast<ForcedRows>(args, call, chunk, scratch);
-    } else if constexpr (Bytes >= 64) {
-      rotate_backward_chunk_fast<8>(args, call, chunk, scratch);
-    } else if (tile_rows<Bytes, T>(args.dim) == 2) {
-      rotate_backward_chunk_fast<2>(args, call, chunk, scratch);
-    } else {
-      rotate_backward_chunk_fast<4>(args, call, chunk, scratch);
+  with_tile_rows<Bytes, T, ForcedRows>(args.dim, [&](auto rows_constant) __attribute__((always_inline)) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      rotate_backward_chunk_fast<decltype(rows_constant)::value>(args, call, chunk, scratch);
     }
-  }
+  });
 }
 
 }  // namespace cpu
