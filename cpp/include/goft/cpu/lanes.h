@@ -386,6 +386,18 @@ inline void sum_coarse_grads(const LaneGeometry& geometry, const Acc* grad_rows,
   }
 }
 
+// Calls body(j, valid) for each chunk j of a row of `dim` features, valid being the chunk's
+// features: first every full chunk with valid = W, a constant once body is inlined, so their
+// loads and stores compile to plain vector moves without the short chunk's per-lane code and
+// tests, then the short last chunk if W does not divide dim. body must be always_inline, as in
+// with_tile_rows.
+template <int W, typename Body>
+GOFT_ALWAYS_INLINE void for_each_chunk(int64_t dim, Body&& body) {
+  const int64_t full = dim / W;
+  for (int64_t j = 0; j < full; ++j) body(j, int64_t{W});
+  if (full * W < dim) body(full, dim - full * W);
+}
+
 // Precomputed, read-only state of one call, shared by all threads.
 template <typename Acc, int Bytes>
 struct LaneCall {
@@ -437,8 +449,12 @@ GOFT_ALWAYS_INLINE void scatter_compact(const Acc* compact, int64_t n, int64_t c
 // Rows [begin, end) of y = x @ T (or x @ T^T), end - begin <= Rows.
 // scratch: rotate_tile_scratch_size(d) elements.
 template <int Rows, typename T, typename Acc, int Bytes>
-GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCall<Acc, Bytes>& call,
+GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args_in, const LaneCall<Acc, Bytes>& call_in,
                                     int64_t begin, int64_t end, Acc* scratch) {
+  // Local copies: the row stores are byte copies (memcpy), which may alias any object whose
+  // address escaped, so fields read through the references were reloaded on every chunk.
+  const RotateArgs<T, Acc> args = args_in;
+  const LaneCall<Acc, Bytes> call = call_in;
   using Vec = typename LaneTraits<Acc, Bytes>::Vec;
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   constexpr int64_t R = Rows;
@@ -449,9 +465,8 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
   if (!args.transpose) {
     gather_compact<Bytes, Rows>(x_tile, args.x_row_stride, n, chunks, compact);
     coarse_forward<Acc, false, Rows>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
-    for (int64_t j = 0; j < chunks; ++j) {
+    for_each_chunk<W>(d, [&](int64_t j, int64_t valid) __attribute__((always_inline)) {
       const Acc* coef = call.coefficients + j * F * 3 * W;
-      const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
         prefetch_row_chunk<Bytes>(args, end + t, j);  // the next tile's row t
         Vec v = load_chunk<T, Acc, Bytes>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
@@ -460,11 +475,10 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
         if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
         store_chunk<T, Acc, Bytes>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
       }
-    }
+    });
   } else {
-    for (int64_t j = 0; j < chunks; ++j) {
+    for_each_chunk<W>(d, [&](int64_t j, int64_t valid) __attribute__((always_inline)) {
       const Acc* coef = call.coefficients + j * F * 3 * W;
-      const int64_t valid = d - j * W < W ? d - j * W : W;
       for (int64_t t = 0; t < n; ++t) {
         prefetch_row_chunk<Bytes>(args, end + t, j);  // the next tile's row t
         Vec v = load_chunk<T, Acc, Bytes>(args.x + (begin + t) * args.x_row_stride + j * W, valid);
@@ -473,7 +487,7 @@ GOFT_ALWAYS_INLINE void rotate_tile(const RotateArgs<T, Acc>& args, const LaneCa
         store_chunk<T, Acc, Bytes>(v, valid, args.out + (begin + t) * args.out_row_stride + j * W);
         compact[j * R + t] = v[0];
       }
-    }
+    });
     clear_missing_rows<Rows>(n, chunks, compact);
     coarse_forward<Acc, true, Rows>(*call.schedule, call.geometry, call.blocks, compact, nullptr);
     scatter_compact<Bytes, Rows>(compact, n, chunks, out_tile, args.out_row_stride);
@@ -495,9 +509,11 @@ inline int64_t backward_chunk_scratch_size(int64_t dim) {
 // Backward for gradient chunk `chunk` (rows split as in params.h), writing that chunk's partial
 // applied-block gradients (and scale gradients) and, if requested, grad_x for its rows.
 template <int Rows, typename T, typename Acc, int Bytes>
-GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, Acc>& args,
-                                                   const LaneCall<Acc, Bytes>& call, int64_t chunk,
+GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, Acc>& args_in,
+                                                   const LaneCall<Acc, Bytes>& call_in, int64_t chunk,
                                                    Acc* scratch) {
+  const RotateBackwardArgs<T, Acc> args = args_in;  // local copies, as in rotate_tile
+  const LaneCall<Acc, Bytes> call = call_in;
   using Vec = typename LaneTraits<Acc, Bytes>::Vec;
   constexpr int W = LaneTraits<Acc, Bytes>::kLanes, F = LaneTraits<Acc, Bytes>::kFineLayers;
   const PairSchedule& schedule = *call.schedule;
@@ -532,9 +548,8 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
       // Coarse layers act first: run them on the compact rows, saving their inputs.
       gather_compact<Bytes, Rows>(x_row(0), args.x_row_stride, n, chunks, compact);
       coarse_forward<Acc, false, Rows>(schedule, geometry, call.blocks, compact, saved);
-      for (int64_t j = 0; j < chunks; ++j) {
+      for_each_chunk<W>(d, [&](int64_t j, int64_t valid) __attribute__((always_inline)) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
-        const int64_t valid = d - j * W < W ? d - j * W : W;
         Vec D[F], E[F], dscale = {};
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
@@ -569,30 +584,28 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
           store_vec<Bytes>(load_vec<Bytes>(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
         }
         if (want_scale) store_vec<Bytes>(load_vec<Bytes>(scale_grads + j * W) + dscale, scale_grads + j * W);
-      }
+      });
       clear_missing_rows<Rows>(n, chunks, compact_grad);
       coarse_backward<Acc, false, Rows>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
       if (args.grad_x != nullptr) scatter_compact<Bytes, Rows>(compact_grad, n, chunks, gx_row(0), args.grad_x_row_stride);
     } else {
       // Transposed: scale, fine layers ascending, then coarse layers. First the fine forward to
       // get the compact rows, then the coarse forward and backward, then the fine backward.
-      for (int64_t j = 0; j < chunks; ++j) {
+      for_each_chunk<W>(d, [&](int64_t j, int64_t valid) __attribute__((always_inline)) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
-        const int64_t valid = d - j * W < W ? d - j * W : W;
         for (int64_t t = 0; t < n; ++t) {
           Vec v = load_chunk<T, Acc, Bytes>(x_row(t) + j * W, valid);
           if (call.scale_padded != nullptr) v *= load_vec<Bytes>(call.scale_padded + j * W);
           v = fine_forward_transposed<Acc, Bytes>(v, coef);
           compact[j * R + t] = v[0];
         }
-      }
+      });
       clear_missing_rows<Rows>(n, chunks, compact);
       coarse_forward<Acc, true, Rows>(schedule, geometry, call.blocks, compact, saved);
       gather_compact<Bytes, Rows>(g_row(0), args.grad_out_row_stride, n, chunks, compact_grad);
       coarse_backward<Acc, true, Rows>(schedule, geometry, call.blocks, saved, compact_grad, coarse_grads);
-      for (int64_t j = 0; j < chunks; ++j) {
+      for_each_chunk<W>(d, [&](int64_t j, int64_t valid) __attribute__((always_inline)) {
         const Acc* coef = call.coefficients + j * F * 3 * W;
-        const int64_t valid = d - j * W < W ? d - j * W : W;
         Vec D[F], E[F], dscale = {};
         for (int f = 0; f < F; ++f) D[f] = E[f] = Vec{};
         for (int64_t t = 0; t < n; ++t) {
@@ -627,7 +640,7 @@ GOFT_ALWAYS_INLINE void rotate_backward_chunk_fast(const RotateBackwardArgs<T, A
           store_vec<Bytes>(load_vec<Bytes>(lg + (2 * f + 1) * W) + E[f], lg + (2 * f + 1) * W);
         }
         if (want_scale) store_vec<Bytes>(load_vec<Bytes>(scale_grads + j * W) + dscale, scale_grads + j * W);
-      }
+      });
     }
   }
 
